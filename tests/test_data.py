@@ -1,0 +1,86 @@
+import io
+import tarfile
+
+import pytest
+
+from shards.reader import ShardError, ShardIndex
+from trainer.data import EvalOrder, TrainOrder, mix_seed
+
+
+@pytest.mark.parametrize("world, batch", [(1, 4), (2, 4), (3, 5)])
+def test_train_ranks_read_disjoint_samples_in_equal_batches(world, batch):
+    orders = [TrainOrder(103, batch, rank, world, seed=1) for rank in range(world)]
+    seen = []
+    for order in orders:
+        order.set_epoch(2)
+        batches = list(order)
+        assert len(batches) == len(order) == 103 // (world * batch)
+        assert all(len(b) == batch for b in batches)
+        seen += [i for b in batches for i, _ in b]
+    assert len(seen) == len(set(seen))  # disjoint across ranks
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch():
+    full = TrainOrder(50, 4, 1, 2, seed=7)
+    full.set_epoch(3)
+    expected = list(full)
+    resumed = TrainOrder(50, 4, 1, 2, seed=7)
+    resumed.set_epoch(3, start_batch=2)
+    assert list(resumed) == expected[2:]  # same samples and same augmentation seeds
+    other = TrainOrder(50, 4, 1, 2, seed=7)
+    other.set_epoch(4)
+    assert list(other) != expected
+
+
+def test_balanced_order_draws_classes_evenly():
+    labels = [0] * 90 + [1] * 10
+    order = TrainOrder(100, 10, 0, 1, seed=0, labels=labels)
+    drawn = [labels[i] for epoch in range(20) for i in (order.set_epoch(epoch) or order.epoch_order().tolist())]
+    assert 0.4 < sum(drawn) / len(drawn) < 0.6
+
+
+@pytest.mark.parametrize("num, world, batch", [(101, 2, 8), (7, 3, 2), (2, 4, 3)])
+def test_eval_order_counts_every_sample_exactly_once(num, world, batch):
+    seen = [i for rank in range(world) for b in EvalOrder(num, batch, rank, world) for i, _ in b]
+    assert sorted(seen) == list(range(num))
+    for rank in range(world):
+        assert len(list(EvalOrder(num, batch, rank, world))) == len(EvalOrder(num, batch, rank, world))
+
+
+def test_mix_seed_spreads_and_is_stable():
+    seeds = {mix_seed(0, epoch, position) for epoch in range(10) for position in range(1000)}
+    assert len(seeds) == 10_000
+    assert mix_seed(1, 2, 3) == mix_seed(1, 2, 3) < 2**63
+
+
+def _tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_shard_index_random_access(tmp_path):
+    _tar(tmp_path / "a.tar", [(f"k{i}", {"cls": str(i).encode(), "png": bytes([i]) * (i + 1)}) for i in range(3)])
+    _tar(tmp_path / "b.tar", [(f"k{i}", {"cls": str(i).encode(), "png": bytes([i]) * (i + 1)}) for i in range(3, 5)])
+    index = ShardIndex([tmp_path / "a.tar", tmp_path / "b.tar"], [3, 2])
+    assert len(index) == 5
+    assert index.read(4) == {"__key__": "k4", "__shard__": "b.tar", "cls": b"4", "png": bytes([4]) * 5}
+    assert index.read(0)["png"] == b"\0"
+    assert index.labels() == [0, 1, 2, 3, 4]
+
+
+def test_shard_index_errors_name_the_shard(tmp_path):
+    _tar(tmp_path / "a.tar", [(f"k{i}", {"cls": b"0", "png": b"x" * 5000}) for i in range(3)])
+    with pytest.raises(ShardError, match="holds 3 samples but the manifest says 4"):
+        ShardIndex([tmp_path / "a.tar"], [4]).read(0)
+    with pytest.raises(ShardError, match="missing"):
+        ShardIndex([tmp_path / "gone.tar"], [1]).check_files()
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:7000])
+    with pytest.raises(ShardError, match="cut.tar"):
+        index = ShardIndex([tmp_path / "cut.tar"], [3])
+        for i in range(3):
+            index.read(i)

@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
+
+from trainer.metrics import EvalSums, summarize
+
+
+def test_metrics_match_scikit_learn():
+    generator = torch.Generator().manual_seed(0)
+    classes = ["a", "b", "c", "d", "e", "f", "g"]
+    logits = torch.randn(300, len(classes), generator=generator)
+    labels = torch.randint(0, len(classes), (300,), generator=generator)
+    labels[:5] = 6  # make sure every class is present
+    logits[:, 3] -= 10  # class d is never predicted: zero_division path
+    sums = EvalSums.zeros(len(classes), "cpu")
+    for chunk in range(0, 300, 64):  # accumulated in pieces, as ranks and batches do
+        sums.add(logits[chunk : chunk + 64], labels[chunk : chunk + 64])
+    record = summarize(sums, classes)
+    y, p = labels.numpy(), logits.argmax(1).numpy()
+    assert record["confusion"] == confusion_matrix(y, p, labels=range(len(classes))).tolist()
+    precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=range(len(classes)), zero_division=0)
+    for i, name in enumerate(classes):
+        assert record["per_class"][name]["precision"] == pytest.approx(precision[i])
+        assert record["per_class"][name]["recall"] == pytest.approx(recall[i])
+        assert record["per_class"][name]["f1"] == pytest.approx(f1[i])
+        assert record["per_class"][name]["support"] == support[i]
+        negatives = y != i
+        assert record["per_class"][name]["specificity"] == pytest.approx(np.mean(p[negatives] != i))
+    assert record["macro"]["f1"] == pytest.approx(f1.mean())
+    assert record["top1"] == pytest.approx(np.mean(y == p))
+    assert record["top5"] == pytest.approx(top_k_accuracy_score(y, logits.numpy(), k=5, labels=range(len(classes))))
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert record["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert record["num_samples"] == 300

@@ -1,0 +1,126 @@
+"""Full training-state checkpoints: atomic, keep-last-N, newest-complete discovery.
+
+A checkpoint is a directory `ckpt-<step>`: rank 0's `state.pt` (model, optimizer, scheduler,
+scaler, EMA, counters, config), one `rank<r>.pt` per rank (its RNG states), and a `COMPLETE`
+marker written last. It is assembled as `ckpt-<step>.tmp` and renamed only once complete and
+fsynced, so a crash at any moment leaves either the old set of checkpoints or the new one. Old
+checkpoints are pruned only after the new one is in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COMPLETE = "COMPLETE"
+# Test-only hook: seconds to sleep before the marker is written, so a test can kill the writer mid-write.
+PAUSE_ENV = "TRAINER_TEST_CHECKPOINT_PAUSE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run (one-line message)."""
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    root: Path, step: int, state: dict, rank: int, barrier: Callable[[], None], keep: int
+) -> Path | None:
+    """Every rank calls this together; rank 0 writes the shared state. Returns the final path on rank 0."""
+    final = root / f"ckpt-{step:09d}"
+    tmp = root / f"ckpt-{step:09d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a write that was killed
+        tmp.mkdir()
+    barrier()
+    _write(tmp / f"rank{rank}.pt", {"rng": rng_state()})
+    if rank == 0:
+        _write(tmp / "state.pt", state)
+    barrier()
+    if rank == 0:
+        if os.environ.get(PAUSE_ENV):
+            time.sleep(float(os.environ[PAUSE_ENV]))
+        shutil.rmtree(final, ignore_errors=True)  # same step saved twice (end of epoch == every N)
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "epoch": state["epoch"], "time": time.time()}))
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        prune(root, keep)
+    barrier()
+    return final if rank == 0 else None
+
+
+def _write(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_newest(root: Path, rank: int) -> tuple[Path, dict, dict | None] | None:
+    """The newest checkpoint that loads: (path, shared state, this rank's RNG or None). Broken ones are skipped."""
+    for path in reversed(complete_checkpoints(root)):
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+            rank_file = path / f"rank{rank}.pt"
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
+            return path, state, rank_state
+        except Exception as e:  # a torn or corrupted file: fall back to the one before
+            warnings.warn(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); trying the previous one")
+    return None
+
+
+def check_compatible(state: dict, fingerprint: str, classes: list[str], path: Path) -> None:
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} is of another model ({state.get('fingerprint')}, this run: {fingerprint}) — "
+            "use a new run.dir, or set train.resume=false to start over in this one"
+        )
+    if state.get("classes") != classes:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on other classes ({len(state.get('classes') or [])} vs {len(classes)} now) — "
+            "use a new run.dir for this dataset"
+        )

@@ -1,0 +1,297 @@
+"""The one typed training config: dataclass defaults <- YAML file <- `section.key=value` overrides.
+
+OmegaConf does the merging and type checking (unknown keys and wrong types are its errors);
+`validate` adds the value ranges. Every problem becomes a `ConfigError` whose message is one line
+naming the key and the fix, raised before any work starts.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user in one line."""
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 121
+    growth_rate: Optional[int] = None  # None: the depth's default (32; 48 for 161)
+    num_init_features: Optional[int] = None
+    block_config: Optional[list[int]] = None  # overrides depth
+    bn_size: int = 4
+    compression: float = 0.5
+    drop_rate: float = 0.0
+    se: bool = True
+    se_reduction: int = 16
+    efficient: bool = False  # recompute the dense-layer bottleneck in backward (less memory)
+    small_inputs: bool = False  # CIFAR-style stem: conv3x3 stride 1, no maxpool
+    pretrained: Optional[str] = None  # local weights file (torchvision's or ours) to start from
+    freeze_features: bool = False  # train only the classifier (with `pretrained`)
+
+
+@dataclass
+class DataConfig:
+    shards: str = MISSING  # a make_shards OUT folder
+    image_size: int = 224  # train crop and val crop side
+    crop_pct: float = 0.875  # val: resize to image_size / crop_pct, then centre crop
+    normalize: str = "manifest"  # manifest (the train split's mean/std) | imagenet
+    workers: int = 4  # loader processes per rank
+    scale_min: float = 0.08  # random resized crop area range [scale_min, 1]
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    rotation: float = 0.0  # degrees
+    auto_augment: str = "none"  # none | randaugment | trivialaugment
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    balance: str = "none"  # none | sampler (class-balanced draws) | loss (class-weighted loss)
+    skip_bad_samples: bool = False  # count and skip undecodable samples instead of stopping
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3  # for train.batch_size x processes x grad_accum images per step
+    weight_decay: float = 0.05  # never applied to BN weights and biases
+    momentum: float = 0.9  # sgd
+    nesterov: bool = True  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
+    head_lr_mult: float = 1.0  # classifier lr = lr x this (10 is common when fine-tuning)
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = 0.0  # linear warmup from 0, stepped per optimizer step
+    final_lr_factor: float = 0.01  # cosine decays to lr x this
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # per process
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    device: str = "auto"  # auto (GPU if there is one) | cpu | cuda (fail if there is none)
+    seed: int = 0
+    deterministic: bool = False  # torch deterministic algorithms (bitwise resume on CPU)
+    ema: bool = False
+    ema_decay: float = 0.9998
+    channels_last: bool = False
+    compile: str = "none"  # none | default | reduce-overhead | max-autotune
+    eval_every: int = 1  # epochs
+    log_every: int = 50  # optimizer steps between train records
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch end only
+    keep_checkpoints: int = 3
+    resume: bool = True  # continue from the newest complete checkpoint in run.dir
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING  # everything the run writes goes here
+    name: Optional[str] = None  # defaults to the run dir's name
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (sync later with `wandb sync`) | online | disabled
+    project: str = "se-densenet"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # defaults to run.name
+    group: Optional[str] = None
+    id: Optional[str] = None  # defaults to one derived from run.dir, so a resume is one run
+    tags: list[str] = field(default_factory=list)
+    sample_predictions: int = 32  # rows of the validation predictions table
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+CHOICES = {
+    "data.normalize": ("manifest", "imagenet"),
+    "data.auto_augment": ("none", "randaugment", "trivialaugment"),
+    "data.balance": ("none", "sampler", "loss"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.compile": ("none", "default", "reduce-overhead", "max-autotune"),
+    "wandb.mode": ("offline", "online", "disabled"),
+}
+
+# key -> (lowest, highest, whether the lowest itself is allowed)
+RANGES = {
+    "model.depth": (1, math.inf, True),
+    "model.growth_rate": (1, math.inf, True),
+    "model.num_init_features": (1, math.inf, True),
+    "model.bn_size": (1, math.inf, True),
+    "model.compression": (0.0, 1.0, False),
+    "model.drop_rate": (0.0, 1.0, True),
+    "model.se_reduction": (1, math.inf, True),
+    "data.image_size": (8, math.inf, True),
+    "data.crop_pct": (0.0, 1.0, False),
+    "data.workers": (0, math.inf, True),
+    "data.scale_min": (0.0, 1.0, False),
+    "data.hflip": (0.0, 1.0, True),
+    "data.color_jitter": (0.0, math.inf, True),
+    "data.rotation": (0.0, 180.0, True),
+    "data.mixup_alpha": (0.0, math.inf, True),
+    "data.cutmix_alpha": (0.0, math.inf, True),
+    "optim.lr": (0.0, math.inf, False),
+    "optim.weight_decay": (0.0, math.inf, True),
+    "optim.momentum": (0.0, 1.0, True),
+    "optim.head_lr_mult": (0.0, math.inf, False),
+    "optim.label_smoothing": (0.0, 1.0, True),
+    "optim.grad_clip": (0.0, math.inf, True),
+    "schedule.warmup_epochs": (0.0, math.inf, True),
+    "schedule.final_lr_factor": (0.0, 1.0, True),
+    "train.epochs": (1, math.inf, True),
+    "train.batch_size": (1, math.inf, True),
+    "train.grad_accum": (1, math.inf, True),
+    "train.ema_decay": (0.0, 1.0, False),
+    "train.eval_every": (1, math.inf, True),
+    "train.log_every": (1, math.inf, True),
+    "train.checkpoint_every": (0, math.inf, True),
+    "train.keep_checkpoints": (1, math.inf, True),
+    "wandb.sample_predictions": (0, math.inf, True),
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated. Raises ConfigError (one line)."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        layers.append(_load_yaml(Path(path)))
+    layers.append(_parse_overrides(overrides))
+    try:
+        merged = OmegaConf.merge(*layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+    validate(config)
+    return config
+
+
+def _load_yaml(path: Path):
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found — pass an existing YAML file, e.g. configs/demo.yaml")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml's scanner errors span several lines
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML ({first}) — fix the file") from None
+    if not isinstance(loaded, type(OmegaConf.create({}))):
+        raise ConfigError(f"config file {path} must be a mapping of sections (model:, data:, ...)")
+    return loaded
+
+
+def _parse_overrides(overrides: list[str]):
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. optim.lr=0.1")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides: {_first_line(e)}") from None
+
+
+def _explain(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or ""
+    msg = _first_line(e)
+    if isinstance(e, MissingMandatoryValue):
+        return f"{key} is required — set it in the YAML file or pass {key}=VALUE"
+    if "Key" in type(e).__name__ or "not in" in msg:
+        return _unknown_key(key)
+    if key:
+        expected = _field_type(key)
+        return f"{key}: {msg} — give a value of type {expected}"
+    return msg
+
+
+def _unknown_key(key: str) -> str:
+    known = all_keys() if "." in key else [f.name for f in fields(Config)]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close and "." in key:  # a misspelt section: compare the leaf name across sections
+        leaf = key.rsplit(".", 1)[1]
+        close = [k for k in known if k.endswith("." + leaf)][:1]
+    hint = f"did you mean '{close[0]}'?" if close else "see configs/ or trainer/config.py for the keys"
+    return f"unknown config key '{key}' — {hint}"
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        name = f"{prefix}{f.name}"
+        if is_dataclass(f.default_factory):
+            keys += all_keys(f.default_factory, name + ".")
+        else:
+            keys.append(name)
+    return keys
+
+
+def _field_type(key: str) -> str:
+    section, _, leaf = key.partition(".")
+    section_cls = {f.name: f.default_factory for f in fields(Config)}.get(section)
+    for f in fields(section_cls) if section_cls else ():
+        if f.name == leaf:
+            return str(f.type)
+    return "the documented type"
+
+
+def validate(config: Config) -> None:
+    for key in ("data.shards", "run.dir"):
+        if _get(config, key) in (None, ""):
+            raise ConfigError(f"{key} is required — set it in the YAML file or pass {key}=PATH")
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key, (low, high, low_ok) in RANGES.items():
+        value = _get(config, key)
+        if value is None:
+            continue
+        if value < low or (value == low and not low_ok) or value > high:
+            bound = f"{'>=' if low_ok else '>'} {low}" + ("" if high == math.inf else f" and <= {high}")
+            raise ConfigError(f"{key}={value} is out of range — it must be {bound}")
+    if config.model.block_config is not None and not all(n >= 1 for n in config.model.block_config):
+        raise ConfigError("model.block_config must list positive layer counts, e.g. [6,12,24,16]")
+    if len(config.optim.betas) != 2 or not all(0 <= b < 1 for b in config.optim.betas):
+        raise ConfigError("optim.betas must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    if config.model.freeze_features and not config.model.pretrained:
+        raise ConfigError("model.freeze_features needs model.pretrained=PATH (a weights file to start from)")
+    if config.model.pretrained and not Path(config.model.pretrained).is_file():
+        raise ConfigError(f"model.pretrained file {config.model.pretrained} not found — give a local weights file")
+
+
+def _get(config: Config, key: str) -> Any:
+    section, leaf = key.split(".")
+    return getattr(getattr(config, section), leaf)
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)

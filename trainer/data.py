@@ -1,0 +1,146 @@
+"""Shards -> batches: the dataset, the per-rank batch orders, and the DataLoaders.
+
+Every rank derives the same epoch order from (seed, epoch) alone and takes its own slice, so the
+ranks read disjoint samples and run the same number of batches (uneven counts deadlock DDP).
+Each sample's augmentation is seeded from (seed, epoch, position in the epoch order), so a run
+resumed mid-epoch sees exactly the batches an uninterrupted one would. Validation hands sample
+i to rank i % world: every sample is counted exactly once, with no padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from shards.format import decode_rgb, image_field
+from shards.manifest import Manifest
+from shards.reader import ShardError, ShardIndex
+
+MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A well-spread 63-bit seed from several integers (splitmix64 over each in turn)."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & MASK64)) + 0x9E3779B97F4A7C15 & MASK64
+        state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & MASK64
+        state ^= state >> 31
+    return state >> 1
+
+
+def split_index(manifest: Manifest, split: str) -> ShardIndex:
+    if split not in manifest.splits or manifest.splits[split].num_samples == 0:
+        raise ShardError(f"the shards have no '{split}' samples — re-run make_shards with a non-zero split")
+    info = manifest.splits[split]
+    index = ShardIndex(manifest.shard_paths(split), [s.samples for s in info.shards])
+    index.check_files()
+    return index
+
+
+class ShardDataset(Dataset):
+    """Decodes and transforms sample `index` with its own seed; None for a bad sample if skipping."""
+
+    def __init__(self, index: ShardIndex, transform, skip_bad: bool = False):
+        self.index, self.transform, self.skip_bad = index, transform, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        sample = self.index.read(index)
+        try:
+            image = decode_rgb(sample[image_field(sample)])
+            label = int(sample["cls"])
+        except Exception as e:  # any decoder failure means the same thing to the user
+            if self.skip_bad:
+                return None
+            raise ShardError(
+                f"sample {sample['__key__']} in shard {sample['__shard__']} cannot be read ({type(e).__name__}: {e}) — "
+                "re-run make_shards, or set data.skip_bad_samples=true to skip such samples"
+            ) from None
+        with torch.random.fork_rng(devices=[]):  # keep the caller's stream when workers=0
+            torch.manual_seed(seed)
+            return self.transform(image), label, index
+
+
+def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    good = [item for item in batch if item is not None]
+    bad = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad
+    images, labels, indices = default_collate(good)
+    return images, labels, indices, bad
+
+
+@dataclass
+class TrainOrder(Sampler):
+    """This rank's batches of (sample index, augmentation seed) for one epoch, from any batch on."""
+
+    num_samples: int
+    batch_size: int
+    rank: int
+    world: int
+    seed: int
+    labels: list[int] | None = None  # given: draw class-balanced with replacement
+    epoch: int = 0
+    start_batch: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // (self.world * self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        if self.labels is None:
+            return torch.randperm(self.num_samples, generator=generator)
+        labels = torch.tensor(self.labels)
+        weights = 1.0 / torch.bincount(labels).double()[labels]
+        return torch.multinomial(weights, self.num_samples, replacement=True, generator=generator)
+
+    def __iter__(self):
+        used = self.steps_per_epoch * self.world * self.batch_size
+        order = self.epoch_order()[:used].tolist()
+        for batch in range(self.start_batch, self.steps_per_epoch):
+            first = (batch * self.world + self.rank) * self.batch_size
+            yield [(order[p], mix_seed(self.seed, self.epoch, p)) for p in range(first, first + self.batch_size)]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_batch
+
+
+@dataclass
+class EvalOrder(Sampler):
+    """Samples rank, rank + world, ... in batches: all ranks together see each sample once."""
+
+    num_samples: int
+    batch_size: int
+    rank: int
+    world: int
+
+    def __iter__(self):
+        mine = list(range(self.rank, self.num_samples, self.world))
+        for start in range(0, len(mine), self.batch_size):
+            yield [(i, 0) for i in mine[start : start + self.batch_size]]
+
+    def __len__(self) -> int:
+        mine = len(range(self.rank, self.num_samples, self.world))
+        return -(-mine // self.batch_size)
+
+
+def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=order,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,465 @@
+"""Train an SE-DenseNet on make_shards output.
+
+    accelerate launch trainer/main.py --config configs/demo.yaml [section.key=value ...]
+
+This file owns the Accelerator: everything it calls gets rank, world size or the accelerator as
+arguments. It reads as a training run does: setup -> data -> model -> resume -> epochs of
+(train, evaluate, checkpoint) -> final weights, plots and report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/main.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import TorchDynamoPlugin
+from safetensors.torch import save_file
+
+from shards.manifest import Manifest, ManifestError
+from shards.reader import ShardError
+from trainer import checkpoint
+from trainer.checkpoint import CheckpointError
+from trainer.config import Config, ConfigError, load_config, to_dict, to_yaml
+from trainer.data import EvalOrder, ShardDataset, TrainOrder, make_loader, mix_seed, split_index
+from trainer.metrics import EvalSums, format_table, summarize
+from trainer.model import load_weights, se_densenet
+from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups
+from trainer.report import write_report
+from trainer.tracking import Tracker
+from trainer.transforms import EvalPreset, TrainPreset, batch_mixer, normalization
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
+EXIT_USAGE = 2
+
+
+class SetupError(RuntimeError):
+    """The machine or run directory cannot run this config (one-line message)."""
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch: int = 0  # next micro-batch of the epoch
+    step: int = 0  # optimizer steps done
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    last_eval: dict = field(default_factory=dict)
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 only set a flag; the loop checkpoints at the next step all ranks agree on."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGTERM:  # a second SIGTERM: stop now
+            os._exit(128 + signum)
+        self.requested = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file in configs/")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.1")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        return train(config)
+    except (ConfigError, ManifestError, ShardError, CheckpointError, SetupError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def one_line(e: Exception) -> str:
+    """A loader worker re-raises our error with its traceback in the message: keep our line."""
+    lines = str(e).strip().splitlines()
+    for line in reversed(lines):
+        if "Error: " in line and line.split("Error: ", 1)[0].endswith(type(e).__name__.removesuffix("Error")):
+            return line.split("Error: ", 1)[1]
+    return lines[-1] if lines else type(e).__name__
+
+
+def train(config: Config) -> int:
+    accelerator = make_accelerator(config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(mix_seed(config.train.seed, rank))
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    manifest = Manifest.load(config.data.shards)
+    classes = manifest.classes
+    run_dir = Path(config.run.dir)
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, config, classes)
+    accelerator.wait_for_everyone()
+
+    train_loader, val_loader, order = build_loaders(config, manifest, rank, world, accelerator.device.type == "cuda")
+    batches = order.steps_per_epoch // config.train.grad_accum * config.train.grad_accum
+    steps_per_epoch = batches // config.train.grad_accum
+    if steps_per_epoch == 0:
+        raise SetupError(
+            f"the train split ({order.num_samples} samples) is smaller than one step "
+            f"({world} processes x batch {config.train.batch_size} x accumulation {config.train.grad_accum}) — "
+            "lower train.batch_size"
+        )
+    model = build_model(config, len(classes))
+    optimizer = make_optimizer(param_groups(model, config.optim, model.classifier), config.optim)
+    scheduler = make_scheduler(optimizer, config.schedule, steps_per_epoch, config.train.epochs)
+    ema = make_ema(model, config.train.ema_decay) if config.train.ema else None
+    progress = resume(config, model, optimizer, scheduler, ema, classes, accelerator, batches)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing, weight=class_weights(config, manifest))
+    criterion = criterion.to(accelerator.device)
+    tracker = Tracker(config, classes, accelerator.is_main_process, progress.step if progress.step or progress.epoch else None)
+    tracker.print(
+        f"training {config.run.name or run_dir.name}: {world} process(es) on {accelerator.device.type}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, {steps_per_epoch} steps/epoch"
+    )
+    stop = StopFlag()
+    set_status(run_dir, accelerator, "running")
+    mixer = batch_mixer(config.data, len(classes))
+
+    while progress.epoch < config.train.epochs:
+        order.set_epoch(progress.epoch, progress.batch)
+        finished = train_one_epoch(
+            config, model, optimizer, scheduler, ema, criterion, mixer, train_loader, batches,
+            progress, accelerator, tracker, stop,
+        )
+        if not finished:
+            save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker)
+            set_status(run_dir, accelerator, "preempted")
+            tracker.finish()
+            return EXIT_PREEMPTED
+        progress.epoch, progress.batch = progress.epoch + 1, 0
+        if progress.epoch % config.train.eval_every == 0 or progress.epoch == config.train.epochs:
+            evaluate_and_log(config, model, ema, val_loader, classes, progress, accelerator, tracker)
+        save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker)
+
+    finish_run(config, model, ema, classes, progress, accelerator, tracker)
+    return 0
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    has_gpu = torch.cuda.is_available()
+    if config.train.device == "cuda" and not has_gpu:
+        raise SetupError("train.device=cuda but no GPU is visible here — run on a GPU node or set train.device=cpu")
+    use_cpu = config.train.device == "cpu" or not has_gpu
+    if use_cpu and config.train.mixed_precision == "fp16":
+        raise SetupError("train.mixed_precision=fp16 needs a GPU — use bf16 or no on the CPU")
+    dynamo = None
+    if config.train.compile != "none":
+        dynamo = TorchDynamoPlugin(backend="inductor", mode=config.train.compile)
+    # cpu=True makes Accelerate form a gloo group when launched with several processes.
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=config.train.mixed_precision, dynamo_plugin=dynamo)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise SetupError(
+            f"{launched} processes were launched but they formed a group of {accelerator.num_processes} — "
+            "on machines without a GPU set ACCELERATE_USE_CPU=true (or train.device=cpu)"
+        )
+    return accelerator
+
+
+def prepare_run_dir(run_dir: Path, config: Config, classes: list[str]) -> None:
+    """Fail now, not after an epoch, when the run dir cannot take checkpoints."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        probe.write_bytes(b"\0" * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise SetupError(f"cannot write to run.dir {run_dir} ({e.strerror}) — choose a writable run.dir") from None
+    free_mb = shutil.disk_usage(run_dir).free / 2**20
+    if free_mb < 256:
+        raise SetupError(f"run.dir {run_dir} has only {free_mb:.0f} MB free — free space or choose another run.dir")
+    old = run_dir / "checkpoints"
+    if not config.train.resume and old.exists():  # starting over: set the old run aside, never delete it
+        os.replace(old, run_dir / f"checkpoints-replaced-{int(time.time())}")
+    (run_dir / "config.yaml").write_text(to_yaml(config))
+    (run_dir / "classes.json").write_text(json.dumps(classes, ensure_ascii=False, indent=1))
+
+
+def set_status(run_dir: Path, accelerator: Accelerator, state: str) -> None:
+    """status.json tells a job script whether the run finished or must be started again."""
+    if accelerator.is_main_process:
+        tmp = run_dir / "status.json.tmp"
+        tmp.write_text(json.dumps({"state": state, "time": time.time()}))
+        os.replace(tmp, run_dir / "status.json")
+
+
+def build_loaders(config: Config, manifest: Manifest, rank: int, world: int, pin: bool):
+    mean, std = normalization(config.data, manifest.mean, manifest.std)
+    train_index, val_index = split_index(manifest, "train"), split_index(manifest, "val")
+    labels = train_index.labels() if config.data.balance == "sampler" else None
+    order = TrainOrder(len(train_index), config.train.batch_size, rank, world, config.train.seed, labels)
+    train_set = ShardDataset(train_index, TrainPreset(config.data, mean, std), config.data.skip_bad_samples)
+    val_set = ShardDataset(val_index, EvalPreset(config.data.image_size, config.data.crop_pct, mean, std))
+    val_order = EvalOrder(len(val_index), config.train.batch_size, rank, world)
+    workers = config.data.workers
+    return make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin), order
+
+
+def build_model(config: Config, num_classes: int) -> torch.nn.Module:
+    m = config.model
+    model = se_densenet(
+        m.depth, num_classes, growth_rate=m.growth_rate, num_init_features=m.num_init_features,
+        bn_size=m.bn_size, compression=m.compression, drop_rate=m.drop_rate, se=m.se,
+        se_reduction=m.se_reduction, efficient=m.efficient, small_inputs=m.small_inputs,
+        block_config=tuple(m.block_config) if m.block_config else None,
+    )
+    if m.pretrained:
+        load_weights(model, m.pretrained, strict=False)
+    if m.freeze_features:
+        model.features.requires_grad_(False)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def class_weights(config: Config, manifest: Manifest) -> torch.Tensor | None:
+    """data.balance=loss: weight each class by total / (classes x its count)."""
+    if config.data.balance != "loss":
+        return None
+    counts = torch.tensor([manifest.splits["train"].class_counts.get(c, 0) for c in manifest.classes], dtype=torch.float)
+    return counts.sum() / (len(counts) * counts.clamp(min=1))
+
+
+def resume(config, model, optimizer, scheduler, ema, classes, accelerator, batches) -> Progress:
+    root = Path(config.run.dir) / "checkpoints"
+    if not config.train.resume:
+        return Progress()
+    found = checkpoint.load_newest(root, accelerator.process_index)
+    if found is None:
+        return Progress()
+    path, state, rank_state = found
+    checkpoint.check_compatible(state, model.fingerprint(), classes, path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    if rank_state is not None:
+        checkpoint.set_rng_state(rank_state["rng"])
+    progress = Progress(**state["progress"])
+    if state["world"] != accelerator.num_processes:  # same samples consumed, re-split over the new world
+        consumed = progress.batch * state["world"] * state["batch_size"]
+        progress.batch = min(batches, consumed // (accelerator.num_processes * config.train.batch_size))
+    if accelerator.is_main_process:
+        print(f"resuming from {path} (epoch {progress.epoch + 1}, step {progress.step})", flush=True)
+    return progress
+
+
+def train_one_epoch(
+    config, model, optimizer, scheduler, ema, criterion, mixer, loader, batches, progress, accelerator, tracker, stop
+) -> bool:
+    """Runs the epoch from progress.batch on; False when stopped by a signal (after a whole step)."""
+    model.train()
+    accum = config.train.grad_accum
+    window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "bad": 0.0, "start": time.perf_counter()}
+    epoch_start = time.perf_counter()
+    bar = tracker.progress(loader, total=batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
+    for images, labels, _, bad in bar:
+        micro = progress.batch % accum
+        window["bad"] += bad
+        images = images.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        if config.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # Model-side randomness (dropout, mixup) is a function of the step too, like the data's.
+        torch.manual_seed(mix_seed(config.train.seed, progress.epoch, progress.batch, accelerator.process_index))
+        targets = labels
+        if mixer is not None and len(labels):
+            images, targets = mixer(images, labels)
+        sync = micro == accum - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            logits = model(images)
+            loss = criterion(logits, targets)
+            accelerator.backward(loss / accum)
+        window["loss"] += loss.item() * len(labels)
+        window["correct"] += (logits.argmax(1) == labels).sum().item()
+        window["seen"] += len(labels)
+        progress.batch += 1
+        if not sync:
+            continue
+        if config.optim.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(model))
+        progress.step += 1
+        if progress.step % config.train.log_every == 0 or progress.batch == batches:
+            log_train(window, scheduler, progress, accelerator, tracker, time.perf_counter() - epoch_start)
+        if config.train.checkpoint_every and progress.step % config.train.checkpoint_every == 0:
+            save_checkpoint(config, model, optimizer, scheduler, ema, progress, tracker.classes, accelerator, tracker)
+        if any_rank(stop.requested, accelerator):
+            return progress.batch == batches  # a signal at the last step: the epoch is complete
+    return True
+
+
+def any_rank(flag: bool, accelerator: Accelerator) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+def log_train(window, scheduler, progress, accelerator, tracker, epoch_time) -> None:
+    totals = torch.tensor([window["loss"], window["correct"], window["seen"], window["bad"]], device=accelerator.device)
+    loss, correct, seen, bad = accelerator.reduce(totals, "sum").tolist()
+    elapsed = time.perf_counter() - window["start"]
+    record = {
+        "kind": "train",
+        "epoch": progress.epoch + 1,
+        "step": progress.step,
+        "loss": loss / max(seen, 1),
+        "acc": correct / max(seen, 1),
+        "lr": scheduler.get_last_lr()[0],
+        "img_per_s": seen / max(elapsed, 1e-9),
+        "epoch_time": epoch_time,
+        "world_size": accelerator.num_processes,
+    }
+    if bad:
+        record["skipped_bad_samples"] = int(bad)
+    if accelerator.device.type == "cuda":
+        record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    tracker.log(record)
+    window.update(loss=0.0, correct=0.0, seen=0.0, bad=0.0, start=time.perf_counter())
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes: int, accelerator: Accelerator, tracker: Tracker, sample_rows: int = 0):
+    """Sums over this rank's share of the split, all-reduced: every sample counted exactly once."""
+    model.eval()
+    sums = EvalSums.zeros(num_classes, accelerator.device)
+    samples = []
+    for images, labels, _, _ in tracker.progress(loader, total=len(loader), desc="eval"):
+        images = images.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(images)
+        sums.add(logits.float(), labels)
+        if len(samples) < sample_rows:
+            samples.append((images[: sample_rows - len(samples)].cpu(), logits.float().softmax(1).cpu(), labels.cpu()))
+    if accelerator.num_processes > 1:
+        sums = EvalSums(*[accelerator.reduce(t, "sum") for t in sums.tensors()])
+    return sums, samples
+
+
+def evaluate_and_log(config, model, ema, loader, classes, progress, accelerator, tracker) -> None:
+    net = ema.module if ema is not None else accelerator.unwrap_model(model)
+    sums, samples = evaluate(net, loader, len(classes), accelerator, tracker, config.wandb.sample_predictions)
+    record = {"kind": "eval", "epoch": progress.epoch, "step": progress.step, **summarize(sums, classes)}
+    if config.train.ema:
+        record["weights"] = "ema"
+    progress.last_eval = {k: record[k] for k in ("epoch", "step", "top1", "top5", "loss", "num_samples")}
+    tracker.log(record)
+    tracker.log_predictions(prediction_rows(samples, classes, loader.dataset.transform), progress.step)
+    improved = record["top1"] > progress.best_top1
+    if improved:
+        progress.best_top1, progress.best_epoch = record["top1"], progress.epoch
+        if accelerator.is_main_process:
+            export_weights(net, config, classes, Path(config.run.dir) / "best.safetensors", record)
+    tracker.print(
+        f"epoch {progress.epoch}/{config.train.epochs}  step {progress.step}  val top-1 {record['top1']:.4f}  "
+        f"top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  ({record['num_samples']} samples)"
+        + ("  best" if improved else "")
+    )
+    tracker.plots()
+    model.train()
+
+
+def prediction_rows(samples, classes, transform) -> list[tuple]:
+    mean = torch.tensor(transform.transform.transforms[-1].mean)[:, None, None]
+    std = torch.tensor(transform.transform.transforms[-1].std)[:, None, None]
+    rows = []
+    for images, probs, labels in samples:
+        pictures = ((images * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
+        for picture, p, label in zip(pictures, probs, labels):
+            rows.append((picture, classes[int(label)], classes[int(p.argmax())], float(p.max())))
+    return rows
+
+
+def save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker) -> None:
+    net = accelerator.unwrap_model(model)
+    state = {
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "progress": vars(progress).copy(),
+        "epoch": progress.epoch,
+        "world": accelerator.num_processes,
+        "batch_size": config.train.batch_size,
+        "fingerprint": net.fingerprint(),
+        "classes": classes,
+        "config": to_dict(config),
+    }
+    root = Path(config.run.dir) / "checkpoints"
+    path = checkpoint.save(root, progress.step, state, accelerator.process_index, accelerator.wait_for_everyone, config.train.keep_checkpoints)
+    if path is not None:
+        tracker.print(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
+
+
+def export_weights(net: torch.nn.Module, config: Config, classes: list[str], path: Path, record: dict | None) -> None:
+    """Plain weights that load with the model API alone; the metadata says how to build it."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if k != "n_averaged"}
+    metadata = {
+        "config": json.dumps(to_dict(config)),
+        "classes": json.dumps(classes, ensure_ascii=False),
+        "fingerprint": net.fingerprint(),
+    }
+    if record is not None:
+        metadata["eval"] = json.dumps({k: record[k] for k in ("epoch", "step", "top1", "top5", "num_samples")})
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def finish_run(config, model, ema, classes, progress, accelerator, tracker) -> None:
+    run_dir = Path(config.run.dir)
+    net = ema.module if ema is not None else accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        export_weights(net, config, classes, run_dir / "final.safetensors", progress.last_eval or None)
+    summary = {
+        "best_top1": progress.best_top1,
+        "best_epoch": progress.best_epoch,
+        "final_top1": progress.last_eval.get("top1"),
+        "final_top5": progress.last_eval.get("top5"),
+        "num_val_samples": progress.last_eval.get("num_samples"),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "epochs": config.train.epochs,
+        "steps": progress.step,
+        "world_size": accelerator.num_processes,
+    }
+    tracker.summarize(summary)
+    tracker.plots()
+    if accelerator.is_main_process:
+        write_report(run_dir, config, classes, summary)
+    set_status(run_dir, accelerator, "completed")
+    tracker.print(f"done: best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch}); run dir {run_dir}")
+    tracker.finish()
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Classification metrics from sums that add up across ranks: a confusion matrix, top-k hits, loss.
+
+Ranks accumulate `EvalSums` over their own samples and all-reduce them; the per-class numbers
+are then derived once from the confusion matrix, so N processes give exactly 1 process's result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EvalSums:
+    confusion: torch.Tensor  # [true, predicted] counts, int64
+    top5: torch.Tensor  # samples whose label is among the top-5 (top-k for k = min(5, classes))
+    loss: torch.Tensor  # summed per-sample loss, float64
+
+    @classmethod
+    def zeros(cls, num_classes: int, device: torch.device | str) -> "EvalSums":
+        return cls(
+            torch.zeros(num_classes, num_classes, dtype=torch.long, device=device),
+            torch.zeros((), dtype=torch.long, device=device),
+            torch.zeros((), dtype=torch.float64, device=device),
+        )
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        num_classes = self.confusion.shape[0]
+        predicted = logits.argmax(dim=1)
+        self.confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).view(
+            num_classes, num_classes
+        )
+        k = min(5, num_classes)
+        self.top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+        self.loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.confusion, self.top5, self.loss]
+
+
+def summarize(sums: EvalSums, classes: list[str]) -> dict:
+    """The eval record: num_samples, top1, top5, loss, per-class P/R/specificity/F1, macro, confusion."""
+    confusion = sums.confusion.cpu().double()
+    total = confusion.sum()
+    n = int(total.item())
+    true_pos = confusion.diag()
+    predicted = confusion.sum(dim=0)
+    actual = confusion.sum(dim=1)
+    false_pos, false_neg = predicted - true_pos, actual - true_pos
+    true_neg = total - true_pos - false_pos - false_neg
+    precision = _ratio(true_pos, predicted)
+    recall = _ratio(true_pos, actual)
+    specificity = _ratio(true_neg, true_neg + false_pos)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    per_class = {
+        name: {
+            "precision": precision[i].item(),
+            "recall": recall[i].item(),
+            "specificity": specificity[i].item(),
+            "f1": f1[i].item(),
+            "support": int(actual[i].item()),
+        }
+        for i, name in enumerate(classes)
+    }
+    return {
+        "num_samples": n,
+        "top1": true_pos.sum().item() / max(n, 1),
+        "top5": sums.top5.item() / max(n, 1),
+        "loss": sums.loss.item() / max(n, 1),
+        "per_class": per_class,
+        "macro": {
+            "precision": precision.mean().item(),
+            "recall": recall.mean().item(),
+            "specificity": specificity.mean().item(),
+            "f1": f1.mean().item(),
+        },
+        "confusion": sums.confusion.cpu().tolist(),
+    }
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    # A class never predicted (or absent) scores 0, as scikit-learn's zero_division=0 does.
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))
+
+
+def format_table(record: dict) -> str:
+    """The eval record as a readable text table (per class, then macro and totals)."""
+    width = max([len(name) for name in record["per_class"]] + [5])
+    lines = [f"{'class':<{width}}  precision  recall  specificity     f1  support"]
+    for name, m in record["per_class"].items():
+        lines.append(
+            f"{name:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['specificity']:11.4f}  {m['f1']:5.4f}  {m['support']:7d}"
+        )
+    macro = record["macro"]
+    lines.append(
+        f"{'macro':<{width}}  {macro['precision']:9.4f}  {macro['recall']:6.4f}  {macro['specificity']:11.4f}  {macro['f1']:5.4f}  {record['num_samples']:7d}"
+    )
+    lines.append(f"top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  samples {record['num_samples']}")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""Training curves and confusion matrix as PNG (class names in any script render)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+
+def use_any_script_font() -> None:
+    """Noto Sans CJK (shipped by mplfonts) first, DejaVu after it: Latin, CJK and more all render."""
+    from mplfonts import use_font
+
+    use_font("Noto Sans CJK SC")
+    matplotlib.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "DejaVu Sans"]
+
+
+def plot_curves(records: list[dict], out: Path) -> None:
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [r["step"] for r in train]
+    axes[0].plot(steps, [r["loss"] for r in train], label="train")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="val")
+    axes[0].set(title="loss", xlabel="step")
+    axes[1].plot(steps, [r["acc"] for r in train], label="train")
+    if evals:
+        axes[1].plot([r["step"] for r in evals], [r["top1"] for r in evals], "o-", label="val top-1")
+    axes[1].set(title="accuracy", xlabel="step")
+    axes[2].plot(steps, [r["lr"] for r in train])
+    axes[2].set(title="learning rate", xlabel="step")
+    for ax in axes[:2]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], out: Path) -> None:
+    use_any_script_font()
+    n = len(classes)
+    size = min(4 + 0.4 * n, 40)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=90)
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    if n <= 30:  # beyond that the numbers are unreadable anyway
+        peak = max(max(row) for row in confusion) or 1
+        for t in range(n):
+            for p in range(n):
+                value = confusion[t][p]
+                ax.text(p, t, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

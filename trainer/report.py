@@ -1,0 +1,47 @@
+"""report.md: one page a user without wandb access can open or attach."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.config import Config
+from trainer.tracking import read_records
+
+
+def write_report(run_dir: Path, config: Config, classes: list[str], summary: dict) -> None:
+    records = read_records(run_dir / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    trains = [r for r in records if r["kind"] == "train"]
+    m, t = config.model, config.train
+    lines = [
+        f"# Run report: {config.run.name or run_dir.name}",
+        "",
+        "## Setup",
+        "",
+        f"- model: SE-DenseNet depth {m.depth}{' block_config ' + str(m.block_config) if m.block_config else ''}, "
+        f"SE {'on' if m.se else 'off'}, efficient {'on' if m.efficient else 'off'}, "
+        f"{summary['parameters']:,} parameters, {len(classes)} classes",
+        f"- data: {config.data.shards}, image size {config.data.image_size}",
+        f"- training: {t.epochs} epochs, batch {t.batch_size} x {summary['world_size']} processes x {t.grad_accum} accumulation, "
+        f"{config.optim.name} lr {config.optim.lr}, precision {t.mixed_precision}, seed {t.seed}",
+        "",
+        "## Results",
+        "",
+        f"- best val top-1: {summary['best_top1']:.4f} (epoch {summary['best_epoch']})",
+        f"- final val top-1: {_fmt(summary['final_top1'])}, top-5: {_fmt(summary['final_top5'])} "
+        f"on {summary['num_val_samples']} samples",
+    ]
+    if trains:
+        lines.append(f"- throughput: {sum(r['img_per_s'] for r in trains) / len(trains):,.0f} images/s (mean over logged windows)")
+    if evals:
+        last = evals[-1]
+        lines += ["", "## Per class (final evaluation)", "", "| class | precision | recall | specificity | F1 | support |", "|---|---|---|---|---|---|"]
+        for name, c in last["per_class"].items():
+            lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['specificity']:.4f} | {c['f1']:.4f} | {c['support']} |")
+        macro = last["macro"]
+        lines.append(f"| **macro** | {macro['precision']:.4f} | {macro['recall']:.4f} | {macro['specificity']:.4f} | {macro['f1']:.4f} | {last['num_samples']} |")
+    lines += ["", "## Plots", "", "![curves](curves.png)", "", "![confusion matrix](confusion.png)", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

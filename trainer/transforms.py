@@ -1,0 +1,76 @@
+"""Train and eval presets (torchvision references' habit: small classes, built from the config)."""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from trainer.config import DataConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization(data: DataConfig, manifest_mean: list[float], manifest_std: list[float]) -> tuple[list, list]:
+    if data.normalize == "imagenet":
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return list(manifest_mean), list(manifest_std)
+
+
+class TrainPreset:
+    """Random resized crop, flip and the optional augmentations, then a normalised tensor."""
+
+    def __init__(self, data: DataConfig, mean: list[float], std: list[float]):
+        steps: list = [v2.RandomResizedCrop(data.image_size, scale=(data.scale_min, 1.0), antialias=True)]
+        if data.hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(data.hflip))
+        if data.color_jitter > 0:
+            steps.append(v2.ColorJitter(data.color_jitter, data.color_jitter, data.color_jitter))
+        if data.rotation > 0:
+            steps.append(v2.RandomRotation(data.rotation))
+        if data.auto_augment == "randaugment":
+            steps.append(v2.RandAugment())
+        elif data.auto_augment == "trivialaugment":
+            steps.append(v2.TrivialAugmentWide())
+        steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, image):
+        return self.transform(image)
+
+
+class EvalPreset:
+    """Resize the short side to size / crop_pct, centre crop; or letterbox: pad to square first."""
+
+    def __init__(self, image_size: int, crop_pct: float, mean: list[float], std: list[float], letterbox: bool = False):
+        resize = round(image_size / crop_pct)
+        steps: list = [LetterboxToSquare(), v2.Resize(image_size, antialias=True)] if letterbox else [
+            v2.Resize(resize, antialias=True),
+            v2.CenterCrop(image_size),
+        ]
+        steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, image):
+        return self.transform(image)
+
+
+class LetterboxToSquare:
+    """Pad the shorter side symmetrically (black) so nothing of the image is cropped away."""
+
+    def __call__(self, image):
+        width, height = image.size
+        side = max(width, height)
+        left, top = (side - width) // 2, (side - height) // 2
+        return v2.functional.pad(image, [left, top, side - width - left, side - height - top], fill=0)
+
+
+def batch_mixer(data: DataConfig, num_classes: int):
+    """MixUp and/or CutMix on whole batches (one chosen at random per batch), or None."""
+    mixers = []
+    if data.mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=data.mixup_alpha, num_classes=num_classes))
+    if data.cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=data.cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
