@@ -1,0 +1,287 @@
+"""SE-DenseNet invariants: equals torchvision's DenseNet with SE off (structure, parameter count,
+weights, outputs), checkpointed equals plain (and keeps less for backward), every named depth
+builds, and load_weights refuses what does not fit with a one-line error."""
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from safetensors.torch import save_file
+
+from trainer.model import IMAGENET_DEPTHS, SEDenseNet, data_defaults, load_weights, se_densenet
+
+TORCHVISION_DEPTHS = (121, 161, 169, 201)
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def expected_params(block_config, k, init, bn_size=4, num_classes=1000, se_reduction=None) -> int:
+    """DenseNet-BC parameter count from the paper's recipe (ImageNet stem), independent of the code."""
+    n = 3 * 7 * 7 * init + 2 * init
+    c = init
+    for i, layers in enumerate(block_config):
+        for _ in range(layers):
+            n += 2 * c + c * bn_size * k + 2 * bn_size * k + bn_size * k * k * 9
+            if se_reduction:
+                h = max(1, k // se_reduction)
+                n += 2 * k * h + h + k
+            c += k
+        if i < len(block_config) - 1:
+            n += 2 * c + c * (c // 2)
+            c //= 2
+    return n + 2 * c + c * num_classes + num_classes
+
+
+def tiny(**kwargs) -> SEDenseNet:
+    """A two-block CIFAR-style model that runs in milliseconds on CPU."""
+    args = dict(block_config=(3, 3), growth_rate=8, num_init_features=16, small_inputs=True, num_classes=5)
+    return se_densenet(**{**args, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def tv121():
+    torch.manual_seed(0)
+    return torchvision.models.densenet121(weights=None).eval()
+
+
+def test_densenet121_parameter_count():
+    assert num_params(se_densenet(121, se=False)) == 7_978_856
+
+
+@pytest.mark.parametrize("depth", sorted(IMAGENET_DEPTHS))
+def test_named_depth_matches_torchvision_structure(depth):
+    model = se_densenet(depth, se=False)
+    block_config, k, init = IMAGENET_DEPTHS[depth]
+    assert num_params(model) == expected_params(block_config, k, init)
+    for b, layers in enumerate(block_config, start=1):
+        block = model.features.get_submodule(f"denseblock{b}")
+        assert list(block.keys()) == [f"denselayer{i}" for i in range(1, layers + 1)]
+    if depth in TORCHVISION_DEPTHS:
+        tv = getattr(torchvision.models, f"densenet{depth}")(weights=None)
+        ours = {k: v.shape for k, v in model.state_dict().items()}
+        assert ours == {k: v.shape for k, v in tv.state_dict().items()}
+        assert num_params(model) == num_params(tv)
+    if depth in (121, 161):  # a forward pass for two of them; the rest only build, to keep CPU time low
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("depth", [121, 169])
+def test_se_adds_exactly_the_se_linears(depth):
+    block_config, k, init = IMAGENET_DEPTHS[depth]
+    off, on = num_params(se_densenet(depth, se=False)), num_params(se_densenet(depth, se=True))
+    h = max(1, k // 16)
+    assert on - off == sum(block_config) * (k * h + h + h * k + k)
+    assert on == expected_params(block_config, k, init, se_reduction=16)
+
+
+def _old_style(state_dict):
+    """torchvision's pre-0.4 files: denselayer1.norm1.weight -> denselayer1.norm.1.weight, and no
+    BN num_batches_tracked (it did not exist yet)."""
+    pattern = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.")
+    return {pattern.sub(r"\1.\2.", k): v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("style", ["current", "old_norm.1_keys"])
+def test_loads_torchvision_weights_and_gives_same_outputs(tv121, tmp_path, style):
+    sd = tv121.state_dict() if style == "current" else _old_style(tv121.state_dict())
+    if style != "current":
+        assert "features.denseblock1.denselayer1.norm.1.weight" in sd
+    path = tmp_path / "densenet121.pth"
+    torch.save(sd, path)
+    model = se_densenet(121, se=False)
+    report = load_weights(model, path)
+    assert report.missing == [] and report.unexpected == [] and report.dropped == []
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        diff = (model.eval()(x) - tv121(x)).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_unwraps_checkpoint_dict_and_ddp_prefix(tmp_path):
+    src = tiny()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, path)
+    dst = tiny()
+    load_weights(dst, path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k
+
+
+def test_se_model_takes_se_less_weights_non_strict(tv121):
+    model = se_densenet(121, se=True)
+    se_before = {k: v.clone() for k, v in model.state_dict().items() if ".se." in k}
+    with pytest.raises(ValueError, match="strict=False"):
+        load_weights(model, tv121.state_dict())
+    report = load_weights(model, tv121.state_dict(), strict=False)
+    assert report.missing and all(".se." in k for k in report.missing)
+    assert sorted(report.missing) == sorted(se_before)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in se_before.items())
+    assert torch.equal(state["features.conv0.weight"], tv121.state_dict()["features.conv0.weight"])
+
+
+def test_classifier_of_other_shape_is_dropped_with_warning(tv121):
+    model = se_densenet(121, num_classes=10, se=False)
+    head = model.classifier.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"\(1000, 1024\).*\(10, 1024\)"):
+        report = load_weights(model, tv121.state_dict())
+    assert report.dropped == ["classifier.weight", "classifier.bias"]
+    assert report.missing == [] and report.unexpected == []
+    assert torch.equal(model.classifier.weight, head)
+    assert torch.equal(model.features.norm5.weight, tv121.features.norm5.weight)
+
+
+def test_wrong_architecture_raises_one_line_and_leaves_model_alone():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = tiny(growth_rate=12).state_dict()
+    with pytest.raises(ValueError, match=r"different architecture: features\.\S+ has shape file \(.*\) vs model \(.*\)") as err:
+        load_weights(model, other)
+    assert "\n" not in str(err.value)
+    partial = {k: v for k, v in tiny().state_dict().items() if "denselayer3" not in k}
+    with pytest.raises(ValueError, match="missing"):
+        load_weights(model, partial)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_safetensors_round_trip(tmp_path):
+    torch.manual_seed(1)
+    src = tiny().eval()
+    path = tmp_path / "model.safetensors"
+    save_file(src.state_dict(), str(path))
+    dst = tiny().eval()
+    load_weights(dst, path)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Bytes of distinct storages autograd keeps for backward (checkpoint inputs included)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, sum(storages.values())
+
+
+def test_efficient_equals_plain_and_keeps_less_for_backward():
+    torch.manual_seed(0)
+    plain = tiny(block_config=(8, 8), growth_rate=12, num_init_features=24).train()
+    efficient = tiny(block_config=(8, 8), growth_rate=12, num_init_features=24, efficient=True).train()
+    efficient.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    target = torch.randint(0, 5, (4,))
+
+    out_p, bytes_p = _saved_bytes(plain, x)
+    out_e, bytes_e = _saved_bytes(efficient, x)
+    print(f"saved for backward: plain {bytes_p / 2**20:.2f} MiB, efficient {bytes_e / 2**20:.2f} MiB")
+    assert bytes_e < 0.75 * bytes_p
+    torch.testing.assert_close(out_e, out_p, rtol=1e-5, atol=1e-6)
+
+    F.cross_entropy(out_p, target).backward()
+    F.cross_entropy(out_e, target).backward()
+    grads_e = dict(efficient.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads_e[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The recomputation in backward must not update BN running stats a second time.
+    buffers_e = dict(efficient.named_buffers())
+    for name, b in plain.named_buffers():
+        torch.testing.assert_close(buffers_e[name], b, msg=name)
+
+
+def test_efficient_memory_grows_linearly_with_depth():
+    """Each extra dense layer adds a constant number of saved bytes in efficient mode; with plain
+    concatenation every layer stores its whole (growing) input, so the increments grow."""
+    x = torch.randn(2, 3, 16, 16)
+
+    def increments(efficient: bool) -> tuple[int, int]:
+        b8, b16, b24 = (_saved_bytes(tiny(block_config=(n,), efficient=efficient).train(), x)[1] for n in (8, 16, 24))
+        return b16 - b8, b24 - b16
+
+    first, second = increments(efficient=True)
+    assert second == pytest.approx(first, rel=0.05)
+    first, second = increments(efficient=False)
+    assert second > 1.3 * first
+
+
+def test_small_inputs_bc100_forward_backward():
+    model = se_densenet(100, num_classes=10, growth_rate=12, small_inputs=True)
+    assert model.arch["block_config"] == (16, 16, 16) and model.arch["num_init_features"] == 24
+    assert model.data_config["input_size"] == 32
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_se_reduction_guard_keeps_one_hidden_unit():
+    model = tiny(growth_rate=4, se_reduction=16)
+    se = model.features.denseblock1.denselayer1.se
+    assert (se.fc1.in_features, se.fc1.out_features, se.fc2.out_features) == (4, 1, 4)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+def test_dropout_random_in_train_deterministic_in_eval():
+    torch.manual_seed(0)
+    model = tiny(drop_rate=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    assert not torch.equal(model.train()(x), model(x))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), model(x))
+
+
+def test_data_defaults_num_features_and_reset_classifier():
+    model = se_densenet(121, num_classes=10)
+    assert model.data_config == data_defaults(False)
+    assert model.data_config["input_size"] == 224 and model.data_config["crop_pct"] == 0.875
+    assert model.data_config["mean"] == (0.485, 0.456, 0.406) and model.data_config["std"] == (0.229, 0.224, 0.225)
+    assert model.num_features == 1024
+    fp = model.fingerprint()
+    assert fp == se_densenet(121, num_classes=10).fingerprint()
+    assert fp != se_densenet(121, num_classes=10, se=False).fingerprint()
+    model.reset_classifier(3)
+    assert model.classifier.out_features == 3 and torch.count_nonzero(model.classifier.bias) == 0
+    assert model.fingerprint() == se_densenet(121, num_classes=3).fingerprint() != fp
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(depth=50), "depth"),
+        (dict(depth=99, small_inputs=True), "depth"),
+        (dict(compression=0.0), "compression"),
+        (dict(compression=1.5), "compression"),
+        (dict(se_reduction=0), "se_reduction"),
+        (dict(drop_rate=1.0), "drop_rate"),
+        (dict(growth_rate=0), "growth_rate"),
+        (dict(block_config=(6, 0)), "block_config"),
+        (dict(num_classes=-1), "num_classes"),
+    ],
+)
+def test_invalid_arguments_raise_one_line_value_error(kwargs, argument):
+    with pytest.raises(ValueError, match=rf"^{argument} ") as err:
+        se_densenet(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_init_follows_torchvision():
+    model = tiny()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+        if isinstance(m, torch.nn.Linear):
+            assert torch.all(m.bias == 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_weights(tiny(), model.state_dict())  # same shapes: no warning
