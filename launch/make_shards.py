@@ -1,0 +1,295 @@
+"""Image folders -> clean, analysed, deterministic WebDataset shards.
+
+    python -m launch.make_shards SRC OUT [options]
+    python -m launch.make_shards --demo OUT          # scikit-learn's digits, then the same
+
+Reads SRC/<class>/**/<image> (or SRC/train/<class>/... and SRC/val/<class>/...), drops and
+reports what is not a usable image, splits train/val (stratified, seeded, identical files
+kept together), and writes OUT/train/*.tar, OUT/val/*.tar, OUT/manifest.json, timm's
+_info.json, two plots and a summary. Everything is built beside OUT and only renamed into
+place when complete; any error is one line on stderr, exit code 2, and OUT untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from launch import demo, report
+from launch.pack import Entry, ShardJob, SourceChanged, write_shard
+from launch.parallel import default_workers, ordered_map
+from launch.scan import SPLITS, Inspection, Listing, SourceError, inspect_all, list_source
+from launch.split import TRAIN, assign_splits, duplicate_groups, plan_shards, shard_count
+from shards.format import sample_key, shard_name
+from shards.manifest import Manifest, SplitInfo
+from shards.writer import publish, staging
+
+DEFAULT_MIN_SHARDS = 16
+DEMO_MIN_SHARDS = 8  # 1,797 images: 8 shards still give 2 per loader worker for 2 ranks x 2 workers
+DEFAULT_SHARD_MB = 256.0
+PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, spelled out so --help can show it
+
+
+class UsageError(Exception):
+    """Bad input or options: the message is '<what is wrong> — <what to do>'."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other error here, not usage + message
+        raise UsageError(f"{message} — see `python -m launch.make_shards --help`")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(
+        prog="python -m launch.make_shards",
+        usage="%(prog)s SRC OUT [options]  |  %(prog)s --demo OUT [options]",
+        description="Image folders (one sub-folder per class) -> WebDataset tar shards, manifest and plots.",
+    )
+    p.add_argument("paths", nargs="*", metavar="SRC OUT", help="source image folder and output folder")
+    p.add_argument("--demo", action="store_true", help="shard scikit-learn's digits (written to OUT/images) instead of SRC")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of each class for val (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
+    p.add_argument("--samples-per-shard", type=int, help="at most this many samples per shard")
+    p.add_argument("--shard-size", type=float, default=DEFAULT_SHARD_MB, metavar="MB", help="target shard size (default 256)")
+    p.add_argument("--min-shards", type=int, help=f"at least this many shards per split (default {DEFAULT_MIN_SHARDS}, demo {DEMO_MIN_SHARDS})")
+    p.add_argument("--min-side", type=int, metavar="PX", help="skip images whose shorter side is below PX")
+    p.add_argument("--max-aspect", type=float, metavar="R", help="skip images whose long/short side ratio is above R")
+    p.add_argument("--max-per-class", type=int, metavar="N", help="keep at most N images per class (training split for a pre-split SRC)")
+    p.add_argument("--max-pixels", type=int, default=PILLOW_MAX_PIXELS, metavar="N", help="decompression-bomb limit (default Pillow's, 89478485)")
+    p.add_argument("--skip-empty-classes", action="store_true", help="drop classes with no valid image instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once the new output is complete)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="processes (default: all cores available)")
+    p.add_argument("--resize-short", type=int, metavar="PX", help="re-encode images whose shorter side is above PX down to PX")
+    args = p.parse_args(argv)
+    want = 1 if args.demo else 2
+    if len(args.paths) != want:
+        p.error("--demo takes only OUT" if args.demo else "expected SRC and OUT")
+    if args.min_shards is None:
+        args.min_shards = DEMO_MIN_SHARDS if args.demo else DEFAULT_MIN_SHARDS
+    _check_ranges(args)
+    return args
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction {args.val_fraction} is out of range — use a value in [0, 1), e.g. 0.1")
+    for name in ("samples_per_shard", "min_shards", "min_side", "max_per_class", "max_pixels", "workers", "resize_short"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1 — leave it out for the default")
+    if args.shard_size <= 0:
+        raise UsageError(f"--shard-size {args.shard_size} must be positive — it is in MB, e.g. 256")
+    if args.max_aspect is not None and args.max_aspect < 1:
+        raise UsageError(f"--max-aspect {args.max_aspect} must be at least 1 — it is long side / short side")
+
+
+def recorded_options(args: argparse.Namespace, layout: str) -> dict:
+    """The options that shape the output, for the manifest (not --workers or --overwrite,
+    which do not change a byte of it)."""
+    return {
+        "layout": layout,
+        "demo": args.demo,
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "samples_per_shard": args.samples_per_shard,
+        "shard_size_mb": args.shard_size,
+        "min_shards": args.min_shards,
+        "min_side": args.min_side,
+        "max_aspect": args.max_aspect,
+        "max_per_class": args.max_per_class,
+        "max_pixels": args.max_pixels,
+        "skip_empty_classes": args.skip_empty_classes,
+        "resize_short": args.resize_short,
+    }
+
+
+def check_out(out: Path, src: Path | None, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"OUT {out} is a file — pass a folder path (new, empty, or with --overwrite)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"OUT {out} is not empty — pass --overwrite to replace it, or choose a new folder")
+    if src is not None and src.exists():
+        s, o = src.resolve(), out.resolve()
+        if o == s or s in o.parents:
+            raise UsageError(f"OUT {out} is inside SRC {src} — choose an OUT outside SRC")
+        if o in s.parents:
+            raise UsageError(f"SRC {src} is inside OUT {out} — choose an OUT that does not contain SRC")
+
+
+@dataclass
+class Plan:
+    """Everything decided before a byte is written."""
+
+    listing: Listing
+    scan: Inspection
+    classes: list[str]  # kept classes, sorted
+    label_of: dict[int, int]  # listing label -> index in classes
+    split: dict[int, int]  # file index -> TRAIN / VAL
+    skipped: list[dict]
+    duplicates: list[dict]
+
+
+def prepare(src: Path, args: argparse.Namespace) -> Plan:
+    listing = list_source(src)
+    scan = inspect_all(listing, args.max_pixels, args.workers, _progress("scanning", "files", len))
+    reasons = dict(scan.reasons)
+    usable = [i for i in range(len(listing.relpaths)) if i not in reasons]
+    for i in usable:
+        reason = _filter_reason(int(scan.width[i]), int(scan.height[i]), args)
+        if reason:
+            reasons[i] = reason
+    usable = [i for i in usable if i not in reasons]
+
+    counts = np.bincount([listing.labels[i] for i in usable if listing.given_split[i] != 1], minlength=len(listing.classes))
+    empty = [c for c, n in zip(listing.classes, counts) if n == 0]
+    if empty and not args.skip_empty_classes:
+        where = "training folder has" if listing.layout == "presplit" else "folder has"
+        names = ", ".join(repr(c) for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise UsageError(f"class {names}: {where} no valid image — add images, remove the folder, or pass --skip-empty-classes")
+    kept = [c for c in listing.classes if c not in set(empty)]
+    if not kept:
+        raise UsageError(f"SRC {src} has no valid image — check the folder (every file was skipped; see the reasons with a smaller test folder)")
+    label_of = {listing.classes.index(c): k for k, c in enumerate(kept)}
+    for i in usable:
+        if listing.labels[i] not in label_of:
+            reasons[i] = "class dropped (no valid training image, --skip-empty-classes)"
+    usable = [i for i in usable if i not in reasons]
+
+    given = None if listing.layout == "folders" else [0 if s == 0 else 1 for s in listing.given_split]
+    split, capped = assign_splits(
+        listing.labels, scan.sha256, usable, listing.classes, args.val_fraction, args.seed, args.max_per_class, given
+    )
+    for i in capped:
+        reasons[i] = f"over --max-per-class {args.max_per_class}"
+    skipped = [{"path": listing.relpaths[i], "reason": reasons[i]} for i in sorted(reasons, key=lambda i: listing.relpaths[i])]
+    valid = [i for i in range(len(listing.relpaths)) if int(scan.field[i]) >= 0]
+    return Plan(listing, scan, kept, label_of, split, skipped, _duplicates(listing, scan, valid, split))
+
+
+def _filter_reason(w: int, h: int, args: argparse.Namespace) -> str | None:
+    if args.min_side and min(w, h) < args.min_side:
+        return f"too small (shorter side {min(w, h)} px < --min-side {args.min_side})"
+    if args.max_aspect and max(w, h) / min(w, h) > args.max_aspect:
+        return f"aspect ratio out of bounds ({max(w, h) / min(w, h):.2f} > --max-aspect {args.max_aspect})"
+    return None
+
+
+def _duplicates(listing: Listing, scan: Inspection, valid: list[int], split: dict[int, int]) -> list[dict]:
+    out = []
+    for group in duplicate_groups(scan.sha256, valid):
+        classes = sorted({listing.classes[listing.labels[i]] for i in group})
+        where = sorted({SPLITS[split[i]] for i in group if i in split})
+        out.append({
+            "sha256": scan.sha256[group[0]].hex(),
+            "paths": [listing.relpaths[i] for i in group],
+            "splits": [SPLITS[split[i]] if i in split else "skipped" for i in group],
+            "classes": classes,
+            "cross_class": len(classes) > 1,
+            "crosses_splits": len(where) > 1,
+        })
+    return sorted(out, key=lambda d: d["paths"][0])
+
+
+def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str) -> Manifest:
+    listing, scan = plan.listing, plan.scan
+    keys = {i: sample_key(listing.relpaths[i]) for i in plan.split}
+    if len(set(keys.values())) != len(keys):
+        raise UsageError("two files got the same sample key (a 64-bit hash collision) — rename one of them")
+    splits, jobs, total = {}, [], 0
+    for code, name in enumerate(SPLITS):
+        members = [i for i, s in plan.split.items() if s == code]
+        n = shard_count(len(members), int(scan.size[members].sum()) if members else 0,
+                        args.samples_per_shard, int(args.shard_size * 1e6), args.min_shards)
+        (stage / name).mkdir()
+        for k, shard in enumerate(plan_shards(members, n, args.seed, name)):
+            jobs.append((str(stage / name / shard_name(name, k)), shard))
+        counts = np.bincount([plan.label_of[listing.labels[i]] for i in members], minlength=len(plan.classes))
+        splits[name] = SplitInfo(len(members), dict(zip(plan.classes, counts.tolist())), [])
+        total += len(members)
+
+    def job(path: str, shard: list[int]) -> ShardJob:
+        entries = [Entry(keys[i], str(listing.root / listing.relpaths[i]), listing.relpaths[i], plan.label_of[listing.labels[i]],
+                         plan.classes[plan.label_of[listing.labels[i]]], int(scan.width[i]), int(scan.height[i]),
+                         scan.sha256[i], int(scan.field[i])) for i in shard]
+        return ShardJob(path, entries, args.resize_short)
+
+    results = ordered_map(write_shard, (job(p, s) for p, s in jobs), args.workers, ahead=2)
+    written = _progress("writing", "samples", lambda info: info.samples)(results, total)
+    for (path, _), info in zip(jobs, written):
+        splits[Path(path).parent.name].shards.append(info)
+
+    train = [i for i, s in plan.split.items() if s == TRAIN]
+    mean, std = report.mean_std(scan.stats[sorted(train)])
+    return Manifest(
+        classes=plan.classes, splits=splits, mean=mean, std=std,
+        options=recorded_options(args, listing.layout), skipped=plan.skipped, duplicates=plan.duplicates,
+        source=source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _progress(desc: str, unit: str, weight=lambda item: 1):
+    """A tqdm bar on stderr (on a terminal only) counting ``weight(item)`` per item passing through."""
+
+    def wrap(items, total: int):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            yield from items
+            return
+        with tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr, leave=False) as bar:
+            for item in items:
+                bar.update(weight(item))
+                yield item
+
+    return wrap
+
+
+def run(args: argparse.Namespace) -> str:
+    out = Path(args.paths[-1])
+    src = None if args.demo else Path(args.paths[0])
+    check_out(out, src, args.overwrite)
+    if src is not None:
+        plan = prepare(src, args)  # every input error surfaces here, before anything is written
+    with staging(out) as stage:
+        if src is None:
+            plan = prepare(demo.write_digits(stage / "images"), args)
+        source = str((out / "images" if src is None else src).absolute())
+        manifest = write(plan, stage, args, source)
+        manifest.write(stage)
+        sel = sorted(plan.split)
+        notes = [n for n in [report.write_plots(manifest, stage, plan.scan.width[sel], plan.scan.height[sel])] if n]
+        for name in SPLITS:
+            n, k = manifest.splits[name].num_samples, len(manifest.splits[name].shards)
+            if 0 < n < args.min_shards:
+                notes.append(f"{name} has only {n} samples, so {k} shards (fewer than --min-shards {args.min_shards})")
+        text = report.summary(manifest, out, len(plan.listing.relpaths), plan.listing.ignored,
+                              plan.scan.width[sel], plan.scan.height[sel], notes)
+        (stage / report.SUMMARY).write_text(text + "\n", encoding="utf-8")
+        publish(stage, out)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        print(run(parse_args(argv)))
+        return 0
+    except (UsageError, SourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except SourceChanged as e:
+        print(f"error: {e} changed while it was being sharded — re-run once nothing writes to SRC", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted — OUT was left as it was; run the command again", file=sys.stderr)
+        return 130
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where} — check the paths, permissions and free disk space", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

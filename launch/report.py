@@ -1,0 +1,156 @@
+"""What the user reads after sharding: RGB mean/std, two plots, and a short text summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from shards.manifest import Manifest
+
+CLASS_PLOT = "class_distribution.png"
+SIZE_PLOT = "image_sizes.png"
+SUMMARY = "summary.txt"
+MAX_SCATTER = 20000  # points in the size plot; more only blots it out and slows it down
+MAX_LABELLED = 60  # classes beyond this get no tick labels (ImageNet's 1000 would be a black smear)
+
+# Fonts with CJK glyphs, in order of preference, when no packaged one is installed.
+CJK_FAMILIES = (
+    "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans",
+    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC",
+    "Hiragino Sans GB", "Arial Unicode MS",
+)
+
+
+def mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
+    """RGB mean and std in [0, 1] from rows of (sum x3, sum of squares x3, pixel count)."""
+    if len(stats) == 0:
+        return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    totals = [sum(int(v) for v in stats[:, c]) for c in range(7)]  # Python ints: exact at any scale
+    n = totals[6]
+    mean = [totals[c] / n for c in range(3)]
+    var = [max(totals[3 + c] / n - mean[c] ** 2, 0.0) for c in range(3)]
+    return [round(m / 255, 6) for m in mean], [round(math.sqrt(v) / 255, 6) for v in var]
+
+
+def _setup_matplotlib() -> str | None:
+    """Agg backend, and a font family list that falls back to a CJK font; -> that font's name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import font_manager, rcParams
+
+    cjk = None
+    spec = importlib.util.find_spec("mplfonts")  # ships Noto Sans CJK; found without importing it
+    if spec and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "fonts" / "NotoSansCJKsc-Regular.otf"
+        if path.is_file():
+            font_manager.fontManager.addfont(str(path))
+            cjk = font_manager.FontProperties(fname=str(path)).get_name()
+    if cjk is None:
+        installed = {f.name for f in font_manager.fontManager.ttflist}
+        cjk = next((name for name in CJK_FAMILIES if name in installed), None)
+    rcParams["font.family"] = ["DejaVu Sans"] + ([cjk] if cjk else [])  # per-glyph fallback
+    rcParams["svg.hashsalt"] = "make_shards"
+    return cjk
+
+
+def plot_classes(manifest: Manifest, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = manifest.classes
+    train = np.array([manifest.splits["train"].class_counts.get(c, 0) for c in names])
+    val = np.array([manifest.splits["val"].class_counts.get(c, 0) for c in names])
+    order = np.arange(len(names)) if len(names) <= MAX_LABELLED else np.argsort(-(train + val), kind="stable")
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.35 * len(names) + 2), 24), 4.5))
+    width = 0.8 if len(names) <= MAX_LABELLED else 1.0
+    ax.bar(x, train[order], width, label="train", color="#4c72b0")
+    ax.bar(x, val[order], width, bottom=train[order], label="val", color="#dd8452")
+    mean = float((train + val).mean()) if len(names) else 0.0
+    ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.1f}")
+    if len(names) <= MAX_LABELLED:
+        ax.set_xticks(x, [names[i] for i in order], rotation=45 if len(names) > 8 else 0, ha="right" if len(names) > 8 else "center")
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(names)} classes, sorted by count (largest: {names[order[0]]}, smallest: {names[order[-1]]})")
+    ax.set_ylabel("images")
+    ax.set_title("Images per class")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_sizes(width: np.ndarray, height: np.ndarray, path: Path, min_side: int | None) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    if len(width):
+        pick = np.linspace(0, len(width) - 1, min(len(width), MAX_SCATTER)).astype(np.int64)
+        ax.scatter(width[pick], height[pick], s=6, alpha=0.35, edgecolors="none")
+        top = float(max(width.max(), height.max())) * 1.05
+        ax.plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle=":", label="square")
+        if min_side:
+            ax.axvline(min_side, color="red", linewidth=0.8, label=f"--min-side {min_side}")
+            ax.axhline(min_side, color="red", linewidth=0.8)
+        ax.set_title(f"Image sizes (median {int(np.median(width))} x {int(np.median(height))}, n={len(width)})")
+        ax.legend(loc="upper left")
+    ax.set_xlabel("width (px)")
+    ax.set_ylabel("height (px)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_plots(manifest: Manifest, out: Path, width: np.ndarray, height: np.ndarray) -> str | None:
+    """-> a warning line if class names need glyphs that no installed font has, else None."""
+    cjk = _setup_matplotlib()
+    plot_classes(manifest, out / CLASS_PLOT)
+    plot_sizes(width, height, out / SIZE_PLOT, manifest.options.get("min_side"))
+    if cjk is None and any(not c.isascii() for c in manifest.classes):
+        return "no CJK-capable font found, class names may show as boxes in the plot — pip install mplfonts"
+    return None
+
+
+def reason_kind(reason: str) -> str:
+    return reason.split(" (", 1)[0]
+
+
+def summary(manifest: Manifest, out: Path, found: int, ignored: int, width: np.ndarray, height: np.ndarray,
+            notes: Sequence[str] = ()) -> str:
+    train, val = manifest.splits["train"], manifest.splits["val"]
+    mb = lambda s: sum(x.bytes for x in s.shards) / 1e6  # noqa: E731
+    lines = [
+        f"make_shards: {manifest.source} -> {out}",
+        f"  {len(manifest.classes)} classes ({manifest.options.get('layout')}); {found} image files found, "
+        f"{train.num_samples + val.num_samples} written, {len(manifest.skipped)} skipped, "
+        f"{ignored} other files ignored",
+        f"  train: {train.num_samples} samples in {len(train.shards)} shards ({mb(train):.1f} MB); "
+        f"val: {val.num_samples} samples in {len(val.shards)} shards ({mb(val):.1f} MB)",
+    ]
+    shown = manifest.classes[:12]
+    per_class = ", ".join(f"{c} {train.class_counts.get(c, 0)}/{val.class_counts.get(c, 0)}" for c in shown)
+    more = f", ... ({len(manifest.classes) - len(shown)} more)" if len(manifest.classes) > len(shown) else ""
+    lines.append(f"  per class train/val: {per_class}{more}")
+    if manifest.skipped:
+        kinds = Counter(reason_kind(s["reason"]) for s in manifest.skipped)
+        lines.append("  skipped: " + ", ".join(f"{k}: {n}" for k, n in kinds.most_common()) + " (paths in manifest.json)")
+    if manifest.duplicates:
+        cross = sum(d["cross_class"] for d in manifest.duplicates)
+        lines.append(
+            f"  duplicates: {len(manifest.duplicates)} groups of identical files"
+            + (f", {cross} across classes (label noise: check them)" if cross else "")
+        )
+    if len(width):
+        short = np.minimum(width, height)
+        lines.append(f"  image size: median {int(np.median(width))}x{int(np.median(height))}, "
+                     f"shorter side min {short.min()} / median {int(np.median(short))} / max {short.max()}")
+    lines.append(f"  train RGB mean {manifest.mean}, std {manifest.std}")
+    lines.extend(f"  note: {n}" for n in notes)
+    lines.append(f"  wrote {out}/manifest.json, {CLASS_PLOT}, {SIZE_PLOT}, {SUMMARY}")
+    return "\n".join(lines)
