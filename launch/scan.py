@@ -185,6 +185,8 @@ def inspect_file(path: str, max_pixels: int) -> tuple:
     try:
         img = Image.open(io.BytesIO(data))
     except Exception:
+        if data.startswith(SIGNATURES) or data[8:12] == b"WEBP":
+            return sha, len(data), 0, 0, -1, None, "truncated or corrupt (unreadable header)"
         return sha, len(data), 0, 0, -1, None, "not an image (no known image format)"
     w, h = img.size
     if w * h > max_pixels:
@@ -200,6 +202,9 @@ def inspect_file(path: str, max_pixels: int) -> tuple:
         return sha, len(data), 0, 0, -1, None, f"truncated or corrupt ({detail})"
     return sha, len(data), w, h, fld, stats, None
 
+
+# How the formats we read begin, to tell a damaged image from a file that never was one.
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 _LEVELS = np.arange(256, dtype=np.int64)
 

@@ -39,16 +39,15 @@ def assign_splits(
     With ``given`` (a pre-split SRC: TRAIN/VAL per index) the user's split is kept and the
     cap applies to the training files only.
     """
-    units = _units(labels, hashes, candidates, given)
-    split: dict[int, int] = {}
     capped: list[int] = []
+    if max_per_class is not None:
+        candidates, capped = _cap(labels, hashes, candidates, class_names, seed, max_per_class, given)
+    split: dict[int, int] = {}
+    units = _units(labels, hashes, candidates, given)
     for label in sorted(units):
         rng = random.Random(f"{seed}/{class_names[label]}")
         for fixed, class_units in sorted(units[label].items()):
             rng.shuffle(class_units)
-            if max_per_class is not None and fixed in (None, TRAIN):
-                class_units, over = _take(class_units, max_per_class)
-                capped.extend(i for unit in over for i in unit)
             if fixed is None:
                 total = sum(map(len, class_units))
                 n_val = min(round(val_fraction * total), total - 1) if total > 1 else 0
@@ -58,6 +57,26 @@ def assign_splits(
             else:
                 split.update((i, fixed) for unit in class_units for i in unit)
     return split, sorted(capped)
+
+
+def _cap(labels, hashes, candidates, class_names, seed, cap, given) -> tuple[list[int], list[int]]:
+    """At most ``cap`` files per class (of its training files when the split is given), chosen
+    at random but keeping identical files of a class together. -> (kept, dropped)."""
+    per_class: dict[int, dict[bytes, list[int]]] = defaultdict(dict)
+    kept = []
+    for i in candidates:
+        if given is not None and given[i] != TRAIN:
+            kept.append(i)
+        else:
+            per_class[labels[i]].setdefault(hashes[i], []).append(i)
+    dropped = []
+    for label in sorted(per_class):
+        units = sorted(per_class[label].values())
+        random.Random(f"{seed}/{class_names[label]}/cap").shuffle(units)
+        taken, rest = _take(units, cap)
+        kept.extend(i for unit in taken for i in unit)
+        dropped.extend(i for unit in rest for i in unit)
+    return sorted(kept), dropped
 
 
 def _units(labels, hashes, candidates, given) -> dict[int, dict[int | None, list[list[int]]]]:

@@ -96,8 +96,7 @@ class Manifest:
         root = Path(out_dir)
         path = root / MANIFEST
         if not path.is_file():
-            what = "does not exist" if not root.exists() else f"has no {MANIFEST}"
-            raise ManifestError(f"{root} {what} — make shards first with `{MAKE_CMD}`")
+            raise ManifestError(f"{path} not found — make shards first with `{MAKE_CMD}`")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             manifest = cls.from_dict(raw)

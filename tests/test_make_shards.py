@@ -1,0 +1,281 @@
+"""make_shards: invariants of the format, the split and the writer, then the real CLI end to end
+on a corpus of every awkward kind of file a user's folder holds."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from launch.pack import encode_image
+from launch.scan import TRANSCODE, inspect_file
+from launch.split import TRAIN, VAL, assign_splits, plan_shards, shard_count
+from shards.format import IMAGE_EXTS, decode_rgb, image_field, sample_key, to_rgb
+from shards.manifest import Manifest, ManifestError, ShardInfo, SplitInfo
+from shards.writer import ShardWriter, publish, staging
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def noise(size, mode="RGB", seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.linspace(0, 200, w * h * 3).reshape(h, w, 3) + rng.integers(0, 55, (h, w, 3))
+    img = Image.fromarray(base.astype(np.uint8))
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def with_orientation(img: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def bomb_png() -> bytes:
+    """A real PNG of 90 M pixels (over Pillow's 89.5 M default) in about 11 KB."""
+    return encode(Image.new("1", (10000, 9000)), "PNG")
+
+
+# ---------------------------------------------------------------- decode_rgb on every mode
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "1", "CMYK", "P", "RGBA", "LA", "I;16", "I", "F", "YCbCr"])
+def test_decode_rgb_gives_8bit_rgb_for_every_mode(mode):
+    src = noise((9, 7))
+    img = src.convert(mode) if mode not in ("I;16", "I", "F") else src.convert("L").convert(mode)
+    fmt = {"CMYK": "JPEG", "YCbCr": "JPEG", "F": "TIFF", "I": "TIFF", "I;16": "PNG"}.get(mode, "PNG")
+    out = decode_rgb(encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (9, 7)
+
+
+def test_decode_rgb_passes_rgb_through_without_copy():
+    img = noise((5, 4))
+    assert to_rgb(img) is img
+
+
+def test_16bit_is_scaled_not_clipped():
+    arr = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    img = Image.fromarray(arr)  # I;16
+    out = np.asarray(decode_rgb(encode(img, "PNG")))
+    assert out[0, :, 0].tolist() == [0, 100, 255]
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_alpha_is_composited_on_white():
+    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 255))
+    rgba.putpixel((1, 0), (0, 0, 0, 0))  # fully transparent black
+    out = decode_rgb(encode(rgba, "PNG"))
+    assert out.getpixel((0, 0)) == (255, 0, 0) and out.getpixel((1, 0)) == (255, 255, 255)
+    p = Image.new("P", (2, 1))
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    p.putpixel((1, 0), 1)
+    p.info["transparency"] = 0
+    out = decode_rgb(encode(p, "PNG", transparency=0))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (0, 255, 0)
+
+
+def test_exif_orientation_is_honoured():
+    img = Image.new("RGB", (40, 20), (255, 255, 255))
+    img.paste((0, 0, 0), (0, 0, 10, 20))  # left quarter black
+    data = with_orientation(img, 6)  # "rotate 90 CW to display"
+    out = decode_rgb(data)
+    assert out.size == (20, 40)
+    assert out.getpixel((10, 2))[0] < 60 and out.getpixel((10, 37))[0] > 200  # black moved to the top
+    assert out.size == ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size
+
+
+def test_image_field():
+    assert image_field({"__key__": "k", "png": b"", "cls": b"1"}) == "png"
+    with pytest.raises(KeyError):
+        image_field({"__key__": "k", "cls": b"1"})
+
+
+# ---------------------------------------------------------------- keys
+
+
+def test_sample_key_is_stable_unique_and_has_no_dot_or_slash():
+    paths = [f"cls{c}/sub/img.{i}.v2.jpg" for c in range(20) for i in range(500)] + ["狗/照片 1.jpg", "a b/c d.png"]
+    keys = [sample_key(p) for p in paths]
+    assert len(set(keys)) == len(keys)
+    assert all("." not in k and "/" not in k and k.isascii() for k in keys)
+    assert sample_key("狗/照片 1.jpg") == sample_key("狗/照片 1.jpg")
+    assert sample_key("cat/IMG_001.JPG") == "IMG_001_" + hashlib.sha256(b"cat/IMG_001.JPG").hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- split
+
+
+def _toy(n_per_class=(50, 30, 7, 1), dup_every=5, seed=0):
+    """labels and hashes where every dup_every-th file repeats an earlier one (some across classes)."""
+    rng = random.Random(seed)
+    labels, hashes = [], []
+    for c, n in enumerate(n_per_class):
+        for _ in range(n):
+            labels.append(c)
+            if hashes and rng.random() < 1 / dup_every:
+                hashes.append(rng.choice(hashes))
+            else:
+                hashes.append(rng.randbytes(32))
+    return labels, hashes
+
+
+def test_split_is_stratified_deterministic_and_keeps_duplicates_together():
+    labels, hashes = _toy()
+    names = ["a", "b", "c", "d"]
+    idx = list(range(len(labels)))
+    s1, _ = assign_splits(labels, hashes, idx, names, 0.2, seed=1)
+    s2, _ = assign_splits(labels, hashes, idx, names, 0.2, seed=1)
+    s3, _ = assign_splits(labels, hashes, idx, names, 0.2, seed=2)
+    assert s1 == s2 and s1 != s3
+    assert sorted(s1) == idx  # every file lands in exactly one split
+    for h in set(hashes):
+        assert len({s1[i] for i in idx if hashes[i] == h}) == 1, "identical files straddle train and val"
+    for c, n in enumerate((50, 30, 7, 1)):
+        n_val = sum(1 for i in idx if labels[i] == c and s1[i] == VAL)
+        assert abs(n_val - 0.2 * n) <= 2.5  # duplicates move whole units, so +-a unit
+        assert any(labels[i] == c and s1[i] == TRAIN for i in idx)  # every class keeps a training image
+
+
+def test_split_of_a_class_does_not_depend_on_other_classes():
+    labels, hashes = _toy(dup_every=10**9)
+    idx = list(range(len(labels)))
+    full, _ = assign_splits(labels, hashes, idx, ["a", "b", "c", "d"], 0.3, seed=0)
+    only_a = [i for i in idx if labels[i] == 0]
+    part, _ = assign_splits(labels, hashes, only_a, ["a", "b", "c", "d"], 0.3, seed=0)
+    assert {i: full[i] for i in only_a} == part
+
+
+def test_cap_and_given_split():
+    labels, hashes = _toy(n_per_class=(40, 10), dup_every=10**9)
+    idx = list(range(len(labels)))
+    split, capped = assign_splits(labels, hashes, idx, ["a", "b"], 0.25, seed=0, max_per_class=20)
+    assert sum(1 for i in split if labels[i] == 0) == 20 and len(capped) == 20
+    assert sum(1 for i in split if labels[i] == 1) == 10
+    given = [i % 2 for i in idx]
+    split, capped = assign_splits(labels, hashes, idx, ["a", "b"], 0.25, seed=0, max_per_class=5, given=given)
+    assert all(split[i] == given[i] for i in split)
+    assert sum(1 for i in split if labels[i] == 0 and split[i] == TRAIN) == 5  # cap on train only
+    assert sum(1 for i in split if labels[i] == 0 and split[i] == VAL) == 20
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 16, 17, 1000, 1617])
+def test_shards_are_balanced_and_never_empty(n):
+    k = shard_count(n, n * 1000, None, 256_000_000, 16)
+    shards = plan_shards(list(range(n)), k, seed=0, split="train")
+    assert k == min(n, 16) and sorted(i for s in shards for i in s) == list(range(n))
+    assert all(shards) and (not shards or max(map(len, shards)) - min(map(len, shards)) <= 1)
+    assert shard_count(1000, 10**9, 100, 256_000_000, 4) == 10
+    assert shard_count(1000, 10**9, None, 100_000_000, 4) == 10
+
+
+# ---------------------------------------------------------------- inspect, transcode, writer, manifest
+
+
+def test_inspect_reasons(tmp_path):
+    good = encode(noise((60, 40)), "JPEG")
+    files = {
+        "ok.jpg": good, "empty.jpg": b"", "fake.jpg": b"just some text, not a picture\n",
+        "cut.jpg": good[: len(good) // 2], "bomb.png": bomb_png(),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    res = {name: inspect_file(str(tmp_path / name), 89_478_485) for name in files}
+    assert res["ok.jpg"][6] is None and res["ok.jpg"][2:5] == (60, 40, IMAGE_EXTS.index("jpg"))
+    assert res["ok.jpg"][0] == hashlib.sha256(good).digest()
+    assert res["empty.jpg"][6] == "empty file"
+    assert res["fake.jpg"][6].startswith("not an image")
+    assert res["cut.jpg"][6].startswith("truncated or corrupt")
+    assert res["bomb.png"][6].startswith("decompression bomb")
+
+
+@pytest.mark.parametrize("fmt,mode", [("GIF", "P"), ("BMP", "RGB"), ("TIFF", "I;16"), ("TIFF", "RGBA"), ("TIFF", "1")])
+def test_transcoding_to_png_is_lossless(fmt, mode):
+    src = noise((13, 11))
+    src = src.convert("L").convert(mode) if mode in ("I;16", "1") else src.convert(mode)
+    ext, data = encode_image(encode(src, fmt), TRANSCODE, None)
+    back = Image.open(io.BytesIO(data))
+    assert ext == "png" and back.format == "PNG"
+    orig = Image.open(io.BytesIO(encode(src, fmt)))
+    assert np.array_equal(np.asarray(back.convert("RGBA")), np.asarray(orig.convert("RGBA")))
+
+
+def test_kept_bytes_and_resize_short():
+    data = encode(noise((300, 200)), "JPEG")
+    assert encode_image(data, IMAGE_EXTS.index("jpg"), None) == ("jpg", data)
+    assert encode_image(data, IMAGE_EXTS.index("jpg"), 500) == ("jpg", data)  # already small enough
+    ext, small = encode_image(data, IMAGE_EXTS.index("jpg"), 100)
+    assert ext == "jpg" and Image.open(io.BytesIO(small)).size == (150, 100)
+
+
+def test_writer_is_deterministic_and_readable(tmp_path):
+    infos = []
+    for name in ("a.tar", "b.tar"):
+        with ShardWriter(tmp_path / name) as w:
+            for k in range(3):
+                w.add(f"key{k}", {"json": b"{}", "cls": str(k).encode(), "png": bytes(range(k * 200 % 256)) * 3})
+            infos.append(w.close())
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    assert infos[0].sha256 == hashlib.sha256((tmp_path / "a.tar").read_bytes()).hexdigest()
+    assert infos[0].bytes == (tmp_path / "a.tar").stat().st_size and infos[0].samples == 3
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        assert tf.getnames()[:3] == ["key0.cls", "key0.json", "key0.png"]
+
+
+def test_staging_and_publish(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), staging(out) as stage:
+        (stage / "new.txt").write_text("new")
+        raise RuntimeError("crash mid-write")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (out / "old.txt").read_text() == "old"
+    with staging(out) as stage:
+        (stage / "new.txt").write_text("new")
+        publish(stage, out)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["new.txt"]
+
+
+def _manifest() -> Manifest:
+    shard = ShardInfo("train-000000.tar", 2, 10240, "0" * 64)
+    return Manifest(
+        classes=["a", "狗"], splits={"train": SplitInfo(2, {"a": 1, "狗": 1}, [shard]), "val": SplitInfo(0, {"a": 0, "狗": 0}, [])},
+        mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], options={"seed": 0}, skipped=[{"path": "a/x.jpg", "reason": "empty file"}],
+    )
+
+
+def test_manifest_round_trip_and_errors(tmp_path):
+    m = _manifest()
+    m.write(tmp_path)
+    back = Manifest.load(tmp_path)
+    assert back == m and back.shard_paths("train") == [tmp_path / "train" / "train-000000.tar"]
+    info = json.loads((tmp_path / "_info.json").read_text())
+    assert info["splits"]["train"]["filenames"] == ["train/train-000000.tar"]
+    with pytest.raises(ManifestError, match="shard .* is missing"):
+        back.verify()
+    with pytest.raises(ManifestError, match=r"manifest\.json"):
+        Manifest.load(tmp_path / "nowhere")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match=r"manifest\.json is not a valid manifest .* re-run"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"classes": []}))
+    with pytest.raises(ManifestError, match="missing field 'splits'"):
+        Manifest.load(tmp_path)
