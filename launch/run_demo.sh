@@ -7,5 +7,5 @@ bash launch/setup_env.sh
 source .venv/bin/activate
 python -m launch.make_shards --demo demo/digits-shards --overwrite
 rm -rf runs/demo
-ACCELERATE_USE_CPU=true accelerate launch --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
   trainer/main.py --config configs/demo.yaml "$@"

@@ -188,6 +188,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config
 
 
+def config_from_dict(values: dict) -> Config:
+    """A resolved config saved with a run (config.yaml, checkpoints, safetensors metadata)."""
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"saved config does not fit this version's schema: {_explain(e)}") from None
+    validate(config)
+    return config
+
+
 def _load_yaml(path: Path):
     if not path.is_file():
         raise ConfigError(f"config file {path} not found — pass an existing YAML file, e.g. configs/demo.yaml")

@@ -364,8 +364,19 @@ def evaluate(model, loader, num_classes: int, accelerator: Accelerator, tracker:
     return sums, samples
 
 
+def average_buffers(net: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Each rank's BN running stats saw only its own last batches: use their mean everywhere."""
+    buffers = [b for b in net.buffers() if b.is_floating_point()]
+    if accelerator.num_processes == 1 or not buffers:
+        return
+    flat = accelerator.reduce(torch.cat([b.detach().reshape(-1) for b in buffers]), "mean")
+    for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+        buffer.copy_(value.view_as(buffer))
+
+
 def evaluate_and_log(config, model, ema, loader, classes, progress, accelerator, tracker) -> None:
     net = ema.module if ema is not None else accelerator.unwrap_model(model)
+    average_buffers(net, accelerator)
     sums, samples = evaluate(net, loader, len(classes), accelerator, tracker, config.wandb.sample_predictions)
     record = {"kind": "eval", "epoch": progress.epoch, "step": progress.step, **summarize(sums, classes)}
     if config.train.ema:

@@ -75,7 +75,7 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        s = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        s = x.mean((2, 3))
         s = torch.sigmoid(self.fc2(F.relu(self.fc1(s), inplace=True)))
         return x * s[:, :, None, None]
 

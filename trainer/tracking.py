@@ -34,7 +34,7 @@ class Tracker:
             self.wandb = _init_wandb(config, resume_step is not None)
 
     def progress(self, iterable, total: int, desc: str):
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not self.enabled)
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if self.enabled else True)  # None: no bar when not a terminal (log files)
 
     def print(self, line: str) -> None:
         if self.enabled:
