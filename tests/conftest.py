@@ -53,3 +53,46 @@ def digits_shards(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "launch.make_shards", "--demo", str(out)], cwd=REPO, check=True,
                    capture_output=True, timeout=300)
     return out
+
+
+def start_training(overrides: list[str], processes: int = 2, log=None, **env) -> subprocess.Popen:
+    """The training command in its own process group, so a test can signal or kill all of it."""
+    return subprocess.Popen(
+        train_command("configs/demo.yaml", TINY + overrides, processes), cwd=REPO, env=cpu_env(**env),
+        stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def kill_group(process: subprocess.Popen, sig: int) -> None:
+    """The launcher's group and each trainer's: torch's agent starts every trainer in a session of its own."""
+    groups = [process.pid] + (worker_pids(process.pid) if process.poll() is None else [])
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    """The trainer processes started by `accelerate launch` (children of its elastic agent)."""
+    found = []
+    try:
+        for task in Path(f"/proc/{launcher_pid}/task").iterdir():
+            found += [int(p) for p in (task / "children").read_text().split()]
+    except FileNotFoundError:  # the launcher is gone
+        pass
+    return found
+
+
+def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None, interval: float = 0.1):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode} before the condition held")
+        time.sleep(interval)
+    raise AssertionError("timed out waiting")

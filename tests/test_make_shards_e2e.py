@@ -247,6 +247,7 @@ def test_summary_on_stdout(runs):
     text = runs[2].stdout
     assert "skipped:" in text and "duplicates:" in text and "across classes" in text
     assert "train RGB mean" in text
+    assert "missing from" not in runs[2].stderr  # matplotlib's "Glyph ... missing from font": tofu in the plot
 
 
 def test_filters_and_cap(corpus, tmp_path):

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 COMPLETE = "COMPLETE"
-# Test-only hook: seconds to sleep before the marker is written, so a test can kill the writer mid-write.
-PAUSE_ENV = "TRAINER_TEST_CHECKPOINT_PAUSE"
+# Test-only hook: the step whose checkpoint write stalls before its marker, so a test can kill it mid-write.
+PAUSE_ENV = "TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP"
 
 
 class CheckpointError(RuntimeError):
@@ -60,8 +60,8 @@ def save(
         _write(tmp / "state.pt", state)
     barrier()
     if rank == 0:
-        if os.environ.get(PAUSE_ENV):
-            time.sleep(float(os.environ[PAUSE_ENV]))
+        if os.environ.get(PAUSE_ENV) == str(step):
+            time.sleep(600)
         shutil.rmtree(final, ignore_errors=True)  # same step saved twice (end of epoch == every N)
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "epoch": state["epoch"], "time": time.time()}))
         _fsync_dir(tmp)
