@@ -22,7 +22,7 @@ import numpy as np
 
 from launch import demo, report
 from launch.pack import Entry, ShardJob, SourceChanged, write_shard
-from launch.parallel import default_workers, ordered_map
+from launch.parallel import Workers, default_workers
 from launch.scan import SPLITS, Inspection, Listing, SourceError, inspect_all, list_source
 from launch.split import TRAIN, assign_splits, duplicate_groups, plan_shards, shard_count
 from shards.format import sample_key, shard_name
@@ -134,9 +134,9 @@ class Plan:
     duplicates: list[dict]
 
 
-def prepare(src: Path, args: argparse.Namespace) -> Plan:
+def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     listing = list_source(src)
-    scan = inspect_all(listing, args.max_pixels, args.workers, _progress("scanning", "files", len))
+    scan = inspect_all(listing, args.max_pixels, workers, _progress("scanning", "files", len))
     reasons = dict(scan.reasons)
     usable = [i for i in range(len(listing.relpaths)) if i not in reasons]
     for i in usable:
@@ -195,7 +195,7 @@ def _duplicates(listing: Listing, scan: Inspection, valid: list[int], split: dic
     return sorted(out, key=lambda d: d["paths"][0])
 
 
-def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str) -> Manifest:
+def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, workers: Workers) -> Manifest:
     listing, scan = plan.listing, plan.scan
     keys = {i: sample_key(listing.relpaths[i]) for i in plan.split}
     if len(set(keys.values())) != len(keys):
@@ -218,7 +218,7 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str) -> Man
                          scan.sha256[i], int(scan.field[i])) for i in shard]
         return ShardJob(path, entries, args.resize_short)
 
-    results = ordered_map(write_shard, (job(p, s) for p, s in jobs), args.workers, ahead=2)
+    results = workers.map(write_shard, (job(p, s) for p, s in jobs), ahead=2)
     written = _progress("writing", "samples", lambda info: info.samples)(results, total)
     for (path, _), info in zip(jobs, written):
         splits[Path(path).parent.name].shards.append(info)
@@ -241,6 +241,7 @@ def _progress(desc: str, unit: str, weight=lambda item: 1):
         except ImportError:
             yield from items
             return
+        tqdm.monitor_interval = 0  # no monitor thread: the worker pool forks
         with tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr, leave=False) as bar:
             for item in items:
                 bar.update(weight(item))
@@ -253,24 +254,31 @@ def run(args: argparse.Namespace) -> str:
     out = Path(args.paths[-1])
     src = None if args.demo else Path(args.paths[0])
     check_out(out, src, args.overwrite)
-    if src is not None:
-        plan = prepare(src, args)  # every input error surfaces here, before anything is written
-    with staging(out) as stage:
-        if src is None:
-            plan = prepare(demo.write_digits(stage / "images"), args)
-        source = str((out / "images" if src is None else src).absolute())
-        manifest = write(plan, stage, args, source)
-        manifest.write(stage)
-        sel = sorted(plan.split)
-        notes = [n for n in [report.write_plots(manifest, stage, plan.scan.width[sel], plan.scan.height[sel])] if n]
-        for name in SPLITS:
-            n, k = manifest.splits[name].num_samples, len(manifest.splits[name].shards)
-            if 0 < n < args.min_shards:
-                notes.append(f"{name} has only {n} samples, so {k} shards (fewer than --min-shards {args.min_shards})")
-        text = report.summary(manifest, out, len(plan.listing.relpaths), plan.listing.ignored,
-                              plan.scan.width[sel], plan.scan.height[sel], notes)
-        (stage / report.SUMMARY).write_text(text + "\n", encoding="utf-8")
-        publish(stage, out)
+    with Workers(args.workers) as workers:
+        if src is not None:
+            plan = prepare(src, args, workers)  # every input error surfaces here, before anything is written
+        with staging(out) as stage:
+            if src is None:
+                plan = prepare(demo.write_digits(stage / "images"), args, workers)
+            source = str((out / "images" if src is None else src).absolute())
+            manifest = write(plan, stage, args, source, workers)
+            text = finish(manifest, plan, stage, out, args.min_shards)
+            publish(stage, out)
+    return text
+
+
+def finish(manifest: Manifest, plan: Plan, stage: Path, out: Path, min_shards: int) -> str:
+    """Manifest, timm's _info.json, plots and summary into ``stage``; -> the summary."""
+    manifest.write(stage)
+    sel = sorted(plan.split)
+    width, height = plan.scan.width[sel], plan.scan.height[sel]
+    notes = [n for n in [report.write_plots(manifest, stage, width, height)] if n]
+    for name in SPLITS:
+        n, k = manifest.splits[name].num_samples, len(manifest.splits[name].shards)
+        if 0 < n < min_shards:
+            notes.append(f"{name} has only {n} samples, so {k} shards (fewer than --min-shards {min_shards})")
+    text = report.summary(manifest, out, len(plan.listing.relpaths), plan.listing.ignored, width, height, notes)
+    (stage / report.SUMMARY).write_text(text + "\n", encoding="utf-8")
     return text
 
 

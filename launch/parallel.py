@@ -1,4 +1,5 @@
-"""Run a function over tasks on N processes, results in task order, a bounded number in flight.
+"""One pool of worker processes for a whole run, mapping in task order with a bounded number
+of tasks in flight.
 
 Pool.imap would do, except that its feeder thread pulls the whole task iterator into the
 queue at once; with a million files that is the memory this tool promises not to use.
@@ -23,23 +24,36 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def ordered_map(fn: Callable[[T], R], tasks: Iterable[T], workers: int, ahead: int = 4) -> Iterator[R]:
-    """``map(fn, tasks)``, on ``workers`` processes when more than one; ``fn`` must be picklable."""
-    if workers <= 1:
-        yield from map(fn, tasks)
-        return
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-    pool = ctx.Pool(workers)
-    try:
+class Workers:
+    """``with Workers(n) as w: for r in w.map(fn, tasks): ...``; n <= 1 runs in this process."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._pool = None
+
+    def __enter__(self) -> Workers:
+        if self.n > 1:
+            # fork: workers start at once with the modules already imported (spawn would
+            # re-import them in every worker); elsewhere the platform's default.
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods else None)
+            self._pool = ctx.Pool(self.n)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()  # on error or Ctrl-C too: no orphaned workers left reading files
+            self._pool.join()
+
+    def map(self, fn: Callable[[T], R], tasks: Iterable[T], ahead: int = 4) -> Iterator[R]:
+        """``map(fn, tasks)``, results in order; ``fn`` must be a picklable top-level function."""
+        if self._pool is None:
+            yield from map(fn, tasks)
+            return
         pending: deque = deque()
         for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
-            if len(pending) >= workers * ahead:
+            pending.append(self._pool.apply_async(fn, (task,)))
+            if len(pending) >= self.n * ahead:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()

@@ -37,13 +37,14 @@ def mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
     return [round(m / 255, 6) for m in mean], [round(math.sqrt(v) / 255, 6) for v in var]
 
 
-def _setup_matplotlib() -> str | None:
-    """Agg backend, and a font family list that falls back to a CJK font; -> that font's name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _setup_matplotlib(need_cjk: bool) -> str | None:
+    """A font family list that (if ``need_cjk``) falls back to a CJK font glyph by glyph;
+    -> that font's name, None if none was needed or found."""
     from matplotlib import font_manager, rcParams
 
+    rcParams["font.family"] = ["DejaVu Sans"]
+    if not need_cjk:  # loading a 16 MB CJK font costs a second; ASCII class names need none
+        return None
     cjk = None
     spec = importlib.util.find_spec("mplfonts")  # ships Noto Sans CJK; found without importing it
     if spec and spec.submodule_search_locations:
@@ -55,19 +56,19 @@ def _setup_matplotlib() -> str | None:
         installed = {f.name for f in font_manager.fontManager.ttflist}
         cjk = next((name for name in CJK_FAMILIES if name in installed), None)
     rcParams["font.family"] = ["DejaVu Sans"] + ([cjk] if cjk else [])  # per-glyph fallback
-    rcParams["svg.hashsalt"] = "make_shards"
     return cjk
 
 
 def plot_classes(manifest: Manifest, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend machinery, half the import time
 
     names = manifest.classes
     train = np.array([manifest.splits["train"].class_counts.get(c, 0) for c in names])
     val = np.array([manifest.splits["val"].class_counts.get(c, 0) for c in names])
     order = np.arange(len(names)) if len(names) <= MAX_LABELLED else np.argsort(-(train + val), kind="stable")
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.35 * len(names) + 2), 24), 4.5))
+    fig = Figure(figsize=(min(max(6.0, 0.35 * len(names) + 2), 24), 4.5))
+    ax = fig.subplots()
     width = 0.8 if len(names) <= MAX_LABELLED else 1.0
     ax.bar(x, train[order], width, label="train", color="#4c72b0")
     ax.bar(x, val[order], width, bottom=train[order], label="val", color="#dd8452")
@@ -83,18 +84,21 @@ def plot_classes(manifest: Manifest, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
 
 
 def plot_sizes(width: np.ndarray, height: np.ndarray, path: Path, min_side: int | None) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
     if len(width):
         pick = np.linspace(0, len(width) - 1, min(len(width), MAX_SCATTER)).astype(np.int64)
-        ax.scatter(width[pick], height[pick], s=6, alpha=0.35, edgecolors="none")
-        top = float(max(width.max(), height.max())) * 1.05
-        ax.plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle=":", label="square")
+        ax.scatter(width[pick], height[pick], s=8, alpha=0.4, edgecolors="none")
+        lo, top = float(max(min(width.min(), height.min()), 1)), float(max(width.max(), height.max()))
+        if top / lo >= 20:  # tiny and huge images together: only log axes show both
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.plot([lo, top], [lo, top], color="grey", linewidth=0.8, linestyle=":", label="square")
         if min_side:
             ax.axvline(min_side, color="red", linewidth=0.8, label=f"--min-side {min_side}")
             ax.axhline(min_side, color="red", linewidth=0.8)
@@ -104,15 +108,15 @@ def plot_sizes(width: np.ndarray, height: np.ndarray, path: Path, min_side: int 
     ax.set_ylabel("height (px)")
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
 
 
 def write_plots(manifest: Manifest, out: Path, width: np.ndarray, height: np.ndarray) -> str | None:
     """-> a warning line if class names need glyphs that no installed font has, else None."""
-    cjk = _setup_matplotlib()
+    non_ascii = any(not c.isascii() for c in manifest.classes)
+    cjk = _setup_matplotlib(non_ascii)
     plot_classes(manifest, out / CLASS_PLOT)
     plot_sizes(width, height, out / SIZE_PLOT, manifest.options.get("min_side"))
-    if cjk is None and any(not c.isascii() for c in manifest.classes):
+    if cjk is None and non_ascii:
         return "no CJK-capable font found, class names may show as boxes in the plot — pip install mplfonts"
     return None
 

@@ -1,0 +1,186 @@
+"""Sharding throughput and peak memory: make_shards (1 worker, all workers) against the plain
+loop a user writes by hand (torchvision ImageFolder + webdataset.ShardWriter, decoding every
+image to validate it), side by side on one synthetic corpus, in one run.
+
+    python bench/make_shards.py                         # 5,000 files; RSS also at 50,000
+    python bench/make_shards.py --files 2000 --rss-files 0 --workdir /tmp/b
+
+The corpus: ImageNet-like JPEGs, about 500x375 (400..640 x 300..500), textures from smooth
+to noisy and quality 70..95, so files run from tens of KB to a few hundred KB; 100 classes.
+It is generated once per size under --workdir and reused. Each contender runs as a fresh
+subprocess; files/s is files / wall time from start to exit (imports included); peak RSS is
+the largest sum of RSS over the process and all its descendants, sampled every 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = 100
+
+PLAIN_LOOP = r'''
+import io, sys
+import torchvision, webdataset as wds
+from PIL import Image
+src, out = sys.argv[1], sys.argv[2]
+ds = torchvision.datasets.ImageFolder(src)
+skipped = 0
+with wds.ShardWriter(f"{out}/train-%06d.tar", maxsize=256e6, verbose=0) as sink:
+    for i, (path, target) in enumerate(ds.samples):
+        with open(path, "rb") as f:
+            data = f.read()
+        try:  # the same validation: a full decode to RGB
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            img.convert("RGB")
+        except Exception:
+            skipped += 1
+            continue
+        sink.write({"__key__": f"{i:08d}", "jpg": data, "cls": target})
+print(len(ds.samples) - skipped, "written", skipped, "skipped")
+'''
+
+
+def _one_image(args: tuple[int, str]) -> int:
+    i, path = args
+    rng = np.random.default_rng(i)
+    w, h = int(rng.integers(400, 641)), int(rng.integers(300, 501))
+    coarse = rng.integers(0, 256, (int(rng.integers(3, 24)), int(rng.integers(3, 24)), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), np.int16)
+    amp = int(rng.choice([0, 4, 12, 30, 60]))  # from flat to grainy: tens of KB to a few hundred
+    if amp:
+        img = img + rng.integers(-amp, amp + 1, (h, w, 3), dtype=np.int16)
+    out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=int(rng.integers(70, 96)))
+    Path(path).write_bytes(buf.getvalue())
+    return len(buf.getvalue())
+
+
+def make_corpus(root: Path, n: int) -> Path:
+    src = root / f"corpus-{n}"
+    done = src / ".complete"
+    if done.exists():
+        return src
+    shutil.rmtree(src, ignore_errors=True)
+    for c in range(CLASSES):
+        (src / f"class_{c:03d}").mkdir(parents=True)
+    tasks = [(i, str(src / f"class_{i % CLASSES:03d}" / f"img_{i:06d}.jpg")) for i in range(n)]
+    t = time.perf_counter()
+    with mp.get_context("fork").Pool(os.cpu_count()) as pool:
+        sizes = pool.map(_one_image, tasks, chunksize=64)
+    print(f"  corpus of {n} JPEGs: {sum(sizes) / 1e6:.0f} MB, {min(sizes) // 1000}-{max(sizes) // 1000} KB, "
+          f"median {int(np.median(sizes)) // 1000} KB ({time.perf_counter() - t:.0f} s to make)", flush=True)
+    done.touch()
+    return src
+
+
+def _tree_rss(pid: int) -> int:
+    """Bytes of RSS of ``pid`` and all its descendants."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(rss.get(p, 0) for p in tree)
+
+
+def measure(cmd: list[str]) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.05)
+    wall = time.perf_counter() - t
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
+    return {"seconds": wall, "peak_rss_mb": peak / 2**20}
+
+
+def run_all(root: Path, n: int, workers: int) -> dict[str, dict]:
+    src = make_corpus(root, n)
+    py = sys.executable
+    results = {}
+    contenders = {
+        "plain loop (ImageFolder + ShardWriter, 1 process)": lambda out: [py, "-c", PLAIN_LOOP, str(src), str(out)],
+        "make_shards --workers 1": lambda out: [py, "-m", "launch.make_shards", str(src), str(out), "--workers", "1"],
+        f"make_shards --workers {workers}": lambda out: [py, "-m", "launch.make_shards", str(src), str(out), "--workers", str(workers)],
+    }
+    for name, cmd in contenders.items():
+        out = root / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        r = measure(cmd(out))
+        r["files_per_s"] = n / r["seconds"]
+        results[name] = r
+        print(f"  {n} files  {name:52s} {r['files_per_s']:7.0f} files/s  {r['seconds']:6.1f} s  "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+    shutil.rmtree(root / "out", ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--files", type=int, default=5000)
+    p.add_argument("--rss-files", type=int, default=50000, help="second, larger corpus for the RSS check (0: skip)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_make_shards"))
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores; workers={args.workers}", flush=True)
+    results = {"files": args.files, "workers": args.workers, "runs": run_all(args.workdir, args.files, args.workers)}
+    plain = results["runs"]["plain loop (ImageFolder + ShardWriter, 1 process)"]["files_per_s"]
+    ours = results["runs"][f"make_shards --workers {args.workers}"]["files_per_s"]
+    one = results["runs"]["make_shards --workers 1"]["files_per_s"]
+    print(f"  make_shards --workers {args.workers} / plain loop: {ours / plain:.2f}x (target >= 1.7x); "
+          f"/ make_shards --workers 1: {ours / one:.2f}x")
+    if args.rss_files:
+        src = make_corpus(args.workdir, args.rss_files)
+        out = args.workdir / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        big = measure([sys.executable, "-m", "launch.make_shards", str(src), str(out), "--workers", str(args.workers)])
+        shutil.rmtree(out, ignore_errors=True)
+        small = results["runs"][f"make_shards --workers {args.workers}"]["peak_rss_mb"]
+        results["rss"] = {"files": args.rss_files, "peak_rss_mb": big["peak_rss_mb"], "seconds": big["seconds"],
+                          "ratio_to_small": big["peak_rss_mb"] / small}
+        print(f"  peak RSS, make_shards --workers {args.workers}: {args.files} files {small:.0f} MB, "
+              f"{args.rss_files} files {big['peak_rss_mb']:.0f} MB ({big['peak_rss_mb'] / small - 1:+.0%}; target within 20%); "
+              f"{args.rss_files / big['seconds']:.0f} files/s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
