@@ -170,7 +170,7 @@ def profile_step(step: Callable[[], None], cuda: bool) -> None:
         step()
         if cuda:
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
 
 
@@ -183,7 +183,7 @@ def print_table(results: list[dict], cuda: bool) -> None:
         speed = f"{r['img_s'] / base['img_s']:.2f}x" if base else "-"
         mem = f"{r[mem_key] / base[mem_key]:.2f}x" if base else "-"
         print(
-            f"| {r['variant']} | {r['img_s']:,.0f} | {r['step_ms']:.1f} | {r[mem_key]:.2f} | {speed} | {mem} "
+            f"| {r['variant']} | {r['img_s']:,.{0 if r['img_s'] >= 100 else 1}f} | {r['step_ms']:.1f} | {r[mem_key]:.2f} | {speed} | {mem} "
             f"| {r['params']:,} |"
         )
     if not cuda:
