@@ -110,3 +110,15 @@ def test_second_sigterm_exits_at_once(digits_shards, tmp_path):
     finally:
         kill_group(process, signal.SIGKILL)
     assert process.returncode in (EXIT_PREEMPTED, 128 + signal.SIGTERM)
+
+
+def test_resumed_run_continues_the_same_wandb_run(digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    base = [f"data.shards={digits_shards}", f"run.dir={run_dir}", "wandb.mode=offline"]
+    assert run_training(base + ["train.epochs=1"], processes=1).returncode == 0
+    resumed = run_training(base + ["train.epochs=2"], processes=1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    ids = {path.name.rsplit("-", 1)[1] for path in runs}
+    assert len(runs) == 2 and len(ids) == 1  # one wandb run, two offline segments that `wandb sync` joins
