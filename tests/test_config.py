@@ -32,6 +32,7 @@ def test_shipped_configs_load(configs):
         (["train.epochs=2.5"], "train.epochs"),
         (["optim.lr=-1"], "optim.lr=-1.0 is out of range"),
         (["train.mixed_precision=fp8"], "train.mixed_precision='fp8' is not one of no, bf16, fp16"),
+        (["train.compile=yes"], "train.compile='True' is not one of"),
         (["model.compression=1.5"], "model.compression=1.5 is out of range"),
         (["lr=1"], "must look like section.key=value"),
         (["model.freeze_features=true"], "model.freeze_features needs model.pretrained"),
@@ -57,3 +58,10 @@ def test_cli_reports_config_error_without_traceback():
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown config key 'optim.lrr' — did you mean 'optim.lr'?"
+
+
+def test_bare_no_means_no_mixed_precision(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path, REQUIRED).train.mixed_precision == "no"
+    assert load_config(None, REQUIRED + ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -270,6 +270,8 @@ def _field_type(key: str) -> str:
 
 
 def validate(config: Config) -> None:
+    if config.train.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
+        config.train.mixed_precision = "no"
     for key in ("data.shards", "run.dir"):
         if _get(config, key) in (None, ""):
             raise ConfigError(f"{key} is required — set it in the YAML file or pass {key}=PATH")

@@ -42,6 +42,7 @@ from trainer.transforms import EvalPreset, TrainPreset, batch_mixer, normalizati
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
 EXIT_USAGE = 2
+STOP_CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a stop signal (one all-reduce)
 
 
 class SetupError(RuntimeError):
@@ -143,15 +144,15 @@ def train(config: Config) -> int:
             config, model, optimizer, scheduler, ema, criterion, mixer, train_loader, batches,
             progress, accelerator, tracker, stop,
         )
-        if not finished:
-            save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker)
+        if finished:
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+            if progress.epoch % config.train.eval_every == 0 or progress.epoch == config.train.epochs:
+                evaluate_and_log(config, model, ema, val_loader, classes, progress, accelerator, tracker)
+        save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker)
+        if not finished or (progress.epoch < config.train.epochs and any_rank(stop.requested, accelerator)):
             set_status(run_dir, accelerator, "preempted")
             tracker.finish()
             return EXIT_PREEMPTED
-        progress.epoch, progress.batch = progress.epoch + 1, 0
-        if progress.epoch % config.train.eval_every == 0 or progress.epoch == config.train.epochs:
-            evaluate_and_log(config, model, ema, val_loader, classes, progress, accelerator, tracker)
-        save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker)
 
     finish_run(config, model, ema, classes, progress, accelerator, tracker)
     return 0
@@ -226,7 +227,12 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
         block_config=tuple(m.block_config) if m.block_config else None,
     )
     if m.pretrained:
-        load_weights(model, m.pretrained, strict=False)
+        report = load_weights(model, m.pretrained, strict=False)
+        loaded = len(model.state_dict()) - len(report.missing)
+        if loaded <= len(report.dropped) + 2:  # nothing beyond the head matched: a wrong file, not a start
+            raise SetupError(f"model.pretrained {m.pretrained} shares no weights with this model — give a DenseNet weights file")
+        print(f"initialised from {m.pretrained}: {loaded} tensors loaded, {len(report.missing)} left at init "
+              f"(new head or SE), {len(report.unexpected)} ignored", flush=True)
     if m.freeze_features:
         model.features.requires_grad_(False)
     if config.train.channels_last:
@@ -272,8 +278,12 @@ def train_one_epoch(
 ) -> bool:
     """Runs the epoch from progress.batch on; False when stopped by a signal (after a whole step)."""
     model.train()
+    if config.model.freeze_features:  # frozen features keep their BN statistics too
+        accelerator.unwrap_model(model).features.eval()
     accum = config.train.grad_accum
-    window = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "bad": 0.0, "start": time.perf_counter()}
+    # Summed on the device and read only when logged: a .item() per step would stall the GPU queue.
+    window = {"sums": torch.zeros(2, dtype=torch.float64, device=accelerator.device), "seen": 0, "bad": 0,
+              "start": time.perf_counter()}
     epoch_start = time.perf_counter()
     bar = tracker.progress(loader, total=batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
     for images, labels, _, bad in bar:
@@ -293,8 +303,7 @@ def train_one_epoch(
             logits = model(images)
             loss = criterion(logits, targets)
             accelerator.backward(loss / accum)
-        window["loss"] += loss.item() * len(labels)
-        window["correct"] += (logits.argmax(1) == labels).sum().item()
+        window["sums"] += torch.stack([loss.detach() * len(labels), (logits.detach().argmax(1) == labels).sum()])
         window["seen"] += len(labels)
         progress.batch += 1
         if not sync:
@@ -311,8 +320,8 @@ def train_one_epoch(
             log_train(window, scheduler, progress, accelerator, tracker, time.perf_counter() - epoch_start)
         if config.train.checkpoint_every and progress.step % config.train.checkpoint_every == 0:
             save_checkpoint(config, model, optimizer, scheduler, ema, progress, tracker.classes, accelerator, tracker)
-        if any_rank(stop.requested, accelerator):
-            return progress.batch == batches  # a signal at the last step: the epoch is complete
+        if progress.step % STOP_CHECK_EVERY == 0 and progress.batch < batches and any_rank(stop.requested, accelerator):
+            return False
     return True
 
 
@@ -323,8 +332,8 @@ def any_rank(flag: bool, accelerator: Accelerator) -> bool:
 
 
 def log_train(window, scheduler, progress, accelerator, tracker, epoch_time) -> None:
-    totals = torch.tensor([window["loss"], window["correct"], window["seen"], window["bad"]], device=accelerator.device)
-    loss, correct, seen, bad = accelerator.reduce(totals, "sum").tolist()
+    counts = torch.tensor([window["seen"], window["bad"]], dtype=torch.float64, device=accelerator.device)
+    loss, correct, seen, bad = accelerator.reduce(torch.cat([window["sums"], counts]), "sum").tolist()
     elapsed = time.perf_counter() - window["start"]
     record = {
         "kind": "train",
@@ -342,7 +351,7 @@ def log_train(window, scheduler, progress, accelerator, tracker, epoch_time) -> 
     if accelerator.device.type == "cuda":
         record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     tracker.log(record)
-    window.update(loss=0.0, correct=0.0, seen=0.0, bad=0.0, start=time.perf_counter())
+    window.update(sums=torch.zeros_like(window["sums"]), seen=0, bad=0, start=time.perf_counter())
 
 
 @torch.no_grad()
@@ -395,7 +404,6 @@ def evaluate_and_log(config, model, ema, loader, classes, progress, accelerator,
         + ("  best" if improved else "")
     )
     tracker.plots()
-    model.train()
 
 
 def prediction_rows(samples, classes, transform) -> list[tuple]:

@@ -1,0 +1,154 @@
+"""End-to-end training throughput against the model-only step rate and the loader alone.
+
+Three numbers from one run, same config, same machine:
+  loader      the train DataLoader alone (read shards, decode, augment, move to the device)
+  model-only  the training step on a synthetic batch already on the device (no loader)
+  end-to-end  the real `accelerate launch trainer/main.py` (1 process), from its metrics.jsonl
+The ratios say whether the loop and the loader cost anything: end-to-end / model-only should be
+>= 0.9 when loader / model-only >= 1.
+
+    python bench/train.py --synthetic 20000 --config configs/densenet121-imagenet.yaml  # GPU
+    python bench/train.py --device cpu --synthetic 400 --config configs/densenet121-imagenet.yaml \
+        model.block_config=[2,2] data.image_size=64 train.batch_size=16 data.workers=2        # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from shards.manifest import Manifest  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.main import build_loaders, build_model  # noqa: E402
+from trainer.optim import make_optimizer, param_groups  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/densenet121-imagenet.yaml")
+    parser.add_argument("--shards", help="a make_shards OUT folder (default: make synthetic JPEG shards)")
+    parser.add_argument("--synthetic", type=int, default=20000, help="images in the synthetic corpus")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps for loader and model-only")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("overrides", nargs="*")
+    return parser.parse_args()
+
+
+def synthetic_shards(work: Path, n: int) -> Path:
+    """ImageNet-like JPEGs (400-640 x 300-500, tens to hundreds of KB) through the real make_shards."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from make_shards import make_corpus  # bench/make_shards.py
+
+    out = work / f"shards-{n}"
+    if not (out / "manifest.json").exists():
+        src = make_corpus(work, n, unique=min(n, 2000))
+        subprocess.run([sys.executable, "-m", "launch.make_shards", str(src), str(out), "--overwrite"], cwd=REPO, check=True)
+    return out
+
+
+def loader_rate(loader, device: str, steps: int) -> float:
+    iterator = iter(loader)
+    for _ in range(min(5, steps)):  # workers start, first batches
+        next(iterator)
+    _sync(device)
+    start, seen = time.perf_counter(), 0
+    for _ in range(steps):
+        images, labels, _, _ = next(iterator)
+        images = images.to(device, non_blocking=True)
+        seen += len(labels)
+    _sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def model_rate(config, num_classes: int, device: str, steps: int) -> float:
+    model = build_model(config, num_classes).to(device)
+    if config.train.compile != "none":
+        model = torch.compile(model, mode=config.train.compile)
+    optimizer = make_optimizer(param_groups(model, config.optim), config.optim)
+    size, batch = config.data.image_size, config.train.batch_size
+    images = torch.randn(batch, 3, size, size, device=device)
+    if config.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
+
+    def step():
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            loss = criterion(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(10):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def end_to_end_rate(config_path: str, overrides: list[str], shards: Path, work: Path, device: str) -> tuple[float, float]:
+    """Median img/s of the logged windows after the first (start-up, compile) and time to the first record."""
+    run_dir = work / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "trainer/main.py"), "--config", config_path,
+               *overrides, f"data.shards={shards}", f"run.dir={run_dir}", "train.epochs=1", "train.log_every=10",
+               "train.resume=false", "wandb.mode=disabled", f"train.device={'cpu' if device == 'cpu' else 'cuda'}"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    total = time.perf_counter() - start
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["img_per_s"] for r in records if r["kind"] == "train"][1:-1]  # drop warm-up and the short last window
+    return statistics.median(rates), total
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shards = Path(args.shards) if args.shards else synthetic_shards(work, args.synthetic)
+    overrides = [*args.overrides, f"data.shards={shards}", f"run.dir={work / 'run'}"]
+    config = load_config(args.config, overrides)
+    manifest = Manifest.load(shards)
+    train_loader, _, _ = build_loaders(config, manifest, 0, 1, args.device.startswith("cuda"))
+    results = {"loader": loader_rate(train_loader, args.device, args.steps)}
+    del train_loader  # its workers would compete with the model-only measurement
+    results["model_only"] = model_rate(config, len(manifest.classes), args.device, args.steps)
+    results["end_to_end"], results["end_to_end_wall_s"] = end_to_end_rate(args.config, args.overrides, shards, work, args.device)
+    results.update(
+        device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        torch=torch.__version__, batch=config.train.batch_size, image_size=config.data.image_size,
+        workers=config.data.workers, precision=config.train.mixed_precision, compile=config.train.compile,
+        train_samples=manifest.splits["train"].num_samples,
+    )
+    print(f"\n{results['device']}, torch {results['torch']}, batch {results['batch']}, {results['image_size']} px, "
+          f"{results['workers']} loader workers, precision {results['precision']}, compile {results['compile']}")
+    print("| measure | img/s | vs model-only |\n|---|---|---|")
+    for name in ("loader", "model_only", "end_to_end"):
+        print(f"| {name} | {results[name]:,.0f} | {results[name] / results['model_only']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
