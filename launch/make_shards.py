@@ -24,8 +24,8 @@ from launch import demo, report
 from launch.pack import Entry, ShardJob, SourceChanged, write_shard
 from launch.parallel import Workers, default_workers
 from launch.scan import SPLITS, Inspection, Listing, SourceError, inspect_all, list_source
-from launch.split import TRAIN, assign_splits, duplicate_groups, plan_shards, shard_count
-from shards.format import sample_key, shard_name
+from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
+from shards.format import key_hash, sample_key, shard_name
 from shards.manifest import Manifest, SplitInfo
 from shards.writer import publish, staging
 
@@ -123,13 +123,13 @@ def check_out(out: Path, src: Path | None, overwrite: bool) -> None:
 
 @dataclass
 class Plan:
-    """Everything decided before a byte is written."""
+    """Everything decided before a byte is written (per-file facts as arrays indexed like the listing)."""
 
     listing: Listing
     scan: Inspection
     classes: list[str]  # kept classes, sorted
-    label_of: dict[int, int]  # listing label -> index in classes
-    split: dict[int, int]  # file index -> TRAIN / VAL
+    label: np.ndarray  # (N,) index into classes, -1 for a dropped class
+    split: np.ndarray  # (N,) TRAIN, VAL or NONE
     skipped: list[dict]
     duplicates: list[dict]
 
@@ -138,37 +138,39 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     listing = list_source(src)
     scan = inspect_all(listing, args.max_pixels, workers, _progress("scanning", "files", len))
     reasons = dict(scan.reasons)
-    usable = [i for i in range(len(listing.relpaths)) if i not in reasons]
-    for i in usable:
+    for i in np.flatnonzero(scan.field >= 0).tolist():
         reason = _filter_reason(int(scan.width[i]), int(scan.height[i]), args)
         if reason:
             reasons[i] = reason
-    usable = [i for i in usable if i not in reasons]
+    usable = np.ones(len(listing.relpaths), bool)
+    usable[list(reasons)] = False
 
-    counts = np.bincount([listing.labels[i] for i in usable if listing.given_split[i] != 1], minlength=len(listing.classes))
+    labels = np.asarray(listing.labels, np.int64)
+    given = np.asarray(listing.given_split, np.int64)
+    counts = np.bincount(labels[usable & (given != VAL)], minlength=len(listing.classes))
     empty = [c for c, n in zip(listing.classes, counts) if n == 0]
     if empty and not args.skip_empty_classes:
         where = "training folder has" if listing.layout == "presplit" else "folder has"
         names = ", ".join(repr(c) for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise UsageError(f"class {names}: {where} no valid image — add images, remove the folder, or pass --skip-empty-classes")
-    kept = [c for c in listing.classes if c not in set(empty)]
-    if not kept:
-        raise UsageError(f"SRC {src} has no valid image — check the folder (every file was skipped; see the reasons with a smaller test folder)")
-    label_of = {listing.classes.index(c): k for k, c in enumerate(kept)}
-    for i in usable:
-        if listing.labels[i] not in label_of:
-            reasons[i] = "class dropped (no valid training image, --skip-empty-classes)"
-    usable = [i for i in usable if i not in reasons]
+    if len(empty) == len(listing.classes):
+        raise UsageError(f"SRC {src} has no valid image — check the files (see why with a few of them in a test folder)")
+    new_label = np.cumsum(counts > 0) - 1
+    new_label[counts == 0] = -1
+    label = new_label[labels] if len(labels) else labels
+    for i in np.flatnonzero(usable & (label < 0)).tolist():
+        reasons[i] = "class dropped (no valid training image, --skip-empty-classes)"
+    usable &= label >= 0
 
-    given = None if listing.layout == "folders" else [0 if s == 0 else 1 for s in listing.given_split]
-    split, capped = assign_splits(
-        listing.labels, scan.sha256, usable, listing.classes, args.val_fraction, args.seed, args.max_per_class, given
-    )
-    for i in capped:
+    group = same_bytes_groups(scan.sha256.array)
+    split, capped = assign_splits(labels, group, np.flatnonzero(usable), listing.classes, args.val_fraction,
+                                  args.seed, args.max_per_class, None if listing.layout == "folders" else given)
+    for i in capped.tolist():
         reasons[i] = f"over --max-per-class {args.max_per_class}"
     skipped = [{"path": listing.relpaths[i], "reason": reasons[i]} for i in sorted(reasons, key=lambda i: listing.relpaths[i])]
-    valid = [i for i in range(len(listing.relpaths)) if int(scan.field[i]) >= 0]
-    return Plan(listing, scan, kept, label_of, split, skipped, _duplicates(listing, scan, valid, split))
+    kept = [c for c, n in zip(listing.classes, counts) if n > 0]
+    duplicates = _duplicates(listing, scan, group, split)
+    return Plan(listing, scan, kept, label, split, skipped, duplicates)
 
 
 def _filter_reason(w: int, h: int, args: argparse.Namespace) -> str | None:
@@ -179,42 +181,45 @@ def _filter_reason(w: int, h: int, args: argparse.Namespace) -> str | None:
     return None
 
 
-def _duplicates(listing: Listing, scan: Inspection, valid: list[int], split: dict[int, int]) -> list[dict]:
+def _duplicates(listing: Listing, scan: Inspection, group: np.ndarray, split: np.ndarray) -> list[dict]:
+    """Groups of identical valid images (filtered or capped ones too: they are still copies)."""
     out = []
-    for group in duplicate_groups(scan.sha256, valid):
-        classes = sorted({listing.classes[listing.labels[i]] for i in group})
-        where = sorted({SPLITS[split[i]] for i in group if i in split})
+    for members in duplicate_groups(group, np.flatnonzero(scan.field >= 0)):
+        members = members.tolist()
+        classes = sorted({listing.classes[listing.labels[i]] for i in members})
+        where = [SPLITS[split[i]] if split[i] != NONE else "skipped" for i in members]
         out.append({
-            "sha256": scan.sha256[group[0]].hex(),
-            "paths": [listing.relpaths[i] for i in group],
-            "splits": [SPLITS[split[i]] if i in split else "skipped" for i in group],
+            "sha256": scan.sha256[members[0]].hex(),
+            "paths": [listing.relpaths[i] for i in members],
+            "splits": where,
             "classes": classes,
             "cross_class": len(classes) > 1,
-            "crosses_splits": len(where) > 1,
+            "crosses_splits": len(set(where) - {"skipped"}) > 1,
         })
-    return sorted(out, key=lambda d: d["paths"][0])
+    return out
 
 
 def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, workers: Workers) -> Manifest:
     listing, scan = plan.listing, plan.scan
-    keys = {i: sample_key(listing.relpaths[i]) for i in plan.split}
-    if len(set(keys.values())) != len(keys):
+    written_idx = np.flatnonzero(plan.split != NONE)
+    hashes = np.fromiter((key_hash(listing.relpaths[i]) for i in written_idx.tolist()), np.uint64, len(written_idx))
+    if len(np.unique(hashes)) != len(hashes):
         raise UsageError("two files got the same sample key (a 64-bit hash collision) — rename one of them")
     splits, jobs, total = {}, [], 0
     for code, name in enumerate(SPLITS):
-        members = [i for i, s in plan.split.items() if s == code]
-        n = shard_count(len(members), int(scan.size[members].sum()) if members else 0,
-                        args.samples_per_shard, int(args.shard_size * 1e6), args.min_shards)
+        members = np.flatnonzero(plan.split == code)
+        n = shard_count(len(members), int(scan.size[members].sum()), args.samples_per_shard,
+                        int(args.shard_size * 1e6), args.min_shards)
         (stage / name).mkdir()
         for k, shard in enumerate(plan_shards(members, n, args.seed, name)):
             jobs.append((str(stage / name / shard_name(name, k)), shard))
-        counts = np.bincount([plan.label_of[listing.labels[i]] for i in members], minlength=len(plan.classes))
+        counts = np.bincount(plan.label[members], minlength=len(plan.classes))
         splits[name] = SplitInfo(len(members), dict(zip(plan.classes, counts.tolist())), [])
         total += len(members)
 
     def job(path: str, shard: list[int]) -> ShardJob:
-        entries = [Entry(keys[i], str(listing.root / listing.relpaths[i]), listing.relpaths[i], plan.label_of[listing.labels[i]],
-                         plan.classes[plan.label_of[listing.labels[i]]], int(scan.width[i]), int(scan.height[i]),
+        entries = [Entry(sample_key(listing.relpaths[i]), str(listing.root / listing.relpaths[i]), listing.relpaths[i],
+                         int(plan.label[i]), plan.classes[plan.label[i]], int(scan.width[i]), int(scan.height[i]),
                          scan.sha256[i], int(scan.field[i])) for i in shard]
         return ShardJob(path, entries, args.resize_short)
 
@@ -223,8 +228,7 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
     for (path, _), info in zip(jobs, written):
         splits[Path(path).parent.name].shards.append(info)
 
-    train = [i for i, s in plan.split.items() if s == TRAIN]
-    mean, std = report.mean_std(scan.stats[sorted(train)])
+    mean, std = report.mean_std(scan.stats[plan.split == TRAIN])
     return Manifest(
         classes=plan.classes, splits=splits, mean=mean, std=std,
         options=recorded_options(args, listing.layout), skipped=plan.skipped, duplicates=plan.duplicates,
@@ -270,7 +274,7 @@ def run(args: argparse.Namespace) -> str:
 def finish(manifest: Manifest, plan: Plan, stage: Path, out: Path, min_shards: int) -> str:
     """Manifest, timm's _info.json, plots and summary into ``stage``; -> the summary."""
     manifest.write(stage)
-    sel = sorted(plan.split)
+    sel = plan.split != NONE
     width, height = plan.scan.width[sel], plan.scan.height[sel]
     notes = [n for n in [report.write_plots(manifest, stage, width, height)] if n]
     for name in SPLITS:

@@ -43,8 +43,13 @@ def sample_key(relpath: str) -> str:
     """
     stem = relpath.rsplit("/", 1)[-1].split(".", 1)[0]
     safe = _UNSAFE.sub("_", stem).strip("_")[:40]
-    digest = hashlib.sha256(relpath.encode("utf-8")).hexdigest()[:16]
+    digest = f"{key_hash(relpath):016x}"
     return f"{safe}_{digest}" if safe else digest
+
+
+def key_hash(relpath: str) -> int:
+    """The 64-bit hash in a sample's key; two files with equal ones would share a key."""
+    return int.from_bytes(hashlib.sha256(relpath.encode("utf-8")).digest()[:8], "big")
 
 
 def shard_name(split: str, index: int) -> str:

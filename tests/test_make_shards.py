@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from launch.pack import encode_image
 from launch.scan import TRANSCODE, inspect_file
-from launch.split import TRAIN, VAL, assign_splits, plan_shards, shard_count
+from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
 from shards.format import IMAGE_EXTS, decode_rgb, image_field, sample_key, to_rgb
 from shards.manifest import Manifest, ManifestError, ShardInfo, SplitInfo
 from shards.writer import ShardWriter, publish, staging
@@ -125,56 +125,64 @@ def test_sample_key_is_stable_unique_and_has_no_dot_or_slash():
 
 
 def _toy(n_per_class=(50, 30, 7, 1), dup_every=5, seed=0):
-    """labels and hashes where every dup_every-th file repeats an earlier one (some across classes)."""
+    """labels and same-bytes group ids where about every dup_every-th file repeats an earlier
+    one (some across classes)."""
     rng = random.Random(seed)
-    labels, hashes = [], []
+    labels, group = [], []
     for c, n in enumerate(n_per_class):
         for _ in range(n):
             labels.append(c)
-            if hashes and rng.random() < 1 / dup_every:
-                hashes.append(rng.choice(hashes))
-            else:
-                hashes.append(rng.randbytes(32))
-    return labels, hashes
+            group.append(rng.choice(group) if group and rng.random() < 1 / dup_every else len(group))
+    return np.array(labels), np.array(group)
+
+
+def test_same_bytes_groups_and_duplicate_groups():
+    digests = np.zeros((5, 32), np.uint8)
+    digests[[1, 3], -1] = 7  # rows 0 and 2 stay all zero bytes, which numpy "S32" strips to b""
+    digests[4, 0] = 1
+    ids = same_bytes_groups(digests)
+    assert ids[0] == ids[2] and ids[1] == ids[3] and len(set(ids.tolist())) == 3
+    assert [g.tolist() for g in duplicate_groups(ids, np.arange(5))] == [[0, 2], [1, 3]]
+    assert [g.tolist() for g in duplicate_groups(ids, np.array([0, 1, 3]))] == [[1, 3]]
 
 
 def test_split_is_stratified_deterministic_and_keeps_duplicates_together():
-    labels, hashes = _toy()
+    labels, group = _toy()
     names = ["a", "b", "c", "d"]
-    idx = list(range(len(labels)))
-    s1, _ = assign_splits(labels, hashes, idx, names, 0.2, seed=1)
-    s2, _ = assign_splits(labels, hashes, idx, names, 0.2, seed=1)
-    s3, _ = assign_splits(labels, hashes, idx, names, 0.2, seed=2)
-    assert s1 == s2 and s1 != s3
-    assert sorted(s1) == idx  # every file lands in exactly one split
-    for h in set(hashes):
-        assert len({s1[i] for i in idx if hashes[i] == h}) == 1, "identical files straddle train and val"
+    idx = np.arange(len(labels))
+    s1, _ = assign_splits(labels, group, idx, names, 0.2, seed=1)
+    s2, _ = assign_splits(labels, group, idx, names, 0.2, seed=1)
+    s3, _ = assign_splits(labels, group, idx, names, 0.2, seed=2)
+    assert (s1 == s2).all() and (s1 != s3).any()
+    assert set(s1.tolist()) == {TRAIN, VAL}  # every file lands in exactly one split
+    for g in set(group.tolist()):
+        assert len(set(s1[group == g].tolist())) == 1, "identical files straddle train and val"
     for c, n in enumerate((50, 30, 7, 1)):
-        n_val = sum(1 for i in idx if labels[i] == c and s1[i] == VAL)
+        n_val = int(((labels == c) & (s1 == VAL)).sum())
         assert abs(n_val - 0.2 * n) <= 2.5  # duplicates move whole units, so +-a unit
-        assert any(labels[i] == c and s1[i] == TRAIN for i in idx)  # every class keeps a training image
+        assert ((labels == c) & (s1 == TRAIN)).any()  # every class keeps a training image
 
 
 def test_split_of_a_class_does_not_depend_on_other_classes():
-    labels, hashes = _toy(dup_every=10**9)
-    idx = list(range(len(labels)))
-    full, _ = assign_splits(labels, hashes, idx, ["a", "b", "c", "d"], 0.3, seed=0)
-    only_a = [i for i in idx if labels[i] == 0]
-    part, _ = assign_splits(labels, hashes, only_a, ["a", "b", "c", "d"], 0.3, seed=0)
-    assert {i: full[i] for i in only_a} == part
+    labels, group = _toy(dup_every=10**9)
+    full, _ = assign_splits(labels, group, np.arange(len(labels)), ["a", "b", "c", "d"], 0.3, seed=0)
+    only_a = np.flatnonzero(labels == 0)
+    part, _ = assign_splits(labels, group, only_a, ["a", "b", "c", "d"], 0.3, seed=0)
+    assert (full[only_a] == part[only_a]).all() and (part[labels != 0] == NONE).all()
 
 
 def test_cap_and_given_split():
-    labels, hashes = _toy(n_per_class=(40, 10), dup_every=10**9)
-    idx = list(range(len(labels)))
-    split, capped = assign_splits(labels, hashes, idx, ["a", "b"], 0.25, seed=0, max_per_class=20)
-    assert sum(1 for i in split if labels[i] == 0) == 20 and len(capped) == 20
-    assert sum(1 for i in split if labels[i] == 1) == 10
-    given = [i % 2 for i in idx]
-    split, capped = assign_splits(labels, hashes, idx, ["a", "b"], 0.25, seed=0, max_per_class=5, given=given)
-    assert all(split[i] == given[i] for i in split)
-    assert sum(1 for i in split if labels[i] == 0 and split[i] == TRAIN) == 5  # cap on train only
-    assert sum(1 for i in split if labels[i] == 0 and split[i] == VAL) == 20
+    labels, group = _toy(n_per_class=(40, 10), dup_every=10**9)
+    idx = np.arange(len(labels))
+    split, capped = assign_splits(labels, group, idx, ["a", "b"], 0.25, seed=0, max_per_class=20)
+    assert ((labels == 0) & (split != NONE)).sum() == 20 and len(capped) == 20
+    assert ((labels == 1) & (split != NONE)).sum() == 10 and (split[capped] == NONE).all()
+    given = idx % 2
+    split, capped = assign_splits(labels, group, idx, ["a", "b"], 0.25, seed=0, max_per_class=5, given=given)
+    kept = split != NONE
+    assert (split[kept] == given[kept]).all()
+    assert ((labels == 0) & (split == TRAIN)).sum() == 5  # cap on train only
+    assert ((labels == 0) & (split == VAL)).sum() == 20
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 16, 17, 1000, 1617])

@@ -338,6 +338,14 @@ def test_empty_class_stops_unless_skipped(tmp_path):
     assert {s["path"] for s in m.skipped} == {"hollow/broken.jpg"}
 
 
+def test_no_valid_image_at_all(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.jpg").write_bytes(b"")
+    res = make_shards(tmp_path / "src", tmp_path / "out", "--skip-empty-classes", check=False)
+    assert_one_line_error(res, "no valid image")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_out_not_empty_is_refused_and_left_untouched_then_overwritten(corpus, tmp_path):
     src = corpus[0]
     out = tmp_path / "out"
