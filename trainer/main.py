@@ -37,7 +37,7 @@ from trainer.metrics import EvalSums, format_table, summarize
 from trainer.model import load_weights, se_densenet
 from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups
 from trainer.report import write_report
-from trainer.tracking import Tracker
+from trainer.tracking import Tracker, read_records
 from trainer.transforms import EvalPreset, TrainPreset, batch_mixer, normalization
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
@@ -228,8 +228,9 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     )
     if m.pretrained:
         report = load_weights(model, m.pretrained, strict=False)
-        loaded = len(model.state_dict()) - len(report.missing)
-        if loaded <= len(report.dropped) + 2:  # nothing beyond the head matched: a wrong file, not a start
+        expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+        loaded = len(expected) - len(report.missing)
+        if loaded == 0:  # nothing matched: a wrong file, not a starting point
             raise SetupError(f"model.pretrained {m.pretrained} shares no weights with this model — give a DenseNet weights file")
         print(f"initialised from {m.pretrained}: {loaded} tensors loaded, {len(report.missing)} left at init "
               f"(new head or SE), {len(report.unexpected)} ignored", flush=True)
@@ -470,6 +471,8 @@ def finish_run(config, model, ema, classes, progress, accelerator, tracker) -> N
         "steps": progress.step,
         "world_size": accelerator.num_processes,
     }
+    rates = [r["img_per_s"] for r in read_records(run_dir / "metrics.jsonl") if r["kind"] == "train"][1:]
+    summary["img_per_s"] = sum(rates) / len(rates) if rates else None  # the first window holds start-up
     tracker.summarize(summary)
     tracker.plots()
     if accelerator.is_main_process:
