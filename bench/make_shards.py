@@ -144,25 +144,32 @@ def measure(cmd: list[str]) -> dict:
     return {"seconds": wall, "peak_rss_mb": peak_rss / 2**20, "peak_pss_mb": peak_pss / 2**20}
 
 
-def run_all(root: Path, n: int, workers: int) -> dict[str, dict]:
+def run_all(root: Path, n: int, workers: int, repeat: int) -> dict[str, dict]:
+    """Each contender ``repeat`` times, interleaved (so a noisy neighbour hits all alike);
+    the median time and the largest peak memory of the runs."""
     src = make_corpus(root, n, n)
     py = sys.executable
-    results = {}
     contenders = {
         "plain loop (ImageFolder + ShardWriter, 1 process)": lambda out: [py, "-c", PLAIN_LOOP, str(src), str(out)],
         "make_shards --workers 1": lambda out: [py, "-m", "launch.make_shards", str(src), str(out), "--workers", "1"],
         f"make_shards --workers {workers}": lambda out: [py, "-m", "launch.make_shards", str(src), str(out), "--workers", str(workers)],
     }
-    for name, cmd in contenders.items():
-        out = root / "out"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        r = measure(cmd(out))
-        r["files_per_s"] = n / r["seconds"]
-        results[name] = r
-        print(f"  {n} files  {name:52s} {r['files_per_s']:7.0f} files/s  {r['seconds']:6.1f} s  "
-              f"peak RSS {r['peak_rss_mb']:6.0f} MB (PSS {r['peak_pss_mb']:4.0f} MB)", flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for _ in range(repeat):
+        for name, cmd in contenders.items():
+            out = root / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            runs[name].append(measure(cmd(out)))
     shutil.rmtree(root / "out", ignore_errors=True)
+    results = {}
+    for name, rs in runs.items():
+        seconds = float(np.median([r["seconds"] for r in rs]))
+        r = {"seconds": seconds, "files_per_s": n / seconds, "all_seconds": [r["seconds"] for r in rs],
+             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "peak_pss_mb": max(r["peak_pss_mb"] for r in rs)}
+        results[name] = r
+        print(f"  {n} files  {name:52s} {r['files_per_s']:7.0f} files/s  {seconds:6.1f} s (median of {repeat})  "
+              f"peak RSS {r['peak_rss_mb']:6.0f} MB (PSS {r['peak_pss_mb']:4.0f} MB)", flush=True)
     return results
 
 
@@ -171,14 +178,15 @@ def main() -> None:
     p.add_argument("--files", type=int, default=5000)
     p.add_argument("--rss-files", type=int, default=50000,
                    help="second, larger corpus for the RSS check (0: skip); files past --files reuse their bytes plus a trailer")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each contender at --files (median time)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_make_shards"))
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+    print(f"load average before: {os.getloadavg()[0]:.1f}; python {platform.python_version()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; workers={args.workers}", flush=True)
-    results = {"files": args.files, "workers": args.workers, "runs": run_all(args.workdir, args.files, args.workers)}
+    results = {"files": args.files, "workers": args.workers, "runs": run_all(args.workdir, args.files, args.workers, args.repeat)}
     plain = results["runs"]["plain loop (ImageFolder + ShardWriter, 1 process)"]["files_per_s"]
     ours = results["runs"][f"make_shards --workers {args.workers}"]["files_per_s"]
     one = results["runs"]["make_shards --workers 1"]["files_per_s"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -24,6 +25,12 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C is the main process's to handle (one line, clean up, terminate the pool); in
+    # the workers it would only print a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Workers:
     """``with Workers(n) as w: for r in w.map(fn, tasks): ...``; n <= 1 runs in this process."""
 
@@ -37,7 +44,7 @@ class Workers:
             # re-import them in every worker); elsewhere the platform's default.
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else None)
-            self._pool = ctx.Pool(self.n)
+            self._pool = ctx.Pool(self.n, initializer=_ignore_sigint)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -375,3 +375,21 @@ def test_bad_options(corpus, tmp_path, args, words):
 def test_out_inside_src_is_refused(corpus, tmp_path):
     assert_one_line_error(make_shards(corpus[0], corpus[0] / "shards", check=False), "inside SRC")
     assert not (corpus[0] / "shards").exists()
+
+
+def test_ctrl_c_leaves_out_untouched(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    cmd = [sys.executable, "-m", "launch.make_shards", "--demo", str(out), "--overwrite", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # mid-run: importing, writing the digits, scanning
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal")
+    assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted — OUT was left as it was; run the command again"]
+    assert os.listdir(out) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
