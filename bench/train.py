@@ -31,6 +31,7 @@ from shards.manifest import Manifest  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.main import build_loaders, build_model  # noqa: E402
 from trainer.optim import make_optimizer, param_groups  # noqa: E402
+from trainer.transforms import DeviceNormalize, normalization  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +59,7 @@ def synthetic_shards(work: Path, n: int) -> Path:
     return out
 
 
-def loader_rate(loader, device: str, steps: int) -> float:
+def loader_rate(loader, normalize, device: str, steps: int) -> float:
     iterator = iter(loader)
     for _ in range(min(5, steps)):  # workers start, first batches
         next(iterator)
@@ -66,7 +67,7 @@ def loader_rate(loader, device: str, steps: int) -> float:
     start, seen = time.perf_counter(), 0
     for _ in range(steps):
         images, labels, _, _ = next(iterator)
-        images = images.to(device, non_blocking=True)
+        images = normalize(images)
         seen += len(labels)
     _sync(device)
     return seen / (time.perf_counter() - start)
@@ -131,7 +132,9 @@ def main() -> None:
     config = load_config(args.config, overrides)
     manifest = Manifest.load(shards)
     train_loader, _, _ = build_loaders(config, manifest, 0, 1, args.device.startswith("cuda"))
-    results = {"loader": loader_rate(train_loader, args.device, args.steps)}
+    normalize = DeviceNormalize(*normalization(config.data, manifest.mean, manifest.std), torch.device(args.device),
+                                config.train.channels_last)
+    results = {"loader": loader_rate(train_loader, normalize, args.device, args.steps)}
     del train_loader  # its workers would compete with the model-only measurement
     results["model_only"] = model_rate(config, len(manifest.classes), args.device, args.steps)
     results["end_to_end"], results["end_to_end_wall_s"] = end_to_end_rate(args.config, args.overrides, shards, work, args.device)

@@ -84,3 +84,23 @@ def test_shard_index_errors_name_the_shard(tmp_path):
         index = ShardIndex([tmp_path / "cut.tar"], [3])
         for i in range(3):
             index.read(i)
+
+
+def test_train_batches_stay_uint8_until_normalised_on_the_device():
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from trainer.config import DataConfig
+    from trainer.transforms import DeviceNormalize, TrainPreset
+
+    mean, std = [0.2, 0.4, 0.6], [0.5, 0.25, 0.125]
+    image = Image.fromarray(torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8).numpy())
+    data = DataConfig(shards="s", image_size=16, scale_min=0.5)
+    torch.manual_seed(3)
+    uint8 = TrainPreset(data, mean, std)(image)
+    assert uint8.dtype == torch.uint8 and uint8.shape == (3, 16, 16)
+    batch = DeviceNormalize(mean, std, torch.device("cpu"), channels_last=True)(uint8[None])
+    expected = v2.Normalize(mean, std)(uint8.float()[None] / 255)
+    assert torch.allclose(batch, expected, atol=1e-5)
+    assert batch.is_contiguous(memory_format=torch.channels_last)

@@ -3,6 +3,7 @@ import json
 import random
 import signal
 import subprocess
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -100,16 +101,19 @@ def test_signal_checkpoints_and_exits_with_the_preempted_code(digits_shards, tmp
 def test_second_sigterm_exits_at_once(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT, "train.checkpoint_every=0"]
-    process = start_training(overrides, processes=1, TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP="")
+    process = start_training(overrides, processes=1, TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP="1")
     try:
-        wait_for(lambda: last_step(run_dir) >= 2, timeout=300, process=process)
+        wait_for(lambda: last_step(run_dir) >= 1, timeout=300, process=process)
         process.send_signal(signal.SIGTERM)
-        wait_for(lambda: list((run_dir / "checkpoints").glob("*.tmp")) or process.poll() is not None, timeout=60)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # an echo of the same signal (Slurm + launcher): not a second one
+        wait_for(lambda: list((run_dir / "checkpoints").glob("*.tmp")), timeout=60, process=process)
+        time.sleep(1.5)
+        process.send_signal(signal.SIGTERM)  # deliberate, while the checkpoint write is stalled
         process.wait(timeout=30)
     finally:
         kill_group(process, signal.SIGKILL)
-    assert process.returncode in (EXIT_PREEMPTED, 128 + signal.SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert not checkpoint.complete_checkpoints(run_dir / "checkpoints")  # the stalled write never completed
 
 
 def test_resumed_run_continues_the_same_wandb_run(digits_shards, tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 COMPLETE = "COMPLETE"
-# Test-only hook: the step whose checkpoint write stalls before its marker, so a test can kill it mid-write.
+# Test-only hook: checkpoint writes from this step on stall before their marker, so a test can kill one mid-write.
 PAUSE_ENV = "TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP"
 
 
@@ -60,7 +60,7 @@ def save(
         _write(tmp / "state.pt", state)
     barrier()
     if rank == 0:
-        if os.environ.get(PAUSE_ENV) == str(step):
+        if os.environ.get(PAUSE_ENV) and step >= int(os.environ[PAUSE_ENV]):
             time.sleep(600)
         shutil.rmtree(final, ignore_errors=True)  # same step saved twice (end of epoch == every N)
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "epoch": state["epoch"], "time": time.time()}))

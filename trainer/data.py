@@ -8,6 +8,7 @@ i to rank i % world: every sample is counted exactly once, with no padding.
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,16 @@ class EvalOrder(Sampler):
         return -(-mine // self.batch_size)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints and then stops them.
+
+    A job scheduler signals every process of the job: a worker killed by it would crash the
+    trainer before it could write its checkpoint.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
         dataset,
@@ -143,4 +154,5 @@ def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory:
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
     )

@@ -38,7 +38,7 @@ from trainer.model import load_weights, se_densenet
 from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups
 from trainer.report import write_report
 from trainer.tracking import Tracker, read_records
-from trainer.transforms import EvalPreset, TrainPreset, batch_mixer, normalization
+from trainer.transforms import DeviceNormalize, EvalPreset, TrainPreset, batch_mixer, normalization
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
 EXIT_USAGE = 2
@@ -62,16 +62,26 @@ class Progress:
 
 
 class StopFlag:
-    """SIGTERM/SIGUSR1 only set a flag; the loop checkpoints at the next step all ranks agree on."""
+    """SIGTERM/SIGUSR1 only set a flag; the loop checkpoints at the next step all ranks agree on.
+
+    A second SIGTERM exits at once, but only a deliberate one: under Slurm each trainer gets the
+    same SIGTERM twice within milliseconds (from slurmstepd and from torch's launcher).
+    """
+
+    REPEAT_AFTER_S = 1.0
 
     def __init__(self):
         self.requested = False
+        self.first_term = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGTERM:  # a second SIGTERM: stop now
-            os._exit(128 + signum)
+        now = time.monotonic()
+        if signum == signal.SIGTERM:
+            if self.first_term is not None and now - self.first_term > self.REPEAT_AFTER_S:
+                os._exit(128 + signum)
+            self.first_term = self.first_term or now
         self.requested = True
 
 
@@ -98,6 +108,7 @@ def one_line(e: Exception) -> str:
 
 
 def train(config: Config) -> int:
+    stop = StopFlag()  # first: a preemption warning during setup must not kill the process
     accelerator = make_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(mix_seed(config.train.seed, rank))
@@ -111,6 +122,7 @@ def train(config: Config) -> int:
     accelerator.wait_for_everyone()
 
     train_loader, val_loader, order = build_loaders(config, manifest, rank, world, accelerator.device.type == "cuda")
+    normalize = DeviceNormalize(*normalization(config.data, manifest.mean, manifest.std), accelerator.device, config.train.channels_last)
     batches = order.steps_per_epoch // config.train.grad_accum * config.train.grad_accum
     steps_per_epoch = batches // config.train.grad_accum
     if steps_per_epoch == 0:
@@ -134,14 +146,13 @@ def train(config: Config) -> int:
         f"training {config.run.name or run_dir.name}: {world} process(es) on {accelerator.device.type}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, {steps_per_epoch} steps/epoch"
     )
-    stop = StopFlag()
     set_status(run_dir, accelerator, "running")
     mixer = batch_mixer(config.data, len(classes))
 
     while progress.epoch < config.train.epochs:
         order.set_epoch(progress.epoch, progress.batch)
         finished = train_one_epoch(
-            config, model, optimizer, scheduler, ema, criterion, mixer, train_loader, batches,
+            config, model, optimizer, scheduler, ema, criterion, mixer, normalize, train_loader, batches,
             progress, accelerator, tracker, stop,
         )
         if finished:
@@ -152,6 +163,7 @@ def train(config: Config) -> int:
         if not finished or (progress.epoch < config.train.epochs and any_rank(stop.requested, accelerator)):
             set_status(run_dir, accelerator, "preempted")
             tracker.finish()
+            accelerator.wait_for_everyone()  # no rank leaves while the main one still writes
             return EXIT_PREEMPTED
 
     finish_run(config, model, ema, classes, progress, accelerator, tracker)
@@ -275,7 +287,7 @@ def resume(config, model, optimizer, scheduler, ema, classes, accelerator, batch
 
 
 def train_one_epoch(
-    config, model, optimizer, scheduler, ema, criterion, mixer, loader, batches, progress, accelerator, tracker, stop
+    config, model, optimizer, scheduler, ema, criterion, mixer, normalize, loader, batches, progress, accelerator, tracker, stop
 ) -> bool:
     """Runs the epoch from progress.batch on; False when stopped by a signal (after a whole step)."""
     model.train()
@@ -290,10 +302,8 @@ def train_one_epoch(
     for images, labels, _, bad in bar:
         micro = progress.batch % accum
         window["bad"] += bad
-        images = images.to(accelerator.device, non_blocking=True)
+        images = normalize(images)
         labels = labels.to(accelerator.device, non_blocking=True)
-        if config.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         # Model-side randomness (dropout, mixup) is a function of the step too, like the data's.
         torch.manual_seed(mix_seed(config.train.seed, progress.epoch, progress.batch, accelerator.process_index))
         targets = labels
@@ -319,7 +329,7 @@ def train_one_epoch(
         progress.step += 1
         if progress.step % config.train.log_every == 0 or progress.batch == batches:
             log_train(window, scheduler, progress, accelerator, tracker, time.perf_counter() - epoch_start)
-        if config.train.checkpoint_every and progress.step % config.train.checkpoint_every == 0:
+        if config.train.checkpoint_every and progress.step % config.train.checkpoint_every == 0 and progress.batch < batches:
             save_checkpoint(config, model, optimizer, scheduler, ema, progress, tracker.classes, accelerator, tracker)
         if progress.step % STOP_CHECK_EVERY == 0 and progress.batch < batches and any_rank(stop.requested, accelerator):
             return False

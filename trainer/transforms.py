@@ -17,7 +17,11 @@ def normalization(data: DataConfig, manifest_mean: list[float], manifest_std: li
 
 
 class TrainPreset:
-    """Random resized crop, flip and the optional augmentations, then a normalised tensor."""
+    """Random resized crop, flip and the optional augmentations, then a uint8 CHW tensor.
+
+    Training batches stay uint8 until they are on the device (`DeviceNormalize`): a quarter of
+    the bytes through shared memory, the pin-memory copy and the host-to-device transfer.
+    """
 
     def __init__(self, data: DataConfig, mean: list[float], std: list[float]):
         steps: list = [v2.RandomResizedCrop(data.image_size, scale=(data.scale_min, 1.0), antialias=True)]
@@ -31,11 +35,27 @@ class TrainPreset:
             steps.append(v2.RandAugment())
         elif data.auto_augment == "trivialaugment":
             steps.append(v2.TrivialAugmentWide())
-        steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        steps.append(v2.PILToTensor())
         self.transform = v2.Compose(steps)
 
     def __call__(self, image):
         return self.transform(image)
+
+
+class DeviceNormalize:
+    """A uint8 NCHW batch -> float, normalised, on the device, in the model's memory format."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool):
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) / std_t
+        self.device, self.channels_last = device, channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images.float().mul_(self.scale).sub_(self.shift)
 
 
 class EvalPreset:
