@@ -292,7 +292,7 @@ def train_one_epoch(
     """Runs the epoch from progress.batch on; False when stopped by a signal (after a whole step)."""
     model.train()
     if config.model.freeze_features:  # frozen features keep their BN statistics too
-        accelerator.unwrap_model(model).features.eval()
+        accelerator.unwrap_model(model, keep_torch_compile=False).features.eval()
     accum = config.train.grad_accum
     # Summed on the device and read only when logged: a .item() per step would stall the GPU queue.
     window = {"sums": torch.zeros(2, dtype=torch.float64, device=accelerator.device), "seen": 0, "bad": 0,
@@ -325,7 +325,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(accelerator.unwrap_model(model))
+            ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
         progress.step += 1
         if progress.step % config.train.log_every == 0 or progress.batch == batches:
             log_train(window, scheduler, progress, accelerator, tracker, time.perf_counter() - epoch_start)
@@ -395,7 +395,7 @@ def average_buffers(net: torch.nn.Module, accelerator: Accelerator) -> None:
 
 
 def evaluate_and_log(config, model, ema, loader, classes, progress, accelerator, tracker) -> None:
-    net = ema.module if ema is not None else accelerator.unwrap_model(model)
+    net = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
     average_buffers(net, accelerator)
     sums, samples = evaluate(net, loader, len(classes), accelerator, tracker, config.wandb.sample_predictions)
     record = {"kind": "eval", "epoch": progress.epoch, "step": progress.step, **summarize(sums, classes)}
@@ -429,7 +429,7 @@ def prediction_rows(samples, classes, transform) -> list[tuple]:
 
 
 def save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker) -> None:
-    net = accelerator.unwrap_model(model)
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
     state = {
         "model": net.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -467,7 +467,7 @@ def export_weights(net: torch.nn.Module, config: Config, classes: list[str], pat
 
 def finish_run(config, model, ema, classes, progress, accelerator, tracker) -> None:
     run_dir = Path(config.run.dir)
-    net = ema.module if ema is not None else accelerator.unwrap_model(model)
+    net = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
         export_weights(net, config, classes, run_dir / "final.safetensors", progress.last_eval or None)
     summary = {
