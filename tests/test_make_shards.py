@@ -198,6 +198,7 @@ def test_shards_are_balanced_and_never_empty(n):
 # ---------------------------------------------------------------- inspect, transcode, writer, manifest
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_inspect_reasons(tmp_path):
     good = encode(noise((60, 40)), "JPEG")
     files = {
