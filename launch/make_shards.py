@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once the new output is complete)")
     p.add_argument("--workers", type=int, default=default_workers(), metavar="N", help="processes (default: all cores available)")
     p.add_argument("--resize-short", type=int, metavar="PX", help="re-encode images whose shorter side is above PX down to PX")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may sit between SRC and OUT
     want = 1 if args.demo else 2
     if len(args.paths) != want:
         p.error("--demo takes only OUT" if args.demo else "expected SRC and OUT")
