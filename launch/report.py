@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -11,20 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from shards.manifest import Manifest
+from trainer.plots import setup_fonts
 
 CLASS_PLOT = "class_distribution.png"
 SIZE_PLOT = "image_sizes.png"
 SUMMARY = "summary.txt"
 MAX_SCATTER = 20000  # points in the size plot; more only blots it out and slows it down
 MAX_LABELLED = 60  # classes beyond this get no tick labels (ImageNet's 1000 would be a black smear)
-
-# Fonts with CJK glyphs, in order of preference, when no packaged one is installed.
-CJK_FAMILIES = (
-    "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans",
-    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC",
-    "Hiragino Sans GB", "Arial Unicode MS",
-)
-
 
 def mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
     """RGB mean and std in [0, 1] from rows of (sum x3, sum of squares x3, pixel count)."""
@@ -35,28 +27,6 @@ def mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
     mean = [totals[c] / n for c in range(3)]
     var = [max(totals[3 + c] / n - mean[c] ** 2, 0.0) for c in range(3)]
     return [round(m / 255, 6) for m in mean], [round(math.sqrt(v) / 255, 6) for v in var]
-
-
-def _setup_matplotlib(need_cjk: bool) -> str | None:
-    """A font family list that (if ``need_cjk``) falls back to a CJK font glyph by glyph;
-    -> that font's name, None if none was needed or found."""
-    from matplotlib import font_manager, rcParams
-
-    rcParams["font.family"] = ["DejaVu Sans"]
-    if not need_cjk:  # loading a 16 MB CJK font costs a second; ASCII class names need none
-        return None
-    cjk = None
-    spec = importlib.util.find_spec("mplfonts")  # ships Noto Sans CJK; found without importing it
-    if spec and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / "fonts" / "NotoSansCJKsc-Regular.otf"
-        if path.is_file():
-            font_manager.fontManager.addfont(str(path))
-            cjk = font_manager.FontProperties(fname=str(path)).get_name()
-    if cjk is None:
-        installed = {f.name for f in font_manager.fontManager.ttflist}
-        cjk = next((name for name in CJK_FAMILIES if name in installed), None)
-    rcParams["font.family"] = ["DejaVu Sans"] + ([cjk] if cjk else [])  # per-glyph fallback
-    return cjk
 
 
 def plot_classes(manifest: Manifest, path: Path) -> None:
@@ -113,7 +83,7 @@ def plot_sizes(width: np.ndarray, height: np.ndarray, path: Path, min_side: int 
 def write_plots(manifest: Manifest, out: Path, width: np.ndarray, height: np.ndarray) -> str | None:
     """-> a warning line if class names need glyphs that no installed font has, else None."""
     non_ascii = any(not c.isascii() for c in manifest.classes)
-    cjk = _setup_matplotlib(non_ascii)
+    cjk = setup_fonts(non_ascii)
     plot_classes(manifest, out / CLASS_PLOT)
     plot_sizes(width, height, out / SIZE_PLOT, manifest.options.get("min_side"))
     if cjk is None and non_ascii:

@@ -33,3 +33,15 @@ def test_metrics_match_scikit_learn():
     expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
     assert record["loss"] == pytest.approx(expected_loss, rel=1e-6)
     assert record["num_samples"] == 300
+
+
+def test_confusion_plot_renders_chinese_class_names(tmp_path):
+    import warnings
+
+    from trainer.plots import plot_confusion
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_confusion([[3, 1], [0, 4]], ["猫 cat", "狗 dog"], tmp_path / "cm.png")
+    assert not [w for w in caught if "missing from" in str(w.message)]  # matplotlib's tofu warning
+    assert (tmp_path / "cm.png").stat().st_size > 1000

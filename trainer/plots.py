@@ -1,29 +1,45 @@
 """Training curves and confusion matrix as PNG (class names in any script render)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
-import matplotlib
+from matplotlib import font_manager, rcParams
+from matplotlib.figure import Figure  # not pyplot: no GUI backend or global figure state
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+# Fonts with CJK glyphs, in order of preference, when no packaged one is installed.
+CJK_FAMILIES = (
+    "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans",
+    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC",
+    "Hiragino Sans GB", "Arial Unicode MS",
+)
 
 
-
-def use_any_script_font() -> None:
-    """Noto Sans CJK (shipped by mplfonts) first, DejaVu after it: Latin, CJK and more all render."""
-    try:
-        from mplfonts import use_font
-    except ImportError:  # plots still work; only CJK class names would show as boxes
-        return
-    use_font("Noto Sans CJK SC")
-    matplotlib.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "DejaVu Sans"]
+def setup_fonts(need_cjk: bool) -> str | None:
+    """A font family list that (if ``need_cjk``) falls back to a CJK font glyph by glyph;
+    -> that font's name, None if none was needed or found."""
+    rcParams["font.family"] = ["DejaVu Sans"]
+    if not need_cjk:  # loading a 16 MB CJK font costs a second; ASCII class names need none
+        return None
+    cjk = None
+    spec = importlib.util.find_spec("mplfonts")  # ships Noto Sans CJK; found without importing it
+    if spec and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "fonts" / "NotoSansCJKsc-Regular.otf"
+        if path.is_file():
+            font_manager.fontManager.addfont(str(path))
+            cjk = font_manager.FontProperties(fname=str(path)).get_name()
+    if cjk is None:
+        installed = {f.name for f in font_manager.fontManager.ttflist}
+        cjk = next((name for name in CJK_FAMILIES if name in installed), None)
+    rcParams["font.family"] = ["DejaVu Sans"] + ([cjk] if cjk else [])  # per-glyph fallback
+    return cjk
 
 
 def plot_curves(records: list[dict], out: Path) -> None:
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["loss"] for r in train], label="train")
     if evals:
@@ -39,14 +55,14 @@ def plot_curves(records: list[dict], out: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], out: Path) -> None:
-    use_any_script_font()
+    setup_fonts(any(not name.isascii() for name in classes))
     n = len(classes)
     size = min(4 + 0.4 * n, 40)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=90)
     ax.set_yticks(range(n), classes)
@@ -59,4 +75,3 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out: Path) ->
                 ax.text(p, t, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
