@@ -1,0 +1,119 @@
+"""Evaluate a trained run on a shard split or an image folder.
+
+    python -m trainer.evaluate RUN_DIR [--checkpoint best|last|final|PATH] [--split val|train]
+                               [--data SHARDS_OR_IMAGE_FOLDER] [--name NAME]
+    accelerate launch [--multi_gpu --num_processes N] -m trainer.evaluate RUN_DIR ...
+
+Writes RUN_DIR/eval/<name>.json (the fields of metrics.jsonl's eval records) and <name>.png (the
+confusion matrix) and prints the per-class table. Under `accelerate launch` rank r evaluates
+samples r, r + N, ... and the sums are all-reduced, so N processes give exactly one's numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/evaluate.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from tqdm import tqdm
+
+from shards.manifest import Manifest
+from trainer.data import EvalOrder, ShardDataset, make_loader, split_index
+from trainer.inference import (
+    USER_ERRORS, InferenceError, LabelledImages, Trained, labelled_images, load_trained, report_error,
+)
+from trainer.main import evaluate, make_accelerator
+from trainer.metrics import format_table, summarize
+from trainer.plots import plot_confusion
+
+
+class Bar:
+    """The `progress` that trainer.main.evaluate expects of its tracker: a bar on the main process only."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def progress(self, iterable, total: int, desc: str):
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if self.enabled else True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the run.dir of a training run")
+    parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
+    parser.add_argument("--split", default="val", help="shard split, or sub-folder of a pre-split image folder (default: val)")
+    parser.add_argument("--data", type=Path, help="make_shards output or ROOT/<class>/<image> folder (default: the run's shards)")
+    parser.add_argument("--name", help="output name in RUN_DIR/eval/ (default: <checkpoint>-<data>)")
+    parser.add_argument("--batch-size", type=int, help="per process (default: the run's train.batch_size)")
+    parser.add_argument("--workers", type=int, help="loader processes per process (default: the run's data.workers)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        return report_error(e)
+
+
+def run(args: argparse.Namespace) -> int:
+    trained = load_trained(args.run_dir, args.checkpoint)
+    dataset, data_name = eval_dataset(trained, args.data, args.split)
+    config = trained.config
+    # Full precision and no compilation: the numbers should not depend on how training ran.
+    train = replace(config.train, device=args.device, mixed_precision="no", compile="none")
+    accelerator = make_accelerator(replace(config, train=train))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batch_size = args.batch_size or config.train.batch_size
+    workers = config.data.workers if args.workers is None else args.workers
+    loader = make_loader(dataset, EvalOrder(len(dataset), batch_size, rank, world), workers, accelerator.device.type == "cuda")
+    model = trained.model.to(accelerator.device)
+    sums, _ = evaluate(model, loader, len(trained.classes), accelerator, Bar(accelerator.is_main_process))
+    if accelerator.is_main_process:
+        record = {"kind": "eval", "checkpoint": str(trained.weights), "data": data_name, **summarize(sums, trained.classes)}
+        name = args.name or f"{trained.name}-{data_name}"
+        json_path, png_path = write_outputs(args.run_dir / "eval", name, record, trained.classes)
+        print(format_table(record))
+        print(f"wrote {json_path} and {png_path}")
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def eval_dataset(
+    trained: Trained, data: Path | None, split: str, letterbox: bool = False
+) -> tuple[torch.utils.data.Dataset, str]:
+    """The samples to evaluate and a short name for them (the split, or the folder's name)."""
+    source = Path(trained.config.data.shards) if data is None else data
+    preset = trained.preset(letterbox)
+    if (source / "manifest.json").is_file():
+        manifest = Manifest.load(source)
+        if manifest.classes != trained.classes:
+            raise InferenceError(
+                f"the shards {source} have other classes than the run ({len(manifest.classes)} vs {len(trained.classes)}) — "
+                "evaluate on shards made from the same class folders"
+            )
+        name = split if data is None else f"{source.name}-{split}"
+        return ShardDataset(split_index(manifest, split), preset), name
+    if data is None:
+        raise InferenceError(f"the run's shards {source} are not there — pass --data SHARDS_OR_IMAGE_FOLDER")
+    return LabelledImages(labelled_images(source, trained.classes, split), preset), source.name
+
+
+def write_outputs(out_dir: Path, name: str, record: dict, classes: list[str]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, json_path)
+    plot_confusion(record["confusion"], classes, png_path)
+    return json_path, png_path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

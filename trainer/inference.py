@@ -1,0 +1,268 @@
+"""A trained model back from its run directory, for evaluate, predict and export.
+
+The run directory says what to build (config.yaml, classes.json); `--checkpoint` says which
+weights: best | final (the safetensors the trainer exports), last (the newest complete training
+checkpoint) or a PATH (.safetensors, a ckpt-<step> folder, state.pt, .pt/.pth). Weights whose
+fingerprint or classes are not this run's are refused, never half-loaded. Images are
+preprocessed exactly as validation did during training: the saved data config's size and crop,
+and the training normalisation (the shards' mean/std or ImageNet's).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+
+from shards.format import SOURCE_EXTS, decode_rgb
+from shards.manifest import Manifest, ManifestError
+from shards.reader import ShardError
+from trainer import checkpoint
+from trainer.config import Config, ConfigError, config_from_dict
+from trainer.main import SetupError, build_model, one_line
+from trainer.model import load_weights
+from trainer.transforms import EvalPreset, normalization
+
+EXIT_ERROR = 2
+NAMED = {"best": "best.safetensors", "final": "final.safetensors"}
+
+
+class InferenceError(ValueError):
+    """A run, checkpoint or input that cannot be used (one-line message: what, then what to do)."""
+
+
+# Every error a user can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS = (InferenceError, ConfigError, ManifestError, ShardError, SetupError)
+
+
+def report_error(e: Exception) -> int:
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    # The traceback's frames hold a failed DataLoader's iterator, whose workers ignore SIGTERM
+    # (trainer.data): left alive, the exit would wait on them forever. Freed, it stops them.
+    traceback.clear_frames(e.__traceback__)
+    return EXIT_ERROR
+
+
+@dataclass
+class Trained:
+    model: torch.nn.Module  # in eval mode, on the CPU
+    config: Config
+    classes: list[str]
+    weights: Path  # the file the weights came from
+    name: str  # best | final | last | the file's stem: names the outputs
+    mean: list[float]
+    std: list[float]
+
+    def preset(self, letterbox: bool = False) -> EvalPreset:
+        data = self.config.data
+        return EvalPreset(data.image_size, data.crop_pct, self.mean, self.std, letterbox)
+
+    def preprocessing(self, letterbox: bool = False) -> dict:
+        """What a deployment must do to an image before the model (export writes it next to the model)."""
+        data = self.config.data
+        return {
+            "image_size": data.image_size,
+            "resize_short_side": None if letterbox else round(data.image_size / data.crop_pct),
+            "crop_pct": data.crop_pct,
+            "letterbox": letterbox,
+            "steps": (
+                "pad to a square with black, resize to image_size" if letterbox
+                else "resize the short side to resize_short_side (bilinear, antialias), centre-crop image_size"
+            ) + "; RGB scaled to [0, 1]; subtract mean, divide by std; NCHW float32",
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+
+def load_trained(run_dir: str | Path, which: str = "best") -> Trained:
+    run_dir = Path(run_dir)
+    config, classes = read_run(run_dir)
+    path, name = resolve_weights(run_dir, which)
+    state, fingerprint, weight_classes = read_weights(path)
+    model = build_model(config, len(classes))
+    if fingerprint is not None and fingerprint != model.fingerprint():
+        raise InferenceError(
+            f"{path} holds another model ({fingerprint}; {run_dir} is {model.fingerprint()}) — "
+            "pass weights of this run, or the run directory they belong to"
+        )
+    if weight_classes is not None and weight_classes != classes:
+        raise InferenceError(
+            f"{path} was trained on other classes than {run_dir}/classes.json — pass the run directory it belongs to"
+        )
+    try:
+        load_weights(model, state, strict=True)
+    except ValueError as e:  # a file without a fingerprint (a plain .pth) that does not fit
+        raise InferenceError(
+            f"{path} does not fit the model of {run_dir} ({one_line(e)}) — pass weights of this run"
+        ) from None
+    mean, std = run_normalization(config, run_dir)
+    return Trained(model.eval(), config, classes, path, name, mean, std)
+
+
+def read_run(run_dir: Path) -> tuple[Config, list[str]]:
+    if not run_dir.is_dir():
+        raise InferenceError(f"run directory {run_dir} not found — pass the run.dir of a training run")
+    config_path, classes_path = run_dir / "config.yaml", run_dir / "classes.json"
+    if not config_path.is_file() or not classes_path.is_file():
+        raise InferenceError(
+            f"{run_dir} is not a run directory (no config.yaml or classes.json) — pass the run.dir of a training run"
+        )
+    try:
+        values = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        classes = json.loads(classes_path.read_text(encoding="utf-8"))
+        # Inference needs neither the starting weights nor the freezing, and the file may be gone by now.
+        values.setdefault("model", {}).update(pretrained=None, freeze_features=False)
+    except (OSError, ValueError, yaml.YAMLError, AttributeError) as e:
+        raise InferenceError(
+            f"{run_dir}/config.yaml or classes.json is damaged ({type(e).__name__}) — restore it from a copy of the run"
+        ) from None
+    return config_from_dict(values), classes
+
+
+def resolve_weights(run_dir: Path, which: str) -> tuple[Path, str]:
+    if which in NAMED:
+        path = run_dir / NAMED[which]
+        if not path.is_file():
+            hint = "no evaluation has finished yet" if which == "best" else "training has not finished"
+            raise InferenceError(f"{run_dir} has no {NAMED[which]} ({hint}) — train further, or pass --checkpoint last")
+        return path, which
+    if which == "last":
+        found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise InferenceError(
+                f"{run_dir} has no complete checkpoint in checkpoints/ — train first, or pass --checkpoint best|final"
+            )
+        return found[-1] / "state.pt", "last"
+    path = Path(which)
+    if path.is_dir() and (path / "state.pt").is_file():
+        path = path / "state.pt"
+    if not path.is_file():
+        raise InferenceError(f"checkpoint {which} not found — pass best, last, final or the path of a weights file")
+    return path, path.parent.name if path.name == "state.pt" else path.stem
+
+
+def read_weights(path: Path) -> tuple[dict, str | None, list[str] | None]:
+    """(state dict, fingerprint, classes); the last two None when the file does not record them."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+            state = load_file(str(path))
+            classes = json.loads(metadata["classes"]) if "classes" in metadata else None
+            return state, metadata.get("fingerprint"), classes
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torn, truncated or foreign files fail in many ways; all mean "not usable weights"
+        if isinstance(e, pickle.UnpicklingError):  # torch's message is advice about weights_only, not news
+            reason = "not a PyTorch weights file, or one holding more than tensors"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InferenceError(f"{path} cannot be read as weights ({reason}) — pass another checkpoint") from None
+    if not isinstance(state, dict):
+        raise InferenceError(f"{path} is not a state dict — pass a .safetensors, .pt or checkpoint folder")
+    if "fingerprint" not in state:
+        return state, None, None
+    # A training checkpoint: with EMA on, the averaged weights are the ones the trainer evaluated.
+    weights = state.get("ema") or state["model"]
+    weights = {k: v for k, v in weights.items() if k != "n_averaged"}
+    return weights, state["fingerprint"], state.get("classes")
+
+
+def run_normalization(config: Config, run_dir: Path) -> tuple[list[float], list[float]]:
+    if config.data.normalize != "manifest":
+        return normalization(config.data, [], [])
+    shards = Path(config.data.shards)
+    try:
+        manifest = Manifest.load(shards)
+    except ManifestError:
+        raise InferenceError(
+            f"{run_dir} normalises with the mean/std of its training shards, but {shards / 'manifest.json'} is not "
+            "there — run from the folder training ran in, or put the shards back at that path"
+        ) from None
+    return normalization(config.data, manifest.mean, manifest.std)
+
+
+def read_image(path: Path):
+    """An 8-bit RGB image, or InferenceError naming the file and why it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InferenceError(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
+        return decode_rgb(data)
+    except Exception as e:  # any decoder failure means the same to the user: this file is not usable
+        if not data:
+            reason = "empty file"
+        elif isinstance(e, UnidentifiedImageError):  # its message holds a BytesIO repr, not news
+            reason = "not an image, or a damaged header"
+        else:
+            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise InferenceError(f"{path} cannot be read as an image ({reason})") from None
+
+
+def image_files(root: Path) -> list[Path]:
+    """Image files under `root` by extension (any case), symlinks followed, in a stable order."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(folder) / f for f in sorted(files) if f.rsplit(".", 1)[-1].lower() in SOURCE_EXTS]
+    return found
+
+
+def labelled_images(root: Path, classes: list[str], split: str) -> list[tuple[Path, int]]:
+    """ROOT/<class>/**/<image> (or ROOT/<split>/<class>/...), labelled by the run's class list."""
+    if not root.is_dir():
+        raise InferenceError(f"image folder {root} not found — pass a make_shards output or a folder of class folders")
+    folders = subfolders(root)
+    if {"train", "val"} <= set(folders) and not {"train", "val"} <= set(classes):  # a pre-split SRC
+        root = root / split
+        folders = subfolders(root)
+    if not folders:
+        raise InferenceError(f"{root} has no class folders — lay it out as {root}/<class>/<image>")
+    if folders != sorted(classes):
+        extra, missing = sorted(set(folders) - set(classes)), sorted(set(classes) - set(folders))
+        raise InferenceError(
+            f"the class folders of {root} differ from the run's classes (not in the run: {extra or 'none'}; "
+            f"missing: {missing or 'none'}) — evaluate on a folder with exactly the run's {len(classes)} class folders"
+        )
+    items = []
+    for label, name in enumerate(classes):
+        files = image_files(root / name)
+        if not files:
+            raise InferenceError(
+                f"class folder {root / name} has no images — add images of that class (every class of the run needs some)"
+            )
+        items += [(path, label) for path in files]
+    return items
+
+
+def subfolders(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
+class LabelledImages(Dataset):
+    """Image files as ShardDataset's samples: (index, seed) -> (tensor, label, index), for EvalOrder."""
+
+    def __init__(self, items: list[tuple[Path, int]], transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, _ = item
+        path, label = self.items[index]
+        try:
+            image = read_image(path)
+        except InferenceError as e:
+            raise InferenceError(f"{e} — remove or replace it (make_shards drops such files for you)") from None
+        return self.transform(image), label, index

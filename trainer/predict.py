@@ -1,0 +1,123 @@
+"""Predict the classes of image files and folders with a trained run; one CSV row per image.
+
+    python -m trainer.predict RUN_DIR IMAGES_OR_FOLDERS... [--out preds.csv] [--topk K] [--letterbox]
+                              [--checkpoint best|last|final|PATH]
+
+Columns: path, class, probability (the top-1), top2_class, top2_probability, ... up to topK, error.
+A file that cannot be read gets a row with only its path and the error, and the run goes on.
+Images are resized and centre-cropped as in validation, or with --letterbox padded to a square
+first so that nothing is cropped away. Needs only the run's config, classes and weights.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trainer.inference import USER_ERRORS, InferenceError, image_files, load_trained, read_image, report_error
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the run.dir of a training run")
+    parser.add_argument("images", type=Path, nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--out", type=Path, help="CSV file to write (default: RUN_DIR/predictions.csv)")
+    parser.add_argument("--topk", type=int, default=5, help="classes listed per image (default: 5)")
+    parser.add_argument("--letterbox", action="store_true", help="pad to square (keeps the aspect) instead of centre-cropping")
+    parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        return report_error(e)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.topk < 1 or args.batch_size < 1 or args.workers < 0:
+        raise InferenceError("--topk and --batch-size must be at least 1 and --workers at least 0 — fix the option")
+    device = pick_device(args.device)
+    trained = load_trained(args.run_dir, args.checkpoint)
+    files = list_inputs(args.images)
+    k = min(args.topk, len(trained.classes))
+    model = trained.model.to(device)
+    loader = DataLoader(
+        Images(files, trained.preset(args.letterbox)), batch_size=args.batch_size, num_workers=args.workers,
+        collate_fn=collate, pin_memory=device.type == "cuda",
+    )
+    out = args.out or args.run_dir / "predictions.csv"
+    ranks = [f"top{i}_{field}" for i in range(2, k + 1) for field in ("class", "probability")]
+    header = ["path", "class", "probability", *ranks, "error"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")  # renamed when complete: an interrupted run leaves the old CSV as it was
+    failed = 0
+    with open(tmp, "w", newline="", encoding="utf-8") as f, torch.no_grad():
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for images, indices, errors in loader:  # batches come in file order; rows too, errors in place
+            rows = {i: [str(files[i])] + [""] * (2 * k) + [error] for i, error in errors}
+            if len(images):
+                top = model(images.to(device, non_blocking=True)).float().softmax(1).topk(k, dim=1)
+                for i, p, c in zip(indices, top.values.tolist(), top.indices.tolist()):
+                    rows[i] = [str(files[i])] + [v for j in range(k) for v in (trained.classes[c[j]], f"{p[j]:.6f}")] + [""]
+            writer.writerows(rows[i] for i in sorted(rows))
+            failed += len(errors)
+    os.replace(tmp, out)
+    print(f"{len(files) - failed} images predicted, {failed} unreadable; wrote {out}")
+    return 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InferenceError("--device cuda but no GPU is visible here — run on a GPU node or pass --device cpu")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def list_inputs(paths: list[Path]) -> list[Path]:
+    """Files as given (whatever their name: an unreadable one becomes an error row), folders searched."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            found = image_files(path)
+            if not found:
+                raise InferenceError(f"folder {path} holds no image files — pass a folder with .jpg/.png/... files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InferenceError(f"{path} not found — pass existing image files or folders")
+    return files
+
+
+class Images(Dataset):
+    """File i -> (tensor, i, None), or (None, i, why it cannot be read)."""
+
+    def __init__(self, files: list[Path], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(read_image(self.files[i])), i, None
+        except InferenceError as e:
+            return None, i, str(e).removeprefix(f"{self.files[i]} ")
+
+
+def collate(batch: list) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+    good = [(image, i) for image, i, error in batch if error is None]
+    errors = [(i, error) for _, i, error in batch if error is not None]
+    images = torch.stack([image for image, _ in good]) if good else torch.empty(0)
+    return images, [i for _, i in good], errors
+
+
+if __name__ == "__main__":
+    sys.exit(main())
