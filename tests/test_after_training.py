@@ -131,8 +131,6 @@ def test_evaluate_two_processes_equal_one(outputs, run_dir, digits_shards):
     assert one["confusion"] == [r for r in logged if r["kind"] == "eval"][-1]["confusion"]
 
 
-@pytest.mark.xfail(strict=True, reason="metrics.EvalSums.add sums a batch's loss in float32 (reduction='sum'), so the "
-                   "batch split changes its last bits; fix there: reduction='none', then .double().sum()")
 def test_evaluate_loss_is_exact_across_processes(outputs, run_dir):
     one = json.loads((run_dir / "eval" / "one.json").read_text())
     two = json.loads((run_dir / "eval" / "two.json").read_text())

@@ -8,8 +8,6 @@ import io
 import json
 import os
 import random
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 

@@ -1,8 +1,8 @@
 """Runs killed at any moment resume exactly: real processes, real signals (2 gloo processes)."""
 import json
+import os
 import random
 import signal
-import subprocess
 import time
 
 import pytest
@@ -84,10 +84,8 @@ def test_signal_checkpoints_and_exits_with_the_preempted_code(digits_shards, tmp
         wait_for(lambda: last_step(run_dir) >= 3, timeout=300, process=process)
         workers = worker_pids(process.pid)
         assert len(workers) == 2
-        for pid in workers:  # what Slurm's --signal does: every task gets it
-            import os
-
-            os.kill(pid, sig)
+        for pid in workers:  # as a job scheduler does: every process, the loader workers too
+            os.killpg(pid, sig)
         output, _ = process.communicate(timeout=120)
     finally:
         kill_group(process, signal.SIGKILL)

@@ -8,6 +8,8 @@ i to rank i % world: every sample is counted exactly once, with no padding.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 from dataclasses import dataclass
 
@@ -135,14 +137,28 @@ class EvalOrder(Sampler):
         return -(-mine // self.batch_size)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints and then stops them.
+# Set by the trainer once it is done: from then on a worker obeys SIGTERM (the DataLoader's own
+# shutdown uses it). Shared memory created before the workers fork, so they all see it.
+_LOADERS_CLOSING = multiprocessing.RawValue("b", 0)
 
-    A job scheduler signals every process of the job: a worker killed by it would crash the
-    trainer before it could write its checkpoint.
+
+def close_loaders() -> None:
+    _LOADERS_CLOSING.value = 1
+
+
+def _worker_signals(worker_id: int) -> None:
+    """Workers leave stop signals to the trainer, which checkpoints and then closes them.
+
+    A job scheduler signals every process of the job: a worker killed by its SIGTERM would
+    crash the trainer before it could write its checkpoint.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_if_closing)
+
+
+def _exit_if_closing(signum, frame) -> None:
+    if _LOADERS_CLOSING.value:
+        os._exit(0)
 
 
 def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory: bool) -> DataLoader:
@@ -154,5 +170,5 @@ def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory:
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=_worker_signals,
     )

@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +24,14 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from shards.format import SOURCE_EXTS, decode_rgb
-from shards.manifest import Manifest, ManifestError
+from shards.manifest import ManifestError
 from shards.reader import ShardError
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, config_from_dict
-from trainer.main import SetupError, build_model, one_line
+from trainer.data import close_loaders
+from trainer.main import PREPROCESSING, SetupError, build_model, one_line
 from trainer.model import load_weights
-from trainer.transforms import EvalPreset, normalization
+from trainer.transforms import EvalPreset
 
 EXIT_ERROR = 2
 NAMED = {"best": "best.safetensors", "final": "final.safetensors"}
@@ -47,9 +47,7 @@ USER_ERRORS = (InferenceError, ConfigError, ManifestError, ShardError, SetupErro
 
 def report_error(e: Exception) -> int:
     print(f"error: {one_line(e)}", file=sys.stderr)
-    # The traceback's frames hold a failed DataLoader's iterator, whose workers ignore SIGTERM
-    # (trainer.data): left alive, the exit would wait on them forever. Freed, it stops them.
-    traceback.clear_frames(e.__traceback__)
+    close_loaders()  # loader workers obey SIGTERM again, so the exit can stop them
     return EXIT_ERROR
 
 
@@ -178,17 +176,13 @@ def read_weights(path: Path) -> tuple[dict, str | None, list[str] | None]:
 
 
 def run_normalization(config: Config, run_dir: Path) -> tuple[list[float], list[float]]:
-    if config.data.normalize != "manifest":
-        return normalization(config.data, [], [])
-    shards = Path(config.data.shards)
+    """The mean/std training normalised with, saved in the run (no need for the training shards)."""
+    path = run_dir / PREPROCESSING
     try:
-        manifest = Manifest.load(shards)
-    except ManifestError:
-        raise InferenceError(
-            f"{run_dir} normalises with the mean/std of its training shards, but {shards / 'manifest.json'} is not "
-            "there — run from the folder training ran in, or put the shards back at that path"
-        ) from None
-    return normalization(config.data, manifest.mean, manifest.std)
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise InferenceError(f"{path} is missing or unreadable — is {run_dir} a training run directory?") from None
+    return saved["mean"], saved["std"]
 
 
 def read_image(path: Path):

@@ -32,8 +32,8 @@ from shards.reader import ShardError
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, ConfigError, load_config, to_dict, to_yaml
-from trainer.data import EvalOrder, ShardDataset, TrainOrder, make_loader, mix_seed, split_index
-from trainer.metrics import EvalSums, format_table, summarize
+from trainer.data import EvalOrder, ShardDataset, TrainOrder, close_loaders, make_loader, mix_seed, split_index
+from trainer.metrics import EvalSums, summarize
 from trainer.model import load_weights, se_densenet
 from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups
 from trainer.report import write_report
@@ -42,6 +42,7 @@ from trainer.transforms import DeviceNormalize, EvalPreset, TrainPreset, batch_m
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
 EXIT_USAGE = 2
+PREPROCESSING = "preprocessing.json"
 STOP_CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a stop signal (one all-reduce)
 
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, ShardError, CheckpointError, SetupError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        close_loaders()
 
 
 def one_line(e: Exception) -> str:
@@ -118,7 +121,7 @@ def train(config: Config) -> int:
     classes = manifest.classes
     run_dir = Path(config.run.dir)
     if accelerator.is_main_process:
-        prepare_run_dir(run_dir, config, classes)
+        prepare_run_dir(run_dir, config, classes, *normalization(config.data, manifest.mean, manifest.std))
     accelerator.wait_for_everyone()
 
     train_loader, val_loader, order = build_loaders(config, manifest, rank, world, accelerator.device.type == "cuda")
@@ -191,7 +194,7 @@ def make_accelerator(config: Config) -> Accelerator:
     return accelerator
 
 
-def prepare_run_dir(run_dir: Path, config: Config, classes: list[str]) -> None:
+def prepare_run_dir(run_dir: Path, config: Config, classes: list[str], mean: list[float], std: list[float]) -> None:
     """Fail now, not after an epoch, when the run dir cannot take checkpoints."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,6 +211,9 @@ def prepare_run_dir(run_dir: Path, config: Config, classes: list[str]) -> None:
         os.replace(old, run_dir / f"checkpoints-replaced-{int(time.time())}")
     (run_dir / "config.yaml").write_text(to_yaml(config))
     (run_dir / "classes.json").write_text(json.dumps(classes, ensure_ascii=False, indent=1))
+    # What evaluate/predict/export need to preprocess like training did, without the shards.
+    preprocessing = {"mean": mean, "std": std, "image_size": config.data.image_size, "crop_pct": config.data.crop_pct}
+    (run_dir / PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
 
 
 def set_status(run_dir: Path, accelerator: Accelerator, state: str) -> None:
@@ -457,6 +463,7 @@ def export_weights(net: torch.nn.Module, config: Config, classes: list[str], pat
         "config": json.dumps(to_dict(config)),
         "classes": json.dumps(classes, ensure_ascii=False),
         "fingerprint": net.fingerprint(),
+        "preprocessing": (Path(config.run.dir) / PREPROCESSING).read_text(),
     }
     if record is not None:
         metadata["eval"] = json.dumps({k: record[k] for k in ("epoch", "step", "top1", "top5", "num_samples")})

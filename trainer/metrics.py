@@ -32,7 +32,8 @@ class EvalSums:
         )
         k = min(5, num_classes)
         self.top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
-        self.loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+        # Per-sample losses summed in float64: the total must not depend on how samples were batched.
+        self.loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none").double().sum()
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.confusion, self.top5, self.loss]
