@@ -94,3 +94,19 @@ def test_exported_weights_reproduce_logged_top1_on_one_process(trained_run, digi
         record = summarize(sums, classes)
         assert record["confusion"] == expected["confusion"], name
         assert record["top1"] == expected["top1"]
+
+
+def test_optional_features_train_together(digits_shards, tmp_path):
+    """EMA, mixup/cutmix, accumulation, clipping, balanced sampling, SGD, auto-augment: one real run."""
+    run_dir = tmp_path / "run"
+    result = run_training(
+        [f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "wandb.mode=disabled",
+         "train.ema=true", "train.ema_decay=0.9", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+         "train.grad_accum=2", "optim.grad_clip=1.0", "data.balance=sampler", "optim.name=sgd",
+         "data.auto_augment=trivialaugment", "model.drop_rate=0.1", "model.efficient=true"],
+        processes=1,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = records(run_dir, "eval")
+    assert evals[-1]["weights"] == "ema" and evals[-1]["num_samples"] == 179
+    assert records(run_dir, "train")[-1]["step"] == 1618 // 32 // 2  # optimizer steps, not batches
