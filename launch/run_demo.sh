@@ -9,3 +9,4 @@ python -m launch.make_shards --demo demo/digits-shards --overwrite
 rm -rf runs/demo
 ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
   trainer/main.py --config configs/demo.yaml "$@"
+python -m trainer.evaluate runs/demo
