@@ -131,9 +131,9 @@ def main() -> None:
     overrides = [*args.overrides, f"data.shards={shards}", f"run.dir={work / 'run'}"]
     config = load_config(args.config, overrides)
     manifest = Manifest.load(shards)
-    train_loader, _, _ = build_loaders(config, manifest, 0, 1, args.device.startswith("cuda"))
-    normalize = DeviceNormalize(*normalization(config.data, manifest.mean, manifest.std), torch.device(args.device),
-                                config.train.channels_last)
+    mean, std = normalization(config.data, manifest.mean, manifest.std)
+    train_loader, _, _ = build_loaders(config, manifest, mean, std, 0, 1, args.device.startswith("cuda"))
+    normalize = DeviceNormalize(mean, std, torch.device(args.device), config.train.channels_last)
     results = {"loader": loader_rate(train_loader, normalize, args.device, args.steps)}
     del train_loader  # its workers would compete with the model-only measurement
     results["model_only"] = model_rate(config, len(manifest.classes), args.device, args.steps)

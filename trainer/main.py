@@ -120,12 +120,13 @@ def train(config: Config) -> int:
     manifest = Manifest.load(config.data.shards)
     classes = manifest.classes
     run_dir = Path(config.run.dir)
+    mean, std = normalization(config.data, manifest.mean, manifest.std)
     if accelerator.is_main_process:
-        prepare_run_dir(run_dir, config, classes, *normalization(config.data, manifest.mean, manifest.std))
+        prepare_run_dir(run_dir, config, classes, mean, std)
     accelerator.wait_for_everyone()
 
-    train_loader, val_loader, order = build_loaders(config, manifest, rank, world, accelerator.device.type == "cuda")
-    normalize = DeviceNormalize(*normalization(config.data, manifest.mean, manifest.std), accelerator.device, config.train.channels_last)
+    train_loader, val_loader, order = build_loaders(config, manifest, mean, std, rank, world, accelerator.device.type == "cuda")
+    normalize = DeviceNormalize(mean, std, accelerator.device, config.train.channels_last)
     batches = order.steps_per_epoch // config.train.grad_accum * config.train.grad_accum
     steps_per_epoch = batches // config.train.grad_accum
     if steps_per_epoch == 0:
@@ -224,8 +225,7 @@ def set_status(run_dir: Path, accelerator: Accelerator, state: str) -> None:
         os.replace(tmp, run_dir / "status.json")
 
 
-def build_loaders(config: Config, manifest: Manifest, rank: int, world: int, pin: bool):
-    mean, std = normalization(config.data, manifest.mean, manifest.std)
+def build_loaders(config: Config, manifest: Manifest, mean: list, std: list, rank: int, world: int, pin: bool):
     train_index, val_index = split_index(manifest, "train"), split_index(manifest, "val")
     labels = train_index.labels() if config.data.balance == "sampler" else None
     order = TrainOrder(len(train_index), config.train.batch_size, rank, world, config.train.seed, labels)
