@@ -386,10 +386,10 @@ def test_ctrl_c_leaves_out_untouched(tmp_path):
     (out / "old.txt").write_text("old")
     cmd = [sys.executable, "-m", "launch.make_shards", "--demo", str(out), "--overwrite", "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)  # mid-run: importing, writing the digits, scanning
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.partial-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)  # the staging folder is the first thing written: the run is under way
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal")
     assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted — OUT was left as it was; run the command again"]
     assert os.listdir(out) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
