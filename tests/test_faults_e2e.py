@@ -86,3 +86,11 @@ def test_missing_shards_folder(tmp_path):
     result = run_training([f"data.shards={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'run'}"], processes=1)
     _one_line_error(result, "nowhere")
     assert "Traceback" not in result.stderr
+
+
+def test_wandb_online_without_an_account_fails_before_training(digits_shards, tmp_path):
+    result = run_training([f"data.shards={digits_shards}", f"run.dir={tmp_path / 'run'}", "wandb.mode=online"],
+                          processes=1, WANDB_API_KEY="", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    _one_line_error(result, "wandb (online) could not start", "wandb.mode=offline")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

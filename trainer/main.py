@@ -37,7 +37,7 @@ from trainer.metrics import EvalSums, summarize
 from trainer.model import load_weights, se_densenet
 from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups
 from trainer.report import write_report
-from trainer.tracking import Tracker, read_records
+from trainer.tracking import Tracker, TrackingError, read_records
 from trainer.transforms import DeviceNormalize, EvalPreset, TrainPreset, batch_mixer, normalization
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         return train(config)
-    except (ConfigError, ManifestError, ShardError, CheckpointError, SetupError) as e:
+    except (ConfigError, ManifestError, ShardError, CheckpointError, SetupError, TrackingError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     finally:

@@ -31,7 +31,7 @@ class Tracker:
         else:  # records past the checkpoint were logged by the killed run: they are about to be redone
             _truncate_records(self.metrics_path, resume_step)
         if config.wandb.mode != "disabled":
-            self.wandb = _init_wandb(config, resume_step is not None)
+            self.wandb = _init_wandb(config)
 
     def progress(self, iterable, total: int, desc: str):
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if self.enabled else True)  # None: no bar when not a terminal (log files)
@@ -86,10 +86,25 @@ def wandb_id(run_dir: Path) -> str:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
-def _init_wandb(config: Config, resuming: bool):
+class TrackingError(RuntimeError):
+    """wandb could not start (one-line message)."""
+
+
+def _init_wandb(config: Config):
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        return _start_wandb(wandb, config)
+    except Exception as e:  # no login, no network, a bad entity: say so before any training
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(
+            f"wandb ({config.wandb.mode}) could not start: {first} — use wandb.mode=offline and `wandb sync` later, "
+            "or wandb.mode=disabled"
+        ) from None
+
+
+def _start_wandb(wandb, config: Config):
     run_dir = Path(config.run.dir)
     return wandb.init(
         project=config.wandb.project,
