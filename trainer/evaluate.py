@@ -25,9 +25,7 @@ from tqdm import tqdm
 
 from shards.manifest import Manifest
 from trainer.data import EvalOrder, ShardDataset, make_loader, split_index
-from trainer.inference import (
-    USER_ERRORS, InferenceError, LabelledImages, Trained, labelled_images, load_trained, report_error,
-)
+from trainer.inference import InferenceError, LabelledImages, Trained, labelled_images, load_trained, run_cli
 from trainer.main import evaluate, make_accelerator
 from trainer.metrics import format_table, summarize
 from trainer.plots import plot_confusion
@@ -53,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="per process (default: the run's train.batch_size)")
     parser.add_argument("--workers", type=int, help="loader processes per process (default: the run's data.workers)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        return report_error(e)
+    return run_cli(run, parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from trainer.evaluate import eval_dataset
-from trainer.inference import USER_ERRORS, InferenceError, Trained, load_trained, report_error
+from trainer.inference import InferenceError, Trained, load_trained, run_cli
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -41,11 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=16, help="images in the parity check (default: 16)")
     parser.add_argument("--letterbox", action="store_true", help="record letterbox (pad to square) preprocessing")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed absolute logit difference")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        return report_error(e)
+    return run_cli(run, parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

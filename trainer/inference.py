@@ -45,10 +45,15 @@ class InferenceError(ValueError):
 USER_ERRORS = (InferenceError, ConfigError, ManifestError, ShardError, SetupError)
 
 
-def report_error(e: Exception) -> int:
-    print(f"error: {one_line(e)}", file=sys.stderr)
-    close_loaders()  # loader workers obey SIGTERM again, so the exit can stop them
-    return EXIT_ERROR
+def run_cli(run, args) -> int:
+    """A command's body with the user's errors as one line and exit code 2."""
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        close_loaders()  # loader workers obey SIGTERM again, so the exit can stop them
 
 
 @dataclass

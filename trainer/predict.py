@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.inference import USER_ERRORS, InferenceError, image_files, load_trained, read_image, report_error
+from trainer.inference import InferenceError, image_files, load_trained, read_image, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as e:
-        return report_error(e)
+    return run_cli(run, parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
