@@ -126,7 +126,7 @@ def runs(corpus, tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     opts = ["--val-fraction", "0.25", "--min-shards", "3", "--seed", "7"]
     res1 = make_shards(src, base / "w1", "--workers", "1", *opts)
-    res2 = make_shards(src, base / "w2", "--workers", "2", *opts)
+    make_shards(src, base / "w2", "--workers", "2", *opts)
     return base / "w1", base / "w2", res1
 
 
