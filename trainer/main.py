@@ -281,12 +281,15 @@ def resume(config, model, optimizer, scheduler, ema, classes, accelerator, batch
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None and state.get("ema") is not None:
         ema.load_state_dict(state["ema"])
+    if accelerator.scaler is not None and state.get("scaler") is not None:  # fp16 loss scale
+        accelerator.scaler.load_state_dict(state["scaler"])
     if rank_state is not None:
         checkpoint.set_rng_state(rank_state["rng"])
     progress = Progress(**state["progress"])
     if state["world"] != accelerator.num_processes:  # same samples consumed, re-split over the new world
         consumed = progress.batch * state["world"] * state["batch_size"]
-        progress.batch = min(batches, consumed // (accelerator.num_processes * config.train.batch_size))
+        batch = min(batches, consumed // (accelerator.num_processes * config.train.batch_size))
+        progress.batch = batch // config.train.grad_accum * config.train.grad_accum  # at an optimizer step
     if accelerator.is_main_process:
         print(f"resuming from {path} (epoch {progress.epoch + 1}, step {progress.step})", flush=True)
     return progress
