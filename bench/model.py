@@ -9,8 +9,12 @@ One step = forward + cross-entropy + backward + SGD(momentum) step on a syntheti
 GPU: timed with CUDA events; peak memory = torch.cuda.max_memory_allocated() counted from
 before the model is built, so weights, grads, momentum, the batch, warm-up and CUDA-graph
 capture are all in it (under CUDA graphs the pool is allocated at capture, see
-shared/notes/gpu-anchors.md). CPU: perf_counter; memory is a proxy, the bytes of distinct
-storages autograd keeps for backward in one eager forward (checkpoint inputs included).
+shared/notes/gpu-anchors.md). CPU: perf_counter; memory is the peak of one eager forward +
+backward as torch's MemTracker counts it (weights, grads, activations, checkpoint caches).
+
+--max-batch also finds, per variant, the largest batch whose eager training step fits in the
+GPU's memory (doubling, then bisection), and extrapolates the compiled one from the measured
+peak (peak = fixed + batch x per-image; the fixed part is measured at batch 1).
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile", choices=["none", "default", "reduce-overhead"], default="none")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated from {','.join(VARIANTS)}")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (GPU)")
     p.add_argument("--profile", default=None, metavar="VARIANT", help="also print the top kernels of one step")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the results here")
     args = p.parse_args()
@@ -68,18 +73,16 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> int:
-    """CPU memory proxy: bytes of distinct storages kept for backward by one forward."""
-    sizes: dict[int, int] = {}
+def peak_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> int:
+    """CPU memory: peak bytes alive during one eager forward + backward (MemTracker)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        loss = F.cross_entropy(model(x), y)
-    del loss
-    return sum(sizes.values())
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker, autocast():
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
 
 
 class Timer:
@@ -154,12 +157,70 @@ def bench_variant(name: str, args: argparse.Namespace) -> dict:
         result["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
         result["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     else:
-        result["saved_mib"] = saved_bytes(model, x, y, autocast) / 2**20
+        result["peak_mib"] = peak_bytes(model, x, y, autocast) / 2**20
     if args.profile == name:
         profile_step(step, cuda)
     del model, opt, fn, x, y
     torch._dynamo.reset()  # drops compiled graphs and their CUDA-graph pools before the next variant
+    if args.max_batch and cuda:
+        add_max_batch(result, args)
     return result
+
+
+def eager_peak(name: str, args: argparse.Namespace, batch: int) -> int | None:
+    """Peak bytes of two eager training steps at `batch`, or None if it runs out of memory."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = opt = x = y = None
+    try:
+        model = VARIANTS[name](args.num_classes).to(device, memory_format=fmt).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x = torch.randn(batch, 3, args.size, args.size, device=device).to(memory_format=fmt)
+        y = torch.randint(0, args.num_classes, (batch,), device=device)
+        for _ in range(2):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        del model, opt, x, y
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(name: str, args: argparse.Namespace, step: int = 8) -> int:
+    """The largest multiple of `step` whose eager training step fits: double, then bisect."""
+    fits, fails = 0, args.batch
+    while eager_peak(name, args, fails) is not None:
+        fits, fails = fails, 2 * fails
+    while fails - fits > step:
+        mid = (fits + fails) // 2 // step * step
+        if eager_peak(name, args, mid) is None:
+            fails = mid
+        else:
+            fits = mid
+    return fits
+
+
+def add_max_batch(result: dict, args: argparse.Namespace) -> None:
+    """Eager: found by trying. Compiled: the total memory over the per-image bytes measured at
+    --batch (weights, grads and momentum are the fixed part), rounded down to 8: an estimate."""
+    if args.compile == "none":
+        result["max_batch"] = largest_batch(result["variant"], args)
+        return
+    total = torch.cuda.mem_get_info()[1]
+    fixed = 3 * 4 * result["params"]
+    per_image = (result["peak_gib"] * 2**30 - fixed) / args.batch
+    result["max_batch_estimate"] = int((total - fixed) / per_image) // 8 * 8
 
 
 def profile_step(step: Callable[[], None], cuda: bool) -> None:
@@ -176,18 +237,20 @@ def profile_step(step: Callable[[], None], cuda: bool) -> None:
 
 def print_table(results: list[dict], cuda: bool) -> None:
     base = next((r for r in results if r["variant"] == BASELINE), None)
-    mem_key, mem_name = ("peak_gib", "peak GiB") if cuda else ("saved_mib", "saved MiB*")
-    print(f"\n| variant | img/s | step ms | {mem_name} | img/s vs tv | mem vs tv | params |")
-    print("|---|---|---|---|---|---|---|")
+    mem_key, mem_name = ("peak_gib", "peak GiB") if cuda else ("peak_mib", "peak MiB*")
+    biggest = next((k for k in ("max_batch", "max_batch_estimate") if k in results[0]), None)
+    extra = {"max_batch": " largest batch |", "max_batch_estimate": " largest batch (estimate) |"}.get(biggest, "")
+    print(f"\n| variant | img/s | step ms | {mem_name} | img/s vs tv | mem vs tv | params |{extra}")
+    print("|---|---|---|---|---|---|---|" + ("---|" if biggest else ""))
     for r in results:
         speed = f"{r['img_s'] / base['img_s']:.2f}x" if base else "-"
         mem = f"{r[mem_key] / base[mem_key]:.2f}x" if base else "-"
         print(
             f"| {r['variant']} | {r['img_s']:,.{0 if r['img_s'] >= 100 else 1}f} | {r['step_ms']:.1f} | {r[mem_key]:.2f} | {speed} | {mem} "
-            f"| {r['params']:,} |"
+            f"| {r['params']:,} |" + (f" {r[biggest]:,} |" if biggest else "")
         )
     if not cuda:
-        print("* CPU memory proxy: bytes kept for backward by one eager forward (distinct storages)")
+        print("* CPU: peak of one eager forward + backward as MemTracker counts it")
 
 
 def main() -> None:

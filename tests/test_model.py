@@ -1,5 +1,5 @@
 """SE-DenseNet invariants: equals torchvision's DenseNet with SE off (structure, parameter count,
-weights, outputs), checkpointed equals plain (and keeps less for backward), every named depth
+weights, outputs), efficient equals plain (eager and compiled, with less memory; compiled, no convolution runs twice), every named depth
 builds, and load_weights refuses what does not fit with a one-line error."""
 import re
 import warnings
@@ -8,7 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from functorch.compile import min_cut_rematerialization_partition
 from safetensors.torch import save_file
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.debugging import boxed_nop
+from torch.distributed._tools.mem_tracker import MemTracker
 
 from trainer.model import IMAGENET_DEPTHS, SEDenseNet, data_defaults, load_weights, se_densenet
 
@@ -160,58 +164,104 @@ def test_safetensors_round_trip(tmp_path):
         assert torch.equal(src(x), dst(x))
 
 
-def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Bytes of distinct storages autograd keeps for backward (checkpoint inputs included)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    return out, sum(storages.values())
+def _peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes of tensors alive during one forward + backward (weights, grads, activations
+    and what selective checkpointing keeps aside), tracked by torch's MemTracker on CPU."""
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        model(x).sum().backward()
+    return next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
 
 
-def test_efficient_equals_plain_and_keeps_less_for_backward():
+def _cifar(blocks: tuple[int, ...], efficient: bool) -> SEDenseNet:
     torch.manual_seed(0)
-    plain = tiny(block_config=(8, 8), growth_rate=12, num_init_features=24).train()
-    efficient = tiny(block_config=(8, 8), growth_rate=12, num_init_features=24, efficient=True).train()
-    efficient.load_state_dict(plain.state_dict())
-    x = torch.randn(4, 3, 32, 32)
-    target = torch.randint(0, 5, (4,))
+    return se_densenet(100, 5, block_config=blocks, small_inputs=True, efficient=efficient).train()
 
-    out_p, bytes_p = _saved_bytes(plain, x)
-    out_e, bytes_e = _saved_bytes(efficient, x)
-    print(f"saved for backward: plain {bytes_p / 2**20:.2f} MiB, efficient {bytes_e / 2**20:.2f} MiB")
-    assert bytes_e < 0.75 * bytes_p
-    torch.testing.assert_close(out_e, out_p, rtol=1e-5, atol=1e-6)
 
-    F.cross_entropy(out_p, target).backward()
-    F.cross_entropy(out_e, target).backward()
-    grads_e = dict(efficient.named_parameters())
-    for name, p in plain.named_parameters():
-        torch.testing.assert_close(grads_e[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+def _assert_same_training_step(a: torch.nn.Module, b: torch.nn.Module, run_a, run_b, x: torch.Tensor) -> None:
+    """Outputs, every parameter's gradient and every BN running stat agree after one step."""
+    target = torch.randint(0, 5, (len(x),))
+    out_a, out_b = run_a(x), run_b(x)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
+    F.cross_entropy(out_a, target).backward()
+    F.cross_entropy(out_b, target).backward()
+    grads_b = dict(b.named_parameters())
+    for name, p in a.named_parameters():
+        torch.testing.assert_close(grads_b[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     # The recomputation in backward must not update BN running stats a second time.
-    buffers_e = dict(efficient.named_buffers())
-    for name, b in plain.named_buffers():
-        torch.testing.assert_close(buffers_e[name], b, msg=name)
+    buffers_b = dict(b.named_buffers())
+    for name, buf in a.named_buffers():
+        torch.testing.assert_close(buffers_b[name], buf, msg=name)
+
+
+def test_efficient_equals_plain_and_needs_less_memory():
+    plain, efficient = _cifar((8, 8), False), _cifar((8, 8), True)
+    efficient.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    _assert_same_training_step(plain, efficient, plain, efficient, x)
+
+    peak_plain, peak_efficient = _peak_bytes(_cifar((8, 8), False), x), _peak_bytes(_cifar((8, 8), True), x)
+    print(f"peak: plain {peak_plain / 2**20:.1f} MiB, efficient {peak_efficient / 2**20:.1f} MiB")
+    assert peak_efficient < 0.65 * peak_plain
 
 
 def test_efficient_memory_grows_linearly_with_depth():
-    """Each extra dense layer adds a constant number of saved bytes in efficient mode; with plain
+    """Each extra dense layer adds a constant number of bytes in efficient mode; with plain
     concatenation every layer stores its whole (growing) input, so the increments grow."""
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(4, 3, 32, 32)
 
     def increments(efficient: bool) -> tuple[int, int]:
-        b8, b16, b24 = (_saved_bytes(tiny(block_config=(n,), efficient=efficient).train(), x)[1] for n in (8, 16, 24))
+        b8, b16, b24 = (_peak_bytes(_cifar((n,), efficient), x) for n in (8, 16, 24))
         return b16 - b8, b24 - b16
 
     first, second = increments(efficient=True)
     assert second == pytest.approx(first, rel=0.05)
     first, second = increments(efficient=False)
     assert second > 1.3 * first
+
+
+def _graph_recorder(graphs: dict):
+    """A torch.compile backend that partitions like inductor (min-cut) and records both graphs."""
+
+    def record(name: str):
+        def compiler(gm: torch.fx.GraphModule, example_inputs):
+            graphs[name] = gm
+            return boxed_nop(gm, example_inputs)
+
+        return compiler
+
+    return aot_autograd(
+        fw_compiler=record("forward"), bw_compiler=record("backward"),
+        partition_fn=min_cut_rematerialization_partition, keep_inference_input_mutations=True,
+    )
+
+
+def _saved_for_backward_bytes(forward: torch.fx.GraphModule) -> int:
+    outputs = next(n for n in forward.graph.nodes if n.op == "output").args[0]
+    vals = [o.meta["val"] for o in outputs if isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), torch.Tensor)]
+    return sum(v.untyped_storage().nbytes() for v in vals)
+
+
+def test_efficient_compiled_equals_plain_and_recomputes_only_cheap_ops():
+    torch._dynamo.reset()
+    plain, efficient = _cifar((6, 6), False), _cifar((6, 6), True)
+    efficient.load_state_dict(plain.state_dict())
+    plain_graphs, efficient_graphs = {}, {}
+    run_plain = torch.compile(plain, backend=_graph_recorder(plain_graphs))
+    run_efficient = torch.compile(efficient, backend=_graph_recorder(efficient_graphs))
+    _assert_same_training_step(plain, efficient, run_plain, run_efficient, torch.randn(8, 3, 32, 32))
+
+    def forward_convolutions(gm: torch.fx.GraphModule) -> int:
+        return sum(n.target == torch.ops.aten.convolution.default for n in gm.graph.nodes)
+
+    assert forward_convolutions(efficient_graphs["backward"]) == 0
+    assert forward_convolutions(plain_graphs["backward"]) == 0
+    saved_plain = _saved_for_backward_bytes(plain_graphs["forward"])
+    saved_efficient = _saved_for_backward_bytes(efficient_graphs["forward"])
+    print(f"saved for backward, compiled: plain {saved_plain / 2**20:.1f} MiB, efficient {saved_efficient / 2**20:.1f} MiB")
+    assert saved_efficient < 0.7 * saved_plain
+    torch._dynamo.reset()
 
 
 def test_small_inputs_bc100_forward_backward():
