@@ -1,7 +1,8 @@
 """End-to-end training throughput against the model-only step rate and the loader alone.
 
 Three numbers from one run, same config, same machine:
-  loader      the train DataLoader alone (read shards, decode, augment, move to the device)
+  loader      the train DataLoader alone (read shards, decode, augment, move to the device), for
+              each data.decode (workers, device) and each --loader-workers count
   model-only  the training step on a synthetic batch already on the device (no loader)
   end-to-end  the real `accelerate launch trainer/main.py` (1 process), from its metrics.jsonl
 The ratios say whether the loop and the loader cost anything: end-to-end / model-only should be
@@ -29,9 +30,9 @@ import torch  # noqa: E402
 
 from shards.manifest import Manifest  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.main import build_loaders, build_model  # noqa: E402
+from trainer.main import build_loaders, build_model, device_stages  # noqa: E402
 from trainer.optim import make_optimizer, param_groups  # noqa: E402
-from trainer.transforms import DeviceNormalize, normalization  # noqa: E402
+from trainer.transforms import normalization  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--synthetic", type=int, default=20000, help="images in the synthetic corpus")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=50, help="timed steps for loader and model-only")
+    parser.add_argument("--loader-workers", default=None,
+                        help="comma-separated worker counts for the loader rows (default: the config's data.workers)")
+    parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false", help="skip the accelerate launch run")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("overrides", nargs="*")
@@ -59,18 +63,30 @@ def synthetic_shards(work: Path, n: int) -> Path:
     return out
 
 
-def loader_rate(loader, normalize, device: str, steps: int) -> float:
+def loader_rate(config, manifest: Manifest, device: str, steps: int) -> float:
+    """Batches/s of the real train loader and device stages (decode when data.decode=device, normalise)."""
+    mean, std = normalization(config.data, manifest.mean, manifest.std)
+    loader, _, _ = build_loaders(config, manifest, mean, std, 0, 1, device.startswith("cuda"))
+    decode, normalize = device_stages(config, mean, std, torch.device(device))
     iterator = iter(loader)
+
+    def next_batch() -> int:
+        images, labels, _, _ = next(iterator)
+        if decode is not None:
+            images, labels, _ = decode(images, labels)
+        normalize(images)
+        return len(labels)
+
     for _ in range(min(5, steps)):  # workers start, first batches
-        next(iterator)
+        next_batch()
     _sync(device)
     start, seen = time.perf_counter(), 0
     for _ in range(steps):
-        images, labels, _, _ = next(iterator)
-        images = normalize(images)
-        seen += len(labels)
+        seen += next_batch()
     _sync(device)
-    return seen / (time.perf_counter() - start)
+    rate = seen / (time.perf_counter() - start)
+    del iterator, loader  # stops the workers before the next measurement
+    return rate
 
 
 def model_rate(config, num_classes: int, device: str, steps: int) -> float:
@@ -131,24 +147,29 @@ def main() -> None:
     overrides = [*args.overrides, f"data.shards={shards}", f"run.dir={work / 'run'}"]
     config = load_config(args.config, overrides)
     manifest = Manifest.load(shards)
-    mean, std = normalization(config.data, manifest.mean, manifest.std)
-    train_loader, _, _ = build_loaders(config, manifest, mean, std, 0, 1, args.device.startswith("cuda"))
-    normalize = DeviceNormalize(mean, std, torch.device(args.device), config.train.channels_last)
-    results = {"loader": loader_rate(train_loader, normalize, args.device, args.steps)}
-    del train_loader  # its workers would compete with the model-only measurement
-    results["model_only"] = model_rate(config, len(manifest.classes), args.device, args.steps)
-    results["end_to_end"], results["end_to_end_wall_s"] = end_to_end_rate(args.config, args.overrides, shards, work, args.device)
+    workers = [int(w) for w in args.loader_workers.split(",")] if args.loader_workers else [config.data.workers]
+    loaders = {}
+    for decode in ("workers", "device"):
+        for n in workers:
+            variant = load_config(args.config, [*overrides, f"data.decode={decode}", f"data.workers={n}"])
+            loaders[f"loader, decode={decode}, {n} workers"] = loader_rate(variant, manifest, args.device, args.steps)
+            print(f"{list(loaders)[-1]}: {loaders[list(loaders)[-1]]:,.0f} img/s", flush=True)
+    results = {"loaders": loaders, "model_only": model_rate(config, len(manifest.classes), args.device, args.steps)}
+    rows = dict(loaders, **{"model-only": results["model_only"]})
+    if args.end_to_end:
+        results["end_to_end"], results["end_to_end_wall_s"] = end_to_end_rate(args.config, args.overrides, shards, work, args.device)
+        rows[f"end-to-end (decode={config.data.decode}, {config.data.workers} workers)"] = results["end_to_end"]
     results.update(
         device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         torch=torch.__version__, batch=config.train.batch_size, image_size=config.data.image_size,
-        workers=config.data.workers, precision=config.train.mixed_precision, compile=config.train.compile,
+        precision=config.train.mixed_precision, compile=config.train.compile,
         train_samples=manifest.splits["train"].num_samples,
     )
     print(f"\n{results['device']}, torch {results['torch']}, batch {results['batch']}, {results['image_size']} px, "
-          f"{results['workers']} loader workers, precision {results['precision']}, compile {results['compile']}")
+          f"precision {results['precision']}, compile {results['compile']}")
     print("| measure | img/s | vs model-only |\n|---|---|---|")
-    for name in ("loader", "model_only", "end_to_end"):
-        print(f"| {name} | {results[name]:,.0f} | {results[name] / results['model_only']:.2f}x |")
+    for name, rate in rows.items():
+        print(f"| {name} | {rate:,.0f} | {rate / results['model_only']:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -29,6 +29,8 @@ SOURCE_EXTS = frozenset(
     {"jpg", "jpeg", "jpe", "jfif", "png", "webp", "gif", "bmp", "dib", "tif", "tiff", "ppm", "pgm", "pbm"}
 )
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of an image's rotation/mirroring
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -77,7 +79,7 @@ def decode_rgb(data: bytes) -> Image.Image:
     """Encoded image bytes -> an 8-bit RGB image, upright as its EXIF orientation says."""
     img = Image.open(io.BytesIO(data))
     img.load()  # surfaces truncated data here, not later inside a transform
-    if img.getexif().get(0x0112, 1) != 1:  # 0x0112 = Orientation; transposing copies, so only when needed
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transposing copies, so only when needed
         ImageOps.exif_transpose(img, in_place=True)
     return to_rgb(img)
 

@@ -97,13 +97,14 @@ def test_exported_weights_reproduce_logged_top1_on_one_process(trained_run, digi
 
 
 def test_optional_features_train_together(digits_shards, tmp_path):
-    """EMA, mixup/cutmix, accumulation, clipping, balanced sampling, SGD, auto-augment: one real run."""
+    """EMA, mixup/cutmix, accumulation, clipping, balanced sampling, SGD, auto-augment, efficient
+    mode, decoding on the device: one real run."""
     run_dir = tmp_path / "run"
     result = run_training(
         [f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "wandb.mode=disabled",
          "train.ema=true", "train.ema_decay=0.9", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
          "train.grad_accum=2", "optim.grad_clip=1.0", "data.balance=sampler", "optim.name=sgd",
-         "data.auto_augment=trivialaugment", "model.drop_rate=0.1", "model.efficient=true"],
+         "data.auto_augment=trivialaugment", "model.drop_rate=0.1", "model.efficient=true", "data.decode=device"],
         processes=1,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -44,6 +44,7 @@ class DataConfig:
     crop_pct: float = 0.875  # val: resize to image_size / crop_pct, then centre crop
     normalize: str = "manifest"  # manifest (the train split's mean/std) | imagenet
     workers: int = 4  # loader processes per rank
+    decode: str = "workers"  # workers (PIL, in the loader processes) | device (JPEGs in batches on the GPU)
     scale_min: float = 0.08  # random resized crop area range [scale_min, 1]
     hflip: float = 0.5
     color_jitter: float = 0.0
@@ -125,6 +126,7 @@ class Config:
 
 CHOICES = {
     "data.normalize": ("manifest", "imagenet"),
+    "data.decode": ("workers", "device"),
     "data.auto_augment": ("none", "randaugment", "trivialaugment"),
     "data.balance": ("none", "sampler", "loss"),
     "optim.name": ("adamw", "adam", "sgd"),

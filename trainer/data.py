@@ -8,15 +8,18 @@ i to rank i % world: every sample is counted exactly once, with no padding.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import signal
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torchvision.transforms.v2.functional import pil_to_tensor
 
-from shards.format import decode_rgb, image_field
+from shards.format import EXIF_ORIENTATION, decode_rgb, image_field
 from shards.manifest import Manifest
 from shards.reader import ShardError, ShardIndex
 
@@ -44,7 +47,11 @@ def split_index(manifest: Manifest, split: str) -> ShardIndex:
 
 
 class ShardDataset(Dataset):
-    """Decodes and transforms sample `index` with its own seed; None for a bad sample if skipping."""
+    """Decodes and transforms sample `index` with its own seed; None for a bad sample if skipping.
+
+    With transform=None it leaves decoding to the device (data.decode=device): the item is the
+    encoded image (`device_ready`) and its seed, for `DeviceDecode`.
+    """
 
     def __init__(self, index: ShardIndex, transform, skip_bad: bool = False):
         self.index, self.transform, self.skip_bad = index, transform, skip_bad
@@ -56,8 +63,11 @@ class ShardDataset(Dataset):
         index, seed = item
         sample = self.index.read(index)
         try:
-            image = decode_rgb(sample[image_field(sample)])
-            label = int(sample["cls"])
+            data, label = sample[image_field(sample)], int(sample["cls"])
+            if self.transform is None:
+                name = f"{sample['__key__']} in shard {sample['__shard__']}"
+                return device_ready(data), label, index, seed, name
+            image = decode_rgb(data)
         except Exception as e:  # any decoder failure means the same thing to the user
             if self.skip_bad:
                 return None
@@ -66,15 +76,37 @@ class ShardDataset(Dataset):
                 "re-run make_shards, or set data.skip_bad_samples=true to skip such samples"
             ) from None
         with torch.random.fork_rng(devices=[]):  # keep the caller's stream when workers=0
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.transform(image), label, index
 
 
-def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def device_ready(data: bytes) -> torch.Tensor:
+    """JPEG bytes as they are (1-D uint8) when the device can decode them to the same upright
+    RGB; anything else (PNG, WebP, CMYK, EXIF-rotated) decoded here, as CHW uint8."""
+    image = Image.open(io.BytesIO(data))  # reads the header only
+    if image.format == "JPEG" and image.mode in ("RGB", "L") and image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return pil_to_tensor(decode_rgb(data))
+
+
+@dataclass
+class EncodedBatch:
+    """A training batch before device decoding: per sample, the `device_ready` image, its
+    augmentation seed and its name for error messages."""
+
+    images: list[torch.Tensor]
+    seeds: list[int]
+    names: list[str]
+
+
+def collate(batch: list) -> tuple[torch.Tensor | EncodedBatch, torch.Tensor, torch.Tensor, int]:
     good = [item for item in batch if item is not None]
     bad = len(batch) - len(good)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad
+    if len(good[0]) == 5:  # encoded, for the device
+        images, labels, indices, seeds, names = zip(*good)
+        return EncodedBatch(list(images), list(seeds), list(names)), torch.tensor(labels), torch.tensor(indices), bad
     images, labels, indices = default_collate(good)
     return images, labels, indices, bad
 

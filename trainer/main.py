@@ -38,7 +38,7 @@ from trainer.model import load_weights, se_densenet
 from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups
 from trainer.report import write_report
 from trainer.tracking import Tracker, TrackingError, read_records
-from trainer.transforms import DeviceNormalize, EvalPreset, TrainPreset, batch_mixer, normalization
+from trainer.transforms import DeviceDecode, DeviceNormalize, EvalPreset, TrainPreset, batch_mixer, normalization
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
 EXIT_USAGE = 2
@@ -126,7 +126,7 @@ def train(config: Config) -> int:
     accelerator.wait_for_everyone()
 
     train_loader, val_loader, order = build_loaders(config, manifest, mean, std, rank, world, accelerator.device.type == "cuda")
-    normalize = DeviceNormalize(mean, std, accelerator.device, config.train.channels_last)
+    decode, normalize = device_stages(config, mean, std, accelerator.device)
     batches = order.steps_per_epoch // config.train.grad_accum * config.train.grad_accum
     steps_per_epoch = batches // config.train.grad_accum
     if steps_per_epoch == 0:
@@ -156,7 +156,7 @@ def train(config: Config) -> int:
     while progress.epoch < config.train.epochs:
         order.set_epoch(progress.epoch, progress.batch)
         finished = train_one_epoch(
-            config, model, optimizer, scheduler, ema, criterion, mixer, normalize, train_loader, batches,
+            config, model, optimizer, scheduler, ema, criterion, mixer, decode, normalize, train_loader, batches,
             progress, accelerator, tracker, stop,
         )
         if finished:
@@ -229,11 +229,22 @@ def build_loaders(config: Config, manifest: Manifest, mean: list, std: list, ran
     train_index, val_index = split_index(manifest, "train"), split_index(manifest, "val")
     labels = train_index.labels() if config.data.balance == "sampler" else None
     order = TrainOrder(len(train_index), config.train.batch_size, rank, world, config.train.seed, labels)
-    train_set = ShardDataset(train_index, TrainPreset(config.data, mean, std), config.data.skip_bad_samples)
+    # data.decode=device: the workers hand over encoded images; DeviceDecode augments on the device
+    train_preset = TrainPreset(config.data, mean, std) if config.data.decode == "workers" else None
+    train_set = ShardDataset(train_index, train_preset, config.data.skip_bad_samples)
     val_set = ShardDataset(val_index, EvalPreset(config.data.image_size, config.data.crop_pct, mean, std))
     val_order = EvalOrder(len(val_index), config.train.batch_size, rank, world)
     workers = config.data.workers
     return make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin), order
+
+
+def device_stages(config: Config, mean: list, std: list, device: torch.device) -> tuple[DeviceDecode | None, DeviceNormalize]:
+    """What a training batch goes through on the device: decoding and augmentation when
+    data.decode=device, then normalisation."""
+    decode = None
+    if config.data.decode == "device":
+        decode = DeviceDecode(TrainPreset(config.data, mean, std).augment, device, config.data.skip_bad_samples)
+    return decode, DeviceNormalize(mean, std, device, config.train.channels_last)
 
 
 def build_model(config: Config, num_classes: int) -> torch.nn.Module:
@@ -296,7 +307,8 @@ def resume(config, model, optimizer, scheduler, ema, classes, accelerator, batch
 
 
 def train_one_epoch(
-    config, model, optimizer, scheduler, ema, criterion, mixer, normalize, loader, batches, progress, accelerator, tracker, stop
+    config, model, optimizer, scheduler, ema, criterion, mixer, decode, normalize, loader, batches, progress, accelerator,
+    tracker, stop,
 ) -> bool:
     """Runs the epoch from progress.batch on; False when stopped by a signal (after a whole step)."""
     model.train()
@@ -310,6 +322,9 @@ def train_one_epoch(
     bar = tracker.progress(loader, total=batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
     for images, labels, _, bad in bar:
         micro = progress.batch % accum
+        if decode is not None:
+            images, labels, dropped = decode(images, labels)
+            bad += dropped
         window["bad"] += bad
         images = normalize(images)
         labels = labels.to(accelerator.device, non_blocking=True)

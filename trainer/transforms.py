@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from shards.format import decode_rgb
+from shards.reader import ShardError
 from trainer.config import DataConfig
+from trainer.data import EncodedBatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,6 +25,7 @@ class TrainPreset:
 
     Training batches stay uint8 until they are on the device (`DeviceNormalize`): a quarter of
     the bytes through shared memory, the pin-memory copy and the host-to-device transfer.
+    `augment` alone takes a PIL image or a CHW uint8 tensor on any device (`DeviceDecode`).
     """
 
     def __init__(self, data: DataConfig, mean: list[float], std: list[float]):
@@ -35,11 +40,67 @@ class TrainPreset:
             steps.append(v2.RandAugment())
         elif data.auto_augment == "trivialaugment":
             steps.append(v2.TrivialAugmentWide())
-        steps.append(v2.PILToTensor())
-        self.transform = v2.Compose(steps)
+        self.augment = v2.Compose(steps)
+        self.transform = v2.Compose([self.augment, v2.PILToTensor()])
 
     def __call__(self, image):
         return self.transform(image)
+
+
+class DeviceDecode:
+    """data.decode=device: a batch of JPEG bytes -> augmented uint8 NCHW on the training device.
+
+    The JPEGs are decoded together (nvJPEG on a GPU); then each image gets the workers' own
+    augmentation under its own seed, so a sample's crop and flip do not depend on where it was
+    decoded. What nvJPEG cannot read is decoded with PIL; what PIL cannot read either is a bad
+    sample, dropped with its label when skipping, else a one-line error.
+    """
+
+    def __init__(self, augment, device: torch.device, skip_bad: bool):
+        self.augment, self.device, self.skip_bad = augment, device, skip_bad
+
+    def __call__(self, batch: EncodedBatch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(uint8 images on the device, their labels, how many were dropped as bad)."""
+        images = self.decode(batch)
+        keep = [i for i, image in enumerate(images) if image is not None]
+        augmented = []
+        for i in keep:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(batch.seeds[i])
+                augmented.append(self.augment(images[i]))
+        if not augmented:
+            return torch.empty(0, 3, 0, 0, dtype=torch.uint8, device=self.device), labels[:0], len(images)
+        return torch.stack(augmented), labels[keep], len(images) - len(keep)
+
+    def decode(self, batch: EncodedBatch) -> list[torch.Tensor | None]:
+        images: list[torch.Tensor | None] = [image.to(self.device, non_blocking=True) if image.dim() == 3 else None
+                                             for image in batch.images]
+        jpegs = [i for i, image in enumerate(batch.images) if image.dim() == 1]
+        if not jpegs:
+            return images
+        try:
+            decoded = decode_jpeg([batch.images[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one unreadable file fails the whole call: find it
+            decoded = [self.decode_one(batch, i) for i in jpegs]
+        for i, image in zip(jpegs, decoded):
+            images[i] = image
+        return images
+
+    def decode_one(self, batch: EncodedBatch, i: int) -> torch.Tensor | None:
+        data = batch.images[i]
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            pass
+        try:
+            return v2.functional.pil_to_tensor(decode_rgb(data.numpy().tobytes())).to(self.device)
+        except Exception as e:
+            if self.skip_bad:
+                return None
+            raise ShardError(
+                f"sample {batch.names[i]} cannot be read ({type(e).__name__}: {e}) — "
+                "re-run make_shards, or set data.skip_bad_samples=true to skip such samples"
+            ) from None
 
 
 class DeviceNormalize:

@@ -1,0 +1,127 @@
+"""data.decode=device computes what the workers compute: the same crops and flips from the same
+seeds, on images decoded by torchvision instead of PIL. Run here on the CPU device; on a GPU the
+same code decodes with nvJPEG."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shards.format import EXIF_ORIENTATION
+from shards.reader import ShardError, ShardIndex
+from trainer.config import DataConfig
+from trainer.data import EncodedBatch, ShardDataset, collate, device_ready
+from trainer.transforms import DeviceDecode, TrainPreset
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+SEEDS = [11, 12, 13, 14, 15, 16]
+
+
+def smooth_image(width: int, height: int, shift: int) -> Image.Image:
+    """Gradients and a square: resampling differences stay small, crops stay recognisable."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, (x + y + shift) % 256], -1).astype(np.uint8)
+    rgb[height // 4 : height // 2, width // 3 : width // 2] = (250, 30, 30)
+    return Image.fromarray(rgb)
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    return encode(smooth_image(90, 70, 3), "JPEG", quality=95, exif=exif)
+
+
+# (field, bytes, decoded on the device)
+SAMPLES = [
+    ("jpg", encode(smooth_image(96, 72, 0), "JPEG", quality=95), True),
+    ("jpg", encode(smooth_image(80, 100, 1).convert("L"), "JPEG", quality=95), True),
+    ("jpg", rotated_jpeg(), False),
+    ("jpg", encode(smooth_image(64, 64, 2).convert("CMYK"), "JPEG", quality=95), False),
+    ("png", encode(smooth_image(70, 50, 4), "PNG"), False),
+    ("webp", encode(smooth_image(60, 80, 5), "WEBP", lossless=True), False),
+]
+
+
+def write_shard(path, images: list[tuple[str, bytes]]) -> ShardIndex:
+    with tarfile.open(path, "w") as tar:
+        for i, (field, data) in enumerate(images):
+            for ext, payload in ((field, data), ("cls", str(i % 3).encode())):
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return ShardIndex([path], [len(images)])
+
+
+def data_config(**overrides) -> DataConfig:
+    return DataConfig(shards="unused", image_size=32, scale_min=0.3, **overrides)
+
+
+def on_device(index: ShardIndex, items: list[tuple[int, int]], skip_bad: bool = False):
+    dataset = ShardDataset(index, None, skip_bad)
+    batch, labels, _, bad = collate([dataset[item] for item in items])
+    decode = DeviceDecode(TrainPreset(data_config(), MEAN, STD).augment, torch.device("cpu"), skip_bad)
+    images, labels, dropped = decode(batch, labels)
+    return images, labels, bad + dropped
+
+
+def test_jpegs_go_to_the_device_encoded_and_the_rest_decoded():
+    for field, data, encoded in SAMPLES:
+        ready = device_ready(data)
+        assert ready.dtype == torch.uint8
+        assert ready.dim() == (1 if encoded else 3), field
+        if not encoded:
+            assert ready.shape[0] == 3
+
+
+@pytest.mark.parametrize("config", [{}, {"color_jitter": 0.4, "rotation": 10.0}, {"auto_augment": "trivialaugment"}])
+def test_device_decode_gives_the_workers_crops_from_the_same_seeds(tmp_path, config):
+    index = write_shard(tmp_path / "s.tar", [(field, data) for field, data, _ in SAMPLES])
+    items = list(zip(range(len(SAMPLES)), SEEDS))
+    workers = ShardDataset(index, TrainPreset(data_config(**config), MEAN, STD))
+    expected = torch.stack([workers[item][0] for item in items])
+    labels_expected = torch.tensor([workers[item][1] for item in items])
+
+    dataset = ShardDataset(index, None)
+    batch, labels, _, _ = collate([dataset[item] for item in items])
+    decode = DeviceDecode(TrainPreset(data_config(**config), MEAN, STD).augment, torch.device("cpu"), False)
+    images, labels, dropped = decode(batch, labels)
+
+    assert dropped == 0 and torch.equal(labels, labels_expected)
+    assert images.dtype == torch.uint8 and images.shape == expected.shape == (len(SAMPLES), 3, 32, 32)
+    # Same decode (libjpeg-turbo both), resampling by torch instead of PIL: a few levels apart.
+    error = (images.float() - expected.float()).abs().mean((1, 2, 3))
+    print(f"mean abs difference per image: {error.tolist()}")
+    assert error.max() < 2, error
+    # Other seeds give other crops: far more apart, so the test above does see the crop.
+    shuffled = EncodedBatch(batch.images, [s + 100 for s in batch.seeds], batch.names)
+    other, _, _ = decode(shuffled, labels)
+    assert (other.float() - expected.float()).abs().mean((1, 2, 3)).min() > 3 * error.max()
+
+
+def test_unreadable_jpeg_is_dropped_with_its_label_or_named(tmp_path):
+    good = SAMPLES[0][1]
+    truncated = good[: len(good) // 2]  # the header parses; decoding fails
+    index = write_shard(tmp_path / "s.tar", [("jpg", good), ("jpg", truncated), ("jpg", good)])
+    items = [(0, 1), (1, 2), (2, 3)]
+
+    images, labels, bad = on_device(index, items, skip_bad=True)
+    assert bad == 1 and images.shape[0] == 2 and labels.tolist() == [0, 2]
+
+    with pytest.raises(ShardError, match=r"sample s001 in shard .*s\.tar cannot be read .*data\.skip_bad_samples=true"):
+        on_device(index, items, skip_bad=False)
+
+
+def test_not_an_image_is_caught_in_the_worker(tmp_path):
+    index = write_shard(tmp_path / "s.tar", [("jpg", b"not a jpeg at all"), ("jpg", SAMPLES[0][1])])
+    images, labels, bad = on_device(index, [(0, 1), (1, 2)], skip_bad=True)
+    assert bad == 1 and images.shape[0] == 1 and labels.tolist() == [1]
+    with pytest.raises(ShardError, match="s000"):
+        ShardDataset(index, None)[(0, 1)]
