@@ -15,7 +15,7 @@ from trainer.main import EXIT_PREEMPTED
 pytestmark = pytest.mark.e2e
 
 EXACT = ["train.epochs=2", "train.checkpoint_every=7", "train.deterministic=true", "train.log_every=1", "wandb.mode=disabled"]
-TIMING = {"img_per_s", "epoch_time"}
+TIMING = {"img_per_s", "epoch_time", "startup_s"}
 
 
 def records(run_dir):

@@ -111,3 +111,24 @@ def test_optional_features_train_together(digits_shards, tmp_path):
     evals = records(run_dir, "eval")
     assert evals[-1]["weights"] == "ema" and evals[-1]["num_samples"] == 179
     assert records(run_dir, "train")[-1]["step"] == 1618 // 32 // 2  # optimizer steps, not batches
+
+
+def test_compiled_efficient_training_resumes_with_its_compiled_kernels(digits_shards, tmp_path):
+    """train.compile with model.efficient: inductor compiles the selectively checkpointed layers,
+    the kernels land in the run dir, and a resumed process finds every one of them there."""
+    run_dir = tmp_path / "run"
+    overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", "wandb.mode=disabled",
+                 "train.compile=default", "model.efficient=true"]
+    first = run_training([*overrides, "train.epochs=1"], processes=1, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "context_fn is passed" not in first.stderr
+    graphs = run_dir / "compile_cache" / "fxgraph"
+    compiled = sorted(p.relative_to(graphs) for p in graphs.rglob("*") if p.is_file())
+    assert compiled, "no compiled graph in the run dir"
+
+    second = run_training([*overrides, "train.epochs=2"], processes=1, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(p.relative_to(graphs) for p in graphs.rglob("*") if p.is_file()) == compiled  # all hits
+    starts = [r for r in records(run_dir, "train") if "startup_s" in r]
+    assert [r["epoch"] for r in starts] == [1, 2]  # one per process: time to its first step
+    assert records(run_dir, "eval")[-1]["epoch"] == 2

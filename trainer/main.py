@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -39,6 +40,9 @@ from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups
 from trainer.report import write_report
 from trainer.tracking import Tracker, TrackingError, read_records
 from trainer.transforms import DeviceDecode, DeviceNormalize, EvalPreset, TrainPreset, batch_mixer, normalization
+
+PROCESS_START = time.perf_counter()  # at import (torch loaded): accelerate start-up, compilation and the
+# first batches all count towards the time to the first step, logged once per process
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
 EXIT_USAGE = 2
@@ -184,6 +188,10 @@ def make_accelerator(config: Config) -> Accelerator:
     dynamo = None
     if config.train.compile != "none":
         dynamo = TorchDynamoPlugin(backend="inductor", mode=config.train.compile)
+        use_run_dir_compile_cache(Path(config.run.dir))
+        # torch reminds whoever passes a checkpoint policy not to mutate tensors inside the region;
+        # the efficient dense layer keeps its ReLUs out of place, so the reminder is only noise.
+        logging.getLogger("torch._higher_order_ops.wrap").addFilter(lambda r: "context_fn is passed" not in r.getMessage())
     # cpu=True makes Accelerate form a gloo group when launched with several processes.
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=config.train.mixed_precision, dynamo_plugin=dynamo)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -193,6 +201,16 @@ def make_accelerator(config: Config) -> Accelerator:
             "on machines without a GPU set ACCELERATE_USE_CPU=true (or train.device=cpu)"
         )
     return accelerator
+
+
+def use_run_dir_compile_cache(run_dir: Path) -> None:
+    """Compiled kernels go beside the checkpoints, so that a job requeued onto another node
+    reuses them instead of compiling for minutes again. Importing torch._dynamo already set
+    the variable to inductor's default (the node's /tmp); a value of the user's own is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir.resolve() / "compile_cache")
 
 
 def prepare_run_dir(run_dir: Path, config: Config, classes: list[str], mean: list[float], std: list[float]) -> None:
@@ -351,6 +369,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
         progress.step += 1
+        STARTUP.step_done(accelerator)
         if progress.step % config.train.log_every == 0 or progress.batch == batches:
             log_train(window, scheduler, progress, accelerator, tracker, time.perf_counter() - epoch_start)
         if config.train.checkpoint_every and progress.step % config.train.checkpoint_every == 0 and progress.batch < batches:
@@ -364,6 +383,30 @@ def any_rank(flag: bool, accelerator: Accelerator) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+class StartupClock:
+    """Seconds from process start to the end of its first optimizer step (compile included),
+    for the first train record the process logs."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+        self.logged = False
+
+    def step_done(self, accelerator: Accelerator) -> None:
+        if self.seconds is None:
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()  # once: the first step's kernels are part of it
+            self.seconds = time.perf_counter() - PROCESS_START
+
+    def take(self) -> float | None:
+        if self.logged or self.seconds is None:
+            return None
+        self.logged = True
+        return self.seconds
+
+
+STARTUP = StartupClock()
 
 
 def log_train(window, scheduler, progress, accelerator, tracker, epoch_time) -> None:
@@ -383,6 +426,8 @@ def log_train(window, scheduler, progress, accelerator, tracker, epoch_time) -> 
     }
     if bad:
         record["skipped_bad_samples"] = int(bad)
+    if (startup := STARTUP.take()) is not None:
+        record["startup_s"] = startup
     if accelerator.device.type == "cuda":
         record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     tracker.log(record)
@@ -506,8 +551,10 @@ def finish_run(config, model, ema, classes, progress, accelerator, tracker) -> N
         "steps": progress.step,
         "world_size": accelerator.num_processes,
     }
-    rates = [r["img_per_s"] for r in read_records(run_dir / "metrics.jsonl") if r["kind"] == "train"][1:]
+    trains = [r for r in read_records(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    rates = [r["img_per_s"] for r in trains[1:]]
     summary["img_per_s"] = sum(rates) / len(rates) if rates else None  # the first window holds start-up
+    summary["startup_s"] = [r["startup_s"] for r in trains if "startup_s" in r]  # per process start (resumes)
     tracker.summarize(summary)
     tracker.plots()
     if accelerator.is_main_process:

@@ -32,6 +32,9 @@ def write_report(run_dir: Path, config: Config, classes: list[str], summary: dic
     ]
     if trains:
         lines.append(f"- throughput: {sum(r['img_per_s'] for r in trains) / len(trains):,.0f} images/s (mean over logged windows)")
+    if summary.get("startup_s"):
+        starts = ", ".join(f"{s:.0f} s" for s in summary["startup_s"])
+        lines.append(f"- time to first step (start-up and compilation), per process start: {starts}")
     if evals:
         last = evals[-1]
         lines += ["", "## Per class (final evaluation)", "", "| class | precision | recall | specificity | F1 | support |", "|---|---|---|---|---|---|"]
