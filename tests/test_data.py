@@ -95,10 +95,11 @@ def test_train_batches_stay_uint8_until_normalised_on_the_device():
     from trainer.transforms import DeviceNormalize, TrainPreset
 
     mean, std = [0.2, 0.4, 0.6], [0.5, 0.25, 0.125]
-    image = Image.fromarray(torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8).numpy())
-    data = DataConfig(shards="s", image_size=16, scale_min=0.5)
+    png = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8).numpy()).save(png, "PNG")
+    preset = TrainPreset(DataConfig(shards="s", image_size=16, scale_min=0.5), mean, std)
     torch.manual_seed(3)
-    uint8 = TrainPreset(data, mean, std)(image)
+    uint8 = preset(preset.decode(png.getvalue()))
     assert uint8.dtype == torch.uint8 and uint8.shape == (3, 16, 16)
     batch = DeviceNormalize(mean, std, torch.device("cpu"), channels_last=True)(uint8[None])
     expected = v2.Normalize(mean, std)(uint8.float()[None] / 255)

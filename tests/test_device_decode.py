@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shards.format import EXIF_ORIENTATION
+from shards.format import EXIF_ORIENTATION, decode_rgb
 from shards.reader import ShardError, ShardIndex
 from trainer.config import DataConfig
 from trainer.data import EncodedBatch, ShardDataset, collate, device_ready
@@ -61,7 +61,7 @@ def write_shard(path, images: list[tuple[str, bytes]]) -> ShardIndex:
 
 
 def data_config(**overrides) -> DataConfig:
-    return DataConfig(shards="unused", image_size=32, scale_min=0.3, **overrides)
+    return DataConfig(**{"shards": "unused", "image_size": 32, "scale_min": 0.3, **overrides})
 
 
 def on_device(index: ShardIndex, items: list[tuple[int, int]], skip_bad: bool = False):
@@ -125,3 +125,44 @@ def test_not_an_image_is_caught_in_the_worker(tmp_path):
     assert bad == 1 and images.shape[0] == 1 and labels.tolist() == [1]
     with pytest.raises(ShardError, match="s000"):
         ShardDataset(index, None)[(0, 1)]
+
+
+def big_photo(width: int, height: int, orientation: int = 1) -> bytes:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    return encode(smooth_image(width, height, 7), "JPEG", quality=92, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_jpeg_draft_decodes_big_photos_smaller_and_crops_the_same_region(orientation):
+    """A 1600x1200 photo cropped to 32 px: decoded at up to 1/8 scale, yet the same region as a
+    full decode (DCT scaling instead of an antialiased resize: a few levels apart)."""
+    data = big_photo(1600, 1200, orientation)
+    full, draft = (TrainPreset(data_config(jpeg_draft=on, scale_min=0.05), MEAN, STD) for on in (False, True))
+
+    def crops(preset: TrainPreset, seeds: list[int]) -> torch.Tensor:
+        out = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            out.append(preset(preset.decode(data)).float())
+        return torch.stack(out)
+
+    expected, got = crops(full, SEEDS), crops(draft, SEEDS)
+    error = (got - expected).abs().mean((1, 2, 3))
+    print(f"mean abs difference per crop: {error.tolist()}")
+    assert got.shape == expected.shape == (len(SEEDS), 3, 32, 32)
+    assert error.max() < 6
+    other = (crops(draft, [s + 100 for s in SEEDS]) - expected).abs().mean((1, 2, 3))
+    assert other.min() > 2 * error.max()  # another seed's crop is much further off
+    # The decoder really runs smaller: libjpeg's 1/8 scale (upright, so turned when rotated).
+    assert decode_rgb(data, lambda w, h: (w // 8, h // 8)).size == ((200, 150) if orientation == 1 else (150, 200))
+
+
+def test_jpeg_draft_changes_nothing_when_the_crop_needs_full_resolution():
+    data = SAMPLES[0][1]  # 96 x 72: a 64 px output never allows a smaller decode
+    full, draft = (TrainPreset(data_config(jpeg_draft=on, image_size=64), MEAN, STD) for on in (False, True))
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        expected = full(full.decode(data))
+        torch.manual_seed(seed)
+        assert torch.equal(draft(draft.decode(data)), expected)

@@ -45,6 +45,7 @@ class DataConfig:
     normalize: str = "manifest"  # manifest (the train split's mean/std) | imagenet
     workers: int = 4  # loader processes per rank
     decode: str = "workers"  # workers (PIL, in the loader processes) | device (JPEGs in batches on the GPU)
+    jpeg_draft: bool = True  # workers: decode big JPEGs at 1/2-1/8 scale when the random crop still fits
     scale_min: float = 0.08  # random resized crop area range [scale_min, 1]
     hflip: float = 0.5
     color_jitter: float = 0.0

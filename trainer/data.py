@@ -49,8 +49,9 @@ def split_index(manifest: Manifest, split: str) -> ShardIndex:
 class ShardDataset(Dataset):
     """Decodes and transforms sample `index` with its own seed; None for a bad sample if skipping.
 
-    With transform=None it leaves decoding to the device (data.decode=device): the item is the
-    encoded image (`device_ready`) and its seed, for `DeviceDecode`.
+    The transform is a preset: `decode(bytes)` then `__call__(image)`. With transform=None it
+    leaves decoding to the device (data.decode=device): the item is the encoded image
+    (`device_ready`) and its seed, for `DeviceDecode`.
     """
 
     def __init__(self, index: ShardIndex, transform, skip_bad: bool = False):
@@ -62,21 +63,21 @@ class ShardDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
         sample = self.index.read(index)
-        try:
-            data, label = sample[image_field(sample)], int(sample["cls"])
-            if self.transform is None:
-                name = f"{sample['__key__']} in shard {sample['__shard__']}"
-                return device_ready(data), label, index, seed, name
-            image = decode_rgb(data)
-        except Exception as e:  # any decoder failure means the same thing to the user
-            if self.skip_bad:
-                return None
-            raise ShardError(
-                f"sample {sample['__key__']} in shard {sample['__shard__']} cannot be read ({type(e).__name__}: {e}) — "
-                "re-run make_shards, or set data.skip_bad_samples=true to skip such samples"
-            ) from None
         with torch.random.fork_rng(devices=[]):  # keep the caller's stream when workers=0
-            torch.default_generator.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the train preset draws its crop while decoding
+            try:
+                data, label = sample[image_field(sample)], int(sample["cls"])
+                if self.transform is None:
+                    name = f"{sample['__key__']} in shard {sample['__shard__']}"
+                    return device_ready(data), label, index, seed, name
+                image = self.transform.decode(data)
+            except Exception as e:  # any decoder failure means the same thing to the user
+                if self.skip_bad:
+                    return None
+                raise ShardError(
+                    f"sample {sample['__key__']} in shard {sample['__shard__']} cannot be read ({type(e).__name__}: {e}) — "
+                    "re-run make_shards, or set data.skip_bad_samples=true to skip such samples"
+                ) from None
             return self.transform(image), label, index
 
 

@@ -1,7 +1,10 @@
 """Train and eval presets (torchvision references' habit: small classes, built from the config)."""
 from __future__ import annotations
 
+import math
+
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
@@ -23,13 +26,19 @@ def normalization(data: DataConfig, manifest_mean: list[float], manifest_std: li
 class TrainPreset:
     """Random resized crop, flip and the optional augmentations, then a uint8 CHW tensor.
 
+    In the loader workers `decode` reads the bytes and takes the random crop, `__call__` does
+    the rest. With data.jpeg_draft a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that
+    still gives the crop its full output resolution: the crop (its first random draw) is chosen
+    from the image's size before decoding, so a seed picks the same region either way.
     Training batches stay uint8 until they are on the device (`DeviceNormalize`): a quarter of
     the bytes through shared memory, the pin-memory copy and the host-to-device transfer.
-    `augment` alone takes a PIL image or a CHW uint8 tensor on any device (`DeviceDecode`).
+    `augment` takes a CHW uint8 tensor on any device (`DeviceDecode`).
     """
 
     def __init__(self, data: DataConfig, mean: list[float], std: list[float]):
-        steps: list = [v2.RandomResizedCrop(data.image_size, scale=(data.scale_min, 1.0), antialias=True)]
+        self.crop = v2.RandomResizedCrop(data.image_size, scale=(data.scale_min, 1.0), antialias=True)
+        self.size, self.draft = data.image_size, data.jpeg_draft
+        steps: list = []
         if data.hflip > 0:
             steps.append(v2.RandomHorizontalFlip(data.hflip))
         if data.color_jitter > 0:
@@ -40,11 +49,31 @@ class TrainPreset:
             steps.append(v2.RandAugment())
         elif data.auto_augment == "trivialaugment":
             steps.append(v2.TrivialAugmentWide())
-        self.augment = v2.Compose(steps)
-        self.transform = v2.Compose([self.augment, v2.PILToTensor()])
+        self.rest = v2.Compose([*steps, v2.PILToTensor()])
+        self.augment = v2.Compose([self.crop, *steps])
 
-    def __call__(self, image):
-        return self.transform(image)
+    def decode(self, data: bytes) -> Image.Image:
+        """Encoded bytes -> the randomly cropped and resized RGB image."""
+        drawn: dict = {}
+
+        def shrink(width: int, height: int) -> tuple[int, int]:
+            placeholder = torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, height, width)  # a size, no pixels
+            drawn.update(self.crop.make_params([placeholder]), full=(width, height))
+            return math.ceil(width * self.size / drawn["width"]), math.ceil(height * self.size / drawn["height"])
+
+        image = decode_rgb(data, shrink if self.draft else None)
+        if not drawn:  # not a JPEG, or no draft
+            return self.crop.transform(image, self.crop.make_params([image]))
+        width, height = drawn.pop("full")
+        if image.size != (width, height):  # decoded smaller: the same region in its pixels
+            sx, sy = image.width / width, image.height / height
+            drawn = {"top": round(drawn["top"] * sy), "left": round(drawn["left"] * sx),
+                     "height": max(1, round(drawn["height"] * sy)), "width": max(1, round(drawn["width"] * sx))}
+        return self.crop.transform(image, drawn)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """The cropped image from `decode` -> flip and the other augmentations -> uint8 CHW."""
+        return self.rest(image)
 
 
 class DeviceDecode:
@@ -130,6 +159,8 @@ class EvalPreset:
         ]
         steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
         self.transform = v2.Compose(steps)
+
+    decode = staticmethod(decode_rgb)  # encoded bytes -> RGB image, as the loader asks every preset
 
     def __call__(self, image):
         return self.transform(image)
