@@ -1,7 +1,10 @@
-"""Decode + train augmentation on one CPU core, data.jpeg_draft off against on, side by side.
+"""Decode + train augmentation on one CPU core: our loader worker against the plain recipe.
 
 What a loader worker does per sample (bytes -> random resized crop -> flip -> uint8 tensor), for
-JPEGs of a few sizes, the two settings interleaved in one process. The ratio is what matters:
+JPEGs of a few sizes, interleaved in one process: torchvision's reference recipe on PIL
+(decode, v2.RandomResizedCrop, flip, PILToTensor), and our TrainPreset with data.jpeg_draft off
+and on (torchvision's decoder and uint8 resampler for full-size JPEGs; DCT-scaled decoding with
+PIL where the crop allows). The ratios are what matter:
 
     python bench/decode.py                       # 500x375 (ImageNet-like), 1600x1200, 4000x3000 (12 MP)
     python bench/decode.py --sizes 4000x3000 --image-size 224 --seconds 5
@@ -16,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shards.format import decode_rgb  # noqa: E402
 from trainer.config import DataConfig  # noqa: E402
 from trainer.transforms import TrainPreset  # noqa: E402
 
@@ -34,10 +40,23 @@ def photo(width: int, height: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def rate(preset: TrainPreset, files: list[bytes], seconds: float) -> float:
+class PlainRecipe:
+    """torchvision's reference training transforms on a PIL image, as most trainers run them."""
+
+    def __init__(self, size: int) -> None:
+        self.transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+
+    def decode(self, data: bytes) -> Image.Image:
+        return decode_rgb(data)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+
+def rate(preset, files: list[bytes], seconds: float) -> float:
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        torch.manual_seed(done)
+        torch.default_generator.manual_seed(done)  # as the loader seeds each sample (torch.manual_seed is slower)
         preset(preset.decode(files[done % len(files)]))
         done += 1
     return done / (time.perf_counter() - start)
@@ -51,19 +70,26 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="per setting and size, in two halves")
     args = p.parse_args()
     torch.set_num_threads(1)
-    presets = {on: TrainPreset(DataConfig(shards="-", image_size=args.image_size, jpeg_draft=on), [0.5] * 3, [0.5] * 3)
-               for on in (False, True)}
-    print(f"one core, torch {torch.__version__}, PIL {Image.__version__}, output {args.image_size} px\n")
-    print("| JPEG size | KB | jpeg_draft=false img/s | jpeg_draft=true img/s | ratio |\n|---|---|---|---|---|")
+    presets = {
+        "plain": PlainRecipe(args.image_size),
+        "draft off": TrainPreset(DataConfig(shards="-", image_size=args.image_size, jpeg_draft=False), [0.5] * 3, [0.5] * 3),
+        "draft on": TrainPreset(DataConfig(shards="-", image_size=args.image_size, jpeg_draft=True), [0.5] * 3, [0.5] * 3),
+    }
+    print(f"one core, torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {Image.__version__}, "
+          f"output {args.image_size} px\n")
+    print("| JPEG size | KB | plain PIL recipe img/s | ours, jpeg_draft=false | ours, jpeg_draft=true | ratios vs plain |")
+    print("|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         width, height = map(int, size.split("x"))
         files = [photo(width, height, seed) for seed in range(args.files)]
-        rates = {False: 0.0, True: 0.0}
-        for _ in range(2):  # interleaved halves: drift in machine speed hits both settings alike
-            for on in (False, True):
-                rates[on] += rate(presets[on], files, args.seconds / 2) / 2
+        rates = dict.fromkeys(presets, 0.0)
+        for _ in range(2):  # interleaved halves: drift in machine speed hits every setting alike
+            for name, preset in presets.items():
+                rates[name] += rate(preset, files, args.seconds / 2) / 2
         kb = sum(map(len, files)) / len(files) / 1024
-        print(f"| {size} | {kb:.0f} | {rates[False]:,.1f} | {rates[True]:,.1f} | {rates[True] / rates[False]:.2f}x |", flush=True)
+        off, on = rates["draft off"] / rates["plain"], rates["draft on"] / rates["plain"]
+        print(f"| {size} | {kb:.0f} | {rates['plain']:,.1f} | {rates['draft off']:,.1f} | {rates['draft on']:,.1f} "
+              f"| {off:.2f}x, {on:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -83,17 +83,38 @@ def decode_rgb(data: bytes, shrink: Callable[[int, int], tuple[int, int]] | None
     caller needs: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale where that still covers it
     (libjpeg's DCT scaling, many times faster for camera photos). Other formats ignore it.
     """
+    return finish_rgb(open_image(data, shrink))
+
+
+def open_image(data: bytes, shrink: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+    """`decode_rgb`'s first half: the header read and the JPEG scale chosen, nothing decoded
+    yet (``size`` is what decoding will give, before the EXIF rotation)."""
     img = Image.open(io.BytesIO(data))
-    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     if shrink is not None and img.format == "JPEG":
-        turned = orientation in (5, 6, 7, 8)  # stored transposed: width and height swap
+        turned = orientation(img) in (5, 6, 7, 8)  # stored transposed: width and height swap
         width, height = img.size[::-1] if turned else img.size
         need = shrink(width, height)
         img.draft(img.mode, need[::-1] if turned else need)
+    return img
+
+
+def finish_rgb(img: Image.Image) -> Image.Image:
+    """`decode_rgb`'s second half: decode, turn upright, convert to RGB."""
+    turn = orientation(img)
     img.load()  # surfaces truncated data here, not later inside a transform
-    if orientation != 1:  # transposing copies, so only when needed
+    if turn != 1:  # transposing copies, so only when needed
         ImageOps.exif_transpose(img, in_place=True)
     return to_rgb(img)
+
+
+def orientation(img: Image.Image) -> int:
+    return img.getexif().get(EXIF_ORIENTATION, 1)
+
+
+def plain_jpeg(img: Image.Image) -> bool:
+    """A JPEG that libjpeg's and nvJPEG's RGB output (torchvision.io.decode_jpeg) decodes to what
+    `decode_rgb` gives: RGB or grayscale, stored upright."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and orientation(img) == 1
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

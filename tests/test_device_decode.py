@@ -166,3 +166,19 @@ def test_jpeg_draft_changes_nothing_when_the_crop_needs_full_resolution():
         expected = full(full.decode(data))
         torch.manual_seed(seed)
         assert torch.equal(draft(draft.decode(data)), expected)
+
+
+def test_workers_augment_like_the_plain_pil_pipeline():
+    """The workers' fast paths (torchvision's decoder and uint8 resampler for plain JPEGs, JPEG
+    draft for big ones) against torchvision's reference recipe on PIL: same crops, same flips."""
+    from torchvision.transforms import v2
+
+    preset = TrainPreset(data_config(), MEAN, STD)
+    reference = v2.Compose([v2.RandomResizedCrop(32, scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                            v2.PILToTensor()])
+    for (field, data, _), seed in zip([*SAMPLES, ("jpg", big_photo(1600, 1200), True)], SEEDS + [17]):
+        torch.manual_seed(seed)
+        fast = preset(preset.decode(data))
+        torch.manual_seed(seed)
+        plain = reference(decode_rgb(data))
+        assert (fast.float() - plain.float()).abs().mean() < 3, field

@@ -8,18 +8,16 @@ i to rank i % world: every sample is counted exactly once, with no padding.
 """
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import signal
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from shards.format import EXIF_ORIENTATION, decode_rgb, image_field
+from shards.format import finish_rgb, image_field, open_image, plain_jpeg
 from shards.manifest import Manifest
 from shards.reader import ShardError, ShardIndex
 
@@ -84,10 +82,10 @@ class ShardDataset(Dataset):
 def device_ready(data: bytes) -> torch.Tensor:
     """JPEG bytes as they are (1-D uint8) when the device can decode them to the same upright
     RGB; anything else (PNG, WebP, CMYK, EXIF-rotated) decoded here, as CHW uint8."""
-    image = Image.open(io.BytesIO(data))  # reads the header only
-    if image.format == "JPEG" and image.mode in ("RGB", "L") and image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+    image = open_image(data)  # reads the header only
+    if plain_jpeg(image):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return pil_to_tensor(decode_rgb(data))
+    return pil_to_tensor(finish_rgb(image))
 
 
 @dataclass

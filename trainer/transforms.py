@@ -8,7 +8,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from shards.format import decode_rgb
+from shards.format import decode_rgb, finish_rgb, open_image, plain_jpeg
 from shards.reader import ShardError
 from trainer.config import DataConfig
 from trainer.data import EncodedBatch
@@ -52,26 +52,35 @@ class TrainPreset:
         self.rest = v2.Compose([*steps, v2.PILToTensor()])
         self.augment = v2.Compose([self.crop, *steps])
 
-    def decode(self, data: bytes) -> Image.Image:
-        """Encoded bytes -> the randomly cropped and resized RGB image."""
+    def decode(self, data: bytes) -> Image.Image | torch.Tensor:
+        """Encoded bytes -> the randomly cropped and resized image: a uint8 CHW tensor when the
+        JPEG is decoded at full size (torchvision's decoder and uint8 resampler, faster than
+        PIL's), else an RGB PIL image."""
         drawn: dict = {}
 
         def shrink(width: int, height: int) -> tuple[int, int]:
             placeholder = torch.empty(1, 1, 1, dtype=torch.uint8).expand(3, height, width)  # a size, no pixels
             drawn.update(self.crop.make_params([placeholder]), full=(width, height))
+            if not self.draft:
+                return width, height
             return math.ceil(width * self.size / drawn["width"]), math.ceil(height * self.size / drawn["height"])
 
-        image = decode_rgb(data, shrink if self.draft else None)
-        if not drawn:  # not a JPEG, or no draft
+        image = open_image(data, shrink)
+        if not drawn:  # not a JPEG: the crop is drawn from the decoded size
+            image = finish_rgb(image)
             return self.crop.transform(image, self.crop.make_params([image]))
-        width, height = drawn.pop("full")
-        if image.size != (width, height):  # decoded smaller: the same region in its pixels
-            sx, sy = image.width / width, image.height / height
+        full = drawn.pop("full")
+        if plain_jpeg(image) and image.size == full:
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return self.crop.transform(decode_jpeg(encoded, mode=ImageReadMode.RGB), drawn)
+        image = finish_rgb(image)
+        if image.size != full:  # decoded smaller: the same region in its pixels
+            sx, sy = image.width / full[0], image.height / full[1]
             drawn = {"top": round(drawn["top"] * sy), "left": round(drawn["left"] * sx),
                      "height": max(1, round(drawn["height"] * sy)), "width": max(1, round(drawn["width"] * sx))}
         return self.crop.transform(image, drawn)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """The cropped image from `decode` -> flip and the other augmentations -> uint8 CHW."""
         return self.rest(image)
 
