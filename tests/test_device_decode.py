@@ -106,16 +106,18 @@ def test_device_decode_gives_the_workers_crops_from_the_same_seeds(tmp_path, con
     assert (other.float() - expected.float()).abs().mean((1, 2, 3)).min() > 3 * error.max()
 
 
-def test_unreadable_jpeg_is_dropped_with_its_label_or_named(tmp_path):
+@pytest.mark.parametrize("chunk", [32, 2])
+def test_unreadable_jpeg_is_dropped_with_its_label_or_named(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(DeviceDecode, "CHUNK", chunk)  # 2: the bad file sits in the second of two decode calls
     good = SAMPLES[0][1]
     truncated = good[: len(good) // 2]  # the header parses; decoding fails
-    index = write_shard(tmp_path / "s.tar", [("jpg", good), ("jpg", truncated), ("jpg", good)])
-    items = [(0, 1), (1, 2), (2, 3)]
+    index = write_shard(tmp_path / "s.tar", [("jpg", good), ("png", SAMPLES[4][1]), ("jpg", truncated), ("jpg", good)])
+    items = [(0, 1), (1, 2), (2, 3), (3, 4)]
 
     images, labels, bad = on_device(index, items, skip_bad=True)
-    assert bad == 1 and images.shape[0] == 2 and labels.tolist() == [0, 2]
+    assert bad == 1 and images.shape[0] == 3 and labels.tolist() == [0, 1, 0]
 
-    with pytest.raises(ShardError, match=r"sample s001 in shard .*s\.tar cannot be read .*data\.skip_bad_samples=true"):
+    with pytest.raises(ShardError, match=r"sample s002 in shard .*s\.tar cannot be read .*data\.skip_bad_samples=true"):
         on_device(index, items, skip_bad=False)
 
 

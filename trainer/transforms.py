@@ -94,35 +94,38 @@ class DeviceDecode:
     sample, dropped with its label when skipping, else a one-line error.
     """
 
+    CHUNK = 32  # images decoded per call: full-size decodes of camera photos take ~36 MB each
+
     def __init__(self, augment, device: torch.device, skip_bad: bool):
         self.augment, self.device, self.skip_bad = augment, device, skip_bad
 
     def __call__(self, batch: EncodedBatch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(uint8 images on the device, their labels, how many were dropped as bad)."""
-        images = self.decode(batch)
-        keep = [i for i, image in enumerate(images) if image is not None]
-        augmented = []
-        for i in keep:
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(batch.seeds[i])
-                augmented.append(self.augment(images[i]))
-        if not augmented:
-            return torch.empty(0, 3, 0, 0, dtype=torch.uint8, device=self.device), labels[:0], len(images)
-        return torch.stack(augmented), labels[keep], len(images) - len(keep)
+        augmented: list[torch.Tensor | None] = []
+        for start in range(0, len(batch.images), self.CHUNK):
+            positions = range(start, min(start + self.CHUNK, len(batch.images)))
+            for i, image in zip(positions, self.decode(batch, positions)):
+                augmented.append(None if image is None else self.augment_one(image, batch.seeds[i]))
+        keep = [i for i, image in enumerate(augmented) if image is not None]
+        if not keep:
+            return torch.empty(0, 3, 0, 0, dtype=torch.uint8, device=self.device), labels[:0], len(augmented)
+        return torch.stack([augmented[i] for i in keep]), labels[keep], len(augmented) - len(keep)
 
-    def decode(self, batch: EncodedBatch) -> list[torch.Tensor | None]:
-        images: list[torch.Tensor | None] = [image.to(self.device, non_blocking=True) if image.dim() == 3 else None
-                                             for image in batch.images]
-        jpegs = [i for i, image in enumerate(batch.images) if image.dim() == 1]
-        if not jpegs:
-            return images
-        try:
-            decoded = decode_jpeg([batch.images[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:  # one unreadable file fails the whole call: find it
-            decoded = [self.decode_one(batch, i) for i in jpegs]
-        for i, image in zip(jpegs, decoded):
-            images[i] = image
-        return images
+    def augment_one(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.augment(image)
+
+    def decode(self, batch: EncodedBatch, positions: range) -> list[torch.Tensor | None]:
+        images = {i: batch.images[i].to(self.device, non_blocking=True) for i in positions if batch.images[i].dim() == 3}
+        jpegs = [i for i in positions if batch.images[i].dim() == 1]
+        if jpegs:
+            try:
+                decoded = decode_jpeg([batch.images[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # one unreadable file fails the whole call: find it
+                decoded = [self.decode_one(batch, i) for i in jpegs]
+            images.update(zip(jpegs, decoded))
+        return [images[i] for i in positions]
 
     def decode_one(self, batch: EncodedBatch, i: int) -> torch.Tensor | None:
         data = batch.images[i]
