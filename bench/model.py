@@ -42,6 +42,8 @@ VARIANTS: dict[str, Callable[[int], nn.Module]] = {
     "ours-se": lambda nc: se_densenet(121, nc, se=True),
     "ours-se-eff": lambda nc: se_densenet(121, nc, se=True, efficient=True),
     "cand-se-sumfc": lambda nc: with_sum_fc_se(se_densenet(121, nc, se=True)),
+    "ours-se-sharedbn": lambda nc: se_densenet(121, nc, se=True, shared_bn=True),  # compiled only differs
+    "ours-se-eff-sharedbn": lambda nc: se_densenet(121, nc, se=True, efficient=True, shared_bn=True),
 }
 BASELINE = "tv"
 

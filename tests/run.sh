@@ -5,9 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 # The Slurm tests start a real two-node cluster; they need slurmctld/slurmd/munge (Debian packages).
-if ! command -v slurmctld >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing slurm + munge for the cluster tests" >&2
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null) \
-    || echo "could not install slurm: the cluster tests will be skipped" >&2
+# The compiled-training test needs a C++ compiler: torch.compile generates C++ for the CPU.
+packages=()
+command -v slurmctld >/dev/null 2>&1 || packages+=(slurmctld slurmd slurm-client munge)
+command -v g++ >/dev/null 2>&1 || packages+=(g++)
+if [ ${#packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing ${packages[*]} for the cluster and compile tests" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null) \
+    || echo "could not install ${packages[*]}: the tests that need them will fail or be skipped" >&2
 fi
 exec .venv/bin/python -m pytest "$@"

@@ -335,3 +335,32 @@ def test_init_follows_torchvision():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_weights(tiny(), model.state_dict())  # same shapes: no warning
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_shared_bn_compiled_equals_plain(efficient):
+    """shared_bn normalises each feature map once for all later layers: compiled, it computes the
+    plain model's outputs, gradients and BN running statistics (float64, so only rounding differs)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = se_densenet(100, 5, block_config=(4, 4), small_inputs=True).double().train()
+    shared = se_densenet(100, 5, block_config=(4, 4), small_inputs=True, shared_bn=True, efficient=efficient)
+    shared = shared.double().train()
+    shared.load_state_dict(plain.state_dict())
+    graphs: dict = {}
+    run_shared = torch.compile(shared, backend=_graph_recorder(graphs))
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    for _ in range(2):  # the second step starts from the running stats the first one left
+        _assert_same_training_step(plain, shared, plain, run_shared, x)
+    # Compiled, no norm1 passes over its whole concatenated input any more: the channels put
+    # through batch statistics drop from every layer's input width to each map's own width.
+    def normalized_channels(model: torch.nn.Module, gm: torch.fx.GraphModule | None = None) -> int:
+        if gm is None:
+            return sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        return sum(n.args[0].meta["val"].shape[1] for n in gm.graph.nodes
+                   if "batch_norm" in str(n.target) and "backward" not in str(n.target))
+    print(f"channels through batch statistics: plain {normalized_channels(plain)}, "
+          f"shared {normalized_channels(shared, graphs['forward'])}")
+    norm1 = sum(m.norm1.num_features for m in plain.modules() if hasattr(m, "norm1"))
+    assert normalized_channels(plain) - normalized_channels(shared, graphs["forward"]) > 0.6 * norm1
+    torch._dynamo.reset()

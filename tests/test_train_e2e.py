@@ -114,11 +114,12 @@ def test_optional_features_train_together(digits_shards, tmp_path):
 
 
 def test_compiled_efficient_training_resumes_with_its_compiled_kernels(digits_shards, tmp_path):
-    """train.compile with model.efficient: inductor compiles the selectively checkpointed layers,
+    """train.compile with model.efficient and model.shared_bn: inductor compiles the selectively
+    checkpointed layers on shared normalisations,
     the kernels land in the run dir, and a resumed process finds every one of them there."""
     run_dir = tmp_path / "run"
     overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", "wandb.mode=disabled",
-                 "train.compile=default", "model.efficient=true"]
+                 "train.compile=default", "model.efficient=true", "model.shared_bn=true"]
     first = run_training([*overrides, "train.epochs=1"], processes=1, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "context_fn is passed" not in first.stderr

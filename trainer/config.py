@@ -31,7 +31,9 @@ class ModelConfig:
     drop_rate: float = 0.0
     se: bool = True
     se_reduction: int = 16
-    efficient: bool = False  # recompute the dense-layer bottleneck in backward (less memory)
+    efficient: bool = False  # recompute each dense layer's concat-BN-ReLU in backward (about half the memory)
+    shared_bn: bool = False  # compiled training: normalise each feature map once for all later layers
+    # (the same function with less memory traffic; its GPU speed-up is not measured yet)
     small_inputs: bool = False  # CIFAR-style stem: conv3x3 stride 1, no maxpool
     pretrained: Optional[str] = None  # local weights file (torchvision's or ours) to start from
     freeze_features: bool = False  # train only the classifier (with `pretrained`)

@@ -271,7 +271,7 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
         m.depth, num_classes, growth_rate=m.growth_rate, num_init_features=m.num_init_features,
         bn_size=m.bn_size, compression=m.compression, drop_rate=m.drop_rate, se=m.se,
         se_reduction=m.se_reduction, efficient=m.efficient, small_inputs=m.small_inputs,
-        block_config=tuple(m.block_config) if m.block_config else None,
+        block_config=tuple(m.block_config) if m.block_config else None, shared_bn=m.shared_bn,
     )
     if m.pretrained:
         report = load_weights(model, m.pretrained, strict=False)

@@ -154,6 +154,24 @@ class _DenseLayer(nn.Module):
             # recomputing the bottleneck, 1x1 convolution included, is cheaper there.
             out = cp.checkpoint(self.bottleneck, *features, use_reentrant=False, context_fn=self._recompute_contexts)
             out = self.conv2(F.relu(self.norm2(out)))
+        return self._excite(out)
+
+    def forward_normalized(self, normalized: list[Tensor]) -> Tensor:
+        """Compiled training with shared_bn: `forward` on inputs already normalised by their
+        batch statistics; norm1 only adds its scale and shift (its running stats are updated
+        by the block)."""
+        if self.efficient and torch.is_grad_enabled():
+            out = cp.checkpoint(self.convolutions_normalized, *normalized, use_reentrant=False, context_fn=_KEEP_CONVOLUTIONS)
+        else:
+            out = self.convolutions_normalized(*normalized)
+        return self._excite(out)
+
+    def convolutions_normalized(self, *normalized: Tensor) -> Tensor:
+        x = torch.cat(normalized, 1) * self.norm1.weight[:, None, None] + self.norm1.bias[:, None, None]
+        x = self.conv1(F.relu(x))
+        return self.conv2(F.relu(self.norm2(x)))
+
+    def _excite(self, out: Tensor) -> Tensor:
         if self.se is not None:
             out = self.se(out)
         if self.drop_rate > 0:
@@ -162,19 +180,49 @@ class _DenseLayer(nn.Module):
 
 
 class _DenseBlock(nn.ModuleDict):
-    def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, **layer_args: Any) -> None:
+    def __init__(
+        self, num_layers: int, num_input_features: int, growth_rate: int, shared_bn: bool = False, **layer_args: Any
+    ) -> None:
         super().__init__()
+        self.shared_bn = shared_bn
         for i in range(num_layers):
             layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, **layer_args)
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.shared_bn and self.training and torch.compiler.is_compiling():
+            return self._forward_shared_bn(x)
         # A list, concatenated once per layer: with efficient=True only these k-channel pieces
         # are kept for backward, not every layer's full concatenation.
         features = [x]
         for layer in self.values():
             features.append(layer(features))
         return torch.cat(features, 1)
+
+    def _forward_shared_bn(self, x: Tensor) -> Tensor:
+        """The same function, less memory traffic: a feature map's batch mean and variance are
+        the same in every later layer's norm1, so each map is normalised once, when it is made,
+        and each norm1 applies only its own scale and shift (no statistics pass over its whole
+        concatenated input, and one small BN backward per map instead of one per reader)."""
+        features, normalized, means, variances = [x], [], [], []
+        for layer in self.values():
+            newest = features[-1]
+            normalized.append(F.batch_norm(newest, None, None, training=True, eps=layer.norm1.eps))
+            with torch.no_grad():
+                var, mean = torch.var_mean(newest.float(), dim=(0, 2, 3))  # unbiased, for running stats
+            means.append(mean)
+            variances.append(var)
+            _update_running_stats(layer.norm1, torch.cat(means), torch.cat(variances))
+            features.append(layer.forward_normalized(normalized))
+        return torch.cat(features, 1)
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> None:
+    """What BatchNorm2d's own training forward does to its buffers (momentum 0.1 by default)."""
+    bn.num_batches_tracked.add_(1)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), bn.momentum)
+    bn.running_var.lerp_(var.to(bn.running_var.dtype), bn.momentum)
 
 
 class _Transition(nn.Sequential):
@@ -210,6 +258,8 @@ class SEDenseNet(nn.Module):
         compression: fraction of channels a transition keeps, in (0, 1].
         drop_rate: dropout on each dense layer's new maps.
         se_reduction: SE bottleneck reduction r; None switches SE off.
+        shared_bn: compiled training normalises each feature map once and shares it with every
+            later layer's norm1 (the same function with less memory traffic; eager ignores it).
         efficient: recompute each dense layer's concat-BN-ReLU in backward instead of storing it
             (checkpointing; compiled, the convolution outputs are kept and only the cheap
             concat, BNs and ReLUs run twice). About half the activation memory.
@@ -228,6 +278,7 @@ class SEDenseNet(nn.Module):
         se_reduction: int | None = 16,
         efficient: bool = False,
         small_inputs: bool = False,
+        shared_bn: bool = False,
     ) -> None:
         super().__init__()
         self.arch = {
@@ -246,7 +297,8 @@ class SEDenseNet(nn.Module):
         layer_args = dict(bn_size=bn_size, drop_rate=drop_rate, se_reduction=se_reduction, efficient=efficient)
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
-            layers.append((f"denseblock{i + 1}", _DenseBlock(num_layers, channels, growth_rate, **layer_args)))
+            block = _DenseBlock(num_layers, channels, growth_rate, shared_bn=shared_bn, **layer_args)
+            layers.append((f"denseblock{i + 1}", block))
             channels += num_layers * growth_rate
             if i != len(block_config) - 1:
                 out = max(1, int(channels * compression))
@@ -347,6 +399,7 @@ def se_densenet(
     efficient: bool = False,
     small_inputs: bool = False,
     block_config: tuple[int, ...] | None = None,
+    shared_bn: bool = False,
 ) -> SEDenseNet:
     """SE-DenseNet of a named depth (121, 161, 169, 201, 264; with small_inputs also any BC depth
     6n+4: three blocks of n layers, k=12, 2k stem maps). Explicit block_config, growth_rate and
@@ -387,6 +440,7 @@ def se_densenet(
         se_reduction=se_reduction if se else None,
         efficient=efficient,
         small_inputs=small_inputs,
+        shared_bn=shared_bn,
     )
 
 
