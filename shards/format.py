@@ -76,19 +76,19 @@ def image_field(sample: dict) -> str:
     raise KeyError(f"sample {sample.get('__key__', '?')!r} has no image field (one of {', '.join(IMAGE_EXTS)})")
 
 
-def decode_rgb(data: bytes, shrink: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
-    """Encoded image bytes -> an 8-bit RGB image, upright as its EXIF orientation says.
+def decode_rgb(data: bytes) -> Image.Image:
+    """Encoded image bytes -> an 8-bit RGB image, upright as its EXIF orientation says."""
+    return finish_rgb(open_image(data))
+
+
+def open_image(data: bytes, shrink: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+    """`decode_rgb`'s first half: the header read and the JPEG scale chosen, nothing decoded
+    yet (``size`` is what decoding will give, before the EXIF rotation).
 
     ``shrink(width, height)``, given the upright size, may name the smallest upright size the
     caller needs: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale where that still covers it
     (libjpeg's DCT scaling, many times faster for camera photos). Other formats ignore it.
     """
-    return finish_rgb(open_image(data, shrink))
-
-
-def open_image(data: bytes, shrink: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
-    """`decode_rgb`'s first half: the header read and the JPEG scale chosen, nothing decoded
-    yet (``size`` is what decoding will give, before the EXIF rotation)."""
     img = Image.open(io.BytesIO(data))
     if shrink is not None and img.format == "JPEG":
         turned = orientation(img) in (5, 6, 7, 8)  # stored transposed: width and height swap

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shards.format import EXIF_ORIENTATION, decode_rgb
+from shards.format import EXIF_ORIENTATION, decode_rgb, finish_rgb, open_image
 from shards.reader import ShardError, ShardIndex
 from trainer.config import DataConfig
 from trainer.data import EncodedBatch, ShardDataset, collate, device_ready
@@ -157,7 +157,7 @@ def test_jpeg_draft_decodes_big_photos_smaller_and_crops_the_same_region(orienta
     other = (crops(draft, [s + 100 for s in SEEDS]) - expected).abs().mean((1, 2, 3))
     assert other.min() > 2 * error.max()  # another seed's crop is much further off
     # The decoder really runs smaller: libjpeg's 1/8 scale (upright, so turned when rotated).
-    assert decode_rgb(data, lambda w, h: (w // 8, h // 8)).size == ((200, 150) if orientation == 1 else (150, 200))
+    assert finish_rgb(open_image(data, lambda w, h: (w // 8, h // 8))).size == ((200, 150) if orientation == 1 else (150, 200))
 
 
 def test_jpeg_draft_changes_nothing_when_the_crop_needs_full_resolution():

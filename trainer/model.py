@@ -120,7 +120,11 @@ class _DenseLayer(nn.Module):
 
     def convolutions(self, *inputs: Tensor) -> Tensor:
         """The bottleneck, then BN-ReLU-Conv3x3: the layer up to its SE block."""
-        return self.conv2(F.relu(self._norm(self.norm2, self.bottleneck(*inputs))))
+        return self.second_conv(self.bottleneck(*inputs))
+
+    def second_conv(self, x: Tensor) -> Tensor:
+        """BN-ReLU-Conv3x3 on the bottleneck's output."""
+        return self.conv2(F.relu(self._norm(self.norm2, x)))
 
     def _norm(self, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
         if self._recomputing and bn.training:
@@ -152,8 +156,9 @@ class _DenseLayer(nn.Module):
         else:
             # Eager, the same policy costs ~1 ms of Python dispatch per layer, more than it saves;
             # recomputing the bottleneck, 1x1 convolution included, is cheaper there.
-            out = cp.checkpoint(self.bottleneck, *features, use_reentrant=False, context_fn=self._recompute_contexts)
-            out = self.conv2(F.relu(self.norm2(out)))
+            out = self.second_conv(
+                cp.checkpoint(self.bottleneck, *features, use_reentrant=False, context_fn=self._recompute_contexts)
+            )
         return self._excite(out)
 
     def forward_normalized(self, normalized: list[Tensor]) -> Tensor:
@@ -168,8 +173,7 @@ class _DenseLayer(nn.Module):
 
     def convolutions_normalized(self, *normalized: Tensor) -> Tensor:
         x = torch.cat(normalized, 1) * self.norm1.weight[:, None, None] + self.norm1.bias[:, None, None]
-        x = self.conv1(F.relu(x))
-        return self.conv2(F.relu(self.norm2(x)))
+        return self.second_conv(self.conv1(F.relu(x)))
 
     def _excite(self, out: Tensor) -> Tensor:
         if self.se is not None:
