@@ -1,0 +1,209 @@
+"""The node-local shard cache: every remote file is downloaded once per node, verified, and
+evicted least recently used under a size limit.
+
+All ranks and loader workers of a node share one folder; files are named by their sha256, so
+two datasets never collide and a rebuilt dataset is never served stale. Coordination is by
+``flock`` only, which the kernel drops when a process dies (no stale locks):
+
+- ``<sha>.lock``: held while ``<sha>`` is downloaded, so one process downloads, the rest wait;
+- ``.space.lock``: held while space is counted and reserved (the ``.part`` file is allocated at
+  its full size at once, so the files in the folder never add up to more than the limit);
+- a shared lock on the file itself while a process reads it (or, for an index, maps it):
+  eviction only removes files it can lock exclusively, so nothing is deleted under a reader.
+
+Least recently used means the oldest modification time: a download sets it, and `touch` moves
+the files a reader is about to need to the back of the queue.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+SUBDIR = "se-densenet-shards"
+WAIT_FOR_SPACE_S = 1800.0  # a full cache of files in use this long is a stuck reader, not a busy one
+
+
+class CacheError(RuntimeError):
+    """The cache cannot hold or verify a file (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file the cache can hold: its manifest size and sha256, and a name to show."""
+
+    sha256: str
+    size: int
+    suffix: str  # .tar or .npy
+    shown: str
+
+    @property
+    def name(self) -> str:
+        return self.sha256 + self.suffix
+
+
+def default_dir() -> Path:
+    """$SLURM_TMPDIR (the job's node-local disk), else $TMPDIR, else the system's temp dir."""
+    import tempfile
+
+    base = os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or tempfile.gettempdir()
+    return Path(base) / SUBDIR
+
+
+class ShardCache:
+    def __init__(self, root: Path, limit: int | None):
+        self.root = Path(root)
+        self.limit = limit
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create data.cache_dir {self.root} ({e.strerror}) — choose a writable folder") from None
+
+    def path(self, entry: Entry) -> Path:
+        return self.root / entry.name
+
+    def get(self, entry: Entry, download: Callable[[BinaryIO], tuple[int, str]], protect: Iterable[str] = ()) -> Path:
+        """The cached file, downloaded first if this node has none. ``download(out)`` writes the
+        whole file and returns (bytes, sha256); a mismatch is fetched again once."""
+        final = self.path(entry)
+        if final.exists():
+            return final
+        with _flock(self.root / f"{entry.sha256}.lock", fcntl.LOCK_EX):
+            if final.exists():  # another process of this node fetched it meanwhile
+                return final
+            got = None
+            for _ in range(2):
+                with self._reserve(entry, set(protect)) as (part, out):
+                    got = download(out)
+                    if got == (entry.size, entry.sha256):
+                        os.fsync(out.fileno())
+                        os.replace(part, final)
+                        return final
+            what = f"{got[0]} bytes, the manifest says {entry.size}" if got[0] != entry.size else "its sha256 differs from the manifest's"
+            raise CacheError(f"{entry.shown} was downloaded twice and is corrupted ({what}) — re-run make_shards to that location")
+
+    @contextmanager
+    def _reserve(self, entry: Entry, protect: set[str]):
+        """A ``.part`` file of the entry's full size, made once the limit allows it (evicting
+        unused files); removed again unless the caller renamed it."""
+        part = self.root / f"{entry.name}.part-{os.getpid()}"
+        deadline = time.monotonic() + WAIT_FOR_SPACE_S
+        while True:
+            with _flock(self.root / ".space.lock", fcntl.LOCK_EX):
+                if self._make_room(entry.size, protect | {entry.name}):
+                    out = open(part, "w+b")
+                    fcntl.flock(out, fcntl.LOCK_EX)  # a live download: not stale
+                    _allocate(out, entry.size)
+                    break
+            if time.monotonic() > deadline:
+                raise CacheError(
+                    f"data.cache_limit {self.limit / 1e9:.2f} GB stayed full of shards in use for {WAIT_FOR_SPACE_S / 60:.0f} min — "
+                    "raise data.cache_limit"
+                )
+            time.sleep(0.5)
+        try:
+            yield part, out
+        finally:
+            out.close()
+            part.unlink(missing_ok=True)
+
+    def _make_room(self, size: int, protect: set[str]) -> bool:
+        if self.limit is None:
+            return True
+        files = self._files()
+        used = sum(st.st_size for _, st in files)
+        for path, st in sorted(files, key=lambda f: f[1].st_mtime_ns):
+            if used + size <= self.limit:
+                break
+            if path.name.split(".part-")[0] in protect:
+                continue
+            if _evict(path):
+                used -= st.st_size
+        return used + size <= self.limit
+
+    def _files(self) -> list[tuple[Path, os.stat_result]]:
+        found = []
+        for path in self.root.iterdir():
+            if path.name.endswith(".lock"):
+                continue
+            try:
+                found.append((path, path.stat()))
+            except FileNotFoundError:  # renamed or evicted meanwhile
+                pass
+        return found
+
+    def used(self) -> int:
+        """Bytes the cache's files take (what the limit bounds)."""
+        return sum(st.st_size for path, st in self._files() if not path.name.startswith("."))
+
+    def touch(self, entries: Iterable[Entry]) -> None:
+        """Mark ``entries`` as used now: the last to be evicted."""
+        for entry in entries:
+            try:
+                os.utime(self.path(entry))
+            except FileNotFoundError:
+                pass
+
+    def read(self, entry: Entry, offset: int, length: int, fetch: Callable[[], Path]) -> bytes:
+        """``length`` bytes at ``offset`` of the cached file, held against eviction while read.
+        ``fetch()`` (re)downloads the file when it is not (or no longer) here."""
+        for _ in range(3):
+            try:
+                fd = os.open(self.path(entry), os.O_RDONLY)
+            except FileNotFoundError:
+                fetch()
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if os.fstat(fd).st_nlink == 0:  # evicted between open and lock
+                    continue
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        raise CacheError(f"{entry.shown} keeps being evicted from the cache while read — raise data.cache_limit")
+
+    def hold(self, entry: Entry) -> int:
+        """An open descriptor of the cached file with a shared lock: not evicted until closed
+        (for an index, which is memory-mapped for the whole run)."""
+        fd = os.open(self.path(entry), os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+
+def _evict(path: Path) -> bool:
+    """Remove ``path`` unless a process holds it (reading it, mapping it, or downloading it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _allocate(f: BinaryIO, size: int) -> None:
+    """Claim the disk space now, so a full disk fails here, not in the middle of a download."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except (AttributeError, OSError):
+        f.truncate(size)
+
+
+@contextmanager
+def _flock(path: Path, how: int):
+    with open(path, "a+b") as f:
+        fcntl.flock(f, how)
+        yield

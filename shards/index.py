@@ -1,0 +1,90 @@
+"""The sample index written with the shards: where each sample's bytes sit in its shard.
+
+One file per split, ``OUT/<split>/index.npy``: a NumPy structured array with one 16-byte record
+per sample in shard order (sample i of the split is record i): the byte offset of the sample's
+first tar header in its shard, the length of its members (headers and data), and its class.
+Readers memory-map it, so every process of a node shares one copy in the page cache, start-up
+reads no tar headers, and the class-balanced sampler needs no pass over the shards.
+
+Shards written before the index existed are indexed by scanning their tar headers
+(`scan_tar`), which gives the same records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+INDEX_NAME = "index.npy"
+RECORD = np.dtype([("offset", "<u8"), ("length", "<u4"), ("label", "<i4")])
+BLOCK = tarfile.BLOCKSIZE
+
+
+def records(entries: list[tuple[int, int, int]]) -> np.ndarray:
+    """(offset, length, label) per sample -> the index's record array."""
+    return np.array(entries, dtype=RECORD) if entries else np.zeros(0, RECORD)
+
+
+def write_index(path: Path, parts: list[np.ndarray]) -> tuple[int, str]:
+    """The split's records (one array per shard, in shard order) -> ``path``; -> (bytes, sha256)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.concatenate(parts) if parts else records([]), allow_pickle=False)
+    os.replace(tmp, path)
+    data = path.read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def load_index(path: Path, expected: int) -> np.ndarray:
+    """Memory-mapped records, shared by every process that maps the file. ValueError if it does
+    not hold ``expected`` records."""
+    index = np.load(path, mmap_mode="r", allow_pickle=False)
+    if index.dtype != RECORD or index.shape != (expected,):
+        raise ValueError(f"it holds {index.shape[0] if index.ndim else 0} records, the manifest says {expected}")
+    return index
+
+
+def parse_sample(data: bytes) -> tuple[str, dict[str, bytes]]:
+    """A sample's tar members (headers and data, as the index delimits them) -> (key, {ext: bytes})."""
+    key, fields, pos = None, {}, 0
+    while pos < len(data):
+        info = tarfile.TarInfo.frombuf(data[pos : pos + BLOCK], "utf-8", "surrogateescape")
+        start = pos + BLOCK
+        name = info.name.rsplit("/", 1)[-1]
+        stem, _, ext = name.partition(".")
+        stem = info.name[: len(info.name) - len(name)] + stem
+        if key is not None and stem != key:
+            raise tarfile.HeaderError(f"members of two samples ({key}, {stem}) in one index record")
+        key = stem
+        fields[ext] = data[start : start + info.size]
+        if len(fields[ext]) != info.size:
+            raise tarfile.HeaderError("member data cut short")
+        pos = start + info.size + (-info.size % BLOCK)
+    if key is None:
+        raise tarfile.HeaderError("empty index record")
+    return key, fields
+
+
+def scan_tar(path: Path) -> np.ndarray:
+    """The records of a shard written without an index: one pass over its tar headers."""
+    entries: list[list[int]] = []
+    keys: list[str] = []
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            name = info.name.rsplit("/", 1)[-1]
+            stem, _, ext = name.partition(".")
+            key = info.name[: len(info.name) - len(name)] + stem
+            end = info.offset_data + info.size
+            if not keys or keys[-1] != key:
+                keys.append(key)
+                entries.append([info.offset, 0, -1])
+            entries[-1][1] = end - entries[-1][0]
+            if ext == "cls":
+                entries[-1][2] = int(tar.extractfile(info).read())
+    return records([tuple(e) for e in entries])

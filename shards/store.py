@@ -1,0 +1,257 @@
+"""Where a dataset's files live: a local folder or a URL, read (and for make_shards written)
+through fsspec.
+
+    /data/shards  s3://bucket/prefix  gs://bucket/prefix  https://host/path  pipe:CMD
+
+Credentials and endpoints come from each store's own chain (for S3 the AWS environment
+variables and profiles, ``AWS_ENDPOINT_URL`` for MinIO or Ceph); nothing here stores them, and
+every location shown to the user goes through `redact` first. ``pipe:CMD`` runs a shell command
+whose output is the file (``{path}`` in CMD is replaced by the file's path in the dataset), so it
+is refused unless the caller allows it. Transient failures are retried with backoff; what still
+fails is a `StoreError` with one line that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit, urlunsplit
+
+SCHEMES = ("s3", "gs", "gcs", "http", "https")
+CHUNK = 8 << 20
+BACKOFF_S = 1.0  # first retry after 1 s, then 2, 4, ... capped at 30
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class StoreError(RuntimeError):
+    """A location that cannot be read or written; the message is one line with the fix."""
+
+
+def is_url(location: str) -> bool:
+    return bool(_URL.match(location)) or location.startswith("pipe:")
+
+
+def redact(location: str) -> str:
+    """``location`` without what may be a secret: a URL's user info and query string, a pipe's
+    command line after its first word."""
+    if location.startswith("pipe:"):
+        words = location[5:].split()
+        return f"pipe:{words[0]} ..." if words else "pipe:"
+    if not _URL.match(location):
+        return location
+    parts = urlsplit(location)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def hint(location: str) -> str:
+    """What to check when ``location`` cannot be reached, by kind of store."""
+    scheme = location.split("://", 1)[0].lower() if _URL.match(location) else ""
+    if scheme == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return f"check the network and AWS_ENDPOINT_URL (now {redact(endpoint)})" if endpoint else "check the network and the bucket's region"
+    if scheme in ("gs", "gcs"):
+        return "check the network"
+    return "check the network and the URL"
+
+
+class Store:
+    """One dataset location. Paths given to its methods are '/'-separated and relative to it."""
+
+    def __init__(self, location: str, retries: int = 5, allow_pipe: bool = False):
+        self.location = str(location)
+        self.shown = redact(self.location)
+        self.retries = retries
+        self.scheme = ""
+        if self.location.startswith("pipe:"):
+            if not allow_pipe:
+                raise StoreError(f"{self.shown} runs a shell command — set data.allow_pipe=true if you mean it")
+            if "{path}" not in self.location:
+                raise StoreError("a pipe: location needs {path} where the file's path goes, e.g. 'pipe:aws s3 cp s3://b/x/{path} -'")
+            self.scheme = "pipe"
+        elif _URL.match(self.location):
+            self.scheme = self.location.split("://", 1)[0].lower()
+            if self.scheme not in SCHEMES:
+                raise StoreError(f"{self.shown}: {self.scheme}:// is not supported — use a local path, s3://, gs://, http(s):// or pipe:")
+        self._fs = None
+        self._pid = None
+
+    @property
+    def local(self) -> Path | None:
+        """The folder, when the dataset is on a file system this machine mounts."""
+        return None if self.scheme else Path(self.location)
+
+    @property
+    def read_only(self) -> bool:
+        return self.scheme in ("http", "https", "pipe")
+
+    def url(self, rel: str) -> str:
+        if self.local is not None:
+            return str(self.local / rel)
+        if self.scheme == "pipe":
+            return self.location.replace("{path}", shlex.quote(rel))
+        parts = urlsplit(self.location)
+        path = parts.path.rstrip("/") + "/" + rel
+        return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))  # a token in the query goes with each file
+
+    def show(self, rel: str) -> str:
+        return redact(self.url(rel))
+
+    def fs(self):
+        """fsspec's file system for this location, made once per process (forked loader workers
+        must not share a parent's client)."""
+        if self._fs is None or self._pid != os.getpid():
+            import fsspec
+
+            try:
+                self._fs = fsspec.core.url_to_fs(self.url("x"))[0] if self.scheme != "pipe" else None
+            except ImportError as e:
+                raise StoreError(f"{self.shown} needs the {e.name} package — pip install {e.name}") from None
+            self._pid = os.getpid()
+        return self._fs
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_bytes(self, rel: str) -> bytes:
+        def attempt() -> bytes:
+            if self.scheme == "pipe":
+                return self._pipe_bytes(rel)
+            return self.fs().cat_file(self._fs_path(rel))
+
+        return self._retried(rel, attempt)
+
+    def download(self, rel: str, out: BinaryIO) -> tuple[int, str]:
+        """Stream the whole file into ``out`` (from its start); -> (bytes, sha256 hex)."""
+
+        def attempt() -> tuple[int, str]:
+            out.seek(0)  # not truncated first: the cache has reserved the file's full size
+            sha, size = hashlib.sha256(), 0
+            with self._open(rel) as f:
+                while chunk := f.read(CHUNK):
+                    out.write(chunk)
+                    sha.update(chunk)
+                    size += len(chunk)
+            out.truncate(size)
+            out.flush()
+            return size, sha.hexdigest()
+
+        return self._retried(rel, attempt)
+
+    def _open(self, rel: str):
+        if self.scheme == "pipe":
+            import webdataset
+
+            return webdataset.gopen(self.url(rel), "rb")
+        # HTTP: one streamed GET (servers that ignore Range would otherwise hand back wrong bytes)
+        block = {"block_size": 0} if self.scheme in ("http", "https") else {}
+        return self.fs().open(self._fs_path(rel), "rb", **block)
+
+    def _pipe_bytes(self, rel: str) -> bytes:
+        with self._open(rel) as f:
+            return f.read()
+
+    def _fs_path(self, rel: str) -> str:
+        url = self.url(rel)
+        return url if self.scheme in ("http", "https") else self.fs()._strip_protocol(url)
+
+    def _retried(self, rel: str, attempt: Callable):
+        for tries in range(self.retries + 1):
+            try:
+                return attempt()
+            except Exception as e:  # fsspec back-ends raise their clients' own exception types
+                transient, reason = classify(e)
+                if not transient:
+                    raise StoreError(f"{self.show(rel)}: {reason}") from None
+                if tries == self.retries:
+                    raise StoreError(
+                        f"{self.show(rel)} could not be read ({reason}; {tries + 1} attempts) — {hint(self.location)}, "
+                        "then start the same command again"
+                    ) from None
+                time.sleep(min(30.0, BACKOFF_S * 2**tries))
+
+    def check(self, rel: str) -> bytes:
+        """``rel`` (the manifest), read before any work, with one line for each way it can fail."""
+        try:
+            return self.read_bytes(rel)
+        except StoreError:
+            if self.local is not None or self.scheme == "pipe":
+                raise
+            raise StoreError(self._diagnose(rel)) from None
+
+    def _diagnose(self, rel: str) -> str:
+        """Why ``rel`` cannot be read: no credentials, no bucket, no prefix, no file, no endpoint."""
+        fs, where = self.fs(), self.shown.rstrip("/")
+        try:
+            if fs.exists(self._fs_path(rel)):
+                return f"{self.show(rel)} exists but cannot be read — {hint(self.location)}"
+            if self.scheme in ("http", "https"):
+                return f"{where} has no {rel} — check the URL, or make shards there first"
+            bucket = self._fs_path("x").split("/", 1)[0]
+            if not fs.exists(bucket):
+                return f"bucket {bucket!r} does not exist ({where}) — check the name, or create it"
+            fs.invalidate_cache()
+            if not fs.exists(self._fs_path("").rstrip("/")):
+                return f"nothing at {where} — check the prefix, or make shards there with `python -m launch.make_shards SRC {where}`"
+            return f"{where} has no {rel} — make shards there with `python -m launch.make_shards SRC {where}`"
+        except Exception as e:
+            return f"{where}: {classify(e)[1]}"
+
+    # -- writing (make_shards) ---------------------------------------------------------------
+
+    def list(self) -> list[str]:
+        """Every file under the location, relative to it."""
+        fs, root = self.fs(), self._fs_path("").rstrip("/")
+        fs.invalidate_cache()
+        return sorted(p[len(root) + 1 :] for p in self._call(lambda: fs.find(root), root))
+
+    def upload(self, local: Path, rel: str) -> None:
+        fs, path = self.fs(), self._fs_path(rel)
+        self._retried(rel, lambda: fs.put_file(str(local), path))
+
+    def delete(self, rels: list[str]) -> None:
+        fs = self.fs()
+        for rel in rels:
+            self._retried(rel, lambda rel=rel: fs.rm_file(self._fs_path(rel)))
+
+    def _call(self, fn: Callable, what: str):
+        try:
+            return fn()
+        except Exception as e:
+            raise StoreError(f"{self.shown}: {classify(e)[1]}") from None
+
+
+# Exception class names (from botocore, aiohttp, google-auth, fsspec) by what they mean.
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError")
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
+                "ConnectionRefusedError", "ServerDisconnectedError", "ReadTimeoutError", "TimeoutError",
+                "ClientPayloadError", "IncompleteReadError", "ResponseStreamingError", "ServerTimeoutError")
+
+
+def classify(e: BaseException) -> tuple[bool, str]:
+    """-> (worth retrying, a short reason for the user)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if names & set(_NO_CREDENTIALS):
+        return False, "no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE (S3), GOOGLE_APPLICATION_CREDENTIALS (GCS)"
+    if isinstance(e, FileNotFoundError):
+        return False, "not found"
+    if isinstance(e, PermissionError) or "AccessDenied" in str(e) or "Forbidden" in str(e):
+        return False, "access denied — check the credentials and the bucket's permissions"
+    if names & set(_UNREACHABLE):
+        return True, f"endpoint unreachable ({type(e).__name__})"
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+        return False, f"HTTP {status}"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return True, f"{type(e).__name__}: {redact_text(first)}"
+
+
+def redact_text(text: str) -> str:
+    """A message that may quote URLs, with their secrets removed."""
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact(m.group(0)), text)
