@@ -26,7 +26,8 @@ from launch.parallel import Workers, default_workers
 from launch.scan import SPLITS, Inspection, Listing, SourceError, inspect_all, list_source
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
 from shards.format import key_hash, sample_key, shard_name
-from shards.manifest import Manifest, SplitInfo
+from shards.index import INDEX_NAME, write_index
+from shards.manifest import Manifest, ShardInfo, SplitInfo
 from shards.writer import publish, staging
 
 DEFAULT_MIN_SHARDS = 16
@@ -224,9 +225,14 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
         return ShardJob(path, entries, args.resize_short)
 
     results = workers.map(write_shard, (job(p, s) for p, s in jobs), ahead=2)
-    written = _progress("writing", "samples", lambda info: info.samples)(results, total)
-    for (path, _), info in zip(jobs, written):
+    written = _progress("writing", "samples", lambda done: done[0].samples)(results, total)
+    records = {name: [] for name in SPLITS}
+    for (path, _), (info, index) in zip(jobs, written):
         splits[Path(path).parent.name].shards.append(info)
+        records[Path(path).parent.name].append(index)
+    for name, split in splits.items():
+        size, sha = write_index(stage / name / INDEX_NAME, records[name])
+        split.index = ShardInfo(INDEX_NAME, split.num_samples, size, sha)
 
     mean, std = report.mean_std(scan.stats[plan.split == TRAIN])
     return Manifest(

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from shards.format import IMAGE_EXTS, encode_cls, encode_meta, to_rgb
@@ -47,7 +48,8 @@ class ShardJob:
     resize_short: int | None = None
 
 
-def write_shard(job: ShardJob) -> ShardInfo:
+def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray]:
+    """-> the shard's manifest entry and its sample index records."""
     Image.MAX_IMAGE_PIXELS = None  # every file here passed the user's pixel limit in the scan
     with warnings.catch_warnings(), ShardWriter(Path(job.path)) as writer:
         warnings.simplefilter("ignore")
@@ -59,7 +61,7 @@ def write_shard(job: ShardJob) -> ShardInfo:
             ext, data = encode_image(data, e.field, job.resize_short)
             meta = encode_meta(e.label_name, e.relpath, e.width, e.height)
             writer.add(e.key, {ext: data, "cls": encode_cls(e.label), "json": meta})
-        return writer.close()
+        return writer.close(), writer.index
 
 
 def encode_image(data: bytes, field: int, resize_short: int | None) -> tuple[str, bytes]:

@@ -35,6 +35,7 @@ class SplitInfo:
     num_samples: int
     class_counts: dict[str, int]
     shards: list[ShardInfo]
+    index: ShardInfo | None = None  # <split>/index.npy (shards/index.py); None in shards made before it
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Manifest:
     source: str = ""
     created: str = ""  # the one field that differs between two identical runs
     version: int = FORMAT_VERSION
+    prefix: str = ""  # where the splits' folders sit below OUT ("" or "build-<id>/", see launch/publish.py)
     root: Path | None = field(default=None, compare=False, repr=False)  # OUT; set by load/write
 
     @property
@@ -63,7 +65,7 @@ class Manifest:
                 f"{self.root / MANIFEST} has no split {split!r} (has {', '.join(self.splits) or 'none'}) — "
                 f"pick one of those or re-run `{MAKE_CMD}`"
             )
-        return [self.root / split / s.name for s in self.splits[split].shards]
+        return [self.root / self.prefix / split / s.name for s in self.splits[split].shards]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -84,7 +86,7 @@ class Manifest:
                 split: {
                     "name": split,
                     "num_samples": info.num_samples,
-                    "filenames": [f"{split}/{s.name}" for s in info.shards],
+                    "filenames": [f"{self.prefix}{split}/{s.name}" for s in info.shards],
                     "shard_lengths": [s.samples for s in info.shards],
                 }
                 for split, info in self.splits.items()
@@ -98,11 +100,20 @@ class Manifest:
         if not path.is_file():
             raise ManifestError(f"{path} not found — make shards first with `{MAKE_CMD}`")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            manifest = cls.from_dict(raw)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise ManifestError(f"{path} cannot be read ({e.strerror}) — check its permissions") from None
+        return cls.parse(raw, str(path), root)
+
+    @classmethod
+    def parse(cls, raw: bytes, where: str, root: Path | None = None) -> Manifest:
+        """The manifest in ``raw`` (read from ``where``, named in errors); ``root`` is OUT when it
+        is a local folder."""
+        try:
+            manifest = cls.from_dict(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             reason = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
-            raise ManifestError(f"{path} is not a valid manifest ({reason}) — re-run `{MAKE_CMD}`") from None
+            raise ManifestError(f"{where} is not a valid manifest ({reason}) — re-run `{MAKE_CMD}`") from None
         manifest.root = root
         return manifest
 
@@ -114,8 +125,9 @@ class Manifest:
             raise ValueError(f"format version {d['version']} is newer than this code reads ({FORMAT_VERSION})")
         splits = {}
         for name, s in d["splits"].items():
-            shards = [ShardInfo(str(x["name"]), int(x["samples"]), int(x["bytes"]), str(x["sha256"])) for x in s["shards"]]
-            split = SplitInfo(int(s["num_samples"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
+            shards = [_shard_info(x) for x in s["shards"]]
+            index = _shard_info(s["index"]) if s.get("index") else None
+            split = SplitInfo(int(s["num_samples"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards, index)
             if sum(x.samples for x in shards) != split.num_samples:
                 raise ValueError(f"split {name!r}: shard sample counts do not add up to num_samples")
             splits[str(name)] = split
@@ -134,6 +146,7 @@ class Manifest:
             source=str(d.get("source", "")),
             created=str(d.get("created", "")),
             version=int(d.get("version", FORMAT_VERSION)),
+            prefix=str(d.get("prefix", "")),
         )
 
     def verify(self, split: str | None = None, checksum: bool = False) -> None:
@@ -146,6 +159,10 @@ class Manifest:
                 if size != info.bytes or (checksum and _sha256_file(path) != info.sha256):
                     what = f"{size} bytes, manifest says {info.bytes}" if size != info.bytes else "sha256 differs"
                     raise ManifestError(f"shard {path} is corrupted ({what}) — re-run `{MAKE_CMD}` with --overwrite")
+
+
+def _shard_info(x: dict) -> ShardInfo:
+    return ShardInfo(str(x["name"]), int(x["samples"]), int(x["bytes"]), str(x["sha256"]))
 
 
 def _sha256_file(path: Path) -> str:

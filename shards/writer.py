@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from shards.index import records
 from shards.manifest import ShardInfo
 
 BLOCK = tarfile.BLOCKSIZE  # 512
@@ -31,11 +32,19 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._bytes = 0
         self.samples = 0
+        self._entries: list[tuple[int, int, int]] = []  # the sample index: (offset, length, label)
 
     def add(self, key: str, fields: Mapping[str, bytes]) -> None:
+        start = self._bytes
         for ext in sorted(fields):  # one member order, whatever order the caller built the dict in
             self._member(f"{key}.{ext}", fields[ext])
+        self._entries.append((start, self._bytes - start, int(fields["cls"]) if "cls" in fields else -1))
         self.samples += 1
+
+    @property
+    def index(self):
+        """This shard's records for the split's sample index (shards/index.py)."""
+        return records(self._entries)
 
     def close(self) -> ShardInfo:
         self._write(bytes(2 * BLOCK))  # end-of-archive marker

@@ -4,6 +4,7 @@ import tarfile
 import pytest
 
 from shards.reader import ShardError, ShardIndex
+from shards.source import SourceError, SplitFiles
 from trainer.data import EvalOrder, TrainOrder, mix_seed
 
 
@@ -65,7 +66,7 @@ def _tar(path, samples):
 def test_shard_index_random_access(tmp_path):
     _tar(tmp_path / "a.tar", [(f"k{i}", {"cls": str(i).encode(), "png": bytes([i]) * (i + 1)}) for i in range(3)])
     _tar(tmp_path / "b.tar", [(f"k{i}", {"cls": str(i).encode(), "png": bytes([i]) * (i + 1)}) for i in range(3, 5)])
-    index = ShardIndex([tmp_path / "a.tar", tmp_path / "b.tar"], [3, 2])
+    index = ShardIndex(SplitFiles.from_paths([tmp_path / "a.tar", tmp_path / "b.tar"], [3, 2]))
     assert len(index) == 5
     assert index.read(4) == {"__key__": "k4", "__shard__": "b.tar", "cls": b"4", "png": bytes([4]) * 5}
     assert index.read(0)["png"] == b"\0"
@@ -75,13 +76,13 @@ def test_shard_index_random_access(tmp_path):
 def test_shard_index_errors_name_the_shard(tmp_path):
     _tar(tmp_path / "a.tar", [(f"k{i}", {"cls": b"0", "png": b"x" * 5000}) for i in range(3)])
     with pytest.raises(ShardError, match="holds 3 samples but the manifest says 4"):
-        ShardIndex([tmp_path / "a.tar"], [4]).read(0)
-    with pytest.raises(ShardError, match="missing"):
-        ShardIndex([tmp_path / "gone.tar"], [1]).check_files()
+        ShardIndex(SplitFiles.from_paths([tmp_path / "a.tar"], [4])).read(0)
+    with pytest.raises(SourceError, match="missing"):
+        SplitFiles.from_paths([tmp_path / "gone.tar"], [1]).check()
     data = (tmp_path / "a.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[:7000])
     with pytest.raises(ShardError, match="cut.tar"):
-        index = ShardIndex([tmp_path / "cut.tar"], [3])
+        index = ShardIndex(SplitFiles.from_paths([tmp_path / "cut.tar"], [3]))
         for i in range(3):
             index.read(i)
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from shards.format import EXIF_ORIENTATION, decode_rgb, finish_rgb, open_image
 from shards.reader import ShardError, ShardIndex
+from shards.source import SplitFiles
 from trainer.config import DataConfig
 from trainer.data import EncodedBatch, ShardDataset, collate, device_ready
 from trainer.transforms import DeviceDecode, TrainPreset
@@ -57,7 +58,7 @@ def write_shard(path, images: list[tuple[str, bytes]]) -> ShardIndex:
                 info = tarfile.TarInfo(f"s{i:03d}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    return ShardIndex([path], [len(images)])
+    return ShardIndex(SplitFiles.from_paths([path], [len(images)]))
 
 
 def data_config(**overrides) -> DataConfig:

@@ -41,7 +41,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = MISSING  # a make_shards OUT folder
+    shards: str = MISSING  # make_shards OUT: a folder, or s3://bucket/prefix, gs://..., http(s)://..., pipe:CMD
+    cache_dir: Optional[str] = None  # node-local folder for fetched shards (default: $SLURM_TMPDIR, else $TMPDIR,
+    # else the system's temp dir); set it for a local OUT too to stage shards off a slow NFS
+    cache_limit: Optional[str] = None  # e.g. 500MB, 40GB; None: no limit (at least 4x the largest shard)
+    fetch_retries: int = 5  # attempts after a transient store error, with backoff (1 s, 2 s, 4 s, ... 30 s)
+    allow_pipe: bool = False  # data.shards=pipe:CMD runs a shell command per file; off unless set
     image_size: int = 224  # train crop and val crop side
     crop_pct: float = 0.875  # val: resize to image_size / crop_pct, then centre crop
     normalize: str = "manifest"  # manifest (the train split's mean/std) | imagenet
@@ -151,6 +156,7 @@ RANGES = {
     "data.image_size": (8, math.inf, True),
     "data.crop_pct": (0.0, 1.0, False),
     "data.workers": (0, math.inf, True),
+    "data.fetch_retries": (0, math.inf, True),
     "data.scale_min": (0.0, 1.0, False),
     "data.hflip": (0.0, 1.0, True),
     "data.color_jitter": (0.0, math.inf, True),
@@ -295,6 +301,13 @@ def validate(config: Config) -> None:
         raise ConfigError("model.block_config must list positive layer counts, e.g. [6,12,24,16]")
     if len(config.optim.betas) != 2 or not all(0 <= b < 1 for b in config.optim.betas):
         raise ConfigError("optim.betas must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    if config.data.cache_limit is not None:
+        from shards.source import parse_size
+
+        try:
+            parse_size(config.data.cache_limit)
+        except ValueError as e:
+            raise ConfigError(f"data.cache_limit: {e}") from None
     if config.model.freeze_features and not config.model.pretrained:
         raise ConfigError("model.freeze_features needs model.pretrained=PATH (a weights file to start from)")
     if config.model.pretrained and not Path(config.model.pretrained).is_file():
@@ -307,8 +320,14 @@ def _get(config: Config, key: str) -> Any:
 
 
 def to_yaml(config: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(config)))
 
 
 def to_dict(config: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    """The config as saved with the run (config.yaml, checkpoints, weights, wandb): a data
+    location's secrets (a URL's query string or user info) are left out."""
+    from shards.store import redact
+
+    values = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    values["data"]["shards"] = redact(values["data"]["shards"])
+    return values

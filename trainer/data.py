@@ -5,9 +5,15 @@ ranks read disjoint samples and run the same number of batches (uneven counts de
 Each sample's augmentation is seeded from (seed, epoch, position in the epoch order), so a run
 resumed mid-epoch sees exactly the batches an uninterrupted one would. Validation hands sample
 i to rank i % world: every sample is counted exactly once, with no padding.
+
+When the node-local cache cannot hold the whole dataset, the epoch order is a shard-block order
+(`ShardBlocks`): shards shuffled per epoch, grouped into blocks that fit the cache, samples
+permuted within each block. It is still a function of (seed, epoch) alone, so everything above
+holds; the sampler tells the cache's prefetcher which shards come next.
 """
 from __future__ import annotations
 
+import bisect
 import multiprocessing
 import os
 import signal
@@ -18,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from shards.format import finish_rgb, image_field, open_image, plain_jpeg
-from shards.manifest import Manifest
 from shards.reader import ShardError, ShardIndex
+from shards.source import CacheOptions, Dataset, Prefetcher, SourceError, parse_size
 
 MASK64 = (1 << 64) - 1
 
@@ -35,13 +41,51 @@ def mix_seed(*values: int) -> int:
     return state >> 1
 
 
-def split_index(manifest: Manifest, split: str) -> ShardIndex:
-    if split not in manifest.splits or manifest.splits[split].num_samples == 0:
-        raise ShardError(f"the shards have no '{split}' samples — re-run make_shards with a non-zero split")
-    info = manifest.splits[split]
-    index = ShardIndex(manifest.shard_paths(split), [s.samples for s in info.shards])
-    index.check_files()
-    return index
+def open_shards(location: str, data=None) -> Dataset:
+    """make_shards output at a path or URL, with the cache settings of ``data`` (a DataConfig)."""
+    options = CacheOptions()
+    if data is not None:
+        limit = parse_size(data.cache_limit) if data.cache_limit is not None else None
+        options = CacheOptions(data.cache_dir, limit, data.fetch_retries, data.allow_pipe)
+    try:
+        return Dataset(location, options)
+    except SourceError as e:
+        raise ShardError(str(e)) from None
+
+
+def split_index(dataset: Dataset, split: str) -> ShardIndex:
+    try:
+        files = dataset.split(split)
+        files.check()
+    except SourceError as e:
+        raise ShardError(str(e)) from None
+    return ShardIndex(files)
+
+
+@dataclass
+class ShardBlocks:
+    """The shard-block epoch order: blocks of whole shards of at most ``budget`` bytes (at least
+    one shard each), in an order shuffled per epoch, samples permuted within each block."""
+
+    counts: list[int]
+    sizes: list[int]
+    budget: int
+
+    def epoch(self, generator: torch.Generator) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """-> (the shards of each block, each block's sample indices in epoch order)."""
+        starts = [0]
+        for n in self.counts:
+            starts.append(starts[-1] + n)
+        blocks: list[list[int]] = []
+        used = self.budget
+        for shard in torch.randperm(len(self.counts), generator=generator).tolist():
+            if used + self.sizes[shard] > self.budget:
+                blocks.append([])
+                used = 0
+            blocks[-1].append(shard)
+            used += self.sizes[shard]
+        samples = [torch.cat([torch.arange(starts[s], starts[s + 1]) for s in block]) for block in blocks]
+        return blocks, samples
 
 
 class ShardDataset(Dataset):
@@ -57,6 +101,10 @@ class ShardDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def fetched_bytes(self) -> int:
+        """Bytes of shards this rank's processes downloaded into the node's cache so far."""
+        return self.index.files.fetched.value
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
@@ -120,6 +168,9 @@ class TrainOrder(Sampler):
     world: int
     seed: int
     labels: list[int] | None = None  # given: draw class-balanced with replacement
+    blocks: ShardBlocks | None = None  # given: the shard-block order (the cache cannot hold every shard)
+    prefetch: Prefetcher | None = None  # told which shards the coming batches read
+    lookahead: int = 0  # batches the loader asks for before the first one is consumed (set by make_loader)
     epoch: int = 0
     start_batch: int = 0
 
@@ -131,19 +182,49 @@ class TrainOrder(Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def epoch_order(self) -> torch.Tensor:
+        return self.epoch_plan()[0]
+
+    def epoch_plan(self) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+        """-> (the epoch's sample order; the shards of each block and the epoch position where
+        each block ends: one block of every shard without `blocks`)."""
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        if self.labels is None:
-            return torch.randperm(self.num_samples, generator=generator)
-        labels = torch.tensor(self.labels)
-        weights = 1.0 / torch.bincount(labels).double()[labels]
-        return torch.multinomial(weights, self.num_samples, replacement=True, generator=generator)
+        weights = None
+        if self.labels is not None:
+            labels = torch.tensor(self.labels)
+            weights = 1.0 / torch.bincount(labels).double()[labels]
+        if self.blocks is None:
+            if weights is None:
+                return torch.randperm(self.num_samples, generator=generator), [], [self.num_samples]
+            return torch.multinomial(weights, self.num_samples, replacement=True, generator=generator), [], [self.num_samples]
+        shards, samples = self.blocks.epoch(generator)
+        if weights is None:
+            parts = [block[torch.randperm(len(block), generator=generator)] for block in samples]
+        else:  # class-balanced draws within each block
+            parts = [block[torch.multinomial(weights[block], len(block), replacement=True, generator=generator)] for block in samples]
+        ends = torch.tensor([len(p) for p in parts]).cumsum(0).tolist()
+        return torch.cat(parts), shards, ends
 
     def __iter__(self):
         used = self.steps_per_epoch * self.world * self.batch_size
-        order = self.epoch_order()[:used].tolist()
+        order, shards, ends = self.epoch_plan()
+        order = order[:used].tolist()
         for batch in range(self.start_batch, self.steps_per_epoch):
             first = (batch * self.world + self.rank) * self.batch_size
+            if self.prefetch is not None:
+                self._fetch_ahead(batch, shards, ends)
             yield [(order[p], mix_seed(self.seed, self.epoch, p)) for p in range(first, first + self.batch_size)]
+
+    def _fetch_ahead(self, batch: int, shards: list[list[int]], ends: list[int]) -> None:
+        """When the batches being read enter a block: keep it and fetch the next one."""
+        if not shards:  # global order: the cache holds every shard; fetch them all, in shard order
+            if batch == self.start_batch:
+                self.prefetch.want_all()
+            return
+        reading = max(batch - self.lookahead, self.start_batch) * self.world * self.batch_size
+        block = bisect.bisect_right(ends, reading)
+        if batch == self.start_batch or block != bisect.bisect_right(ends, reading - self.world * self.batch_size):
+            coming = shards[block] + (shards[block + 1] if block + 1 < len(shards) else [])
+            self.prefetch.want(coming, coming)
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_batch
@@ -192,7 +273,12 @@ def _exit_if_closing(signum, frame) -> None:
         os._exit(0)
 
 
+PREFETCH_FACTOR = 4
+
+
 def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory: bool) -> DataLoader:
+    if isinstance(order, TrainOrder):
+        order.lookahead = workers * PREFETCH_FACTOR
     return DataLoader(
         dataset,
         batch_sampler=order,
@@ -200,6 +286,6 @@ def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory:
         collate_fn=collate,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
         worker_init_fn=_worker_signals,
     )

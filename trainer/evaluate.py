@@ -23,8 +23,9 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/e
 import torch
 from tqdm import tqdm
 
-from shards.manifest import Manifest
-from trainer.data import EvalOrder, ShardDataset, make_loader, split_index
+from shards.manifest import MANIFEST
+from shards.store import is_url, redact
+from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_index
 from trainer.inference import InferenceError, LabelledImages, Trained, labelled_images, load_trained, run_cli
 from trainer.main import evaluate, make_accelerator
 from trainer.metrics import format_table, summarize
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="the run.dir of a training run")
     parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
     parser.add_argument("--split", default="val", help="shard split, or sub-folder of a pre-split image folder (default: val)")
-    parser.add_argument("--data", type=Path, help="make_shards output or ROOT/<class>/<image> folder (default: the run's shards)")
+    parser.add_argument("--data", help="make_shards output (a folder or s3://, gs://, http(s):// URL) or a "
+                        "ROOT/<class>/<image> folder (default: the run's shards)")
     parser.add_argument("--name", help="output name in RUN_DIR/eval/ (default: <checkpoint>-<data>)")
     parser.add_argument("--batch-size", type=int, help="per process (default: the run's train.batch_size)")
     parser.add_argument("--workers", type=int, help="loader processes per process (default: the run's data.workers)")
@@ -80,23 +82,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def eval_dataset(
-    trained: Trained, data: Path | None, split: str, letterbox: bool = False
+    trained: Trained, data: str | Path | None, split: str, letterbox: bool = False
 ) -> tuple[torch.utils.data.Dataset, str]:
     """The samples to evaluate and a short name for them (the split, or the folder's name)."""
-    source = Path(trained.config.data.shards) if data is None else data
+    source = str(trained.config.data.shards if data is None else data)
     preset = trained.preset(letterbox)
-    if (source / "manifest.json").is_file():
-        manifest = Manifest.load(source)
-        if manifest.classes != trained.classes:
+    if is_url(source) or (Path(source) / MANIFEST).is_file():
+        dataset = open_shards(source, trained.config.data)
+        if dataset.manifest.classes != trained.classes:
             raise InferenceError(
-                f"the shards {source} have other classes than the run ({len(manifest.classes)} vs {len(trained.classes)}) — "
-                "evaluate on shards made from the same class folders"
+                f"the shards {dataset.shown} have other classes than the run ({len(dataset.manifest.classes)} vs "
+                f"{len(trained.classes)}) — evaluate on shards made from the same class folders"
             )
-        name = split if data is None else f"{source.name}-{split}"
-        return ShardDataset(split_index(manifest, split), preset), name
+        folder = redact(source).rstrip("/").rsplit("/", 1)[-1]
+        name = split if data is None else f"{folder}-{split}"
+        return ShardDataset(split_index(dataset, split), preset), name
     if data is None:
         raise InferenceError(f"the run's shards {source} are not there — pass --data SHARDS_OR_IMAGE_FOLDER")
-    return LabelledImages(labelled_images(source, trained.classes, split), preset), source.name
+    return LabelledImages(labelled_images(Path(source), trained.classes, split), preset), Path(source).name
 
 
 def write_outputs(out_dir: Path, name: str, record: dict, classes: list[str]) -> tuple[Path, Path]:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--out-dir", type=Path, help="default: RUN_DIR/export")
-    parser.add_argument("--data", type=Path, help="images for the parity check (default: the run's val shards)")
+    parser.add_argument("--data", help="shards (folder or URL) or images for the parity check (default: the run's val shards)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--samples", type=int, default=16, help="images in the parity check (default: 16)")
     parser.add_argument("--letterbox", action="store_true", help="record letterbox (pad to square) preprocessing")

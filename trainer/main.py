@@ -33,7 +33,9 @@ from shards.reader import ShardError
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, ConfigError, load_config, to_dict, to_yaml
-from trainer.data import EvalOrder, ShardDataset, TrainOrder, close_loaders, make_loader, mix_seed, split_index
+from trainer.data import (
+    EvalOrder, ShardBlocks, ShardDataset, TrainOrder, close_loaders, make_loader, mix_seed, open_shards, split_index,
+)
 from trainer.metrics import EvalSums, summarize
 from trainer.model import load_weights, se_densenet
 from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups
@@ -121,7 +123,8 @@ def train(config: Config) -> int:
     torch.manual_seed(mix_seed(config.train.seed, rank))
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    manifest = Manifest.load(config.data.shards)
+    dataset = open_shards(config.data.shards, config.data)
+    manifest = dataset.manifest
     classes = manifest.classes
     run_dir = Path(config.run.dir)
     mean, std = normalization(config.data, manifest.mean, manifest.std)
@@ -129,7 +132,10 @@ def train(config: Config) -> int:
         prepare_run_dir(run_dir, config, classes, mean, std)
     accelerator.wait_for_everyone()
 
-    train_loader, val_loader, order = build_loaders(config, manifest, mean, std, rank, world, accelerator.device.type == "cuda")
+    train_loader, val_loader, order = build_loaders(config, dataset, mean, std, rank, world, accelerator.device.type == "cuda")
+    if accelerator.is_main_process and not train_loader.dataset.index.has_index:
+        print(f"note: the shards at {dataset.shown} have no sample index, so every loader process scans their tar "
+              "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one", flush=True)
     decode, normalize = device_stages(config, mean, std, accelerator.device)
     batches = order.steps_per_epoch // config.train.grad_accum * config.train.grad_accum
     steps_per_epoch = batches // config.train.grad_accum
@@ -243,10 +249,14 @@ def set_status(run_dir: Path, accelerator: Accelerator, state: str) -> None:
         os.replace(tmp, run_dir / "status.json")
 
 
-def build_loaders(config: Config, manifest: Manifest, mean: list, std: list, rank: int, world: int, pin: bool):
-    train_index, val_index = split_index(manifest, "train"), split_index(manifest, "val")
+def build_loaders(config: Config, dataset, mean: list, std: list, rank: int, world: int, pin: bool):
+    train_index, val_index = split_index(dataset, "train"), split_index(dataset, "val")
     labels = train_index.labels() if config.data.balance == "sampler" else None
-    order = TrainOrder(len(train_index), config.train.batch_size, rank, world, config.train.seed, labels)
+    files = train_index.files
+    # A cache smaller than the data: read the epoch block by block (data/ShardBlocks)
+    blocks = ShardBlocks(files.counts, files.sizes, dataset.block_budget) if dataset.block_budget is not None else None
+    order = TrainOrder(len(train_index), config.train.batch_size, rank, world, config.train.seed, labels, blocks,
+                       files.prefetcher())
     # data.decode=device: the workers hand over encoded images; DeviceDecode augments on the device
     train_preset = TrainPreset(config.data, mean, std) if config.data.decode == "workers" else None
     train_set = ShardDataset(train_index, train_preset, config.data.skip_bad_samples)
@@ -335,7 +345,8 @@ def train_one_epoch(
     accum = config.train.grad_accum
     # Summed on the device and read only when logged: a .item() per step would stall the GPU queue.
     window = {"sums": torch.zeros(2, dtype=torch.float64, device=accelerator.device), "seen": 0, "bad": 0,
-              "start": time.perf_counter()}
+              "start": time.perf_counter(), "fetched": loader.dataset.fetched_bytes,
+              "fetched_before": loader.dataset.fetched_bytes()}
     epoch_start = time.perf_counter()
     bar = tracker.progress(loader, total=batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
     for images, labels, _, bad in bar:
@@ -410,8 +421,10 @@ STARTUP = StartupClock()
 
 
 def log_train(window, scheduler, progress, accelerator, tracker, epoch_time) -> None:
-    counts = torch.tensor([window["seen"], window["bad"]], dtype=torch.float64, device=accelerator.device)
-    loss, correct, seen, bad = accelerator.reduce(torch.cat([window["sums"], counts]), "sum").tolist()
+    fetched = window["fetched"]()
+    counts = torch.tensor([window["seen"], window["bad"], fetched - window["fetched_before"]],
+                          dtype=torch.float64, device=accelerator.device)
+    loss, correct, seen, bad, fetched_now = accelerator.reduce(torch.cat([window["sums"], counts]), "sum").tolist()
     elapsed = time.perf_counter() - window["start"]
     record = {
         "kind": "train",
@@ -426,12 +439,14 @@ def log_train(window, scheduler, progress, accelerator, tracker, epoch_time) -> 
     }
     if bad:
         record["skipped_bad_samples"] = int(bad)
+    if fetched_now:  # shards downloaded into the nodes' caches since the last record, all ranks
+        record["fetched_mb"] = fetched_now / 1e6
     if (startup := STARTUP.take()) is not None:
         record["startup_s"] = startup
     if accelerator.device.type == "cuda":
         record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     tracker.log(record)
-    window.update(sums=torch.zeros_like(window["sums"]), seen=0, bad=0, start=time.perf_counter())
+    window.update(sums=torch.zeros_like(window["sums"]), seen=0, bad=0, start=time.perf_counter(), fetched_before=fetched)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shards.store import redact
 from trainer.config import Config
 from trainer.tracking import read_records
 
@@ -20,7 +21,7 @@ def write_report(run_dir: Path, config: Config, classes: list[str], summary: dic
         f"- model: SE-DenseNet depth {m.depth}{' block_config ' + str(m.block_config) if m.block_config else ''}, "
         f"SE {'on' if m.se else 'off'}, efficient {'on' if m.efficient else 'off'}, "
         f"{summary['parameters']:,} parameters, {len(classes)} classes",
-        f"- data: {config.data.shards}, image size {config.data.image_size}",
+        f"- data: {redact(config.data.shards)}, image size {config.data.image_size}",
         f"- training: {t.epochs} epochs, batch {t.batch_size} x {summary['world_size']} processes x {t.grad_accum} accumulation, "
         f"{config.optim.name} lr {config.optim.lr}, precision {t.mixed_precision}, seed {t.seed}",
         "",

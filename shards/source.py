@@ -1,0 +1,269 @@
+"""A dataset location -> its manifest, and each split's shards as bytes at offsets.
+
+Shards in a local folder are read in place. Remote ones (and local ones when a cache folder is
+given, for slow NFS homes) are fetched whole into the node-local `ShardCache`; a background
+thread fetches the shards the reader will need next. Readers above this layer see only
+`SplitFiles.read(shard, offset, length)` and never learn where the bytes came from.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shards.cache import CacheError, Entry, ShardCache, default_dir
+from shards.index import INDEX_NAME, load_index
+from shards.manifest import MANIFEST, Manifest, ManifestError
+from shards.store import Store, StoreError
+
+MIN_LIMIT_SHARDS = 4  # a cache_limit below this many of the largest shard cannot overlap fetching and reading
+
+
+class SourceError(RuntimeError):
+    """The data cannot be reached, cached or trusted (one-line message)."""
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """What the user said about caching: a folder (None: the default, for remote data only), a
+    size limit in bytes (None: no limit), retries for transient errors, and whether pipe: may run."""
+
+    dir: str | None = None
+    limit: int | None = None
+    retries: int = 5
+    allow_pipe: bool = False
+
+
+class Dataset:
+    """make_shards output at a local path or URL: its manifest, checked before any work."""
+
+    def __init__(self, location: str | os.PathLike, options: CacheOptions = CacheOptions()):
+        try:
+            self.store = Store(str(location), options.retries, options.allow_pipe)
+            if self.store.local is not None:
+                self.manifest = Manifest.load(self.store.local)
+            else:
+                self.manifest = Manifest.parse(self.store.check(MANIFEST), self.store.show(MANIFEST))
+        except StoreError as e:
+            raise SourceError(str(e)) from None
+        self.cache = None
+        if self.store.local is None or options.dir is not None:
+            root = Path(options.dir) / "se-densenet-shards" if options.dir else default_dir()
+            try:
+                self.cache = ShardCache(root, options.limit)
+            except CacheError as e:
+                raise SourceError(str(e)) from None
+            self._check_limit(options.limit)
+
+    @property
+    def shown(self) -> str:
+        return self.store.shown
+
+    def _files_bytes(self) -> int:
+        return sum(s.bytes for info in self.manifest.splits.values() for s in info.shards + ([info.index] if info.index else []))
+
+    def _check_limit(self, limit: int | None) -> None:
+        largest = max((s.bytes for info in self.manifest.splits.values() for s in info.shards), default=0)
+        if limit is not None and limit < MIN_LIMIT_SHARDS * largest:
+            raise SourceError(
+                f"data.cache_limit {limit / 1e6:.0f} MB is below {MIN_LIMIT_SHARDS}x the largest shard ({largest / 1e6:.1f} MB) — "
+                f"raise it to at least {MIN_LIMIT_SHARDS * largest / 1e6:.0f} MB"
+            )
+
+    @property
+    def block_budget(self) -> int | None:
+        """Bytes of shards a reader may use at once, or None when every file fits in the cache
+        (then samples can be read in any order without a file being fetched twice)."""
+        if self.cache is None or self.cache.limit is None or self.cache.limit >= self._files_bytes():
+            return None
+        indexes = sum(info.index.bytes for info in self.manifest.splits.values() if info.index)
+        return (self.cache.limit - indexes) // 2  # the block being read and the next one, fetched meanwhile
+
+    def split(self, name: str) -> SplitFiles:
+        if name not in self.manifest.splits or self.manifest.splits[name].num_samples == 0:
+            raise SourceError(f"the shards at {self.shown} have no '{name}' samples — re-run make_shards with a non-zero split")
+        info = self.manifest.splits[name]
+        prefix = self.manifest.prefix
+        entries = [Entry(s.sha256, s.bytes, ".tar", self.store.show(f"{prefix}{name}/{s.name}")) for s in info.shards]
+        index = None
+        if info.index is not None:
+            index = Entry(info.index.sha256, info.index.bytes, ".npy", self.store.show(f"{prefix}{name}/{INDEX_NAME}"))
+        rels = [f"{prefix}{name}/{s.name}" for s in info.shards]
+        return SplitFiles(self.store, self.cache, rels, entries, [s.samples for s in info.shards], index, f"{prefix}{name}/{INDEX_NAME}")
+
+
+class SplitFiles:
+    """One split's shards: ``read(shard, offset, length)``, from the folder or the cache."""
+
+    def __init__(self, store: Store, cache: ShardCache | None, rels: list[str], entries: list[Entry], counts: list[int],
+                 index: Entry | None, index_rel: str):
+        self.store, self.cache, self.rels, self.entries, self.counts = store, cache, rels, entries, counts
+        self.index_entry, self.index_rel = index, index_rel
+        self.fetched = multiprocessing.Value("q", 0)  # bytes this rank's processes downloaded (forked workers share it)
+        self._fds: dict[int, int] = {}
+        self._index: np.ndarray | None = None
+        self._pid = os.getpid()
+
+    @classmethod
+    def from_paths(cls, paths: list[Path], counts: list[int]) -> SplitFiles:
+        """Local tar files read in place, with no manifest or sample index (tests, benches)."""
+        if len(paths) != len(counts):
+            raise ValueError("one sample count per shard is needed")
+        root = Path(os.path.commonpath([Path(p).absolute() for p in paths]) if len(paths) > 1 else Path(paths[0]).absolute().parent)
+        rels = [str(Path(p).absolute().relative_to(root)) for p in paths]
+        entries = [Entry("", 0, ".tar", str(p)) for p in paths]
+        return cls(Store(str(root)), None, rels, entries, counts, None, "")
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [e.size for e in self.entries]
+
+    def name(self, shard: int) -> str:
+        return self.rels[shard].rsplit("/", 1)[-1]
+
+    def shown(self, shard: int) -> str:
+        return self.entries[shard].shown
+
+    def check(self) -> None:
+        """Fail before training, not an epoch in, when a local shard listed in the manifest is gone."""
+        if self.cache is None:
+            for shard, rel in enumerate(self.rels):
+                if not (self.store.local / rel).is_file():
+                    raise SourceError(f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file")
+
+    # -- bytes -------------------------------------------------------------------------------
+
+    def read(self, shard: int, offset: int, length: int) -> bytes:
+        if self.cache is None:
+            return os.pread(self._fd(shard), length, offset)
+        return self.cache.read(self.entries[shard], offset, length, lambda: self.fetch(shard))
+
+    def local_path(self, shard: int) -> Path:
+        """A path to the whole shard on this machine (fetched if need be)."""
+        return self.store.local / self.rels[shard] if self.cache is None else self.fetch(shard)
+
+    def fetch(self, shard: int, protect: tuple[str, ...] = ()) -> Path:
+        return self._get(self.entries[shard], self.rels[shard], protect)
+
+    def _get(self, entry: Entry, rel: str, protect: tuple[str, ...] = ()) -> Path:
+        def download(out):
+            got = self.store.download(rel, out)
+            with self.fetched.get_lock():
+                self.fetched.value += got[0]
+            return got
+
+        try:
+            return self.cache.get(entry, download, protect)
+        except (StoreError, CacheError) as e:
+            raise SourceError(str(e)) from None
+
+    def _fd(self, shard: int) -> int:
+        if os.getpid() != self._pid:  # forked into a loader worker: descriptors are not ours
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            try:
+                self._fds[shard] = os.open(self.store.local / self.rels[shard], os.O_RDONLY)
+            except FileNotFoundError:
+                raise SourceError(f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file") from None
+        return self._fds[shard]
+
+    # -- sample index ------------------------------------------------------------------------
+
+    def index(self) -> np.ndarray | None:
+        """The split's memory-mapped sample index, or None for shards made before there was one."""
+        if self.index_entry is None:
+            return None
+        if self._index is None:
+            path = self.store.local / self.index_rel if self.cache is None else self._get(self.index_entry, self.index_rel)
+            if self.cache is not None:
+                self._hold = self.cache.hold(self.index_entry)  # mapped for the whole run: never evicted under us
+            try:
+                self._index = load_index(path, sum(self.counts))
+            except (OSError, ValueError) as e:
+                raise SourceError(f"sample index {self.index_entry.shown} cannot be used ({e}) — re-run make_shards") from None
+        return self._index
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_fds={}, _index=None, fetched=None)
+        state.pop("_hold", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.fetched = multiprocessing.Value("q", 0)
+
+    # -- fetching ahead ----------------------------------------------------------------------
+
+    def prefetcher(self) -> Prefetcher | None:
+        return Prefetcher(self) if self.cache is not None else None
+
+
+class Prefetcher:
+    """A thread that fetches the shards a reader will need next, in the order it needs them.
+
+    ``want(shards, protect)`` replaces what is queued: the shards are fetched in that order,
+    and space for them is never made by evicting any shard in ``protect``.
+    """
+
+    def __init__(self, files: SplitFiles):
+        self.files = files
+        self._todo: queue.Queue = queue.Queue()
+        self.error: SourceError | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
+        self._thread.start()
+
+    def want(self, shards: list[int], protect: list[int]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.files.cache.touch(self.files.entries[s] for s in protect)
+        names = tuple(self.files.entries[s].name for s in protect)
+        while True:  # the newest wish replaces older ones
+            try:
+                self._todo.get_nowait()
+            except queue.Empty:
+                break
+        self._todo.put((list(shards), names))
+
+    def want_all(self) -> None:
+        self.want(list(range(len(self.files))), [])
+
+    def _run(self) -> None:
+        while True:
+            shards, protect = self._todo.get()
+            for shard in shards:
+                if not self._todo.empty():
+                    break  # the reader moved on: follow its newest wish
+                try:
+                    self.files.fetch(shard, protect)
+                except SourceError as e:  # the reader meets it too, when it needs that shard
+                    self.error = e
+                    return
+
+
+def parse_size(text: str) -> int:
+    """'500MB', '40GB', '1.5TB', '123' (bytes) -> bytes (decimal units, as disks are sold; KiB/MiB/GiB too)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    s = str(text).strip().lower().replace(" ", "")
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise ValueError(f"{text!r} is not a size — write it like 500MB, 40GB or 1.5TB")
+    return int(value * units[unit])
+
+
+__all__ = ["CacheOptions", "Dataset", "ManifestError", "Prefetcher", "SourceError", "SplitFiles", "parse_size"]
