@@ -2,6 +2,7 @@
 
     python -m launch.make_shards SRC OUT [options]
     python -m launch.make_shards --demo OUT          # scikit-learn's digits, then the same
+    python -m launch.make_shards SRC s3://bucket/prefix   # or gs://: built locally ($TMPDIR), then uploaded
 
 Reads SRC/<class>/**/<image> (or SRC/train/<class>/... and SRC/val/<class>/...), drops and
 reports what is not a usable image, splits train/val (stratified, seeded, identical files
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,11 +25,13 @@ import numpy as np
 from launch import demo, report
 from launch.pack import Entry, ShardJob, SourceChanged, write_shard
 from launch.parallel import Workers, default_workers
+from launch.publish import PublishError, build_prefix, remote_out, upload
 from launch.scan import SPLITS, Inspection, Listing, SourceError, inspect_all, list_source
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
 from shards.format import key_hash, sample_key, shard_name
 from shards.index import INDEX_NAME, write_index
 from shards.manifest import Manifest, ShardInfo, SplitInfo
+from shards.store import is_url
 from shards.writer import publish, staging
 
 DEFAULT_MIN_SHARDS = 16
@@ -261,23 +265,38 @@ def _progress(desc: str, unit: str, weight=lambda item: 1):
 
 
 def run(args: argparse.Namespace) -> str:
-    out = Path(args.paths[-1])
     src = None if args.demo else Path(args.paths[0])
+    if is_url(args.paths[-1]):  # object storage: built in a local temp folder, then uploaded
+        store, existing = remote_out(args.paths[-1], args.overwrite)
+        with tempfile.TemporaryDirectory(prefix="make_shards-") as tmp:
+            return build(args, src, Path(tmp) / "out", store.shown, lambda stage, manifest: upload(
+                stage, store, manifest.prefix, existing, lambda files: _progress("uploading", "files")(files, len(files))),
+                lambda manifest: setattr(manifest, "prefix", build_prefix(manifest, existing)))
+    out = Path(args.paths[-1])
     check_out(out, src, args.overwrite)
+    return build(args, src, out, str(out), lambda stage, manifest: publish(stage, out))
+
+
+def build(args: argparse.Namespace, src: Path | None, out: Path, shown: str, put, place=lambda manifest: None) -> str:
+    """Scan, split and write into a staging folder beside ``out``; ``put(stage, manifest)`` makes
+    it the output (``place(manifest)`` first decides where the splits go below OUT)."""
     with Workers(args.workers) as workers:
         if src is not None:
             plan = prepare(src, args, workers)  # every input error surfaces here, before anything is written
         with staging(out) as stage:
-            if src is None:
-                plan = prepare(demo.write_digits(stage / "images"), args, workers)
-            source = str((out / "images" if src is None else src).absolute())
+            if src is None:  # the digits are written as an image folder: into OUT itself when it is local
+                images = (out.parent if is_url(shown) else stage) / "images"
+                plan = prepare(demo.write_digits(images), args, workers)
+                src = out / "images" if not is_url(shown) else images
+            source = str(src.absolute())
             manifest = write(plan, stage, args, source, workers)
-            text = finish(manifest, plan, stage, out, args.min_shards)
-            publish(stage, out)
+            place(manifest)
+            text = finish(manifest, plan, stage, shown, args.min_shards)
+            put(stage, manifest)
     return text
 
 
-def finish(manifest: Manifest, plan: Plan, stage: Path, out: Path, min_shards: int) -> str:
+def finish(manifest: Manifest, plan: Plan, stage: Path, out: str, min_shards: int) -> str:
     """Manifest, timm's _info.json, plots and summary into ``stage``; -> the summary."""
     manifest.write(stage)
     sel = plan.split != NONE
@@ -296,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(run(parse_args(argv)))
         return 0
-    except (UsageError, SourceError) as e:
+    except (UsageError, SourceError, PublishError) as e:
         print(f"error: {e}", file=sys.stderr)
     except SourceChanged as e:
         print(f"error: {e} changed while it was being sharded — re-run once nothing writes to SRC", file=sys.stderr)

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 SCHEMES = ("s3", "gs", "gcs", "http", "https")
 CHUNK = 8 << 20
 BACKOFF_S = 1.0  # first retry after 1 s, then 2, 4, ... capped at 30
+# Retries are ours (with backoff, data.fetch_retries); the client's own would multiply them.
+S3_OPTIONS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 1}}}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -111,7 +113,8 @@ class Store:
             import fsspec
 
             try:
-                self._fs = fsspec.core.url_to_fs(self.url("x"))[0] if self.scheme != "pipe" else None
+                options = S3_OPTIONS if self.scheme == "s3" else {}
+                self._fs = fsspec.core.url_to_fs(self.url("x"), skip_instance_cache=True, **options)[0] if self.scheme != "pipe" else None
             except ImportError as e:
                 raise StoreError(f"{self.shown} needs the {e.name} package — pip install {e.name}") from None
             self._pid = os.getpid()
@@ -166,7 +169,7 @@ class Store:
             try:
                 return attempt()
             except Exception as e:  # fsspec back-ends raise their clients' own exception types
-                transient, reason = classify(e)
+                transient, reason = classify(e, self.scheme)
                 if not transient:
                     raise StoreError(f"{self.show(rel)}: {reason}") from None
                 if tries == self.retries:
@@ -201,7 +204,8 @@ class Store:
                 return f"nothing at {where} — check the prefix, or make shards there with `python -m launch.make_shards SRC {where}`"
             return f"{where} has no {rel} — make shards there with `python -m launch.make_shards SRC {where}`"
         except Exception as e:
-            return f"{where}: {classify(e)[1]}"
+            transient, reason = classify(e, self.scheme)
+            return f"{where}: {reason}" + (f" — {hint(self.location)}" if transient else "")
 
     # -- writing (make_shards) ---------------------------------------------------------------
 
@@ -209,7 +213,13 @@ class Store:
         """Every file under the location, relative to it."""
         fs, root = self.fs(), self._fs_path("").rstrip("/")
         fs.invalidate_cache()
-        return sorted(p[len(root) + 1 :] for p in self._call(lambda: fs.find(root), root))
+        try:
+            found = fs.find(root)
+        except FileNotFoundError:
+            raise StoreError(f"bucket {root.split('/', 1)[0]!r} does not exist ({self.shown}) — create it first") from None
+        except Exception as e:
+            raise StoreError(f"{self.shown}: {classify(e, self.scheme)[1]}") from None
+        return sorted(p[len(root) + 1 :] for p in found)
 
     def upload(self, local: Path, rel: str) -> None:
         fs, path = self.fs(), self._fs_path(rel)
@@ -220,12 +230,6 @@ class Store:
         for rel in rels:
             self._retried(rel, lambda rel=rel: fs.rm_file(self._fs_path(rel)))
 
-    def _call(self, fn: Callable, what: str):
-        try:
-            return fn()
-        except Exception as e:
-            raise StoreError(f"{self.shown}: {classify(e)[1]}") from None
-
 
 # Exception class names (from botocore, aiohttp, google-auth, fsspec) by what they mean.
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError")
@@ -234,17 +238,26 @@ _UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnect
                 "ClientPayloadError", "IncompleteReadError", "ResponseStreamingError", "ServerTimeoutError")
 
 
-def classify(e: BaseException) -> tuple[bool, str]:
+CREDENTIALS = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
+}
+
+
+def classify(e: BaseException, scheme: str = "") -> tuple[bool, str]:
     """-> (worth retrying, a short reason for the user)."""
     names = {c.__name__ for c in type(e).__mro__}
     if names & set(_NO_CREDENTIALS):
-        return False, "no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE (S3), GOOGLE_APPLICATION_CREDENTIALS (GCS)"
+        how = CREDENTIALS.get("gs" if scheme == "gcs" else scheme, "configure the store's credentials")
+        return False, f"no credentials found — {how}"
     if isinstance(e, FileNotFoundError):
         return False, "not found"
     if isinstance(e, PermissionError) or "AccessDenied" in str(e) or "Forbidden" in str(e):
         return False, "access denied — check the credentials and the bucket's permissions"
     if names & set(_UNREACHABLE):
         return True, f"endpoint unreachable ({type(e).__name__})"
+    if isinstance(e, (TypeError, AttributeError, KeyError, ImportError)):  # a bug or a broken install, not the network
+        return False, f"{type(e).__name__}: {e}"
     status = getattr(e, "status", None) or getattr(e, "code", None)
     if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
         return False, f"HTTP {status}"

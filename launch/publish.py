@@ -1,0 +1,70 @@
+"""make_shards output -> object storage (s3://, gs://): shards first, the manifest last.
+
+A reader takes a location for a dataset once its manifest.json is there, so the manifest is the
+last object written, and a half-uploaded dataset is never taken for a complete one. Object
+stores cannot rename a folder, so when OUT already holds a dataset the new shards go under a
+build prefix of their own (``build-<id>/train/...``, named in the new manifest): the old dataset
+stays complete and readable until the new manifest replaces the old one, and only then are the
+old dataset's objects deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from launch.scan import SPLITS
+from shards.manifest import MANIFEST, TIMM_INFO, Manifest
+from shards.store import Store, StoreError
+
+
+class PublishError(Exception):
+    """OUT cannot be written as asked (one-line message)."""
+
+
+def remote_out(location: str, overwrite: bool) -> tuple[Store, list[str]]:
+    """The store at OUT and what it holds now, checked before any work."""
+    try:
+        store = Store(location)
+    except StoreError as e:
+        raise PublishError(str(e)) from None
+    if store.read_only:
+        raise PublishError(f"OUT {store.shown} is read-only — write to a folder, s3:// or gs://")
+    try:
+        existing = store.list()
+    except StoreError as e:
+        raise PublishError(str(e)) from None
+    if existing and not overwrite:
+        raise PublishError(f"OUT {store.shown} is not empty — pass --overwrite to replace it, or choose a new prefix")
+    return store, existing
+
+
+def build_prefix(manifest: Manifest, existing: list[str]) -> str:
+    """Where the splits' folders go: OUT itself when it holds no dataset, else a build folder
+    named by the new shards' contents."""
+    if MANIFEST not in existing:
+        return ""
+    digest = hashlib.sha256()
+    for split in sorted(manifest.splits):
+        for shard in manifest.splits[split].shards:
+            digest.update(shard.sha256.encode())
+    return f"build-{digest.hexdigest()[:12]}/"
+
+
+def upload(stage: Path, store: Store, prefix: str, existing: list[str], progress=lambda files: files) -> None:
+    """Everything in ``stage`` to the store, the manifest last; then what OUT held before goes."""
+    files = sorted(p for p in stage.rglob("*") if p.is_file())
+    rels = {p: _remote_name(p.relative_to(stage).as_posix(), prefix) for p in files}
+    last = [p for p in files if rels[p] in (TIMM_INFO, MANIFEST)]
+    last.sort(key=lambda p: rels[p] == MANIFEST)
+    try:
+        for path in progress([p for p in files if p not in last] + last):
+            store.upload(path, rels[path])
+        store.delete([rel for rel in existing if rel not in set(rels.values())])
+    except StoreError as e:
+        raise PublishError(str(e)) from None
+
+
+def _remote_name(rel: str, prefix: str) -> str:
+    top = rel.split("/", 1)[0]
+    return prefix + rel if top in SPLITS else rel
