@@ -6,8 +6,9 @@ two datasets never collide and a rebuilt dataset is never served stale. Coordina
 ``flock`` only, which the kernel drops when a process dies (no stale locks):
 
 - ``<sha>.lock``: held while ``<sha>`` is downloaded, so one process downloads, the rest wait;
-- ``.space.lock``: held while space is counted and reserved (the ``.part`` file is allocated at
-  its full size at once, so the files in the folder never add up to more than the limit);
+- ``.space.lock``: held while space is counted, reserved or handed over (the ``.part`` file is
+  allocated at its full size at once and renamed under it, so the files in the folder never add
+  up to more than the limit);
 - a shared lock on the file itself while a process reads it (or, for an index, maps it):
   eviction only removes files it can lock exclusively, so nothing is deleted under a reader.
 
@@ -83,7 +84,8 @@ class ShardCache:
                     got = download(out)
                     if got == (entry.size, entry.sha256):
                         os.fsync(out.fileno())
-                        os.replace(part, final)
+                        with _flock(self.root / ".space.lock", fcntl.LOCK_EX):  # counted as one file throughout
+                            os.replace(part, final)
                         return final
             what = f"{got[0]} bytes, the manifest says {entry.size}" if got[0] != entry.size else "its sha256 differs from the manifest's"
             raise CacheError(f"{entry.shown} was downloaded twice and is corrupted ({what}) — re-run make_shards to that location")
@@ -139,8 +141,9 @@ class ShardCache:
         return found
 
     def used(self) -> int:
-        """Bytes the cache's files take (what the limit bounds)."""
-        return sum(st.st_size for path, st in self._files() if not path.name.startswith("."))
+        """Bytes the cache's files take (what the limit bounds), counted as reservations see them."""
+        with _flock(self.root / ".space.lock", fcntl.LOCK_EX):
+            return sum(st.st_size for _, st in self._files())
 
     def touch(self, entries: Iterable[Entry]) -> None:
         """Mark ``entries`` as used now: the last to be evicted."""

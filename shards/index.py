@@ -80,7 +80,7 @@ def scan_tar(path: Path) -> np.ndarray:
             name = info.name.rsplit("/", 1)[-1]
             stem, _, ext = name.partition(".")
             key = info.name[: len(info.name) - len(name)] + stem
-            end = info.offset_data + info.size
+            end = info.offset_data + info.size + (-info.size % BLOCK)
             if not keys or keys[-1] != key:
                 keys.append(key)
                 entries.append([info.offset, 0, -1])

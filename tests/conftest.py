@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,57 @@ def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None,
             raise AssertionError(f"process exited with {process.returncode} before the condition held")
         time.sleep(interval)
     raise AssertionError("timed out waiting")
+
+
+@contextmanager
+def s3_server():
+    """moto's S3 server on loopback; -> the environment that points a process at it."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "AKIDLOOPBACKTEST",
+           "AWS_SECRET_ACCESS_KEY": "loopback-secret-7f3a", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        yield server, env
+    finally:
+        server.stop()
+
+
+def s3_fs(env: dict):
+    """An s3fs client of the test's own (the test process's environment is left alone)."""
+    import s3fs
+
+    return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                             endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+
+
+@contextmanager
+def http_server(root: Path):
+    """Python's file server on loopback over ``root`` (it ignores Range: whole files only)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def make_shards_to(out: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.make_shards", *args, out], cwd=REPO, env=cpu_env(**env),
+                          capture_output=True, text=True, timeout=300)

@@ -23,7 +23,7 @@ from shards.manifest import Manifest
 from tests.conftest import REPO, cpu_env, run_training
 from trainer import export
 from trainer.config import config_from_dict, to_dict
-from trainer.data import split_index
+from trainer.data import open_shards, split_index
 from trainer.inference import load_trained, read_image
 from trainer.main import build_model, export_weights
 
@@ -71,7 +71,7 @@ def folders(digits_shards, tmp_path_factory) -> dict[str, Path]:
     """`classes`: val images copied out as ROOT/<class>/<file> in several modes; `extra`: a wide image;
     `bad`: a file that is not an image."""
     root = tmp_path_factory.mktemp("images")
-    index = split_index(Manifest.load(digits_shards), "val")
+    index = split_index(open_shards(str(digits_shards)), "val")
     counts = {}
     for i in range(len(index)):
         sample = index.read(i)

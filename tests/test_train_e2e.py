@@ -9,7 +9,7 @@ from safetensors import safe_open
 from shards.manifest import Manifest
 from tests.conftest import run_training
 from trainer.config import config_from_dict
-from trainer.data import EvalOrder, ShardDataset, make_loader, split_index
+from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_index
 from trainer.main import build_model
 from trainer.metrics import EvalSums, summarize
 from trainer.model import load_weights
@@ -84,7 +84,7 @@ def test_exported_weights_reproduce_logged_top1_on_one_process(trained_run, digi
         load_weights(model, path)
         manifest = Manifest.load(digits_shards)
         mean, std = normalization(config.data, manifest.mean, manifest.std)
-        dataset = ShardDataset(split_index(manifest, "val"), EvalPreset(config.data.image_size, config.data.crop_pct, mean, std))
+        dataset = ShardDataset(split_index(open_shards(str(digits_shards)), "val"), EvalPreset(config.data.image_size, config.data.crop_pct, mean, std))
         loader = make_loader(dataset, EvalOrder(len(dataset), 64, 0, 1), workers=0, pin_memory=False)
         sums = EvalSums.zeros(len(classes), "cpu")
         model.eval()

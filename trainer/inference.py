@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from shards.format import SOURCE_EXTS, decode_rgb
 from shards.manifest import ManifestError
 from shards.reader import ShardError
+from shards.source import SourceError
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, config_from_dict
 from trainer.data import close_loaders
@@ -42,7 +43,7 @@ class InferenceError(ValueError):
 
 
 # Every error a user can cause; anything else is a bug and keeps its traceback.
-USER_ERRORS = (InferenceError, ConfigError, ManifestError, ShardError, SetupError)
+USER_ERRORS = (InferenceError, ConfigError, ManifestError, ShardError, SourceError, SetupError)
 
 
 def run_cli(run, args) -> int:

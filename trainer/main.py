@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from shards.manifest import Manifest, ManifestError
 from shards.reader import ShardError
+from shards.source import SourceError
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, ConfigError, load_config, to_dict, to_yaml
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         return train(config)
-    except (ConfigError, ManifestError, ShardError, CheckpointError, SetupError, TrackingError) as e:
+    except (ConfigError, ManifestError, ShardError, SourceError, CheckpointError, SetupError, TrackingError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     finally:

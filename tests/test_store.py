@@ -1,0 +1,198 @@
+"""The sample index, the store, the node-local cache and the shard-block order, without servers."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from shards.cache import CacheError, Entry, ShardCache
+from shards.index import RECORD, load_index, parse_sample, scan_tar
+from shards.source import Dataset, SourceError, parse_size
+from shards.store import Store, StoreError, redact
+from shards.writer import ShardWriter
+from trainer.data import ShardBlocks, TrainOrder, open_shards, split_index
+
+
+def test_the_index_costs_16_bytes_a_sample_and_matches_a_header_scan(tmp_path):
+    assert RECORD.itemsize == 16
+    path = tmp_path / "s.tar"
+    with ShardWriter(path) as writer:
+        for i in range(5):
+            writer.add(f"k{i}", {"cls": str(i % 3).encode(), "jpg": os.urandom(100 * i + 1), "json": b"{}"})
+        writer.close()
+    index = writer.index
+    assert np.array_equal(index, scan_tar(path))
+    data = path.read_bytes()
+    key, fields = parse_sample(data[index[4]["offset"] : index[4]["offset"] + index[4]["length"]])
+    assert key == "k4" and fields["cls"] == b"1" and len(fields["jpg"]) == 401 and set(fields) == {"cls", "jpg", "json"}
+    assert index["label"].tolist() == [0, 1, 2, 0, 1]
+
+
+def test_make_shards_writes_the_index_readers_map(digits_shards):
+    dataset = open_shards(str(digits_shards))
+    train = split_index(dataset, "train")
+    assert train.has_index and isinstance(dataset.split("train").index(), np.memmap)
+    for i in (0, 777, len(train) - 1):
+        shard, position = train.locate(i)
+        scanned = scan_tar(digits_shards / "train" / train.files.rels[shard].rsplit("/", 1)[1])[position]
+        assert tuple(train._record(shard, i, position)) == tuple(scanned)
+    with pytest.raises(ValueError, match="records, the manifest says"):
+        load_index(digits_shards / "train" / "index.npy", 5)
+
+
+@pytest.mark.parametrize("text, size", [("500MB", 500_000_000), ("40GB", 40 * 10**9), ("1.5 TB", 1_500_000_000_000),
+                                        ("2GiB", 2 * 2**30), ("123", 123)])
+def test_sizes_read_like_disks_are_sold(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "5 parsecs", "0"])
+def test_a_bad_size_is_refused(text):
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_size(text)
+
+
+def test_redact_drops_what_may_be_a_secret():
+    assert redact("https://user:pw@host:8080/data/x?X-Amz-Signature=abc&token=t") == "https://host:8080/data/x"
+    assert redact("s3://bucket/prefix") == "s3://bucket/prefix"
+    assert redact("/data/shards") == "/data/shards"
+    assert redact("pipe:curl -H 'Authorization: Bearer T' https://x/{path}") == "pipe:curl ..."
+
+
+def test_pipe_runs_only_when_allowed(tmp_path):
+    (tmp_path / "a b.txt").write_bytes(b"hello")
+    with pytest.raises(StoreError, match="runs a shell command — set data.allow_pipe=true"):
+        Store(f"pipe:cat {tmp_path}/{{path}}")
+    store = Store(f"pipe:cat {tmp_path}/{{path}}", allow_pipe=True)
+    assert store.read_bytes("a b.txt") == b"hello"
+    with pytest.raises(StoreError, match="needs {path}"):
+        Store("pipe:cat x", allow_pipe=True)
+
+
+def test_unsupported_scheme_is_one_line():
+    with pytest.raises(SourceError, match=r"ftp:// is not supported — use a local path, s3://"):
+        Dataset("ftp://host/x")
+
+
+# -- the cache ---------------------------------------------------------------------------------
+
+
+def entry(data: bytes, name: str = "x") -> Entry:
+    return Entry(hashlib.sha256(data).hexdigest(), len(data), ".tar", name)
+
+
+def writer_of(data: bytes, calls: list | None = None):
+    def download(out):
+        if calls is not None:
+            calls.append(1)
+        out.seek(0)
+        out.write(data)
+        out.truncate(len(data))
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    return download
+
+
+def test_cache_downloads_once_and_evicts_least_recently_used_first(tmp_path):
+    cache = ShardCache(tmp_path, limit=3000)
+    blobs = [bytes([i]) * 1000 for i in range(4)]
+    calls = []
+    for blob in blobs[:3]:
+        cache.get(entry(blob), writer_of(blob, calls))
+    assert cache.get(entry(blobs[0]), writer_of(blobs[0], calls)).read_bytes() == blobs[0] and len(calls) == 3
+    cache.touch([entry(blobs[0])])  # used again: now blob 1 is the least recently used
+    os.utime(cache.path(entry(blobs[1])), (1, 1))
+    cache.get(entry(blobs[3]), writer_of(blobs[3]))
+    assert not cache.path(entry(blobs[1])).exists() and cache.path(entry(blobs[0])).exists()
+    assert cache.used() <= 3000
+
+
+def test_cache_never_evicts_a_file_being_read_or_named_as_protected(tmp_path):
+    cache = ShardCache(tmp_path, limit=2000)
+    a, b, c = b"a" * 1000, b"b" * 1000, b"c" * 1000
+    cache.get(entry(a), writer_of(a))
+    cache.get(entry(b), writer_of(b))
+    fd = cache.hold(entry(a))  # a reader holds a
+    try:
+        cache.get(entry(c), writer_of(c), protect=())
+        assert cache.path(entry(a)).exists() and not cache.path(entry(b)).exists()
+    finally:
+        os.close(fd)
+    cache.get(entry(b), writer_of(b), protect=[entry(c).name])
+    assert cache.path(entry(c)).exists() and not cache.path(entry(a)).exists()
+
+
+def test_a_corrupted_download_is_fetched_again_once_then_one_line(tmp_path):
+    cache = ShardCache(tmp_path, limit=None)
+    good = b"g" * 100
+    calls = []
+
+    def flaky(out):  # wrong bytes the first time only
+        calls.append(1)
+        return writer_of(good if len(calls) > 1 else b"x" * 100)(out)
+
+    assert cache.get(entry(good), flaky).read_bytes() == good and len(calls) == 2
+    with pytest.raises(CacheError, match="was downloaded twice and is corrupted \\(its sha256 differs"):
+        cache.get(entry(b"other", "s3://b/x.tar"), writer_of(b"wrong"))
+    assert not list(tmp_path.glob("*.part-*"))
+
+
+def _fill(args):
+    root, seed = args
+    cache = ShardCache(root, limit=5000)
+    rng = np.random.default_rng(seed)
+    peaks = []
+    for i in rng.integers(0, 12, 40).tolist():
+        blob = bytes([i]) * 1000
+        cache.get(entry(blob), writer_of(blob))
+        peaks.append(cache.used())
+    return max(peaks)
+
+
+def test_processes_sharing_a_cache_never_take_it_over_its_limit(tmp_path):
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        peaks = pool.map(_fill, [(tmp_path, seed) for seed in range(8)])
+    assert max(peaks) <= 5000 and ShardCache(tmp_path, 5000).used() <= 5000
+
+
+def test_a_limit_below_four_shards_is_refused_at_start(digits_shards, tmp_path):
+    with pytest.raises(SourceError, match=r"data.cache_limit 1 MB is below 4x the largest shard"):
+        from shards.source import CacheOptions
+
+        Dataset(str(digits_shards), CacheOptions(dir=str(tmp_path), limit=1_000_000))
+
+
+# -- the shard-block order ---------------------------------------------------------------------
+
+
+def block_order(world, rank, budget=300, seed=3, epoch=1, start=0):
+    counts, sizes = [10, 7, 12, 9, 11, 8], [100, 70, 120, 90, 110, 80]
+    order = TrainOrder(sum(counts), 4, rank, world, seed, blocks=ShardBlocks(counts, sizes, budget))
+    order.set_epoch(epoch, start)
+    return order
+
+
+def test_block_order_is_the_same_for_any_world_size_and_resumes_mid_epoch():
+    one = block_order(1, 0).epoch_order().tolist()
+    assert sorted(one) == list(range(57))  # every sample once
+    for world in (2, 3):
+        assert block_order(world, 1).epoch_order().tolist() == one
+    full = list(block_order(2, 1))
+    assert list(block_order(2, 1, start=3)) == full[3:]
+    assert block_order(1, 0, epoch=2).epoch_order().tolist() != one
+
+
+def test_blocks_fit_the_budget_and_samples_stay_within_their_block():
+    order = block_order(1, 0)
+    samples, blocks, ends = order.epoch_plan()
+    starts = np.cumsum([0, 10, 7, 12, 9, 11, 8])
+    shard_of = np.searchsorted(starts, samples.numpy(), side="right") - 1
+    begin = 0
+    for shards, end in zip(blocks, ends):
+        assert sum([100, 70, 120, 90, 110, 80][s] for s in shards) <= 300 or len(shards) == 1
+        assert set(shard_of[begin:end].tolist()) == set(shards)
+        begin = end
+    assert sorted(s for b in blocks for s in b) == list(range(6))

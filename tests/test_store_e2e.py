@@ -1,0 +1,208 @@
+"""Shards on object storage and HTTP: real servers on loopback (moto's S3, Python's file server),
+real make_shards uploads, real 2-process gloo training that reads through the node-local cache."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import (
+    REPO, cpu_env, http_server, kill_group, make_shards_to, run_training, s3_fs, s3_server, start_training, wait_for,
+)
+from shards.cache import ShardCache
+from trainer import checkpoint
+
+pytestmark = pytest.mark.e2e
+
+# Digits: 8 train shards of ~0.63 MB. 3 MB holds 2 blocks of 2 shards: the shard-block order,
+# with every shard fetched again each epoch.
+LIMIT = "3MB"
+LIMIT_BYTES = 3_000_000
+EXACT = ["train.epochs=2", "train.checkpoint_every=5", "train.deterministic=true", "train.log_every=1", "wandb.mode=disabled"]
+
+
+@pytest.fixture(scope="module")
+def s3(digits_shards):
+    """A bucket holding the digits shards, uploaded by make_shards itself."""
+    with s3_server() as (server, env):
+        s3_fs(env).mkdir("data")
+        made = make_shards_to("s3://data/digits", env, "--demo")
+        assert made.returncode == 0, made.stderr[-2000:]
+        yield env
+
+
+def weights(run_dir):
+    return load_file(run_dir / "final.safetensors")
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert wa[name].equal(wb[name]), name
+
+
+def eval_records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+
+
+class CacheWatch:
+    """Samples the cache's size while a run goes on (it can miss a peak, never invent one)."""
+
+    def __init__(self, root):
+        self.root, self.peak, self._stop = root, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            if (self.root / ".space.lock").exists():
+                self.peak = max(self.peak, ShardCache(self.root, None).used())  # under the cache's own lock
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def test_make_shards_uploads_the_manifest_last_and_replaces_only_when_complete(s3):
+    fs = s3_fs(s3)
+    names = fs.find("data/digits")
+    assert "data/digits/manifest.json" in names and "data/digits/train/index.npy" in names
+    assert not any("/images/" in n for n in names)  # the demo's image folder stays local
+    again = make_shards_to("s3://data/digits", s3, "--demo")
+    assert again.returncode == 2 and "is not empty — pass --overwrite" in again.stderr
+    assert make_shards_to("s3://data/other", s3, "--demo", "--seed", "1").returncode == 0
+    replaced = make_shards_to("s3://data/other", s3, "--demo", "--seed", "2", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    manifest = json.loads(fs.cat("data/other/manifest.json"))
+    assert manifest["prefix"].startswith("build-") and manifest["options"]["seed"] == 2
+    left = fs.find("data/other")
+    assert not [n for n in left if n.startswith("data/other/train/")]  # the old build is gone, after the switch
+    for shard in manifest["splits"]["train"]["shards"]:
+        assert f"data/other/{manifest['prefix']}train/{shard['name']}" in left
+    missing = make_shards_to("s3://nobucket/x", s3, "--demo")
+    assert missing.returncode == 2 and missing.stderr.strip() == "error: bucket 'nobucket' does not exist (s3://nobucket/x) — create it first"
+
+
+def test_training_from_s3_with_no_limit_equals_training_from_the_local_copy(s3, digits_shards, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    a = run_training([f"data.shards={digits_shards}", f"run.dir={local}", *EXACT])
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_training(["data.shards=s3://data/digits", f"run.dir={remote}", f"data.cache_dir={tmp_path / 'cache'}", *EXACT], **s3)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert_same_weights(local, remote)
+    assert eval_records(local)[-1]["top1"] == eval_records(remote)[-1]["top1"]
+    fetched = [json.loads(x).get("fetched_mb", 0) for x in (remote / "metrics.jsonl").read_text().splitlines()]
+    assert 4.5 < sum(fetched) < 6.0  # the train split, once (the val split goes with evaluation)
+
+
+@pytest.fixture(scope="module")
+def limited(s3, tmp_path_factory):
+    """An uninterrupted run from s3:// through a cache smaller than the data."""
+    work = tmp_path_factory.mktemp("limited")
+    run_dir, cache = work / "run", work / "cache"
+    with CacheWatch(cache / "se-densenet-shards") as watch:
+        result = run_training(["data.shards=s3://data/digits", f"run.dir={run_dir}", f"data.cache_dir={cache}",
+                               f"data.cache_limit={LIMIT}", *EXACT], **s3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, watch.peak
+
+
+def test_a_cache_smaller_than_the_data_stays_under_its_limit_and_validates_every_sample(limited, digits_shards):
+    run_dir, peak = limited
+    assert 0 < peak <= LIMIT_BYTES
+    val = json.loads((digits_shards / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    assert [r["num_samples"] for r in eval_records(run_dir)] == [val, val]
+    fetched = [json.loads(x).get("fetched_mb", 0) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(fetched) > 9.0  # every train shard downloaded again in the second epoch
+
+
+def test_sigkill_and_restart_from_s3_is_bitwise_identical(s3, limited, tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    overrides = ["data.shards=s3://data/digits", f"run.dir={run_dir}", f"data.cache_dir={cache}", f"data.cache_limit={LIMIT}", *EXACT]
+    process = start_training(overrides, **s3)
+    try:
+        wait_for(lambda: list((run_dir / "checkpoints").glob("ckpt-000000015")), timeout=300, process=process)
+    finally:
+        kill_group(process, signal.SIGKILL)
+        process.wait(timeout=60)
+    resumed = run_training(overrides, **s3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert_same_weights(limited[0], run_dir)
+
+
+def test_a_corrupted_object_is_fetched_again_once_then_one_line(s3, tmp_path):
+    fs = s3_fs(s3)
+    fs.copy("data/digits", "data/corrupt", recursive=True)
+    shard = "data/corrupt/train/train-000003.tar"
+    data = bytearray(fs.cat(shard))
+    data[5000] ^= 0xFF
+    fs.pipe(shard, bytes(data))
+    result = run_training(["data.shards=s3://data/corrupt", f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'c'}",
+                           "train.epochs=1", "wandb.mode=disabled"], **s3)
+    assert result.returncode == 2
+    line = "error: s3://data/corrupt/train/train-000003.tar was downloaded twice and is corrupted"
+    assert line in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_store_that_goes_away_is_retried_then_one_line_and_the_checkpoint_survives(digits_shards, tmp_path):
+    with s3_server() as (server, env):
+        s3_fs(env).mkdir("gone")
+        assert make_shards_to("s3://gone/digits", env, "--demo").returncode == 0
+        run_dir = tmp_path / "run"
+        overrides = ["data.shards=s3://gone/digits", f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}",
+                     f"data.cache_limit={LIMIT}", "data.fetch_retries=1", *EXACT, "train.epochs=3"]
+        process = start_training(overrides, **env)
+        try:
+            wait_for(lambda: list((run_dir / "checkpoints").glob("ckpt-000000005")), timeout=300, process=process)
+            server.stop()  # the blocks of later epochs are not in the cache yet: they must be fetched
+            output, _ = process.communicate(timeout=300)
+        finally:
+            kill_group(process, signal.SIGKILL)
+    assert process.returncode != 0
+    assert "could not be read (endpoint unreachable" in output and "attempts) — check the network and AWS_ENDPOINT_URL" in output, output[-3000:]
+    path, state, _ = checkpoint.load_newest(run_dir / "checkpoints", rank=0)
+    assert state["progress"]["step"] >= 5
+
+
+def evaluate(run_dir, data, env, name):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(run_dir), "--data", data, "--name", name],
+                            cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "eval" / f"{name}.json").read_text())
+    return {k: record[k] for k in ("num_samples", "top1", "top5", "loss", "confusion")}
+
+
+def test_evaluate_from_s3_and_http_equals_the_local_path(s3, limited, digits_shards):
+    run_dir = limited[0]
+    local = evaluate(run_dir, str(digits_shards), {}, "local")
+    assert evaluate(run_dir, "s3://data/digits", s3, "s3") == local
+    with http_server(digits_shards.parent) as url:
+        assert evaluate(run_dir, f"{url}/{digits_shards.name}?token=SECRET", {}, "http") == local
+    assert "SECRET" not in (run_dir / "eval" / "http.json").read_text()
+
+
+def test_credentials_never_land_in_the_run(s3, tmp_path):
+    run_dir = tmp_path / "run"
+    with http_server(REPO) as url:  # a URL with a token in its query string, and one that does not exist
+        result = run_training([f"data.shards={url}/missing?token=SECRET", f"run.dir={run_dir}", "wandb.mode=disabled"])
+    assert result.returncode == 2 and "SECRET" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: {url}/missing has no manifest.json"), result.stderr
+    ok = run_training(["data.shards=s3://data/digits", f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'c'}",
+                       "train.epochs=1", "wandb.mode=offline"], **s3)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert s3["AWS_ACCESS_KEY_ID"].encode() not in data and s3["AWS_SECRET_ACCESS_KEY"].encode() not in data, path
