@@ -100,6 +100,7 @@ class ShardCache:
             with _flock(self.root / ".space.lock", fcntl.LOCK_EX):
                 if self._make_room(entry.size, protect | {entry.name}):
                     out = open(part, "w+b")
+                    _HELD.add(out.fileno())
                     fcntl.flock(out, fcntl.LOCK_EX)  # a live download: not stale
                     _allocate(out, entry.size)
                     break
@@ -112,6 +113,7 @@ class ShardCache:
         try:
             yield part, out
         finally:
+            _HELD.discard(out.fileno())
             out.close()
             part.unlink(missing_ok=True)
 
@@ -163,10 +165,11 @@ class ShardCache:
                 fetch()
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                if os.fstat(fd).st_nlink == 0:  # evicted between open and lock
-                    continue
-                return os.pread(fd, length, offset)
+                with _held(fd):
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                    if os.fstat(fd).st_nlink == 0:  # evicted between open and lock
+                        continue
+                    return os.pread(fd, length, offset)
             finally:
                 os.close(fd)
         raise CacheError(f"{entry.shown} keeps being evicted from the cache while read — raise data.cache_limit")
@@ -186,13 +189,13 @@ def _evict(path: Path) -> bool:
     except FileNotFoundError:
         return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    try:
-        path.unlink(missing_ok=True)
-        return True
+        with _held(fd):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            path.unlink(missing_ok=True)
+            return True
     finally:
         os.close(fd)
 
@@ -207,6 +210,38 @@ def _allocate(f: BinaryIO, size: int) -> None:
 
 @contextmanager
 def _flock(path: Path, how: int):
-    with open(path, "a+b") as f:
-        fcntl.flock(f, how)
-        yield
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        with _held(fd):
+            fcntl.flock(fd, how)
+            yield
+    finally:
+        os.close(fd)
+
+
+# Descriptors that hold a lock for a moment. A loader worker forked while another thread (the
+# prefetcher) holds one would inherit it, and the lock would live as long as the worker: point
+# the child's copies at /dev/null (not closed: the number stays taken, so no later close can
+# hit a reused descriptor).
+_HELD: set[int] = set()
+
+
+@contextmanager
+def _held(fd: int):
+    _HELD.add(fd)
+    try:
+        yield fd
+    finally:
+        _HELD.discard(fd)
+
+
+def _drop_inherited_locks() -> None:
+    if _HELD:
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd in list(_HELD):
+            os.dup2(null, fd)
+        os.close(null)
+        _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)

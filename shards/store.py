@@ -170,6 +170,8 @@ class Store:
                 return attempt()
             except Exception as e:  # fsspec back-ends raise their clients' own exception types
                 transient, reason = classify(e, self.scheme)
+                if self.scheme == "pipe":  # its message quotes the command line, which may hold a secret
+                    transient, reason = True, "the command failed"
                 if not transient:
                     raise StoreError(f"{self.show(rel)}: {reason}") from None
                 if tries == self.retries:

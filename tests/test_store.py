@@ -196,3 +196,40 @@ def test_blocks_fit_the_budget_and_samples_stay_within_their_block():
         assert set(shard_of[begin:end].tolist()) == set(shards)
         begin = end
     assert sorted(s for b in blocks for s in b) == list(range(6))
+
+
+def test_a_process_forked_while_another_thread_holds_a_cache_lock_does_not_keep_it(tmp_path):
+    import fcntl
+    import threading
+
+    from shards.cache import _flock
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with _flock(tmp_path / ".space.lock", fcntl.LOCK_EX):
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a loader worker, forked mid-lock: it stays alive until the parent has checked
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        release.set()
+        thread.join()
+        fd = os.open(tmp_path / ".space.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the child kept it
+        finally:
+            os.close(fd)
+    finally:
+        os.write(write, b"x")
+        os.close(write)
+        os.waitpid(pid, 0)
