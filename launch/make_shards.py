@@ -25,7 +25,7 @@ import numpy as np
 from launch import demo, report
 from launch.pack import Entry, ShardJob, SourceChanged, write_shard
 from launch.parallel import Workers, default_workers
-from launch.publish import PublishError, build_prefix, remote_out, upload
+from launch.publish import PublishError, RemoteOut
 from launch.scan import SPLITS, Inspection, Listing, SourceError, inspect_all, list_source
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
 from shards.format import key_hash, sample_key, shard_name
@@ -266,33 +266,35 @@ def _progress(desc: str, unit: str, weight=lambda item: 1):
 
 def run(args: argparse.Namespace) -> str:
     src = None if args.demo else Path(args.paths[0])
-    if is_url(args.paths[-1]):  # object storage: built in a local temp folder, then uploaded
-        store, existing = remote_out(args.paths[-1], args.overwrite)
+    if is_url(args.paths[-1]):  # object storage: checked now, built in a local temp folder, then uploaded
+        remote = RemoteOut(args.paths[-1], args.overwrite)
         with tempfile.TemporaryDirectory(prefix="make_shards-") as tmp:
-            return build(args, src, Path(tmp) / "out", store.shown, lambda stage, manifest: upload(
-                stage, store, manifest.prefix, existing, lambda files: _progress("uploading", "files")(files, len(files))),
-                lambda manifest: setattr(manifest, "prefix", build_prefix(manifest, existing)))
+            return build(args, src, Path(tmp) / "out", remote)
     out = Path(args.paths[-1])
     check_out(out, src, args.overwrite)
-    return build(args, src, out, str(out), lambda stage, manifest: publish(stage, out))
+    return build(args, src, out, None)
 
 
-def build(args: argparse.Namespace, src: Path | None, out: Path, shown: str, put, place=lambda manifest: None) -> str:
-    """Scan, split and write into a staging folder beside ``out``; ``put(stage, manifest)`` makes
-    it the output (``place(manifest)`` first decides where the splits go below OUT)."""
+def build(args: argparse.Namespace, src: Path | None, out: Path, remote: RemoteOut | None) -> str:
+    """Scan, split and write into a staging folder beside ``out``, which then becomes OUT (or,
+    with ``remote``, is uploaded to it)."""
+    shown = remote.shown if remote is not None else str(out)
     with Workers(args.workers) as workers:
         if src is not None:
             plan = prepare(src, args, workers)  # every input error surfaces here, before anything is written
         with staging(out) as stage:
             if src is None:  # the digits are written as an image folder: into OUT itself when it is local
-                images = (out.parent if is_url(shown) else stage) / "images"
+                images = (stage if remote is None else out.parent) / "images"
                 plan = prepare(demo.write_digits(images), args, workers)
-                src = out / "images" if not is_url(shown) else images
-            source = str(src.absolute())
-            manifest = write(plan, stage, args, source, workers)
-            place(manifest)
+                src = out / "images" if remote is None else images
+            manifest = write(plan, stage, args, str(src.absolute()), workers)
+            if remote is not None:
+                remote.place(manifest)
             text = finish(manifest, plan, stage, shown, args.min_shards)
-            put(stage, manifest)
+            if remote is None:
+                publish(stage, out)
+            else:
+                remote.put(stage, lambda files: _progress("uploading", "files")(files, len(files)))
     return text
 
 

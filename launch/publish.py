@@ -22,21 +22,30 @@ class PublishError(Exception):
     """OUT cannot be written as asked (one-line message)."""
 
 
-def remote_out(location: str, overwrite: bool) -> tuple[Store, list[str]]:
-    """The store at OUT and what it holds now, checked before any work."""
-    try:
-        store = Store(location)
-    except StoreError as e:
-        raise PublishError(str(e)) from None
-    if store.read_only:
-        raise PublishError(f"OUT {store.shown} is read-only — write to a folder, s3:// or gs://")
-    try:
-        existing = store.list()
-    except StoreError as e:
-        raise PublishError(str(e)) from None
-    if existing and not overwrite:
-        raise PublishError(f"OUT {store.shown} is not empty — pass --overwrite to replace it, or choose a new prefix")
-    return store, existing
+class RemoteOut:
+    """OUT on object storage: checked before any work, written once the output is complete."""
+
+    def __init__(self, location: str, overwrite: bool):
+        try:
+            self.store = Store(location)
+            if self.store.read_only:
+                raise PublishError(f"OUT {self.store.shown} is read-only — write to a folder, s3:// or gs://")
+            self.existing = self.store.list()
+        except StoreError as e:
+            raise PublishError(str(e)) from None
+        if self.existing and not overwrite:
+            raise PublishError(f"OUT {self.store.shown} is not empty — pass --overwrite to replace it, or choose a new prefix")
+
+    @property
+    def shown(self) -> str:
+        return self.store.shown
+
+    def place(self, manifest: Manifest) -> None:
+        """Decide where the new splits go (before the manifest is written)."""
+        manifest.prefix = self.prefix = build_prefix(manifest, self.existing)
+
+    def put(self, stage: Path, progress=lambda files: files) -> None:
+        upload(stage, self.store, self.prefix, self.existing, progress)
 
 
 def build_prefix(manifest: Manifest, existing: list[str]) -> str:

@@ -118,6 +118,9 @@ class ShardCache:
             part.unlink(missing_ok=True)
 
     def _make_room(self, size: int, protect: set[str]) -> bool:
+        for path, _ in self._files():
+            if ".part-" in path.name:
+                _evict(path)  # a download whose process died (a live one holds its lock)
         if self.limit is None:
             return True
         files = self._files()

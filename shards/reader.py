@@ -62,12 +62,12 @@ class ShardIndex:
             raise ShardError(f"shard {self.files.shown(shard)} is corrupted at sample {position} ({e}) — re-run make_shards") from None
         return {"__key__": key, "__shard__": self.files.name(shard), **fields}
 
-    def labels(self) -> list[int]:
+    def labels(self) -> np.ndarray:
         """Every sample's class index (for the balanced sampler): from the index, or read."""
         index = self._split_index()
         if index is not None:
-            return index["label"].tolist()
-        return [int(self.read(i)["cls"]) for i in range(len(self))]
+            return np.array(index["label"], dtype=np.int64)
+        return np.array([int(self.read(i)["cls"]) for i in range(len(self))], dtype=np.int64)
 
     def _split_index(self) -> np.ndarray | None:
         try:

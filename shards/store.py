@@ -268,5 +268,7 @@ def classify(e: BaseException, scheme: str = "") -> tuple[bool, str]:
 
 
 def redact_text(text: str) -> str:
-    """A message that may quote URLs, with their secrets removed."""
+    """Text that may quote URLs or a pipe: command (a message, a command-line argument), with
+    their secrets removed."""
+    text = re.sub(r"pipe:.*", lambda m: redact(m.group(0)), text)
     return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact(m.group(0)), text)

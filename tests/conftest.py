@@ -47,6 +47,20 @@ def run_training(overrides: list[str], processes: int = 2, timeout: int = 600, *
     )
 
 
+# Settings under which a run is a pure function of its inputs (bit for bit on CPU), for the
+# tests that compare runs: resumed vs uninterrupted, remote vs local shards.
+EXACT = ["train.epochs=2", "train.checkpoint_every=7", "train.deterministic=true", "train.log_every=1", "wandb.mode=disabled"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(digits_shards, tmp_path_factory) -> Path:
+    """The run dir of a 2-process EXACT run on the local digits shards."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """The real make_shards output for scikit-learn's digits (1,618 train / 179 val: an odd val count)."""

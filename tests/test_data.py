@@ -70,7 +70,7 @@ def test_shard_index_random_access(tmp_path):
     assert len(index) == 5
     assert index.read(4) == {"__key__": "k4", "__shard__": "b.tar", "cls": b"4", "png": bytes([4]) * 5}
     assert index.read(0)["png"] == b"\0"
-    assert index.labels() == [0, 1, 2, 3, 4]
+    assert index.labels().tolist() == [0, 1, 2, 3, 4]
 
 
 def test_shard_index_errors_name_the_shard(tmp_path):

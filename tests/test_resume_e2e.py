@@ -8,13 +8,12 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import kill_group, run_training, start_training, wait_for, worker_pids
+from tests.conftest import EXACT, kill_group, run_training, start_training, wait_for, worker_pids
 from trainer import checkpoint
 from trainer.main import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.e2e
 
-EXACT = ["train.epochs=2", "train.checkpoint_every=7", "train.deterministic=true", "train.log_every=1", "wandb.mode=disabled"]
 TIMING = {"img_per_s", "epoch_time", "startup_s"}
 
 
@@ -27,14 +26,6 @@ def last_step(run_dir) -> int:
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return json.loads(lines[-1])["step"] if lines else 0
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(digits_shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 def test_sigkill_at_a_random_step_then_restart_is_bitwise_identical(digits_shards, uninterrupted, tmp_path):

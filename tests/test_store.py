@@ -233,3 +233,34 @@ def test_a_process_forked_while_another_thread_holds_a_cache_lock_does_not_keep_
         os.write(write, b"x")
         os.close(write)
         os.waitpid(pid, 0)
+
+
+def test_upload_puts_the_manifest_last_and_removes_the_old_dataset_only_after(tmp_path):
+    from launch.publish import upload
+
+    for rel in ("manifest.json", "_info.json", "summary.txt", "train/train-000000.tar", "train/index.npy", "val/val-000000.tar"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    calls = []
+
+    class Recorder:
+        def upload(self, local, rel):
+            calls.append(("put", rel))
+
+        def delete(self, rels):
+            calls.append(("delete", sorted(rels)))
+
+    old = ["manifest.json", "summary.txt", "train/train-000000.tar", "train/index.npy", "stray.txt"]
+    upload(tmp_path, Recorder(), "build-1/", old)
+    puts = [rel for kind, rel in calls if kind == "put"]
+    assert puts[-2:] == ["_info.json", "manifest.json"]
+    assert set(puts) == {"manifest.json", "_info.json", "summary.txt", "build-1/train/train-000000.tar",
+                         "build-1/train/index.npy", "build-1/val/val-000000.tar"}
+    assert calls[-1] == ("delete", ["stray.txt", "train/index.npy", "train/train-000000.tar"])
+
+
+def test_a_download_left_by_a_dead_process_is_swept(tmp_path):
+    cache = ShardCache(tmp_path, limit=None)
+    (tmp_path / f"{'0' * 64}.tar.part-99999").write_bytes(b"half")
+    cache.get(entry(b"new"), writer_of(b"new"))
+    assert not list(tmp_path.glob("*.part-*"))

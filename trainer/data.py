@@ -17,6 +17,7 @@ import bisect
 import multiprocessing
 import os
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -167,7 +168,7 @@ class TrainOrder(Sampler):
     rank: int
     world: int
     seed: int
-    labels: list[int] | None = None  # given: draw class-balanced with replacement
+    labels: Sequence[int] | None = None  # given: draw class-balanced with replacement
     blocks: ShardBlocks | None = None  # given: the shard-block order (the cache cannot hold every shard)
     prefetch: Prefetcher | None = None  # told which shards the coming batches read
     lookahead: int = 0  # batches the loader asks for before the first one is consumed (set by make_loader)
@@ -190,7 +191,7 @@ class TrainOrder(Sampler):
         generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         weights = None
         if self.labels is not None:
-            labels = torch.tensor(self.labels)
+            labels = torch.as_tensor(self.labels)
             weights = 1.0 / torch.bincount(labels).double()[labels]
         if self.blocks is None:
             if weights is None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from shards.store import redact_text
 from trainer.config import Config, to_dict
 from trainer.plots import plot_confusion, plot_curves
 
@@ -106,6 +108,15 @@ def _init_wandb(config: Config):
 
 def _start_wandb(wandb, config: Config):
     run_dir = Path(config.run.dir)
+    argv = sys.argv
+    sys.argv = [redact_text(arg) for arg in argv]  # wandb records the command line: no URL token goes with it
+    try:
+        return _init(wandb, config, run_dir)
+    finally:
+        sys.argv = argv
+
+
+def _init(wandb, config: Config, run_dir: Path):
     return wandb.init(
         project=config.wandb.project,
         entity=config.wandb.entity,
