@@ -206,3 +206,31 @@ def test_credentials_never_land_in_the_run(s3, digits_shards, tmp_path):
         if path.is_file():
             data = path.read_bytes()
             assert not [s for s in secrets if s in data], path  # config, checkpoints, weights, metrics, wandb
+
+
+def test_each_way_a_location_fails_is_one_line_before_any_work(s3, monkeypatch):
+    from shards.source import CacheOptions, Dataset, SourceError
+
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    s3_fs(s3).mkdir("empty")
+    expected = {
+        "s3://nobucket/x": "bucket 'nobucket' does not exist (s3://nobucket/x) — check the name, or create it",
+        "s3://data/nothing": "nothing at s3://data/nothing — check the prefix, or make shards there",
+        "s3://data/digits/train": "s3://data/digits/train has no manifest.json — make shards there",
+    }
+    for location, line in expected.items():
+        with pytest.raises(SourceError) as e:
+            Dataset(location, CacheOptions(retries=0))
+        assert str(e.value).startswith(line)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(SourceError, match=r"endpoint unreachable .* — check the network and AWS_ENDPOINT_URL \(now http://127.0.0.1:9\)"):
+        Dataset("s3://data/digits", CacheOptions(retries=0))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["AWS_ENDPOINT_URL"])
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(SourceError, match="no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"):
+        Dataset("s3://data/digits", CacheOptions(retries=0))
