@@ -237,14 +237,15 @@ def loader_epochs(location: str, cache_dir: Path | None, limit: int | None, epoc
         for epoch in range(epochs):
             order.set_epoch(epoch)
             fetched = files.fetched.value
-            seen, payload, indices = 0, 0, []
+            seen, payload, indices, first = 0, 0, [], None
             t = time.perf_counter()
             for sizes, labels, idx, _bad in loader:
+                first = first or time.perf_counter() - t
                 seen += len(labels)
                 payload += int(sizes.sum())
                 indices.append(idx)
             seconds = time.perf_counter() - t
-            rows.append({"epoch": epoch + 1, "seconds": seconds, "samples": seen, "payload_bytes": payload,
+            rows.append({"epoch": epoch + 1, "seconds": seconds, "first_batch_s": first, "samples": seen, "payload_bytes": payload,
                          "fetched_bytes": files.fetched.value - fetched, "_indices": torch.cat(indices).numpy()})
         lengths = np.asarray(files.index()["length"])  # after the epochs: the index read here is no download of theirs
         for row in rows:
@@ -327,17 +328,17 @@ def print_a(r: dict) -> None:
           f"cache limit {r['cache_limit'] / MB:.1f} MB = {r['cache_limit'] / r['train_bytes']:.0%} of the split "
           f"(block budget {r['block_budget'] / MB:.1f} MB, {r['blocks_per_epoch']} blocks/epoch, "
           f"{r['train_samples'] / r['batch'] / r['blocks_per_epoch']:.1f} batches/block; loader lookahead {r['lookahead_batches']} batches)\n")
-    print("| case | epoch | samples/s | MB/s | s | downloaded MB (x split) | samples/s vs local, same epoch |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | epoch | samples/s | MB/s | s | 1st batch s | downloaded MB (x split) | samples/s vs local, same epoch |")
+    print("|---|---|---|---|---|---|---|---|")
     names = {("s3, cache, no limit", 1): "s3, cold cache", ("s3, cache, no limit", 2): "s3, warm cache",
              ("s3, cache, no limit", 3): "s3, warm cache"}
     for case, rows in cases.items():
         for row in rows:
             name = names.get((case, row["epoch"]), case)
             down = f"{row['fetched_bytes'] / MB:.1f} ({row['fetched_bytes'] / r['train_bytes']:.2f}x)" if case != "local disk" else "-"
-            print(f"| {name} | {row['epoch']} | {row['samples_per_s']:,.0f} | {row['mb_per_s']:.1f} | {row['seconds']:.2f} | {down} | "
+            print(f"| {name} | {row['epoch']} | {row['samples_per_s']:,.0f} | {row['mb_per_s']:.1f} | {row['seconds']:.2f} | {row['first_batch_s']:.2f} | {down} | "
                   f"{row['samples_per_s'] / local[row['epoch']]['samples_per_s']:.2f}x |")
-    print(f"| plain download (Store.download, one file after another) | - | - | {plain['mb_per_s']:.1f} | {plain['seconds']:.2f} | "
+    print(f"| plain download (Store.download, one file after another) | - | - | {plain['mb_per_s']:.1f} | {plain['seconds']:.2f} | - | "
           f"{plain['bytes'] / MB:.1f} (1.00x) | - |")
     ok = lambda good: "ok" if good else "MISSED"  # noqa: E731
     print(f"\ncold / plain download (MB/s): {r['cold_vs_plain_download_mb_s']:.2f}x (target >= 0.9x, {ok(r['cold_vs_plain_download_mb_s'] >= 0.9)}); "

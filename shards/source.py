@@ -19,7 +19,7 @@ import numpy as np
 
 from shards.cache import CacheError, Entry, ShardCache, default_dir
 from shards.index import INDEX_NAME, load_index
-from shards.manifest import MANIFEST, Manifest, ManifestError
+from shards.manifest import MANIFEST, Manifest
 from shards.store import Store, StoreError
 
 MIN_LIMIT_SHARDS = 4  # a cache_limit below this many of the largest shard cannot overlap fetching and reading
@@ -108,6 +108,7 @@ class SplitFiles:
         self.fetched = multiprocessing.Value("q", 0)  # bytes this rank's processes downloaded (forked workers share it)
         self._fds: dict[int, int] = {}
         self._index: np.ndarray | None = None
+        self._hold: int | None = None  # a shared lock on the cached index file while it is mapped
         self._pid = os.getpid()
 
     @classmethod
@@ -194,8 +195,7 @@ class SplitFiles:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_fds={}, _index=None, fetched=None)
-        state.pop("_hold", None)
+        state.update(_fds={}, _index=None, _hold=None, fetched=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -265,5 +265,3 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r} is not a size — write it like 500MB, 40GB or 1.5TB")
     return int(value * units[unit])
 
-
-__all__ = ["CacheOptions", "Dataset", "ManifestError", "Prefetcher", "SourceError", "SplitFiles", "parse_size"]

@@ -215,12 +215,15 @@ def test_a_process_forked_while_another_thread_holds_a_cache_lock_does_not_keep_
     thread.start()
     held.wait()
     read, write = os.pipe()
+    ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # a loader worker, forked mid-lock: it stays alive until the parent has checked
         os.close(write)
+        os.write(ready_write, b"r")  # fork has returned: the at-fork handlers have run
         os.read(read, 1)
         os._exit(0)
     os.close(read)
+    os.read(ready_read, 1)
     try:
         release.set()
         thread.join()
