@@ -18,6 +18,7 @@ the files a reader is about to need to the back of the queue.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -207,7 +208,13 @@ def _allocate(f: BinaryIO, size: int) -> None:
     """Claim the disk space now, so a full disk fails here, not in the middle of a download."""
     try:
         os.posix_fallocate(f.fileno(), 0, size)
-    except (AttributeError, OSError):
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = Path(f.name).parent
+            raise CacheError(f"no space left in the shard cache {folder} ({e.strerror}) — free space there, set "
+                             "data.cache_limit below the free space, or point data.cache_dir at a bigger disk") from None
+        f.truncate(size)  # a file system without fallocate
+    except AttributeError:  # not on this platform
         f.truncate(size)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,11 +70,21 @@ class Dataset:
         return sum(s.bytes for info in self.manifest.splits.values() for s in info.shards + ([info.index] if info.index else []))
 
     def _check_limit(self, limit: int | None) -> None:
+        """Fail now, not hours in, when the cache cannot work: a limit too small to overlap
+        fetching with reading, or a disk without room for what the cache will hold."""
         largest = max((s.bytes for info in self.manifest.splits.values() for s in info.shards), default=0)
         if limit is not None and limit < MIN_LIMIT_SHARDS * largest:
             raise SourceError(
                 f"data.cache_limit {limit / 1e6:.0f} MB is below {MIN_LIMIT_SHARDS}x the largest shard ({largest / 1e6:.1f} MB) — "
                 f"raise it to at least {MIN_LIMIT_SHARDS * largest / 1e6:.0f} MB"
+            )
+        need = self._files_bytes() if limit is None else min(limit, self._files_bytes())
+        room = shutil.disk_usage(self.cache.root).free + self.cache.used()
+        if room < need:
+            what = "the dataset needs" if limit is None or limit >= self._files_bytes() else "data.cache_limit asks for"
+            raise SourceError(
+                f"the shard cache {self.cache.root} has room for {human(room)} but {what} {human(need)} — "
+                f"set data.cache_limit={human(room * 0.9).replace(' ', '')}, or point data.cache_dir at a bigger disk"
             )
 
     @property
@@ -248,6 +259,11 @@ class Prefetcher:
                 except SourceError as e:  # the reader meets it too, when it needs that shard
                     self.error = e
                     return
+
+
+def human(size: float) -> str:
+    """Bytes as the user would write them for data.cache_limit."""
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
 
 
 def parse_size(text: str) -> int:

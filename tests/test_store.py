@@ -267,3 +267,15 @@ def test_a_download_left_by_a_dead_process_is_swept(tmp_path):
     (tmp_path / f"{'0' * 64}.tar.part-99999").write_bytes(b"half")
     cache.get(entry(b"new"), writer_of(b"new"))
     assert not list(tmp_path.glob("*.part-*"))
+
+
+def test_a_cache_disk_without_room_for_the_data_is_refused_at_start(digits_shards, tmp_path, monkeypatch):
+    import collections
+
+    from shards import source
+    from shards.source import CacheOptions
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(source.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2_000_000, 2_000_000))
+    with pytest.raises(SourceError, match=r"has room for 2 MB but the dataset needs 6 MB — set data.cache_limit=2MB"):
+        Dataset(str(digits_shards), CacheOptions(dir=str(tmp_path)))
