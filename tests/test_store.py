@@ -279,3 +279,19 @@ def test_a_cache_disk_without_room_for_the_data_is_refused_at_start(digits_shard
     monkeypatch.setattr(source.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2_000_000, 2_000_000))
     with pytest.raises(SourceError, match=r"has room for 2 MB but the dataset needs 6 MB — set data.cache_limit=2MB"):
         Dataset(str(digits_shards), CacheOptions(dir=str(tmp_path)))
+
+
+def test_a_local_folder_is_read_in_place_unless_a_cache_dir_is_given(digits_shards, tmp_path):
+    from shards.reader import ShardIndex
+    from shards.source import CacheOptions
+
+    in_place = ShardIndex(Dataset(str(digits_shards)).split("val"))
+    staged_set = Dataset(str(digits_shards), CacheOptions(dir=str(tmp_path)))
+    staged = ShardIndex(staged_set.split("val"))
+    assert in_place.files.cache is None and staged.files.cache is not None
+    assert staged.read(100) == in_place.read(100)
+    cached = sorted(p.name for p in (tmp_path / "se-densenet-shards").iterdir() if not p.name.endswith(".lock"))
+    info = staged_set.manifest.splits["val"]
+    shard, _ = staged.locate(100)
+    assert cached == sorted([f"{info.index.sha256}.npy", f"{info.shards[shard].sha256}.tar"])
+    assert staged.files.fetched.value == info.index.bytes + info.shards[shard].bytes
