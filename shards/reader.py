@@ -66,8 +66,8 @@ class ShardIndex:
         """Every sample's class index (for the balanced sampler): from the index, or read."""
         index = self._split_index()
         if index is not None:
-            return np.array(index["label"], dtype=np.int64)
-        return np.array([int(self.read(i)["cls"]) for i in range(len(self))], dtype=np.int64)
+            return np.array(index["label"], dtype=np.int32)
+        return np.array([int(self.read(i)["cls"]) for i in range(len(self))], dtype=np.int32)
 
     def _split_index(self) -> np.ndarray | None:
         try:

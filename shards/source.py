@@ -96,6 +96,15 @@ class Dataset:
         indexes = sum(info.index.bytes for info in self.manifest.splits.values() if info.index)
         return (self.cache.limit - indexes) // 2  # the block being read and the next one, fetched meanwhile
 
+    def describe_cache(self) -> str:
+        """The cache folder and how it is used, for the start of a run's log."""
+        if self.cache.limit is None:
+            return f"{self.cache.root} (no limit)"
+        budget = self.block_budget
+        if budget is None:
+            return f"{self.cache.root} (limit {human(self.cache.limit)}: holds every shard)"
+        return f"{self.cache.root} (limit {human(self.cache.limit)}: each epoch reads shard blocks of up to {human(budget)})"
+
     def split(self, name: str) -> SplitFiles:
         if name not in self.manifest.splits or self.manifest.splits[name].num_samples == 0:
             raise SourceError(f"the shards at {self.shown} have no '{name}' samples — re-run make_shards with a non-zero split")

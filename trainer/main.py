@@ -161,6 +161,8 @@ def train(config: Config) -> int:
         f"training {config.run.name or run_dir.name}: {world} process(es) on {accelerator.device.type}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, {steps_per_epoch} steps/epoch"
     )
+    if dataset.cache is not None:
+        tracker.print(f"shards from {dataset.shown} through the node cache {dataset.describe_cache()}")
     set_status(run_dir, accelerator, "running")
     mixer = batch_mixer(config.data, len(classes))
 
