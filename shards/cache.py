@@ -9,8 +9,8 @@ two datasets never collide and a rebuilt dataset is never served stale. Coordina
 - ``.space.lock``: held while space is counted, reserved or handed over (the ``.part`` file is
   allocated at its full size at once and renamed under it, so the files in the folder never add
   up to more than the limit);
-- a shared lock on the file itself while a process reads it (or, for an index, maps it):
-  eviction only removes files it can lock exclusively, so nothing is deleted under a reader.
+- a shared lock on a file a process maps for the whole run (the sample index): eviction only
+  removes files it can lock exclusively. Shards are opened for each read and closed at once.
 
 Least recently used means the oldest modification time: a download sets it, and `touch` moves
 the files a reader is about to need to the back of the queue.
@@ -160,8 +160,9 @@ class ShardCache:
                 pass
 
     def read(self, entry: Entry, offset: int, length: int, fetch: Callable[[], Path]) -> bytes:
-        """``length`` bytes at ``offset`` of the cached file, held against eviction while read.
-        ``fetch()`` (re)downloads the file when it is not (or no longer) here."""
+        """``length`` bytes at ``offset`` of the cached file; ``fetch()`` (re)downloads it when it
+        is not (or no longer) here. No lock: a file evicted while it is read stays readable through
+        the open descriptor, and its space is freed when that closes, microseconds later."""
         for _ in range(3):
             try:
                 fd = os.open(self.path(entry), os.O_RDONLY)
@@ -169,14 +170,10 @@ class ShardCache:
                 fetch()
                 continue
             try:
-                with _held(fd):
-                    fcntl.flock(fd, fcntl.LOCK_SH)
-                    if os.fstat(fd).st_nlink == 0:  # evicted between open and lock
-                        continue
-                    return os.pread(fd, length, offset)
+                return os.pread(fd, length, offset)
             finally:
                 os.close(fd)
-        raise CacheError(f"{entry.shown} keeps being evicted from the cache while read — raise data.cache_limit")
+        raise CacheError(f"{entry.shown} keeps being evicted from the cache before it is read — raise data.cache_limit")
 
     def hold(self, entry: Entry) -> int:
         """An open descriptor of the cached file with a shared lock: not evicted until closed

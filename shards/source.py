@@ -8,9 +8,9 @@ thread fetches the shards the reader will need next. Readers above this layer se
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
-import queue
 import shutil
 import threading
 from dataclasses import dataclass
@@ -229,45 +229,51 @@ class SplitFiles:
 
 
 class Prefetcher:
-    """A thread that fetches the shards a reader will need next, in the order it needs them.
+    """Threads that fetch the shards a reader will need next, in the order it needs them.
 
-    ``want(shards, protect)`` replaces what is queued: the shards are fetched in that order,
-    and space for them is never made by evicting any shard in ``protect``.
+    ``want(shards, protect)`` replaces what is queued: the shards are fetched in that order, a few
+    at a time (one stream rarely fills a node's link to object storage), and space for them is
+    never made by evicting a shard in ``protect``.
     """
 
-    def __init__(self, files: SplitFiles):
+    THREADS = 4
+
+    def __init__(self, files: SplitFiles, threads: int = THREADS):
         self.files = files
-        self._todo: queue.Queue = queue.Queue()
         self.error: SourceError | None = None
-        self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
-        self._thread.start()
+        self._todo: collections.deque[int] = collections.deque()
+        self._protect: tuple[str, ...] = ()
+        self._wake = threading.Condition()
+        for _ in range(threads):
+            threading.Thread(target=self._run, name="shard-prefetch", daemon=True).start()
 
     def want(self, shards: list[int], protect: list[int]) -> None:
         if self.error is not None:
             raise self.error
         self.files.cache.touch(self.files.entries[s] for s in protect)
-        names = tuple(self.files.entries[s].name for s in protect)
-        while True:  # the newest wish replaces older ones
-            try:
-                self._todo.get_nowait()
-            except queue.Empty:
-                break
-        self._todo.put((list(shards), names))
+        with self._wake:  # the newest wish replaces older ones
+            self._todo = collections.deque(shards)
+            self._protect = tuple(self.files.entries[s].name for s in protect)
+            self._wake.notify_all()
 
-    def want_all(self) -> None:
-        self.want(list(range(len(self.files))), [])
+    def want_samples(self, samples: list[int]) -> None:
+        """Every shard, in the order in which ``samples`` (the coming sample indices) first need them."""
+        starts = np.cumsum([0] + self.files.counts)
+        shards = np.searchsorted(starts, np.asarray(samples, dtype=np.int64), side="right") - 1
+        _, first = np.unique(shards, return_index=True)
+        self.want(shards[np.sort(first)].tolist(), [])
 
     def _run(self) -> None:
         while True:
-            shards, protect = self._todo.get()
-            for shard in shards:
-                if not self._todo.empty():
-                    break  # the reader moved on: follow its newest wish
-                try:
-                    self.files.fetch(shard, protect)
-                except SourceError as e:  # the reader meets it too, when it needs that shard
-                    self.error = e
-                    return
+            with self._wake:
+                while not self._todo:
+                    self._wake.wait()
+                shard, protect = self._todo.popleft(), self._protect
+            try:
+                self.files.fetch(shard, protect)
+            except SourceError as e:  # the reader meets it too, when it needs that shard
+                self.error = e
+                return
 
 
 def human(size: float) -> str:

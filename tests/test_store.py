@@ -295,3 +295,28 @@ def test_a_local_folder_is_read_in_place_unless_a_cache_dir_is_given(digits_shar
     shard, _ = staged.locate(100)
     assert cached == sorted([f"{info.index.sha256}.npy", f"{info.shards[shard].sha256}.tar"])
     assert staged.files.fetched.value == info.index.bytes + info.shards[shard].bytes
+
+
+def test_the_fast_header_parse_reads_what_tarfile_reads(tmp_path):
+    import subprocess
+
+    from shards.index import _parse_with_tarfile
+
+    ours = tmp_path / "ours.tar"
+    with ShardWriter(ours) as writer:
+        writer.add("a_0123456789abcdef", {"cls": b"3", "jpg": os.urandom(3000), "json": b'{"a": 1}'})
+        writer.add("sub/dir/b_1", {"cls": b"1", "png": b"x" * 513})
+        writer.close()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "k1.cls").write_bytes(b"2")
+    (tmp_path / "d" / "k1.jpg").write_bytes(b"J" * 700)
+    subprocess.run(["tar", "-cf", str(tmp_path / "gnu.tar"), "-C", str(tmp_path), "d/k1.cls", "d/k1.jpg"], check=True)
+    for shard in (ours, tmp_path / "gnu.tar"):
+        data = shard.read_bytes()
+        for record in scan_tar(shard):
+            sample = data[record["offset"] : record["offset"] + record["length"]]
+            assert parse_sample(sample) == _parse_with_tarfile(sample)
+    bad = bytearray(ours.read_bytes()[:3072])
+    bad[257:262] = b"xxxxx"  # not a ustar header any more
+    with pytest.raises(Exception):
+        parse_sample(bytes(bad))

@@ -72,6 +72,9 @@ class ShardBlocks:
     sizes: list[int]
     budget: int
 
+    def samples_per_block(self) -> int:
+        return int(self.budget * sum(self.counts) / max(sum(self.sizes), 1))
+
     def epoch(self, generator: torch.Generator) -> tuple[list[list[int]], list[torch.Tensor]]:
         """-> (the shards of each block, each block's sample indices in epoch order)."""
         starts = [0]
@@ -206,26 +209,33 @@ class TrainOrder(Sampler):
         return torch.cat(parts), shards, ends
 
     def __iter__(self):
-        used = self.steps_per_epoch * self.world * self.batch_size
+        step = self.world * self.batch_size
         order, shards, ends = self.epoch_plan()
-        order = order[:used].tolist()
+        order = order[: self.steps_per_epoch * step].tolist()
+        if self.prefetch is not None and not shards:  # global order: the cache holds every shard
+            self.prefetch.want_samples(order[self.start_batch * step :])
+        span = None
         for batch in range(self.start_batch, self.steps_per_epoch):
             first = (batch * self.world + self.rank) * self.batch_size
-            if self.prefetch is not None:
-                self._fetch_ahead(batch, shards, ends)
+            if self.prefetch is not None and shards:
+                span = self._fetch_ahead(batch, shards, ends, span)
             yield [(order[p], mix_seed(self.seed, self.epoch, p)) for p in range(first, first + self.batch_size)]
 
-    def _fetch_ahead(self, batch: int, shards: list[list[int]], ends: list[int]) -> None:
-        """When the batches being read enter a block: keep it and fetch the next one."""
-        if not shards:  # global order: the cache holds every shard; fetch them all, in shard order
-            if batch == self.start_batch:
-                self.prefetch.want_all()
-            return
-        reading = max(batch - self.lookahead, self.start_batch) * self.world * self.batch_size
-        block = bisect.bisect_right(ends, reading)
-        if batch == self.start_batch or block != bisect.bisect_right(ends, reading - self.world * self.batch_size):
-            coming = shards[block] + (shards[block + 1] if block + 1 < len(shards) else [])
+    def _fetch_ahead(self, batch: int, shards: list[list[int]], ends: list[int], span):
+        """Keep the blocks the loader is reading (from the oldest batch not yet consumed to this
+        one) and fetch the block after them; -> the span of blocks being read."""
+        step = self.world * self.batch_size
+        reading = max(batch - self.lookahead, self.start_batch) * step
+        now = (bisect.bisect_right(ends, reading), bisect.bisect_right(ends, (batch + 1) * step - 1))
+        if now != span:
+            coming = [shard for block in shards[now[0] : now[1] + 2] for shard in block]
             self.prefetch.want(coming, coming)
+        return now
+
+    @property
+    def read_ahead(self) -> int:
+        """Samples of the epoch order the loaders of all ranks may be reading at once."""
+        return (self.lookahead + 1) * self.world * self.batch_size
 
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_batch

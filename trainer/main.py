@@ -163,6 +163,11 @@ def train(config: Config) -> int:
     )
     if dataset.cache is not None:
         tracker.print(f"shards from {dataset.shown} through the node cache {dataset.describe_cache()}")
+        if order.blocks is not None and order.blocks.samples_per_block() < order.read_ahead:
+            tracker.print(
+                f"note: a cache block holds ~{order.blocks.samples_per_block()} samples but the loaders read "
+                f"{order.read_ahead} ahead, so shards will be fetched more than once an epoch — raise data.cache_limit"
+            )
     set_status(run_dir, accelerator, "running")
     mixer = batch_mixer(config.data, len(classes))
 
