@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -70,9 +71,13 @@ class ShardCache:
     def path(self, entry: Entry) -> Path:
         return self.root / entry.name
 
-    def get(self, entry: Entry, download: Callable[[BinaryIO], tuple[int, str]], protect: Iterable[str] = ()) -> Path:
+    def get(self, entry: Entry, download: Callable[[BinaryIO], tuple[int, str]], protect: Iterable[str] = (),
+            wait: bool = True) -> Path | None:
         """The cached file, downloaded first if this node has none. ``download(out)`` writes the
-        whole file and returns (bytes, sha256); a mismatch is fetched again once."""
+        whole file and returns (bytes, sha256); a mismatch is fetched again once. Space is made by
+        evicting files least recently used, never one in ``protect``; with ``wait=False`` (fetching
+        ahead) None when there is no room now, rather than waiting for it with the file's lock
+        held, which a reader that needs the file at once would have to wait for."""
         final = self.path(entry)
         if final.exists():
             return final
@@ -81,7 +86,10 @@ class ShardCache:
                 return final
             got = None
             for _ in range(2):
-                with self._reserve(entry, set(protect)) as (part, out):
+                with self._reserve(entry, set(protect), wait) as reserved:
+                    if reserved is None:
+                        return None
+                    part, out = reserved
                     got = download(out)
                     if got == (entry.size, entry.sha256):
                         os.fsync(out.fileno())
@@ -92,10 +100,11 @@ class ShardCache:
             raise CacheError(f"{entry.shown} was downloaded twice and is corrupted ({what}) — re-run make_shards to that location")
 
     @contextmanager
-    def _reserve(self, entry: Entry, protect: set[str]):
+    def _reserve(self, entry: Entry, protect: set[str], wait: bool):
         """A ``.part`` file of the entry's full size, made once the limit allows it (evicting
-        unused files); removed again unless the caller renamed it."""
-        part = self.root / f"{entry.name}.part-{os.getpid()}"
+        unused files); removed again unless the caller renamed it. None if not ``wait`` and there
+        is no room now."""
+        part = self.root / f"{entry.name}.part-{os.getpid()}-{threading.get_ident()}"
         deadline = time.monotonic() + WAIT_FOR_SPACE_S
         while True:
             with _flock(self.root / ".space.lock", fcntl.LOCK_EX):
@@ -105,6 +114,9 @@ class ShardCache:
                     fcntl.flock(out, fcntl.LOCK_EX)  # a live download: not stale
                     _allocate(out, entry.size)
                     break
+            if not wait:
+                yield None
+                return
             if time.monotonic() > deadline:
                 raise CacheError(
                     f"data.cache_limit {self.limit / 1e9:.2f} GB stayed full of shards in use for {WAIT_FOR_SPACE_S / 60:.0f} min — "

@@ -172,10 +172,11 @@ class SplitFiles:
         """A path to the whole shard on this machine (fetched if need be)."""
         return self.store.local / self.rels[shard] if self.cache is None else self.fetch(shard)
 
-    def fetch(self, shard: int, protect: tuple[str, ...] = ()) -> Path:
-        return self._get(self.entries[shard], self.rels[shard], protect)
+    def fetch(self, shard: int, protect: tuple[str, ...] = (), wait: bool = True) -> Path | None:
+        """The shard in the cache (see ShardCache.get for ``protect`` and ``wait``)."""
+        return self._get(self.entries[shard], self.rels[shard], protect, wait)
 
-    def _get(self, entry: Entry, rel: str, protect: tuple[str, ...] = ()) -> Path:
+    def _get(self, entry: Entry, rel: str, protect: tuple[str, ...] = (), wait: bool = True) -> Path | None:
         def download(out):
             got = self.store.download(rel, out)
             with self.fetched.get_lock():
@@ -183,7 +184,7 @@ class SplitFiles:
             return got
 
         try:
-            return self.cache.get(entry, download, protect)
+            return self.cache.get(entry, download, protect, wait)
         except (StoreError, CacheError) as e:
             raise SourceError(str(e)) from None
 
@@ -237,10 +238,12 @@ class Prefetcher:
     """
 
     THREADS = 4
+    RETRY_S = 0.2
 
     def __init__(self, files: SplitFiles, threads: int = THREADS):
         self.files = files
         self.error: SourceError | None = None
+        self._wish = 0
         self._todo: collections.deque[int] = collections.deque()
         self._protect: tuple[str, ...] = ()
         self._wake = threading.Condition()
@@ -254,6 +257,7 @@ class Prefetcher:
         with self._wake:  # the newest wish replaces older ones
             self._todo = collections.deque(shards)
             self._protect = tuple(self.files.entries[s].name for s in protect)
+            self._wish += 1
             self._wake.notify_all()
 
     def want_samples(self, samples: list[int]) -> None:
@@ -268,12 +272,17 @@ class Prefetcher:
             with self._wake:
                 while not self._todo:
                     self._wake.wait()
-                shard, protect = self._todo.popleft(), self._protect
+                shard, protect, wish = self._todo.popleft(), self._protect, self._wish
             try:
-                self.files.fetch(shard, protect)
+                fetched = self.files.fetch(shard, protect, wait=False)
             except SourceError as e:  # the reader meets it too, when it needs that shard
                 self.error = e
                 return
+            if fetched is None:  # no room until the readers move on: try again then
+                with self._wake:
+                    if wish == self._wish:
+                        self._todo.appendleft(shard)
+                    self._wake.wait(self.RETRY_S)
 
 
 def human(size: float) -> str:

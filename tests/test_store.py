@@ -320,3 +320,16 @@ def test_the_fast_header_parse_reads_what_tarfile_reads(tmp_path):
     bad[257:262] = b"xxxxx"  # not a ustar header any more
     with pytest.raises(Exception):
         parse_sample(bytes(bad))
+
+
+def test_fetching_ahead_never_waits_for_room_with_the_file_locked(tmp_path):
+    """The prefetcher asks without waiting; a reader that needs a file now makes room for it."""
+    cache = ShardCache(tmp_path, limit=2000)
+    a, b, c = b"a" * 1000, b"b" * 1000, b"c" * 1000
+    cache.get(entry(a), writer_of(a))
+    cache.get(entry(b), writer_of(b))
+    protect = [entry(a).name, entry(b).name]  # what the loaders are reading
+    assert cache.get(entry(c), writer_of(c), protect, wait=False) is None
+    assert not cache.path(entry(c)).exists() and cache.path(entry(a)).exists()
+    assert cache.get(entry(c), writer_of(c)).read_bytes() == c  # needed now: the least recently used goes
+    assert cache.used() <= 2000

@@ -222,14 +222,14 @@ class TrainOrder(Sampler):
             yield [(order[p], mix_seed(self.seed, self.epoch, p)) for p in range(first, first + self.batch_size)]
 
     def _fetch_ahead(self, batch: int, shards: list[list[int]], ends: list[int], span):
-        """Keep the blocks the loader is reading (from the oldest batch not yet consumed to this
-        one) and fetch the block after them; -> the span of blocks being read."""
+        """Fetch the blocks the loaders are reading (from the oldest batch not yet consumed to this
+        one), never evicting them for later ones, then the block after them; -> that span."""
         step = self.world * self.batch_size
         reading = max(batch - self.lookahead, self.start_batch) * step
         now = (bisect.bisect_right(ends, reading), bisect.bisect_right(ends, (batch + 1) * step - 1))
         if now != span:
-            coming = [shard for block in shards[now[0] : now[1] + 2] for shard in block]
-            self.prefetch.want(coming, coming)
+            reading = [shard for block in shards[now[0] : now[1] + 1] for shard in block]
+            self.prefetch.want(reading + (shards[now[1] + 1] if now[1] + 1 < len(shards) else []), reading)
         return now
 
     @property
