@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from shards.manifest import Manifest  # noqa: E402
+from shards.source import Dataset  # noqa: E402
+from trainer.data import open_shards  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.main import build_loaders, build_model, device_stages  # noqa: E402
 from trainer.optim import make_optimizer, param_groups  # noqa: E402
@@ -64,10 +65,10 @@ def synthetic_shards(work: Path, n: int) -> Path:
     return out
 
 
-def loader_rate(config, manifest: Manifest, device: str, steps: int) -> float:
+def loader_rate(config, dataset: Dataset, device: str, steps: int) -> float:
     """Batches/s of the real train loader and device stages (decode when data.decode=device, normalise)."""
-    mean, std = normalization(config.data, manifest.mean, manifest.std)
-    loader, _, _ = build_loaders(config, manifest, mean, std, 0, 1, device.startswith("cuda"))
+    mean, std = normalization(config.data, dataset.manifest.mean, dataset.manifest.std)
+    loader, _, _ = build_loaders(config, dataset, mean, std, 0, 1, device.startswith("cuda"))
     decode, normalize = device_stages(config, mean, std, torch.device(device))
     iterator = iter(loader)
 
@@ -150,13 +151,14 @@ def main() -> None:
     shards = Path(args.shards) if args.shards else synthetic_shards(work, args.synthetic)
     overrides = [*args.overrides, f"data.shards={shards}", f"run.dir={work / 'run'}"]
     config = load_config(args.config, overrides)
-    manifest = Manifest.load(shards)
+    dataset = open_shards(str(shards), config.data)
+    manifest = dataset.manifest
     workers = [int(w) for w in args.loader_workers.split(",")] if args.loader_workers else [config.data.workers]
     loaders = {}
     for decode in ("workers", "device"):
         for n in workers:
             variant = load_config(args.config, [*overrides, f"data.decode={decode}", f"data.workers={n}"])
-            loaders[f"loader, decode={decode}, {n} workers"] = loader_rate(variant, manifest, args.device, args.steps)
+            loaders[f"loader, decode={decode}, {n} workers"] = loader_rate(variant, dataset, args.device, args.steps)
             print(f"{list(loaders)[-1]}: {loaders[list(loaders)[-1]]:,.0f} img/s", flush=True)
     results = {"loaders": loaders, "model_only": model_rate(config, len(manifest.classes), args.device, args.steps)}
     rows = dict(loaders, **{"model-only": results["model_only"]})
