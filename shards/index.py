@@ -49,6 +49,14 @@ def load_index(path: Path, expected: int) -> np.ndarray:
     return index
 
 
+def sample_member(path: str) -> tuple[str, str]:
+    """A member's path in the tar -> (sample key, field): 'a/b/k_1.cls' -> ('a/b/k_1', 'cls'),
+    split at the first '.' of the file name, as webdataset does."""
+    base = path.rsplit("/", 1)[-1]
+    stem, _, ext = base.partition(".")
+    return path[: len(path) - len(base)] + stem, ext
+
+
 def parse_sample(data: bytes) -> tuple[str, dict[str, bytes]]:
     """A sample's tar members (headers and data, as the index delimits them) -> (key, {ext: bytes}).
 
@@ -68,10 +76,7 @@ def parse_sample(data: bytes) -> tuple[str, dict[str, bytes]]:
             raise tarfile.HeaderError("unreadable member size") from None
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         folder = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # ustar's name prefix
-        path = f"{folder}/{name}" if folder else name
-        base = path.rsplit("/", 1)[-1]
-        stem, _, ext = base.partition(".")
-        stem = path[: len(path) - len(base)] + stem
+        stem, ext = sample_member(f"{folder}/{name}" if folder else name)
         if key is not None and stem != key:
             raise tarfile.HeaderError(f"members of two samples ({key}, {stem}) in one index record")
         key = stem
@@ -91,9 +96,7 @@ def _parse_with_tarfile(data: bytes) -> tuple[str, dict[str, bytes]]:
         for info in tar:
             if not info.isfile():
                 continue
-            name = info.name.rsplit("/", 1)[-1]
-            stem, _, ext = name.partition(".")
-            stem = info.name[: len(info.name) - len(name)] + stem
+            stem, ext = sample_member(info.name)
             if key is not None and stem != key:
                 raise tarfile.HeaderError(f"members of two samples ({key}, {stem}) in one index record")
             key = stem
@@ -111,9 +114,7 @@ def scan_tar(path: Path) -> np.ndarray:
         for info in tar:
             if not info.isfile():
                 continue
-            name = info.name.rsplit("/", 1)[-1]
-            stem, _, ext = name.partition(".")
-            key = info.name[: len(info.name) - len(name)] + stem
+            key, ext = sample_member(info.name)
             end = info.offset_data + info.size + (-info.size % BLOCK)
             if not keys or keys[-1] != key:
                 keys.append(key)

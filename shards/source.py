@@ -9,6 +9,7 @@ thread fetches the shards the reader will need next. Readers above this layer se
 from __future__ import annotations
 
 import collections
+import functools
 import multiprocessing
 import os
 import shutil
@@ -66,7 +67,9 @@ class Dataset:
     def shown(self) -> str:
         return self.store.shown
 
+    @functools.cached_property
     def _files_bytes(self) -> int:
+        """Bytes of every shard and index of the dataset: what a cache holding all of it needs."""
         return sum(s.bytes for info in self.manifest.splits.values() for s in info.shards + ([info.index] if info.index else []))
 
     def _check_limit(self, limit: int | None) -> None:
@@ -78,10 +81,10 @@ class Dataset:
                 f"data.cache_limit {limit / 1e6:.0f} MB is below {MIN_LIMIT_SHARDS}x the largest shard ({largest / 1e6:.1f} MB) — "
                 f"raise it to at least {MIN_LIMIT_SHARDS * largest / 1e6:.0f} MB"
             )
-        need = self._files_bytes() if limit is None else min(limit, self._files_bytes())
+        need = self._files_bytes if limit is None else min(limit, self._files_bytes)
         room = shutil.disk_usage(self.cache.root).free + self.cache.used()
         if room < need:
-            what = "the dataset needs" if limit is None or limit >= self._files_bytes() else "data.cache_limit asks for"
+            what = "the dataset needs" if limit is None or limit >= self._files_bytes else "data.cache_limit asks for"
             raise SourceError(
                 f"the shard cache {self.cache.root} has room for {human(room)} but {what} {human(need)} — "
                 f"set data.cache_limit={human(room * 0.9).replace(' ', '')}, or point data.cache_dir at a bigger disk"
@@ -91,7 +94,7 @@ class Dataset:
     def block_budget(self) -> int | None:
         """Bytes of shards a reader may use at once, or None when every file fits in the cache
         (then samples can be read in any order without a file being fetched twice)."""
-        if self.cache is None or self.cache.limit is None or self.cache.limit >= self._files_bytes():
+        if self.cache is None or self.cache.limit is None or self.cache.limit >= self._files_bytes:
             return None
         indexes = sum(info.index.bytes for info in self.manifest.splits.values() if info.index)
         return (self.cache.limit - indexes) // 2  # the block being read and the next one, fetched meanwhile
