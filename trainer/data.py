@@ -228,8 +228,9 @@ class TrainOrder(Sampler):
         reading = max(batch - self.lookahead, self.start_batch) * step
         now = (bisect.bisect_right(ends, reading), bisect.bisect_right(ends, (batch + 1) * step - 1))
         if now != span:
-            reading = [shard for block in shards[now[0] : now[1] + 1] for shard in block]
-            self.prefetch.want(reading + (shards[now[1] + 1] if now[1] + 1 < len(shards) else []), reading)
+            being_read = [shard for block in shards[now[0] : now[1] + 1] for shard in block]
+            after = shards[now[1] + 1] if now[1] + 1 < len(shards) else []
+            self.prefetch.want(being_read + after, being_read)
         return now
 
     @property

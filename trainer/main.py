@@ -262,7 +262,8 @@ def build_loaders(config: Config, dataset, mean: list, std: list, rank: int, wor
     labels = train_index.labels() if config.data.balance == "sampler" else None
     files = train_index.files
     # A cache smaller than the data: read the epoch block by block (data/ShardBlocks)
-    blocks = ShardBlocks(files.counts, files.sizes, dataset.block_budget) if dataset.block_budget is not None else None
+    budget = dataset.block_budget
+    blocks = ShardBlocks(files.counts, files.sizes, budget) if budget is not None else None
     order = TrainOrder(len(train_index), config.train.batch_size, rank, world, config.train.seed, labels, blocks,
                        files.prefetcher())
     # data.decode=device: the workers hand over encoded images; DeviceDecode augments on the device
