@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from shards.source import Dataset  # noqa: E402
 from trainer.data import open_shards  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config import load_config, resolve_launch  # noqa: E402
 from trainer.main import build_loaders, build_model, device_stages  # noqa: E402
 from trainer.optim import make_optimizer, param_groups  # noqa: E402
 from trainer.transforms import normalization  # noqa: E402
@@ -151,6 +151,9 @@ def main() -> None:
     shards = Path(args.shards) if args.shards else synthetic_shards(work, args.synthetic)
     overrides = [*args.overrides, f"data.shards={shards}", f"run.dir={work / 'run'}"]
     config = load_config(args.config, overrides)
+    # None: no / none, as in the end-to-end run, which launches without a precision or compile of its own
+    launch = resolve_launch(config.train, {})
+    config.train.mixed_precision, config.train.compile = launch.mixed_precision, launch.compile
     dataset = open_shards(str(shards), config.data)
     manifest = dataset.manifest
     workers = [int(w) for w in args.loader_workers.split(",")] if args.loader_workers else [config.data.workers]

@@ -12,8 +12,9 @@
 #   GPUS_PER_NODE       processes per GPU node (default: the GPUs Slurm gave the job per node)
 #   CPU_PROCS_PER_NODE  processes per node when the nodes have no GPU: the CPU (gloo) path (default 1)
 #   MAIN_PORT           rendezvous port on the first node (default: 10000 + job id % 20000)
-#   ACCELERATE_ARGS     extra `accelerate launch` arguments (default "--mixed_precision no
-#                       --dynamo_backend no": precision and compile come from the config)
+#   ACCELERATE_ARGS     extra `accelerate launch` arguments (default none), e.g. "--mixed_precision bf16";
+#                       precision and compile: the config's train.mixed_precision / train.compile when
+#                       set, else these arguments, else `accelerate config`'s file, else no / none
 #   RUNS_ROOT           where the run directory goes (default: runs, under the submit directory)
 #   RUN_DIR             the run directory (default: RUNS_ROOT/<config name>-<job id>; run.dir=... too)
 #   MAX_RESTARTS        requeues allowed after preemption (default 20), counted by SLURM_RESTART_COUNT
@@ -78,7 +79,7 @@ fi
 threads=$(( ${SLURM_CPUS_PER_TASK:-1} / PER_NODE ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
 PROCS=$((NODES * PER_NODE))
-ACCELERATE_ARGS=${ACCELERATE_ARGS---mixed_precision no --dynamo_backend no}
+ACCELERATE_ARGS=${ACCELERATE_ARGS-}
 
 # Rendezvous: the first node's address as Slurm knows it (its name may not resolve), a per-job port.
 FIRST=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
@@ -154,6 +155,11 @@ done
 state=none
 if [ -f "$RUN/status.json" ] && [ "$(stat -c %Y "$RUN/status.json")" -ge "$started" ]; then
   state=$(sed -n 's/.*"state": *"\([a-z]*\)".*/\1/p' "$RUN/status.json")
+fi
+if [ "$state" = running ]; then  # killed without a word (SIGKILL, the OOM killer): say so for it
+  printf '{"state": "failed", "time": %s, "reason": "the trainers ended without saying why (killed? srun exit %s)"}\n' \
+    "$(date +%s)" "$rc" > "$RUN/status.json.tmp" && mv "$RUN/status.json.tmp" "$RUN/status.json"
+  state=failed
 fi
 case $state in
   completed)

@@ -10,7 +10,7 @@ def _state(step):
 
 
 def _save(root, step, keep=2):
-    return checkpoint.save(root, step, _state(step), rank=0, barrier=lambda: None, keep=keep)
+    return checkpoint.save(root, step, _state(step), rank=0, agree=lambda failed: failed, keep=keep)
 
 
 def test_save_is_complete_and_keeps_last_n(tmp_path):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from trainer.config import OptimConfig, ScheduleConfig
-from trainer.optim import lr_factor, make_optimizer, make_scheduler, param_groups
+from trainer.config import OptimConfig, ScheduleConfig, load_config
+from trainer.optim import describe_lr, lr_factor, make_optimizer, make_scheduler, param_groups, scaled_lr
 
 
 def test_warmup_then_cosine_to_final_factor():
@@ -54,3 +54,57 @@ def test_optimizer_choice(name, cls):
     assert isinstance(opt, cls)
     if name == "sgd":
         assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+
+
+def test_lr_is_used_as_given_without_a_base_size():
+    optim = OptimConfig(name="sgd", lr=0.1)
+    assert [scaled_lr(optim, batch) for batch in (1, 128, 4096)] == [0.1, 0.1, 0.1]
+    assert describe_lr(optim, 128) == "lr 0.1"
+
+
+@pytest.mark.parametrize(
+    "name, scale, global_batch, expected",
+    [
+        ("sgd", "linear", 512, 0.2),
+        ("sgd", "linear", 64, 0.025),
+        ("sgd", "sqrt", 1024, 0.2),
+        ("adamw", "sqrt", 64, 0.05),
+        ("adamw", "linear", 1024, 0.4),
+        ("sgd", "auto", 1024, 0.4),  # auto: linear for sgd
+        ("adamw", "auto", 1024, 0.2),  # auto: sqrt for adam and adamw
+        ("adam", "auto", 64, 0.05),
+        ("adamw", "auto", 256, 0.1),  # the base batch itself: lr unchanged
+    ],
+)
+def test_lr_scales_from_the_base_size_to_the_global_batch(name, scale, global_batch, expected):
+    optim = OptimConfig(name=name, lr=0.1, lr_base_size=256, lr_base_scale=scale)
+    assert scaled_lr(optim, global_batch) == pytest.approx(expected)
+
+
+def test_scaled_lr_reaches_every_group_with_the_head_multiplier():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    optim = OptimConfig(name="sgd", lr=0.1, lr_base_size=256, head_lr_mult=10.0)
+    lr = scaled_lr(optim, 1024)
+    opt = make_optimizer(param_groups(model, optim, head=model[2], lr=lr), optim, lr)
+    head = {id(p) for p in model[2].parameters()}
+    for group in opt.param_groups:
+        is_head = id(group["params"][0]) in head
+        assert group["lr"] == pytest.approx(4.0 if is_head else 0.4)
+    assert opt.defaults["lr"] == pytest.approx(0.4)
+    sched = make_scheduler(opt, ScheduleConfig(), steps_per_epoch=5, epochs=1)
+    assert sorted(sched.base_lrs) == pytest.approx([0.4, 0.4, 4.0, 4.0])  # the schedule scales the resolved lr
+
+
+@pytest.mark.parametrize("processes, expected", [(32, 1.6), (1, 0.05), (2, 0.1)])
+def test_imagenet_recipe_resolves_per_cluster(processes, expected):
+    """0.1 per 256 images, linear: the DenseNet paper's rate per image on any cluster."""
+    config = load_config("configs/densenet121-imagenet.yaml", ["data.shards=s", "run.dir=r"])
+    global_batch = config.train.batch_size * processes * config.train.grad_accum
+    assert scaled_lr(config.optim, global_batch) == pytest.approx(expected)
+    assert describe_lr(config.optim, global_batch) == f"lr {expected:g} (0.1 per 256 images, linear)"
+
+
+@pytest.mark.parametrize("config, processes", [("demo", 2), ("cifar-style", 1)])
+def test_shipped_configs_keep_their_lr_at_their_usual_launch(config, processes):
+    config = load_config(f"configs/{config}.yaml", ["data.shards=s", "run.dir=r"])
+    assert scaled_lr(config.optim, config.train.batch_size * processes * config.train.grad_accum) == config.optim.lr

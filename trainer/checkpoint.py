@@ -8,6 +8,7 @@ checkpoints are pruned only after the new one is in place.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -20,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.rundir import PeerFailed, writing
+
 COMPLETE = "COMPLETE"
 # Test-only hook: checkpoint writes from this step on stall before their marker, so a test can kill one mid-write.
 PAUSE_ENV = "TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP"
+RELEASE_ENV = "TRAINER_TEST_RELEASE_FILE"
 
 
 class CheckpointError(RuntimeError):
@@ -44,37 +48,78 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(
-    root: Path, step: int, state: dict, rank: int, barrier: Callable[[], None], keep: int
-) -> Path | None:
-    """Every rank calls this together; rank 0 writes the shared state. Returns the final path on rank 0."""
+def save(root: Path, step: int, state: dict, rank: int, agree: Callable[[bool], bool], keep: int) -> Path | None:
+    """Every rank calls this together; rank 0 writes the shared state. Returns the final path on rank 0.
+
+    agree(failed) is the ranks' barrier: True when any rank failed. A write that fails anywhere (a
+    full disk, a quota) leaves no partial checkpoint: rank 0 removes it, the failing rank raises
+    its OSError, the others PeerFailed."""
     final = root / f"ckpt-{step:09d}"
     tmp = root / f"ckpt-{step:09d}.tmp"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a write that was killed
-        tmp.mkdir()
-    barrier()
-    _write(tmp / f"rank{rank}.pt", {"rng": rng_state()})
-    if rank == 0:
-        _write(tmp / "state.pt", state)
-    barrier()
-    if rank == 0:
-        if os.environ.get(PAUSE_ENV) and step >= int(os.environ[PAUSE_ENV]):
-            time.sleep(600)
+
+    def stage(write: Callable[[], None]) -> None:
+        error = None
+        try:
+            write()
+        except OSError as e:
+            error = e
+        if agree(error is not None):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            failure = error or PeerFailed()
+            failure.agreed = True  # every rank raises here, together
+            raise failure
+
+    def begin() -> None:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a write that was killed
+            tmp.mkdir()
+
+    def write_parts() -> None:
+        _write(tmp / f"rank{rank}.pt", {"rng": rng_state()})
+        if rank == 0:
+            _write(tmp / "state.pt", state)
+
+    def complete() -> None:
+        if rank != 0:
+            return
+        _pause_for_tests(step, tmp)
         shutil.rmtree(final, ignore_errors=True)  # same step saved twice (end of epoch == every N)
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "epoch": state["epoch"], "time": time.time()}))
+        with writing(tmp / COMPLETE):
+            (tmp / COMPLETE).write_text(json.dumps({"step": step, "epoch": state["epoch"], "time": time.time()}))
         _fsync_dir(tmp)
         os.replace(tmp, final)
         _fsync_dir(root)
         prune(root, keep)
-    barrier()
+
+    stage(begin)
+    stage(write_parts)
+    stage(complete)
     return final if rank == 0 else None
 
 
+def _pause_for_tests(step: int, tmp: Path) -> None:
+    """Test-only: from step PAUSE_ENV on, stall after the parts and before the marker. With
+    RELEASE_ENV=FILE it writes FILE.paused and goes on once FILE exists; without, it sleeps 600 s."""
+    if not os.environ.get(PAUSE_ENV) or step < int(os.environ[PAUSE_ENV]):
+        return
+    release = os.environ.get(RELEASE_ENV)
+    if not release:
+        time.sleep(600)
+        return
+    Path(release + ".paused").write_text(str(step))
+    deadline = time.monotonic() + 600
+    while not Path(release).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _write(path: Path, obj: dict) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+    # Serialised in memory first: torch.save's own writer turns a full disk into an opaque RuntimeError.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with writing(path), open(path, "wb") as f:
+        f.write(buffer.getbuffer())
         f.flush()
         os.fsync(f.fileno())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -67,7 +68,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | adam | sgd
-    lr: float = 1e-3  # for train.batch_size x processes x grad_accum images per step
+    lr: float = 1e-3  # with lr_base_size None: the lr for whatever global batch results
+    lr_base_size: Optional[int] = None  # N: lr is the rate for N images per optimizer step, scaled to the
+    # global batch (train.batch_size x processes x grad_accum); None: lr is used as given
+    lr_base_scale: str = "auto"  # auto (sqrt for adam/adamw, linear for sgd) | linear | sqrt
     weight_decay: float = 0.05  # never applied to BN weights and biases
     momentum: float = 0.9  # sgd
     nesterov: bool = True  # sgd
@@ -88,19 +92,23 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64  # per process
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    # None: what `accelerate launch` chose (its --mixed_precision / --dynamo_backend, or `accelerate
+    # config`), else no / none; a value set here wins over the launcher. config.yaml keeps what ran.
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16
     device: str = "auto"  # auto (GPU if there is one) | cpu | cuda (fail if there is none)
     seed: int = 0
     deterministic: bool = False  # torch deterministic algorithms (bitwise resume on CPU)
     ema: bool = False
     ema_decay: float = 0.9998
     channels_last: bool = False
-    compile: str = "none"  # none | default | reduce-overhead | max-autotune
+    compile: Optional[str] = None  # none | default | reduce-overhead | max-autotune (inductor); None: as above
     eval_every: int = 1  # epochs
     log_every: int = 50  # optimizer steps between train records
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch end only
     keep_checkpoints: int = 3
     resume: bool = True  # continue from the newest complete checkpoint in run.dir
+    max_bad_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops as failed
+    collective_timeout_s: int = 600  # a rank that does not answer for this long stops the job (a frozen node)
 
 
 @dataclass
@@ -138,11 +146,13 @@ CHOICES = {
     "data.auto_augment": ("none", "randaugment", "trivialaugment"),
     "data.balance": ("none", "sampler", "loss"),
     "optim.name": ("adamw", "adam", "sgd"),
+    "optim.lr_base_scale": ("auto", "linear", "sqrt"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.compile": ("none", "default", "reduce-overhead", "max-autotune"),
     "wandb.mode": ("offline", "online", "disabled"),
 }
+LAUNCHER_DEFERRED = ("train.mixed_precision", "train.compile")  # None: `accelerate launch` decides (resolve_launch)
 
 # key -> (lowest, highest, whether the lowest itself is allowed)
 RANGES = {
@@ -164,6 +174,7 @@ RANGES = {
     "data.mixup_alpha": (0.0, math.inf, True),
     "data.cutmix_alpha": (0.0, math.inf, True),
     "optim.lr": (0.0, math.inf, False),
+    "optim.lr_base_size": (1, math.inf, True),
     "optim.weight_decay": (0.0, math.inf, True),
     "optim.momentum": (0.0, 1.0, True),
     "optim.head_lr_mult": (0.0, math.inf, False),
@@ -179,6 +190,8 @@ RANGES = {
     "train.log_every": (1, math.inf, True),
     "train.checkpoint_every": (0, math.inf, True),
     "train.keep_checkpoints": (1, math.inf, True),
+    "train.max_bad_steps": (1, math.inf, True),
+    "train.collective_timeout_s": (1, math.inf, True),
     "wandb.sample_predictions": (0, math.inf, True),
 }
 
@@ -288,6 +301,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} is required — set it in the YAML file or pass {key}=PATH")
     for key, allowed in CHOICES.items():
         value = _get(config, key)
+        if value is None and key in LAUNCHER_DEFERRED:
+            continue
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     for key, (low, high, low_ok) in RANGES.items():
@@ -331,3 +346,57 @@ def to_dict(config: Config) -> dict:
     values = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     values["data"]["shards"] = redact(values["data"]["shards"])
     return values
+
+
+# `accelerate launch` hands its choices (its flags, else the `accelerate config` file) to every
+# process in these variables. It fills in "no" for what nobody chose, so "no" reads as "not chosen".
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # no | fp16 | bf16 | fp8
+LAUNCHER_BACKEND = "ACCELERATE_DYNAMO_BACKEND"  # NO | INDUCTOR | EAGER | ...
+LAUNCHER_MODE = "ACCELERATE_DYNAMO_MODE"  # default | reduce-overhead | max-autotune
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Precision and compilation as settled between the config and `accelerate launch`."""
+
+    mixed_precision: str  # no | bf16 | fp16
+    compile: str  # none | a torch.compile mode
+    backend: str  # the dynamo backend: "no" when compile is none, inductor for the config's own modes
+    precision_from: str  # config | accelerate launch | default
+    compile_from: str
+    notes: tuple[str, ...] = ()  # a line per setting both chose, differently: the config's applies
+
+
+def resolve_launch(train: TrainConfig, env: Mapping[str, str]) -> Launch:
+    """train.mixed_precision / train.compile against the launcher's environment: a value set in
+    the config wins (with a note when the launcher chose otherwise), None takes the launcher's
+    choice, neither is no / none. ConfigError when the launcher's choice is one this trainer lacks."""
+    notes = []
+    chosen = (env.get(LAUNCHER_PRECISION) or "no").lower()
+    if train.mixed_precision is not None:
+        precision, precision_from = train.mixed_precision, "config"
+        if chosen not in ("no", precision):
+            notes.append(f"note: train.mixed_precision={precision} (config) overrides accelerate launch's {chosen}")
+    elif chosen != "no":
+        if chosen not in CHOICES["train.mixed_precision"]:
+            raise ConfigError(f"accelerate launch's mixed precision {chosen} is not one of "
+                              f"{', '.join(CHOICES['train.mixed_precision'])} — launch with another or set train.mixed_precision")
+        precision, precision_from = chosen, "accelerate launch"
+    else:
+        precision, precision_from = "no", "default"
+
+    backend = (env.get(LAUNCHER_BACKEND) or "no").lower()
+    mode = env.get(LAUNCHER_MODE) or "default"
+    if train.compile is not None:
+        compiled, compile_from = train.compile, "config"
+        if backend != "no" and (backend, mode) != ("inductor", compiled):
+            notes.append(f"note: train.compile={compiled} (config) overrides accelerate launch's {backend} (mode {mode})")
+        backend = "no" if compiled == "none" else "inductor"
+    elif backend != "no":
+        if mode not in CHOICES["train.compile"]:
+            raise ConfigError(f"accelerate launch's dynamo mode {mode} is not one of "
+                              f"{', '.join(CHOICES['train.compile'][1:])} — launch with another or set train.compile")
+        compiled, compile_from = mode, "accelerate launch"
+    else:
+        compiled, compile_from = "none", "default"
+    return Launch(precision, compiled, backend, precision_from, compile_from, tuple(notes))

@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/main.py`
@@ -25,8 +26,8 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/m
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin
-from safetensors.torch import save_file
+from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
+import safetensors.torch
 
 from shards.manifest import Manifest, ManifestError
 from shards.reader import ShardError
@@ -38,9 +39,11 @@ from trainer.data import (
     EvalOrder, ShardBlocks, ShardDataset, TrainOrder, close_loaders, make_loader, mix_seed, open_shards, split_index,
 )
 from trainer.metrics import EvalSums, summarize
+from trainer.nonfinite import NonFiniteError, StepGuard, assert_finite, update_ema
 from trainer.model import load_weights, se_densenet
-from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups
+from trainer.optim import describe_lr, make_ema, make_optimizer, make_scheduler, param_groups, scaled_lr
 from trainer.report import write_report
+from trainer.rundir import PeerFailed, RunDir, RunDirBusy, RunDirError, disk_error_line, is_disk_error, writing
 from trainer.tracking import Tracker, TrackingError, read_records
 from trainer.transforms import DeviceDecode, DeviceNormalize, EvalPreset, TrainPreset, batch_mixer, normalization
 
@@ -49,12 +52,20 @@ PROCESS_START = time.perf_counter()  # at import (torch loaded): accelerate star
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # a failure, not a preemption: a job script must not requeue it
+EXIT_INTERRUPTED = 130
 PREPROCESSING = "preprocessing.json"
 STOP_CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a stop signal (one all-reduce)
+# Test-only: the main process's loss is NaN at these optimizer steps (1-based), e.g. "7,8".
+NAN_STEPS = {int(s) for s in os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "").split(",") if s}
 
 
 class SetupError(RuntimeError):
     """The machine or run directory cannot run this config (one-line message)."""
+
+
+USAGE_ERRORS = (ConfigError, ManifestError, ShardError, SourceError, CheckpointError, SetupError, TrackingError,
+                RunDirBusy, RunDirError)
 
 
 @dataclass
@@ -67,6 +78,7 @@ class Progress:
     best_top1: float = -1.0
     best_epoch: int = -1
     last_eval: dict = field(default_factory=dict)
+    bad_streak: int = 0  # non-finite steps in a row (train.max_bad_steps)
 
 
 class StopFlag:
@@ -81,6 +93,7 @@ class StopFlag:
     def __init__(self):
         self.requested = False
         self.first_term = None
+        self.before_exit = None  # says in status.json why the process is about to vanish
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -88,6 +101,8 @@ class StopFlag:
         now = time.monotonic()
         if signum == signal.SIGTERM:
             if self.first_term is not None and now - self.first_term > self.REPEAT_AFTER_S:
+                if self.before_exit is not None:
+                    self.before_exit()
                 os._exit(128 + signum)
             self.first_term = self.first_term or now
         self.requested = True
@@ -98,14 +113,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file in configs/")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.1")
     args = parser.parse_args(argv)
+    config = None
     try:
         config = load_config(args.config, args.overrides)
         return train(config)
-    except (ConfigError, ManifestError, ShardError, SourceError, CheckpointError, SetupError, TrackingError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+    except BaseException as e:
+        explained = explain(e, Path(config.run.dir) if config else None)
+        if explained is None:  # a bug: its traceback is the report
+            raise
+        code, line = explained
+        if line:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        return code
     finally:
         close_loaders()
+
+
+def explain(e: BaseException, run_dir: Path | None) -> tuple[int, str] | None:
+    """The exit code and one line for an expected failure; None for anything else."""
+    if isinstance(e, USAGE_ERRORS):
+        return EXIT_USAGE, one_line(e)
+    if isinstance(e, PeerFailed):
+        return e.code, ""
+    then = resume_hint(run_dir)
+    if isinstance(e, NonFiniteError):
+        return EXIT_FAILURE, f"{one_line(e)}, then start the same command: {then}"
+    if is_disk_error(e):
+        return EXIT_FAILURE, disk_error_line(e, run_dir, then)
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, f"interrupted — start the same command again: {then}"
+    if isinstance(e, RuntimeError) and "timed out" in str(e).lower() and torch.distributed.is_initialized():
+        return EXIT_FAILURE, (
+            f"no answer from another process of the job for train.collective_timeout_s (a frozen node or a stuck "
+            f"file system?) — this process stops; start the same command: {then}"
+        )
+    return None
+
+
+def resume_hint(run_dir: Path | None) -> str:
+    done = checkpoint.complete_checkpoints(run_dir / "checkpoints") if run_dir else []
+    return f"it resumes from {done[-1].name}" if done else "it starts again (no checkpoint was complete yet)"
 
 
 def one_line(e: Exception) -> str:
@@ -120,6 +167,44 @@ def one_line(e: Exception) -> str:
 def train(config: Config) -> int:
     stop = StopFlag()  # first: a preemption warning during setup must not kill the process
     accelerator = make_accelerator(config)
+    run = claim_run_dir(Path(config.run.dir), accelerator)
+    stop.before_exit = lambda: run.set_status("failed", "killed by a second SIGTERM before its checkpoint was written")
+    try:
+        state = fit(config, accelerator, run, stop)
+    except BaseException as e:
+        explained = explain(e, run.path)
+        line = explained[1] if explained and explained[1] else one_line(e)
+        run.set_status("failed", line if explained else f"{type(e).__name__}: {line}")
+        if isinstance(e, (NonFiniteError, PeerFailed)) or getattr(e, "agreed", False):
+            # Every rank failed here together: none leaves (and gets the main one killed by the
+            # launcher) before status.json is written, and the main process alone says why.
+            accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:
+                raise PeerFailed() from None
+        raise
+    run.set_status(state)
+    accelerator.wait_for_everyone()  # no rank leaves while the main one still writes
+    return 0 if state == "completed" else EXIT_PREEMPTED
+
+
+def claim_run_dir(run_dir: Path, accelerator: Accelerator) -> RunDir:
+    """One trainer per run dir: the main process locks it before anything is written, and every
+    rank learns whether it did."""
+    run, error = RunDir(run_dir), None
+    if accelerator.is_main_process:
+        try:
+            note = run.lock()
+            if note:
+                print(note, flush=True)
+        except (RunDirBusy, RunDirError) as e:
+            error = e
+    if any_rank(error is not None, accelerator):
+        raise error or PeerFailed(EXIT_USAGE)
+    return run
+
+
+def fit(config: Config, accelerator: Accelerator, run: RunDir, stop: StopFlag) -> str:
+    """Setup, then epochs of (train, evaluate, checkpoint): 'completed' or 'preempted'."""
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(mix_seed(config.train.seed, rank))
     if config.train.deterministic:
@@ -131,6 +216,7 @@ def train(config: Config) -> int:
     mean, std = normalization(config.data, manifest.mean, manifest.std)
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, config, classes, mean, std)
+        run.set_status("running")
     accelerator.wait_for_everyone()
 
     train_loader, val_loader, order = build_loaders(config, dataset, mean, std, rank, world, accelerator.device.type == "cuda")
@@ -147,7 +233,9 @@ def train(config: Config) -> int:
             "lower train.batch_size"
         )
     model = build_model(config, len(classes))
-    optimizer = make_optimizer(param_groups(model, config.optim, model.classifier), config.optim)
+    global_batch = config.train.batch_size * accelerator.num_processes * config.train.grad_accum
+    lr = scaled_lr(config.optim, global_batch)  # optim.lr per optim.lr_base_size images, if set
+    optimizer = make_optimizer(param_groups(model, config.optim, model.classifier, lr), config.optim, lr)
     scheduler = make_scheduler(optimizer, config.schedule, steps_per_epoch, config.train.epochs)
     ema = make_ema(model, config.train.ema_decay) if config.train.ema else None
     progress = resume(config, model, optimizer, scheduler, ema, classes, accelerator, batches)
@@ -159,7 +247,8 @@ def train(config: Config) -> int:
     tracker = Tracker(config, classes, accelerator.is_main_process, progress.step if progress.step or progress.epoch else None)
     tracker.print(
         f"training {config.run.name or run_dir.name}: {world} process(es) on {accelerator.device.type}, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters, {steps_per_epoch} steps/epoch"
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, {steps_per_epoch} steps/epoch, "
+        f"global batch {global_batch}, {describe_lr(config.optim, global_batch)}"
     )
     if dataset.cache is not None:
         tracker.print(f"shards from {dataset.shown} through the node cache {dataset.describe_cache()}")
@@ -168,28 +257,26 @@ def train(config: Config) -> int:
                 f"note: a cache block holds ~{order.blocks.samples_per_block()} samples but the loaders read "
                 f"{order.read_ahead} ahead, so shards will be fetched more than once an epoch — raise data.cache_limit"
             )
-    set_status(run_dir, accelerator, "running")
     mixer = batch_mixer(config.data, len(classes))
+    guard = StepGuard(model, optimizer, accelerator, config.optim.grad_clip, progress.bad_streak)
 
     while progress.epoch < config.train.epochs:
         order.set_epoch(progress.epoch, progress.batch)
         finished = train_one_epoch(
             config, model, optimizer, scheduler, ema, criterion, mixer, decode, normalize, train_loader, batches,
-            progress, accelerator, tracker, stop,
+            progress, accelerator, tracker, stop, guard,
         )
         if finished:
             progress.epoch, progress.batch = progress.epoch + 1, 0
             if progress.epoch % config.train.eval_every == 0 or progress.epoch == config.train.epochs:
                 evaluate_and_log(config, model, ema, val_loader, classes, progress, accelerator, tracker)
-        save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker)
+        save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker, guard)
         if not finished or (progress.epoch < config.train.epochs and any_rank(stop.requested, accelerator)):
-            set_status(run_dir, accelerator, "preempted")
             tracker.finish()
-            accelerator.wait_for_everyone()  # no rank leaves while the main one still writes
-            return EXIT_PREEMPTED
+            return "preempted"
 
     finish_run(config, model, ema, classes, progress, accelerator, tracker)
-    return 0
+    return "completed"
 
 
 def make_accelerator(config: Config) -> Accelerator:
@@ -197,24 +284,47 @@ def make_accelerator(config: Config) -> Accelerator:
     if config.train.device == "cuda" and not has_gpu:
         raise SetupError("train.device=cuda but no GPU is visible here — run on a GPU node or set train.device=cpu")
     use_cpu = config.train.device == "cpu" or not has_gpu
-    if use_cpu and config.train.mixed_precision == "fp16":
-        raise SetupError("train.mixed_precision=fp16 needs a GPU — use bf16 or no on the CPU")
-    dynamo = None
-    if config.train.compile != "none":
-        dynamo = TorchDynamoPlugin(backend="inductor", mode=config.train.compile)
+    from trainer.config import resolve_launch
+
+    launch = resolve_launch(config.train, os.environ)
+    # Written back before config.yaml and wandb's config are: they say what the run used.
+    config.train.mixed_precision, config.train.compile = launch.mixed_precision, launch.compile
+    if use_cpu and launch.mixed_precision == "fp16":
+        asked = "train.mixed_precision=fp16" if launch.precision_from == "config" else "accelerate launch's fp16"
+        raise SetupError(f"{asked} needs a GPU — use bf16 or no on the CPU")
+    # Always a plugin of our own: with none, Accelerate would compile whatever the launcher asked for.
+    dynamo = TorchDynamoPlugin(backend="no")
+    if launch.backend != "no":
+        dynamo = TorchDynamoPlugin(backend=launch.backend, mode=launch.compile)
         use_run_dir_compile_cache(Path(config.run.dir))
         # torch reminds whoever passes a checkpoint policy not to mutate tensors inside the region;
         # the efficient dense layer keeps its ReLUs out of place, so the reminder is only noise.
         logging.getLogger("torch._higher_order_ops.wrap").addFilter(lambda r: "context_fn is passed" not in r.getMessage())
     # cpu=True makes Accelerate form a gloo group when launched with several processes.
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=config.train.mixed_precision, dynamo_plugin=dynamo)
+    # A rank that stops answering (a frozen node, a stuck file system) fails the others' next
+    # collective after this long, instead of NCCL's or gloo's default wait.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.collective_timeout_s))
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=launch.mixed_precision, dynamo_plugin=dynamo,
+                              kwargs_handlers=[timeout])
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SetupError(
             f"{launched} processes were launched but they formed a group of {accelerator.num_processes} — "
             "on machines without a GPU set ACCELERATE_USE_CPU=true (or train.device=cpu)"
         )
+    if accelerator.is_main_process:
+        print_launch(launch, accelerator)
     return accelerator
+
+
+def print_launch(launch, accelerator: Accelerator) -> None:
+    """The conflict notes, then what Accelerate itself will do (its state, not the config)."""
+    for note in launch.notes:
+        print(note, flush=True)
+    backend = accelerator.state.dynamo_plugin.backend.value.lower()
+    compiled = "none" if backend == "no" else launch.compile + ("" if backend == "inductor" else f" ({backend})")
+    print(f"precision {accelerator.mixed_precision} ({launch.precision_from}), compile {compiled} ({launch.compile_from})",
+          flush=True)
 
 
 def use_run_dir_compile_cache(run_dir: Path) -> None:
@@ -247,14 +357,6 @@ def prepare_run_dir(run_dir: Path, config: Config, classes: list[str], mean: lis
     # What evaluate/predict/export need to preprocess like training did, without the shards.
     preprocessing = {"mean": mean, "std": std, "image_size": config.data.image_size, "crop_pct": config.data.crop_pct}
     (run_dir / PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
-
-
-def set_status(run_dir: Path, accelerator: Accelerator, state: str) -> None:
-    """status.json tells a job script whether the run finished or must be started again."""
-    if accelerator.is_main_process:
-        tmp = run_dir / "status.json.tmp"
-        tmp.write_text(json.dumps({"state": state, "time": time.time()}))
-        os.replace(tmp, run_dir / "status.json")
 
 
 def build_loaders(config: Config, dataset, mean: list, std: list, rank: int, world: int, pin: bool):
@@ -325,8 +427,11 @@ def resume(config, model, optimizer, scheduler, ema, classes, accelerator, batch
     path, state, rank_state = found
     checkpoint.check_compatible(state, model.fingerprint(), classes, path)
     model.load_state_dict(state["model"])
+    wanted = [group["initial_lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scheduler.base_lrs != wanted:
+        use_new_lr(optimizer, scheduler, wanted, accelerator.is_main_process)
     if ema is not None and state.get("ema") is not None:
         ema.load_state_dict(state["ema"])
     if accelerator.scaler is not None and state.get("scaler") is not None:  # fp16 loss scale
@@ -343,9 +448,21 @@ def resume(config, model, optimizer, scheduler, ema, classes, accelerator, batch
     return progress
 
 
+def use_new_lr(optimizer, scheduler, wanted: list[float], verbose: bool) -> None:
+    """The lr changed since the checkpoint (a new optim.lr, or a new global batch with
+    optim.lr_base_size): the schedule goes on from where it was, at the new rate."""
+    if verbose:
+        print(f"the learning rate differs from the checkpoint's ({scheduler.base_lrs[0]:.6g}): continuing at "
+              f"{wanted[0]:.6g}", flush=True)
+    scheduler.base_lrs = list(wanted)
+    for group, lr, factor in zip(optimizer.param_groups, wanted, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def train_one_epoch(
     config, model, optimizer, scheduler, ema, criterion, mixer, decode, normalize, loader, batches, progress, accelerator,
-    tracker, stop,
+    tracker, stop, guard,
 ) -> bool:
     """Runs the epoch from progress.batch on; False when stopped by a signal (after a whole step)."""
     model.train()
@@ -360,6 +477,8 @@ def train_one_epoch(
     bar = tracker.progress(loader, total=batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
     for images, labels, _, bad in bar:
         micro = progress.batch % accum
+        if micro == 0:
+            guard.start()
         if decode is not None:
             images, labels, dropped = decode(images, labels)
             bad += dropped
@@ -375,28 +494,42 @@ def train_one_epoch(
         with nullcontext() if sync else accelerator.no_sync(model):
             logits = model(images)
             loss = criterion(logits, targets)
+            if progress.step + 1 in NAN_STEPS and accelerator.is_main_process:
+                loss = loss * float("nan")
             accelerator.backward(loss / accum)
         window["sums"] += torch.stack([loss.detach() * len(labels), (logits.detach().argmax(1) == labels).sum()])
         window["seen"] += len(labels)
         progress.batch += 1
         if not sync:
             continue
-        if config.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        good = guard.check(loss)  # clips; a non-finite step is skipped on the device
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
+            update_ema(ema, accelerator.unwrap_model(model, keep_torch_compile=False), config.train.ema_decay, good)
         progress.step += 1
         STARTUP.step_done(accelerator)
         if progress.step % config.train.log_every == 0 or progress.batch == batches:
-            log_train(window, scheduler, progress, accelerator, tracker, time.perf_counter() - epoch_start)
+            log_train(window, scheduler, progress, accelerator, tracker, time.perf_counter() - epoch_start, guard)
         if config.train.checkpoint_every and progress.step % config.train.checkpoint_every == 0 and progress.batch < batches:
-            save_checkpoint(config, model, optimizer, scheduler, ema, progress, tracker.classes, accelerator, tracker)
-        if progress.step % STOP_CHECK_EVERY == 0 and progress.batch < batches and any_rank(stop.requested, accelerator):
-            return False
+            save_checkpoint(config, model, optimizer, scheduler, ema, progress, tracker.classes, accelerator, tracker, guard)
+        if progress.step % STOP_CHECK_EVERY == 0 or progress.batch == batches:
+            stopping, streak = agree(stop.requested, guard.streak, accelerator)
+            guard.fail_if_stuck(streak, config.train.max_bad_steps, progress.step)
+            if stopping and progress.batch < batches:
+                return False
     return True
+
+
+def agree(stop: bool, streak: torch.Tensor, accelerator: Accelerator) -> tuple[bool, int]:
+    """The ranks' periodic agreement: whether any was asked to stop, and the non-finite streak
+    (the same on every rank: it is judged on all-reduced gradients). One small all-reduce."""
+    flags = torch.stack([torch.tensor(float(stop), device=accelerator.device), streak.float()])
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "max")
+    stop_now, streak_now = flags.tolist()
+    return stop_now > 0, int(streak_now)
 
 
 def any_rank(flag: bool, accelerator: Accelerator) -> bool:
@@ -429,11 +562,13 @@ class StartupClock:
 STARTUP = StartupClock()
 
 
-def log_train(window, scheduler, progress, accelerator, tracker, epoch_time) -> None:
+def log_train(window, scheduler, progress, accelerator, tracker, epoch_time, guard) -> None:
     fetched = window["fetched"]()
     counts = torch.tensor([window["seen"], window["bad"], fetched - window["fetched_before"]],
                           dtype=torch.float64, device=accelerator.device)
-    loss, correct, seen, bad, fetched_now = accelerator.reduce(torch.cat([window["sums"], counts]), "sum").tolist()
+    skipped = guard.take_skipped().double().reshape(1) / accelerator.num_processes  # the same count on every rank
+    totals = accelerator.reduce(torch.cat([window["sums"], counts, skipped]), "sum").tolist()
+    loss, correct, seen, bad, fetched_now, skipped_steps = totals
     elapsed = time.perf_counter() - window["start"]
     record = {
         "kind": "train",
@@ -448,6 +583,8 @@ def log_train(window, scheduler, progress, accelerator, tracker, epoch_time) -> 
     }
     if bad:
         record["skipped_bad_samples"] = int(bad)
+    if skipped_steps:  # optimizer steps skipped for a non-finite loss or gradient since the last record
+        record["skipped_steps"] = round(skipped_steps)
     if fetched_now:  # shards downloaded into the nodes' caches since the last record, all ranks
         record["fetched_mb"] = fetched_now / 1e6
     if (startup := STARTUP.take()) is not None:
@@ -489,6 +626,7 @@ def average_buffers(net: torch.nn.Module, accelerator: Accelerator) -> None:
 
 def evaluate_and_log(config, model, ema, loader, classes, progress, accelerator, tracker) -> None:
     net = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
+    assert_finite(net.state_dict(), "weights", progress.step)  # on every rank alike, before any is written
     average_buffers(net, accelerator)
     sums, samples = evaluate(net, loader, len(classes), accelerator, tracker, config.wandb.sample_predictions)
     record = {"kind": "eval", "epoch": progress.epoch, "step": progress.step, **summarize(sums, classes)}
@@ -521,8 +659,9 @@ def prediction_rows(samples, classes, transform) -> list[tuple]:
     return rows
 
 
-def save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker) -> None:
+def save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker, guard) -> None:
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    progress.bad_streak = int(guard.streak.item())
     state = {
         "model": net.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -537,8 +676,11 @@ def save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes,
         "classes": classes,
         "config": to_dict(config),
     }
+    # Every rank holds the same weights and optimizer state, so every rank reaches the same verdict.
+    assert_finite({k: state[k] for k in ("model", "optimizer", "ema")}, "weights or optimizer state", progress.step)
     root = Path(config.run.dir) / "checkpoints"
-    path = checkpoint.save(root, progress.step, state, accelerator.process_index, accelerator.wait_for_everyone, config.train.keep_checkpoints)
+    path = checkpoint.save(root, progress.step, state, accelerator.process_index,
+                           lambda failed: any_rank(failed, accelerator), config.train.keep_checkpoints)
     if path is not None:
         tracker.print(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
 
@@ -555,13 +697,18 @@ def export_weights(net: torch.nn.Module, config: Config, classes: list[str], pat
     if record is not None:
         metadata["eval"] = json.dumps({k: record[k] for k in ("epoch", "step", "top1", "top5", "num_samples")})
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        with writing(path), open(tmp, "wb") as f:  # safetensors' own writer hides a full disk's errno
+            f.write(safetensors.torch.save(tensors, metadata=metadata))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a partial file from a full disk
 
 
 def finish_run(config, model, ema, classes, progress, accelerator, tracker) -> None:
     run_dir = Path(config.run.dir)
     net = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
+    assert_finite(net.state_dict(), "final weights", progress.step)
     if accelerator.is_main_process:
         export_weights(net, config, classes, run_dir / "final.safetensors", progress.last_eval or None)
     summary = {
@@ -583,10 +730,8 @@ def finish_run(config, model, ema, classes, progress, accelerator, tracker) -> N
     tracker.plots()
     if accelerator.is_main_process:
         write_report(run_dir, config, classes, summary)
-    set_status(run_dir, accelerator, "completed")
     tracker.print(f"done: best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch}); run dir {run_dir}")
     tracker.finish()
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from shards.store import redact_text
 from trainer.config import Config, to_dict
 from trainer.plots import plot_confusion, plot_curves
+from trainer.rundir import writing
 
 
 class Tracker:
@@ -45,7 +46,7 @@ class Tracker:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as f:
+        with writing(self.metrics_path), open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(_wandb_view(record, self.classes), step=record["step"])

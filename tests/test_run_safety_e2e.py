@@ -1,0 +1,177 @@
+"""Runs that cannot go wrong silently: non-finite steps, two trainers on one run dir, a full
+disk, a frozen rank. Real 2-process gloo runs; status.json is checked after each."""
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import EXACT, REPO, kill_group, run_training, start_training, wait_for, worker_pids
+from trainer import checkpoint
+from trainer.checkpoint import PAUSE_ENV, RELEASE_ENV
+
+pytestmark = pytest.mark.e2e
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def errors(output: str) -> list[str]:
+    """The trainers' error lines; a trainer's traceback fails the test (the launcher's own report of a
+    failed worker, ChildFailedError, is accelerate's and is left alone)."""
+    for package in ("trainer", "shards"):
+        assert f'File "{REPO / package}' not in output, output[-3000:]
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+def every_tensor(run_dir: Path):
+    """Every tensor the run wrote: weights files and checkpoints."""
+    for path in run_dir.rglob("*.safetensors"):
+        yield from ((f"{path}:{k}", v) for k, v in load_file(path).items())
+    for path in run_dir.rglob("*.pt"):
+        yield from _tensors(torch.load(path, map_location="cpu", weights_only=False), str(path))
+
+
+def _tensors(value, name):
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors(v, f"{name}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{name}.{i}")
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_nothing_nonfinite(digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", "optim.lr=1e6", "train.epochs=3",
+                           "train.max_bad_steps=5", "train.checkpoint_every=3", "wandb.mode=disabled"])
+    assert result.returncode != 0, result.stderr[-3000:]
+    (line,) = errors(result.stderr)  # both ranks stop; the main process says why
+    streak = int(line.removeprefix("error: ").split()[0])
+    assert streak >= 5 and "optimizer steps in a row had a non-finite loss or gradient" in line, line
+    assert "(step " in line and "loss nan" in line and "lower optim.lr" in line and "it resumes from ckpt-" in line
+    assert status(run_dir)["state"] == "failed" and status(run_dir)["reason"] == line.removeprefix("error: ")
+    skipped = sum(r.get("skipped_steps", 0) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
+    assert skipped >= 5
+    assert not (run_dir / "final.safetensors").exists()
+    tensors = list(every_tensor(run_dir))
+    assert tensors
+    for name, tensor in tensors:
+        assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), name
+
+
+def test_a_single_bad_batch_is_skipped_and_the_run_completes(digits_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # The main process's loss is NaN at steps 4 and 5: the all-reduced gradients are NaN on both ranks.
+    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "train.log_every=1",
+                           "wandb.mode=disabled"], TRAINER_TEST_NAN_AT_STEPS="4,5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r.get("skipped_steps", 0) for r in records if r["kind"] == "train" and r["step"] <= 6} == {
+        1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 0}
+    assert status(run_dir)["state"] == "completed"
+    assert all(torch.isfinite(t).all() for t in load_file(run_dir / "final.safetensors").values() if t.is_floating_point())
+
+
+def test_a_second_trainer_on_the_same_run_dir_exits_2_and_touches_nothing(digits_shards, tmp_path):
+    run_dir, release = tmp_path / "run", tmp_path / "release"
+    overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "train.checkpoint_every=3",
+                 "wandb.mode=disabled"]
+    first = start_training(overrides, **{PAUSE_ENV: "3", RELEASE_ENV: str(release)})
+    try:
+        wait_for(lambda: Path(f"{release}.paused").exists(), timeout=300, process=first)
+        holder = status(run_dir)["pid"]
+        before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*")}
+        second = run_training(overrides, processes=1)
+        assert second.returncode == 2, second.stderr[-3000:]
+        (line,) = errors(second.stderr)
+        assert f"run.dir {run_dir} is in use by another trainer" in line and f"pid {holder}" in line
+        assert "host " in line and "since " in line and "Traceback" not in second.stderr
+        assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*")} == before
+        release.touch()
+        output, _ = first.communicate(timeout=300)
+    finally:
+        kill_group(first, signal.SIGKILL)
+    assert first.returncode == 0, output[-3000:]
+    assert status(run_dir)["state"] == "completed"
+    third = run_training(overrides, processes=1)  # the lock died with its holder (nothing left to train)
+    assert third.returncode == 0, third.stderr[-3000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 MB tmpfs mounted by the test (as root, as CI runs); unmounted after."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small file system needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_restart_resumes_exactly(digits_shards, uninterrupted, small_disk, tmp_path):
+    run_dir, release, filler = small_disk / "run", tmp_path / "release", small_disk / "filler"
+    overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT]
+    process = start_training(overrides, **{PAUSE_ENV: "14", RELEASE_ENV: str(release)})
+    try:  # the step-14 checkpoint has its parts written and waits for its marker: fill the disk there
+        wait_for(lambda: Path(f"{release}.paused").exists(), timeout=300, process=process)
+        with open(filler, "wb") as f:
+            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+            os.posix_fallocate(f.fileno(), 0, free)
+        release.touch()
+        output, _ = process.communicate(timeout=300)
+    finally:
+        kill_group(process, signal.SIGKILL)
+    assert process.returncode != 0, output[-3000:]
+    (line,) = errors(output)
+    assert line == (f"error: cannot write {run_dir}/checkpoints/ckpt-000000014.tmp/COMPLETE: no space left on the device "
+                    "— free space, then start the same command: it resumes from ckpt-000000007")
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["ckpt-000000007"]  # the partial one is gone
+    assert status(run_dir)["state"] == "failed" and "no space left" in status(run_dir)["reason"]
+
+    filler.unlink()
+    resumed = run_training(overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step 7)" in resumed.stdout
+    expected, got = load_file(uninterrupted / "final.safetensors"), load_file(run_dir / "final.safetensors")
+    assert all(expected[name].equal(got[name]) for name in expected)  # bit for bit
+    assert status(run_dir)["state"] == "completed"
+
+
+def rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=")[1])
+
+
+def test_a_frozen_rank_makes_the_job_leave_within_the_timeout(digits_shards, tmp_path):
+    run_dir, release = tmp_path / "run", tmp_path / "release"
+    overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT, "train.collective_timeout_s=10"]
+    process = start_training(overrides, **{PAUSE_ENV: "7", RELEASE_ENV: str(release)})
+    frozen = None
+    try:
+        wait_for(lambda: Path(f"{release}.paused").exists(), timeout=300, process=process)
+        frozen = next(pid for pid in worker_pids(process.pid) if rank_of(pid) == 1)
+        os.kill(frozen, signal.SIGSTOP)  # rank 1 stops answering while rank 0 finishes its checkpoint
+        release.touch()
+        output, _ = process.communicate(timeout=300)  # 10 s of timeout, then the launcher's own grace
+    finally:
+        if frozen is not None:
+            try:
+                os.kill(frozen, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        kill_group(process, signal.SIGKILL)
+    assert process.returncode != 0, output[-3000:]
+    assert any("no answer from another process of the job for train.collective_timeout_s" in line
+               for line in errors(output)), output[-3000:]
+    assert status(run_dir)["state"] == "failed"
+    assert checkpoint.complete_checkpoints(run_dir / "checkpoints")[-1].name == "ckpt-000000007"
