@@ -14,8 +14,10 @@ place when complete; any error is one line on stderr, exit code 2, and OUT untou
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +40,9 @@ DEFAULT_MIN_SHARDS = 16
 DEMO_MIN_SHARDS = 8  # 1,797 images: 8 shards still give 2 per loader worker for 2 ranks x 2 workers
 DEFAULT_SHARD_MB = 256.0
 PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, spelled out so --help can show it
+# Test-only hook: set to a file path, a run creates that file once its first shard is written (the
+# staging folder exists, the pool is still busy) and then waits there, so a test can interrupt it mid-run.
+PAUSE_ENV = "MAKE_SHARDS_TEST_PAUSE_FILE"
 
 
 class UsageError(Exception):
@@ -231,9 +236,12 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
     results = workers.map(write_shard, (job(p, s) for p, s in jobs), ahead=2)
     written = _progress("writing", "samples", lambda done: done[0].samples)(results, total)
     records = {name: [] for name in SPLITS}
-    for (path, _), (info, index) in zip(jobs, written):
+    for k, ((path, _), (info, index)) in enumerate(zip(jobs, written)):
         splits[Path(path).parent.name].shards.append(info)
         records[Path(path).parent.name].append(index)
+        if k == 0 and os.environ.get(PAUSE_ENV):  # test-only, see PAUSE_ENV
+            Path(os.environ[PAUSE_ENV]).touch()
+            time.sleep(600)
     for name, split in splits.items():
         size, sha = write_index(stage / name / INDEX_NAME, records[name])
         split.index = ShardInfo(INDEX_NAME, split.num_samples, size, sha)

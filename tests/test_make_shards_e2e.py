@@ -21,6 +21,7 @@ from PIL import Image
 from shards.format import decode_rgb
 from shards.manifest import Manifest
 
+from tests.conftest import wait_for
 from tests.test_make_shards import bomb_png, encode, noise, with_orientation
 
 pytestmark = pytest.mark.e2e
@@ -379,17 +380,24 @@ def test_out_inside_src_is_refused(corpus, tmp_path):
 
 def test_ctrl_c_leaves_out_untouched(tmp_path):
     import signal
-    import time
 
-    out = tmp_path / "out"
-    out.mkdir()
+    from launch.make_shards import PAUSE_ENV
+
+    work, paused = tmp_path / "work", tmp_path / "paused"
+    out = work / "out"
+    out.mkdir(parents=True)
     (out / "old.txt").write_text("old")
     cmd = [sys.executable, "-m", "launch.make_shards", "--demo", str(out), "--overwrite", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.partial-*")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)  # the staging folder is the first thing written: the run is under way
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    env = dict(os.environ, **{PAUSE_ENV: str(paused)})  # it waits after its first shard until interrupted
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(paused.exists, timeout=300, process=proc)
+        assert list(work.glob(".out.partial-*"))  # mid-run: its staging folder holds a shard, the rest is pending
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted — OUT was left as it was; run the command again"]
-    assert os.listdir(out) == ["old.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+    assert os.listdir(out) == ["old.txt"] and sorted(os.listdir(work)) == ["out"]

@@ -214,7 +214,8 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, digits_shards, str
 def test_preemption_past_the_restart_cap_is_not_requeued(cluster, digits_shards, tmp_path):
     log = tmp_path / "job.log"
     job = cluster.sbatch("slurm/train.sh", ["--nodes=2", f"--output={log}"],
-                         ["configs/demo.yaml", f"data.shards={digits_shards}", *TRAIN, "wandb.mode=disabled"],
+                         ["configs/demo.yaml", f"data.shards={digits_shards}", *TRAIN, "wandb.mode=disabled",
+                          "train.epochs=20"],  # far from done when USR1 lands (only a trainer-side hold would be exact)
                          RUNS_ROOT=str(tmp_path), MAX_RESTARTS="0")
     deadline = time.monotonic() + 240
     while max(train_steps(tmp_path / f"demo-{job}"), default=0) < 2:

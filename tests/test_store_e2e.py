@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -124,15 +125,15 @@ def test_a_cache_smaller_than_the_data_stays_under_its_limit_and_validates_every
 def test_sigkill_and_restart_from_s3_is_bitwise_identical(s3, limited, tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     overrides = ["data.shards=s3://data/digits", f"run.dir={run_dir}", f"data.cache_dir={cache}", f"data.cache_limit={LIMIT}", *EXACT]
-    process = start_training(overrides, **s3)
-    try:
-        wait_for(lambda: list((run_dir / "checkpoints").glob("ckpt-000000014")), timeout=300, process=process)
+    process = start_training(overrides, **s3, **{checkpoint.PAUSE_ENV: "21"})
+    try:  # the step-21 write stalls before its marker (ckpt-14 complete, the run mid-way): kill it there
+        wait_for(lambda: (run_dir / "checkpoints/ckpt-000000021.tmp/state.pt").exists(), timeout=300, process=process)
     finally:
         kill_group(process, signal.SIGKILL)
         process.wait(timeout=60)
     resumed = run_training(overrides, **s3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "step 14)" in resumed.stdout
     assert_same_weights(limited[0], run_dir)
 
 
@@ -154,13 +155,14 @@ def test_a_store_that_goes_away_is_retried_then_one_line_and_the_checkpoint_surv
     with s3_server() as (server, env):
         s3_fs(env).mkdir("gone")
         assert make_shards_to("s3://gone/digits", env, "--demo").returncode == 0
-        run_dir = tmp_path / "run"
+        run_dir, release = tmp_path / "run", tmp_path / "release"
         overrides = ["data.shards=s3://gone/digits", f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}",
                      f"data.cache_limit={LIMIT}", "data.fetch_retries=1", *EXACT, "train.epochs=3"]
-        process = start_training(overrides, **env)
-        try:
-            wait_for(lambda: list((run_dir / "checkpoints").glob("ckpt-000000007")), timeout=300, process=process)
+        process = start_training(overrides, **env, **{checkpoint.PAUSE_ENV: "14", checkpoint.RELEASE_ENV: str(release)})
+        try:  # ckpt-7 is complete and the run waits in its step-14 checkpoint until released: stop the store there
+            wait_for(lambda: Path(f"{release}.paused").exists(), timeout=300, process=process)
             server.stop()  # the blocks of later epochs are not in the cache yet: they must be fetched
+            release.touch()
             output, _ = process.communicate(timeout=300)
         finally:
             kill_group(process, signal.SIGKILL)

@@ -56,8 +56,11 @@ EXIT_FAILURE = 1  # a failure, not a preemption: a job script must not requeue i
 EXIT_INTERRUPTED = 130
 PREPROCESSING = "preprocessing.json"
 STOP_CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a stop signal (one all-reduce)
-# Test-only: the main process's loss is NaN at these optimizer steps (1-based), e.g. "7,8".
+# Test-only hooks, off unless set. The main process's loss is NaN at these optimizer steps (1-based):
 NAN_STEPS = {int(s) for s in os.environ.get("TRAINER_TEST_NAN_AT_STEPS", "").split(",") if s}
+# The main process holds after this optimizer step until checkpoint.RELEASE_ENV's file exists or it
+# is asked to stop, so that a test signals or kills a run at a known step instead of racing it.
+HOLD_STEP = int(os.environ.get("TRAINER_TEST_HOLD_AFTER_STEP", "0"))
 
 
 class SetupError(RuntimeError):
@@ -245,18 +248,7 @@ def fit(config: Config, accelerator: Accelerator, run: RunDir, stop: StopFlag) -
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing, weight=class_weights(config, manifest))
     criterion = criterion.to(accelerator.device)
     tracker = Tracker(config, classes, accelerator.is_main_process, progress.step if progress.step or progress.epoch else None)
-    tracker.print(
-        f"training {config.run.name or run_dir.name}: {world} process(es) on {accelerator.device.type}, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters, {steps_per_epoch} steps/epoch, "
-        f"global batch {global_batch}, {describe_lr(config.optim, global_batch)}"
-    )
-    if dataset.cache is not None:
-        tracker.print(f"shards from {dataset.shown} through the node cache {dataset.describe_cache()}")
-        if order.blocks is not None and order.blocks.samples_per_block() < order.read_ahead:
-            tracker.print(
-                f"note: a cache block holds ~{order.blocks.samples_per_block()} samples but the loaders read "
-                f"{order.read_ahead} ahead, so shards will be fetched more than once an epoch — raise data.cache_limit"
-            )
+    announce(config, model, dataset, order, steps_per_epoch, global_batch, world, accelerator, tracker)
     mixer = batch_mixer(config.data, len(classes))
     guard = StepGuard(model, optimizer, accelerator, config.optim.grad_clip, progress.bad_streak)
 
@@ -277,6 +269,22 @@ def fit(config: Config, accelerator: Accelerator, run: RunDir, stop: StopFlag) -
 
     finish_run(config, model, ema, classes, progress, accelerator, tracker)
     return "completed"
+
+
+def announce(config, model, dataset, order, steps_per_epoch, global_batch, world, accelerator, tracker) -> None:
+    """The start-up lines: what trains, on what, at which rate, and where the shards come from."""
+    tracker.print(
+        f"training {config.run.name or Path(config.run.dir).name}: {world} process(es) on {accelerator.device.type}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, {steps_per_epoch} steps/epoch, "
+        f"global batch {global_batch}, {describe_lr(config.optim, global_batch)}"
+    )
+    if dataset.cache is not None:
+        tracker.print(f"shards from {dataset.shown} through the node cache {dataset.describe_cache()}")
+        if order.blocks is not None and order.blocks.samples_per_block() < order.read_ahead:
+            tracker.print(
+                f"note: a cache block holds ~{order.blocks.samples_per_block()} samples but the loaders read "
+                f"{order.read_ahead} ahead, so shards will be fetched more than once an epoch — raise data.cache_limit"
+            )
 
 
 def make_accelerator(config: Config) -> Accelerator:
@@ -510,6 +518,8 @@ def train_one_epoch(
             update_ema(ema, accelerator.unwrap_model(model, keep_torch_compile=False), config.train.ema_decay, good)
         progress.step += 1
         STARTUP.step_done(accelerator)
+        if progress.step == HOLD_STEP and accelerator.is_main_process:
+            hold_for_tests(stop)
         if progress.step % config.train.log_every == 0 or progress.batch == batches:
             log_train(window, scheduler, progress, accelerator, tracker, time.perf_counter() - epoch_start, guard)
         if config.train.checkpoint_every and progress.step % config.train.checkpoint_every == 0 and progress.batch < batches:
@@ -520,6 +530,14 @@ def train_one_epoch(
             if stopping and progress.batch < batches:
                 return False
     return True
+
+
+def hold_for_tests(stop: StopFlag) -> None:
+    release = Path(os.environ[checkpoint.RELEASE_ENV])
+    Path(f"{release}.held").write_text("")
+    deadline = time.monotonic() + 600
+    while not (release.exists() or stop.requested) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def agree(stop: bool, streak: torch.Tensor, accelerator: Accelerator) -> tuple[bool, int]:
