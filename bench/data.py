@@ -66,13 +66,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="loader workers (data.workers)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--images", type=int, help="images in part A's corpus (default 8000, quick 2000)")
-    p.add_argument("--image-size", type=int, default=256, help="side of part A's JPEGs in px (noisy: ~10-50 KB each at 256)")
+    p.add_argument(
+        "--image-size", type=int, default=256, help="side of part A's JPEGs in px (noisy: ~10-50 KB each at 256)"
+    )
     p.add_argument("--min-shards", type=int, default=16, help="make_shards --min-shards for part A")
-    p.add_argument("--limit-fraction", type=float, default=0.4, help="cache limit / train split bytes (at least 4x the largest shard)")
+    p.add_argument(
+        "--limit-fraction",
+        type=float,
+        default=0.4,
+        help="cache limit / train split bytes (at least 4x the largest shard)",
+    )
     p.add_argument("--samples", help="comma-separated N for part B (default 100000,1280000; quick 20000,100000)")
     p.add_argument("--samples-per-shard", type=int, default=2500)
-    p.add_argument("--before-shards", type=int,
-                   help="legacy scans beyond this many shards are extrapolated linearly from this many (default 256, quick 16; 0: scan all)")
+    p.add_argument(
+        "--before-shards",
+        type=int,
+        help="legacy scans beyond this many shards are extrapolated linearly from this many (default 256, quick 16; 0: scan all)",
+    )
     p.add_argument("--skip", choices=("a", "b"), action="append", default=[], help="skip a part")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one part-B measurement in a fresh process
     p.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
@@ -125,6 +135,7 @@ def delta(after: dict, before: dict) -> dict:
 
 # -- part A: loader rate -----------------------------------------------------------------------
 
+
 def _one_image(job: tuple[int, str, int]) -> int:
     from PIL import Image
 
@@ -151,7 +162,9 @@ def make_images(root: Path, n: int, size: int) -> Path:
     with mp.get_context("fork").Pool(os.cpu_count()) as pool:
         sizes = pool.map(_one_image, jobs, chunksize=64)
     (src / ".complete").touch()
-    print(f"  {n} JPEGs {size}x{size}: {sum(sizes) / MB:.0f} MB, median {int(np.median(sizes)) / 1e3:.1f} KB", flush=True)
+    print(
+        f"  {n} JPEGs {size}x{size}: {sum(sizes) / MB:.0f} MB, median {int(np.median(sizes)) / 1e3:.1f} KB", flush=True
+    )
     return src
 
 
@@ -168,8 +181,9 @@ with s3_server() as (server, env):
 @contextmanager
 def moto_process():
     """tests/conftest.py's moto S3 server, in a child process; -> its environment."""
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(REPO)], cwd=REPO, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(REPO)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline()
         if not line:
@@ -190,8 +204,14 @@ def moto_process():
 
 def make_shards(src: Path, out: str, min_shards: int, env: dict | None = None) -> float:
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "launch.make_shards", str(src), out, "--min-shards", str(min_shards)],
-                          cwd=REPO, env=dict(os.environ, **(env or {})), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.make_shards", str(src), out, "--min-shards", str(min_shards)],
+        cwd=REPO,
+        env=dict(os.environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if done.returncode != 0:
         raise SystemExit(f"make_shards {src} {out} failed:\n{done.stderr}")
     return time.perf_counter() - t
@@ -215,14 +235,20 @@ class BytesOnly:
         return torch.tensor(sum(len(v) for k, v in sample.items() if not k.startswith("__"))), int(sample["cls"]), i
 
 
-def loader_epochs(location: str, cache_dir: Path | None, limit: int | None, epochs: int, args) -> tuple[list[dict], dict]:
+def loader_epochs(
+    location: str, cache_dir: Path | None, limit: int | None, epochs: int, args
+) -> tuple[list[dict], dict]:
     """``epochs`` epochs of one loader (persistent workers) over the train split at ``location``."""
     import torch
 
     from trainer.data import ShardBlocks, TrainOrder, make_loader, open_shards, split_index
 
-    data = SimpleNamespace(cache_dir=str(cache_dir) if cache_dir else None, cache_limit=str(limit) if limit else None,
-                           fetch_retries=2, allow_pipe=False)
+    data = SimpleNamespace(
+        cache_dir=str(cache_dir) if cache_dir else None,
+        cache_limit=str(limit) if limit else None,
+        fetch_retries=2,
+        allow_pipe=False,
+    )
     t = time.perf_counter()
     dataset = open_shards(location, data)
     index = split_index(dataset, "train")
@@ -245,8 +271,17 @@ def loader_epochs(location: str, cache_dir: Path | None, limit: int | None, epoc
                 payload += int(sizes.sum())
                 indices.append(idx)
             seconds = time.perf_counter() - t
-            rows.append({"epoch": epoch + 1, "seconds": seconds, "first_batch_s": first, "samples": seen, "payload_bytes": payload,
-                         "fetched_bytes": files.fetched.value - fetched, "_indices": torch.cat(indices).numpy()})
+            rows.append(
+                {
+                    "epoch": epoch + 1,
+                    "seconds": seconds,
+                    "first_batch_s": first,
+                    "samples": seen,
+                    "payload_bytes": payload,
+                    "fetched_bytes": files.fetched.value - fetched,
+                    "_indices": torch.cat(indices).numpy(),
+                }
+            )
         lengths = np.asarray(files.index()["length"])  # after the epochs: the index read here is no download of theirs
         for row in rows:
             row["record_bytes"] = int(lengths[row.pop("_indices")].sum())
@@ -255,10 +290,16 @@ def loader_epochs(location: str, cache_dir: Path | None, limit: int | None, epoc
     finally:
         del loader  # shuts the persistent workers down
         gc.collect()
-    info = {"setup_s": setup, "block_budget": budget, "lookahead_batches": order.lookahead,
-            "blocks": None if blocks is None else len(blocks.epoch(torch.Generator().manual_seed(0))[0]),
-            "train_shards": len(files), "train_bytes": sum(files.sizes), "largest_shard": max(files.sizes),
-            "rels": list(files.rels)}
+    info = {
+        "setup_s": setup,
+        "block_budget": budget,
+        "lookahead_batches": order.lookahead,
+        "blocks": None if blocks is None else len(blocks.epoch(torch.Generator().manual_seed(0))[0]),
+        "train_shards": len(files),
+        "train_bytes": sum(files.sizes),
+        "largest_shard": max(files.sizes),
+        "rels": list(files.rels),
+    }
     return rows, info
 
 
@@ -283,7 +324,9 @@ def plain_download(location: str, rels: list[str], work: Path, processes: int = 
             total = _download_all((location, rels, str(folder)))
         else:
             with mp.get_context("fork").Pool(processes) as pool:
-                total = sum(pool.map(_download_all, [(location, rels[i::processes], str(folder)) for i in range(processes)]))
+                total = sum(
+                    pool.map(_download_all, [(location, rels[i::processes], str(folder)) for i in range(processes)])
+                )
         seconds = time.perf_counter() - t
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -303,7 +346,10 @@ def part_a(args, work: Path) -> dict:
         os.environ.update(env)  # the bench and its forked loader workers reach the server through these
         s3_fs(env).mkdir(BUCKET)
         result["make_shards_s3_s"] = make_shards(src, S3_OUT, args.min_shards, env)
-        print(f"  make_shards: local {result['make_shards_local_s']:.1f} s, to {S3_OUT} {result['make_shards_s3_s']:.1f} s", flush=True)
+        print(
+            f"  make_shards: local {result['make_shards_local_s']:.1f} s, to {S3_OUT} {result['make_shards_s3_s']:.1f} s",
+            flush=True,
+        )
         from shards.source import CacheOptions, Dataset
 
         rels = Dataset(S3_OUT, CacheOptions(str(work / "cache-unused"))).split("train").rels
@@ -312,21 +358,39 @@ def part_a(args, work: Path) -> dict:
         cases: dict[str, list[dict]] = {}
         cases["local disk"], info = loader_epochs(str(local), None, None, 3, args)
         print(f"  local: {[round(r['samples_per_s']) for r in cases['local disk']]} samples/s", flush=True)
-        result.update(train_shards=info["train_shards"], train_bytes=info["train_bytes"], largest_shard=info["largest_shard"])
+        result.update(
+            train_shards=info["train_shards"], train_bytes=info["train_bytes"], largest_shard=info["largest_shard"]
+        )
         cases["s3, cache, no limit"], _ = loader_epochs(S3_OUT, work / "cache-nolimit", None, 3, args)
-        print(f"  s3 no limit: {[round(r['samples_per_s']) for r in cases['s3, cache, no limit']]} samples/s", flush=True)
+        print(
+            f"  s3 no limit: {[round(r['samples_per_s']) for r in cases['s3, cache, no limit']]} samples/s", flush=True
+        )
         limit = max(int(args.limit_fraction * info["train_bytes"]), 4 * info["largest_shard"])
         cases["s3, cache limit"], limited = loader_epochs(S3_OUT, work / "cache-limit", limit, 2, args)
-        print(f"  s3 limit {limit / MB:.1f} MB: {[round(r['samples_per_s']) for r in cases['s3, cache limit']]} samples/s", flush=True)
-        result.update(cache_limit=limit, block_budget=limited["block_budget"], blocks_per_epoch=limited["blocks"],
-                      lookahead_batches=limited["lookahead_batches"], train_samples=cases["local disk"][0]["samples"])
+        print(
+            f"  s3 limit {limit / MB:.1f} MB: {[round(r['samples_per_s']) for r in cases['s3, cache limit']]} samples/s",
+            flush=True,
+        )
+        result.update(
+            cache_limit=limit,
+            block_budget=limited["block_budget"],
+            blocks_per_epoch=limited["blocks"],
+            lookahead_batches=limited["lookahead_batches"],
+            train_samples=cases["local disk"][0]["samples"],
+        )
         plain.append(plain_download(S3_OUT, rels, work))
         result["plain_download_runs"] = plain
-        result["plain_download"] = {"seconds": sum(p["seconds"] for p in plain) / len(plain), "bytes": plain[0]["bytes"],
-                                    "mb_per_s": plain[0]["bytes"] * len(plain) / MB / sum(p["seconds"] for p in plain)}
+        result["plain_download"] = {
+            "seconds": sum(p["seconds"] for p in plain) / len(plain),
+            "bytes": plain[0]["bytes"],
+            "mb_per_s": plain[0]["bytes"] * len(plain) / MB / sum(p["seconds"] for p in plain),
+        }
         result["plain_download_parallel"] = plain_download(S3_OUT, rels, work, args.workers + 1)
-        print(f"  plain download: {[round(p['mb_per_s'], 1) for p in plain]} MB/s one after another, "
-              f"{result['plain_download_parallel']['mb_per_s']:.1f} MB/s in {args.workers + 1} processes", flush=True)
+        print(
+            f"  plain download: {[round(p['mb_per_s'], 1) for p in plain]} MB/s one after another, "
+            f"{result['plain_download_parallel']['mb_per_s']:.1f} MB/s in {args.workers + 1} processes",
+            flush=True,
+        )
     result["cases"] = cases
 
     local1, *local_later = cases["local disk"]
@@ -343,34 +407,54 @@ def part_a(args, work: Path) -> dict:
 def print_a(r: dict) -> None:
     cases, plain = r["cases"], r["plain_download"]
     local = {row["epoch"]: row for row in cases["local disk"]}
-    print(f"\nA. One epoch of the train split, bytes only ({r['images']} JPEGs {r['image_size']} px -> {r['train_shards']} train shards, "
-          f"{r['train_bytes'] / MB:.1f} MB, largest {r['largest_shard'] / MB:.2f} MB), {r['workers']} workers, batch {r['batch']}; "
-          f"cache limit {r['cache_limit'] / MB:.1f} MB = {r['cache_limit'] / r['train_bytes']:.0%} of the split "
-          f"(block budget {r['block_budget'] / MB:.1f} MB, {r['blocks_per_epoch']} blocks/epoch, "
-          f"{r['train_samples'] / r['batch'] / r['blocks_per_epoch']:.1f} batches/block; loader lookahead {r['lookahead_batches']} batches)\n")
-    print("| case | epoch | samples/s | MB/s | s | 1st batch s | downloaded MB (x split) | samples/s vs local, same epoch |")
+    print(
+        f"\nA. One epoch of the train split, bytes only ({r['images']} JPEGs {r['image_size']} px -> {r['train_shards']} train shards, "
+        f"{r['train_bytes'] / MB:.1f} MB, largest {r['largest_shard'] / MB:.2f} MB), {r['workers']} workers, batch {r['batch']}; "
+        f"cache limit {r['cache_limit'] / MB:.1f} MB = {r['cache_limit'] / r['train_bytes']:.0%} of the split "
+        f"(block budget {r['block_budget'] / MB:.1f} MB, {r['blocks_per_epoch']} blocks/epoch, "
+        f"{r['train_samples'] / r['batch'] / r['blocks_per_epoch']:.1f} batches/block; loader lookahead {r['lookahead_batches']} batches)\n"
+    )
+    print(
+        "| case | epoch | samples/s | MB/s | s | 1st batch s | downloaded MB (x split) | samples/s vs local, same epoch |"
+    )
     print("|---|---|---|---|---|---|---|---|")
-    names = {("s3, cache, no limit", 1): "s3, cold cache", ("s3, cache, no limit", 2): "s3, warm cache",
-             ("s3, cache, no limit", 3): "s3, warm cache"}
+    names = {
+        ("s3, cache, no limit", 1): "s3, cold cache",
+        ("s3, cache, no limit", 2): "s3, warm cache",
+        ("s3, cache, no limit", 3): "s3, warm cache",
+    }
     for case, rows in cases.items():
         for row in rows:
             name = names.get((case, row["epoch"]), case)
-            down = f"{row['fetched_bytes'] / MB:.1f} ({row['fetched_bytes'] / r['train_bytes']:.2f}x)" if case != "local disk" else "-"
-            print(f"| {name} | {row['epoch']} | {row['samples_per_s']:,.0f} | {row['mb_per_s']:.1f} | {row['seconds']:.2f} | {row['first_batch_s']:.2f} | {down} | "
-                  f"{row['samples_per_s'] / local[row['epoch']]['samples_per_s']:.2f}x |")
+            down = (
+                f"{row['fetched_bytes'] / MB:.1f} ({row['fetched_bytes'] / r['train_bytes']:.2f}x)"
+                if case != "local disk"
+                else "-"
+            )
+            print(
+                f"| {name} | {row['epoch']} | {row['samples_per_s']:,.0f} | {row['mb_per_s']:.1f} | {row['seconds']:.2f} | {row['first_batch_s']:.2f} | {down} | "
+                f"{row['samples_per_s'] / local[row['epoch']]['samples_per_s']:.2f}x |"
+            )
     par = r["plain_download_parallel"]
-    print(f"| plain download (Store.download, one file after another; mean of {len(r['plain_download_runs'])} runs, "
-          f"before and after the loaders) | - | - | {plain['mb_per_s']:.1f} | {plain['seconds']:.2f} | - | {plain['bytes'] / MB:.1f} (1.00x) | - |")
-    print(f"| plain download, files split over {par['processes']} processes (as many downloaders as the cold loader: "
-          f"workers + prefetcher) | - | - | {par['mb_per_s']:.1f} | {par['seconds']:.2f} | - | {par['bytes'] / MB:.1f} (1.00x) | - |")
+    print(
+        f"| plain download (Store.download, one file after another; mean of {len(r['plain_download_runs'])} runs, "
+        f"before and after the loaders) | - | - | {plain['mb_per_s']:.1f} | {plain['seconds']:.2f} | - | {plain['bytes'] / MB:.1f} (1.00x) | - |"
+    )
+    print(
+        f"| plain download, files split over {par['processes']} processes (as many downloaders as the cold loader: "
+        f"workers + prefetcher) | - | - | {par['mb_per_s']:.1f} | {par['seconds']:.2f} | - | {par['bytes'] / MB:.1f} (1.00x) | - |"
+    )
     ok = lambda good: "ok" if good else "MISSED"  # noqa: E731
-    print(f"\ncold / plain download (MB/s): {r['cold_vs_plain_download_mb_s']:.2f}x (target >= 0.9x, {ok(r['cold_vs_plain_download_mb_s'] >= 0.9)}); "
-          f"warm / local (samples/s, epochs 2-3 each): {r['warm_vs_local_samples_s']:.2f}x (target >= 0.95x, {ok(r['warm_vs_local_samples_s'] >= 0.95)}); "
-          f"cold / local (epoch 1 each): {r['cold_vs_local_samples_s']:.2f}x; "
-          f"cold / parallel plain download: {r['cold_vs_parallel_download_mb_s']:.2f}x")
+    print(
+        f"\ncold / plain download (MB/s): {r['cold_vs_plain_download_mb_s']:.2f}x (target >= 0.9x, {ok(r['cold_vs_plain_download_mb_s'] >= 0.9)}); "
+        f"warm / local (samples/s, epochs 2-3 each): {r['warm_vs_local_samples_s']:.2f}x (target >= 0.95x, {ok(r['warm_vs_local_samples_s'] >= 0.95)}); "
+        f"cold / local (epoch 1 each): {r['cold_vs_local_samples_s']:.2f}x; "
+        f"cold / parallel plain download: {r['cold_vs_parallel_download_mb_s']:.2f}x"
+    )
 
 
 # -- part B: index memory and start-up ---------------------------------------------------------
+
 
 def tiny_sample(i: int) -> dict[str, bytes]:
     return {"cls": str(i % CLASSES).encode(), "jpg": b"\xff\xd8\xff\xd9", "json": b'{"i":%d}' % (i % 10)}
@@ -412,8 +496,13 @@ def synthetic_split(work: Path, n: int, per_shard: int) -> Path:
     size, sha = write_index(out / "train" / INDEX_NAME, parts)
     labels = np.concatenate(parts)["label"]
     class_counts = {f"class_{c}": int(v) for c, v in enumerate(np.bincount(labels, minlength=CLASSES))}
-    Manifest(classes=list(class_counts), splits={"train": SplitInfo(n, class_counts, shards, ShardInfo(INDEX_NAME, n, size, sha))},
-             mean=[0.5] * 3, std=[0.25] * 3, source="synthetic (bench/data.py)").write(out)
+    Manifest(
+        classes=list(class_counts),
+        splits={"train": SplitInfo(n, class_counts, shards, ShardInfo(INDEX_NAME, n, size, sha))},
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        source="synthetic (bench/data.py)",
+    ).write(out)
     return out
 
 
@@ -461,8 +550,14 @@ def child(args) -> dict:
         _touch_all(index)
         touch = time.perf_counter() - t
         gc.collect()
-        return {"shards": len(index.counts), "samples": len(index), "seconds": seconds, "first": first, "touch_s": touch,
-                "all": {"mem": delta(memory(), base), "map": index_mapping()}}
+        return {
+            "shards": len(index.counts),
+            "samples": len(index),
+            "seconds": seconds,
+            "first": first,
+            "touch_s": touch,
+            "all": {"mem": delta(memory(), base), "map": index_mapping()},
+        }
 
     # after4: the rank opens the data and forks the workers. Control phase: each worker does the harness's own round
     # trip and nothing else (forking and the queue cost that much by themselves). Then each reads one sample of every
@@ -510,14 +605,31 @@ def child(args) -> dict:
                 p.terminate()
                 p.join()
     total = lambda ms: {k: sum(m[k] for m in ms) for k in ms[0]}  # noqa: E731
-    return {"shards": len(index.counts), "samples": len(index), "processes": len(pids),
-            "seconds": opened + max(t for t, _ in times), "all_s": opened + max(t for _, t in times),
-            "control": delta(total(control), total(forked)), "mem": delta(total(after), total(control)), "map": total(maps)}
+    return {
+        "shards": len(index.counts),
+        "samples": len(index),
+        "processes": len(pids),
+        "seconds": opened + max(t for t, _ in times),
+        "all_s": opened + max(t for _, t in times),
+        "control": delta(total(control), total(forked)),
+        "mem": delta(total(after), total(control)),
+        "map": total(maps),
+    }
 
 
 def run_child(mode: str, shards: Path, args, limit_shards: int = 0) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--shards", str(shards),
-           "--workers", str(args.workers), "--limit-shards", str(limit_shards)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        mode,
+        "--shards",
+        str(shards),
+        "--workers",
+        str(args.workers),
+        "--limit-shards",
+        str(limit_shards),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
@@ -525,8 +637,11 @@ def run_child(mode: str, shards: Path, args, limit_shards: int = 0) -> dict:
 
 
 def part_b(args, work: Path) -> dict:
-    print(f"B. index memory and start-up at N = {', '.join(f'{n:,}' for n in args.samples)} "
-          f"({args.samples_per_shard} samples per shard)", flush=True)
+    print(
+        f"B. index memory and start-up at N = {', '.join(f'{n:,}' for n in args.samples)} "
+        f"({args.samples_per_shard} samples per shard)",
+        flush=True,
+    )
     out = {}
     for n in args.samples:
         t = time.perf_counter()
@@ -536,20 +651,32 @@ def part_b(args, work: Path) -> dict:
         limit = args.before_shards if 0 < args.before_shards < total_shards else 0
         before = run_child("before", shards, args, limit)
         scale = n / before["samples"]  # 1.0 unless extrapolated
-        r = {"samples": n, "shards": total_shards, "write_s": made, "before": before, "before_scale": scale,
-             "after": run_child("after", shards, args), "after_workers": run_child("after4", shards, args)}
+        r = {
+            "samples": n,
+            "shards": total_shards,
+            "write_s": made,
+            "before": before,
+            "before_scale": scale,
+            "after": run_child("after", shards, args),
+            "after_workers": run_child("after4", shards, args),
+        }
         out[str(n)] = r
         scanned = f" for {before['shards']} of {total_shards} shards" if limit else ""
-        print(f"  N={n:,}: written in {made:.1f} s; before {before['seconds']:.1f} s{scanned}, "
-              f"after {r['after']['seconds']:.2f} s", flush=True)
+        print(
+            f"  N={n:,}: written in {made:.1f} s; before {before['seconds']:.1f} s{scanned}, "
+            f"after {r['after']['seconds']:.2f} s",
+            flush=True,
+        )
         shutil.rmtree(shards, ignore_errors=True)
     return out
 
 
 def print_b(results: dict, workers: int) -> None:
-    print("\nB. Index memory and start-up, each in a fresh process: start-up = open the split + read the first sample of "
-          "every shard; memory = increase after imports: dRSS (counts shared pages in every process), dAnon (Pss_Anon: "
-          "the heap), index.npy (PSS of its mappings); B/sample = (dAnon + index.npy) / N\n")
+    print(
+        "\nB. Index memory and start-up, each in a fresh process: start-up = open the split + read the first sample of "
+        "every shard; memory = increase after imports: dRSS (counts shared pages in every process), dAnon (Pss_Anon: "
+        "the heap), index.npy (PSS of its mappings); B/sample = (dAnon + index.npy) / N\n"
+    )
     print("| N | shards | path | start-up s | ms/shard | dRSS MB | dAnon MB | index.npy MB | B/sample |")
     print("|---|---|---|---|---|---|---|---|---|")
     mb = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
@@ -558,17 +685,47 @@ def print_b(results: dict, workers: int) -> None:
         b, a, a4, scale = r["before"], r["after"], r["after_workers"], r["before_scale"]
         est = f", extrapolated from {b['shards']} shards" if scale != 1 else ""
         rows = [
-            (f"before: legacy header scan, 1 process{est}", b["seconds"] * scale, b["mem"]["rss"] * scale, b["mem"]["anon"] * scale, 0),
-            (f"before, per node: rank + {workers} workers each scanning (x{workers}, computed)", b["seconds"] * scale,
-             b["mem"]["rss"] * scale * workers, b["mem"]["anon"] * scale * workers, 0),
-            ("after: index, 1 process, first sample/shard", a["seconds"], a["first"]["mem"]["rss"], a["first"]["mem"]["anon"], a["first"]["map"]["pss"]),
-            ("after: index, 1 process, every record touched", a["seconds"], a["all"]["mem"]["rss"], a["all"]["mem"]["anon"], a["all"]["map"]["pss"]),
-            (f"after, per node: rank + {workers} forked workers, every record touched (sum; net of the fork+queue control)",
-             a4["seconds"], a4["mem"]["rss"], a4["mem"]["anon"], a4["map"]["pss"]),
+            (
+                f"before: legacy header scan, 1 process{est}",
+                b["seconds"] * scale,
+                b["mem"]["rss"] * scale,
+                b["mem"]["anon"] * scale,
+                0,
+            ),
+            (
+                f"before, per node: rank + {workers} workers each scanning (x{workers}, computed)",
+                b["seconds"] * scale,
+                b["mem"]["rss"] * scale * workers,
+                b["mem"]["anon"] * scale * workers,
+                0,
+            ),
+            (
+                "after: index, 1 process, first sample/shard",
+                a["seconds"],
+                a["first"]["mem"]["rss"],
+                a["first"]["mem"]["anon"],
+                a["first"]["map"]["pss"],
+            ),
+            (
+                "after: index, 1 process, every record touched",
+                a["seconds"],
+                a["all"]["mem"]["rss"],
+                a["all"]["mem"]["anon"],
+                a["all"]["map"]["pss"],
+            ),
+            (
+                f"after, per node: rank + {workers} forked workers, every record touched (sum; net of the fork+queue control)",
+                a4["seconds"],
+                a4["mem"]["rss"],
+                a4["mem"]["anon"],
+                a4["map"]["pss"],
+            ),
         ]
         for name, seconds, rss, anon, mapped in rows:
-            print(f"| {n:,} | {shards} | {name} | {seconds:.2f} | {seconds / shards * 1e3:.1f} | {mb(rss)} | {mb(anon)} | "
-                  f"{mb(mapped) if mapped else '-'} | {(anon + mapped) / n:.1f} |")
+            print(
+                f"| {n:,} | {shards} | {name} | {seconds:.2f} | {seconds / shards * 1e3:.1f} | {mb(rss)} | {mb(anon)} | "
+                f"{mb(mapped) if mapped else '-'} | {(anon + mapped) / n:.1f} |"
+            )
     runs = list(results.values())
     if runs:
         r = runs[-1]
@@ -576,22 +733,28 @@ def print_b(results: dict, workers: int) -> None:
         node = (a4["mem"]["anon"] + a4["map"]["pss"]) / r["samples"]
         gross = (a4["mem"]["anon"] + a4["control"]["anon"] + a4["map"]["pss"]) / r["samples"]
         ratio = r["before"]["seconds"] * r["before_scale"] / r["after"]["seconds"]
-        print(f"\nN={r['samples']:,}: after, rank + {workers} workers: {node:.1f} B/sample/node "
-              f"({'<=' if node <= 64 else 'above'} the target 64; {gross:.1f} with the control's {a4['control']['anon'] / 2**20:.1f} MB; index.npy alone {a4['map']['pss'] / r['samples']:.1f}); "
-              f"start-up {ratio:,.0f}x faster than one process's legacy scan")
+        print(
+            f"\nN={r['samples']:,}: after, rank + {workers} workers: {node:.1f} B/sample/node "
+            f"({'<=' if node <= 64 else 'above'} the target 64; {gross:.1f} with the control's {a4['control']['anon'] / 2**20:.1f} MB; index.npy alone {a4['map']['pss'] / r['samples']:.1f}); "
+            f"start-up {ratio:,.0f}x faster than one process's legacy scan"
+        )
     if len(runs) >= 2:
         x, y = runs[0], runs[-1]
         node = lambda r: r["after_workers"]["mem"]["anon"] + r["after_workers"]["map"]["pss"]  # noqa: E731
         scan = lambda r: r["before"]["mem"]["anon"] * r["before_scale"]  # noqa: E731
         dn = y["samples"] - x["samples"]
         slope = (node(y) - node(x)) / dn
-        print(f"marginal memory {x['samples']:,} -> {y['samples']:,} samples (fixed costs cancel): after, rank + {workers} workers "
-              f"{slope:.1f} B/sample/node (target <= 64: {'ok' if slope <= 64 else 'MISSED'}); before {(scan(y) - scan(x)) / dn:.1f} B/sample per process, "
-              f"x{workers} workers = {(scan(y) - scan(x)) / dn * workers:.1f} B/sample/node")
+        print(
+            f"marginal memory {x['samples']:,} -> {y['samples']:,} samples (fixed costs cancel): after, rank + {workers} workers "
+            f"{slope:.1f} B/sample/node (target <= 64: {'ok' if slope <= 64 else 'MISSED'}); before {(scan(y) - scan(x)) / dn:.1f} B/sample per process, "
+            f"x{workers} workers = {(scan(y) - scan(x)) / dn * workers:.1f} B/sample/node"
+        )
         per = lambda r, k: r[k]["seconds"] / r[k]["shards"]  # noqa: E731
-        print(f"{x['samples']:,} -> {y['samples']:,} samples ({y['shards'] / x['shards']:.0f}x shards): start-up per shard "
-              f"after {per(x, 'after') * 1e3:.2f} -> {per(y, 'after') * 1e3:.2f} ms, before {per(x, 'before') * 1e3:.0f} -> "
-              f"{per(y, 'before') * 1e3:.0f} ms (before scans {args_per_shard(x)} samples per shard either way)")
+        print(
+            f"{x['samples']:,} -> {y['samples']:,} samples ({y['shards'] / x['shards']:.0f}x shards): start-up per shard "
+            f"after {per(x, 'after') * 1e3:.2f} -> {per(y, 'after') * 1e3:.2f} ms, before {per(x, 'before') * 1e3:.0f} -> "
+            f"{per(y, 'before') * 1e3:.0f} ms (before scans {args_per_shard(x)} samples per shard either way)"
+        )
 
 
 def args_per_shard(r: dict) -> int:
@@ -600,9 +763,12 @@ def args_per_shard(r: dict) -> int:
 
 # -- main --------------------------------------------------------------------------------------
 
+
 def main() -> None:
     args = parse_args()
-    warnings.filterwarnings("ignore", message="This DataLoader will create")  # --workers above the core count is the point
+    warnings.filterwarnings(
+        "ignore", message="This DataLoader will create"
+    )  # --workers above the core count is the point
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -610,7 +776,10 @@ def main() -> None:
     scratch = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="bench-data-")) if scratch else args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    print(f"python {platform.python_version()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; work {work}", flush=True)
+    print(
+        f"python {platform.python_version()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; work {work}",
+        flush=True,
+    )
     results: dict = {"quick": args.quick, "cores": os.cpu_count(), "load_before": os.getloadavg()[0]}
     try:
         if "a" not in args.skip:
@@ -630,7 +799,9 @@ def main() -> None:
     if "b" in results:
         print_b(results["b"], args.workers)
     results["load_after"] = os.getloadavg()[0]
-    print(f"\nwall time {results['wall_s']:.0f} s; load average {results['load_before']:.1f} before, {results['load_after']:.1f} after")
+    print(
+        f"\nwall time {results['wall_s']:.0f} s; load average {results['load_before']:.1f} before, {results['load_after']:.1f} after"
+    )
     args.out.write_text(json.dumps(results, indent=1, default=str))
     print(f"results: {args.out}")
 

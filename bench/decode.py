@@ -9,6 +9,7 @@ PIL where the crop allows). The ratios are what matter:
     python bench/decode.py                       # 500x375 (ImageNet-like), 1600x1200, 4000x3000 (12 MP)
     python bench/decode.py --sizes 4000x3000 --image-size 224 --seconds 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,9 @@ class PlainRecipe:
     """torchvision's reference training transforms on a PIL image, as most trainers run them."""
 
     def __init__(self, size: int) -> None:
-        self.transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+        self.transform = v2.Compose(
+            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
+        )
 
     def decode(self, data: bytes) -> Image.Image:
         return decode_rgb(data)
@@ -72,12 +75,20 @@ def main() -> None:
     torch.set_num_threads(1)
     presets = {
         "plain": PlainRecipe(args.image_size),
-        "draft off": TrainPreset(DataConfig(shards="-", image_size=args.image_size, jpeg_draft=False), [0.5] * 3, [0.5] * 3),
-        "draft on": TrainPreset(DataConfig(shards="-", image_size=args.image_size, jpeg_draft=True), [0.5] * 3, [0.5] * 3),
+        "draft off": TrainPreset(
+            DataConfig(shards="-", image_size=args.image_size, jpeg_draft=False), [0.5] * 3, [0.5] * 3
+        ),
+        "draft on": TrainPreset(
+            DataConfig(shards="-", image_size=args.image_size, jpeg_draft=True), [0.5] * 3, [0.5] * 3
+        ),
     }
-    print(f"one core, torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {Image.__version__}, "
-          f"output {args.image_size} px\n")
-    print("| JPEG size | KB | plain PIL recipe img/s | ours, jpeg_draft=false | ours, jpeg_draft=true | ratios vs plain |")
+    print(
+        f"one core, torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {Image.__version__}, "
+        f"output {args.image_size} px\n"
+    )
+    print(
+        "| JPEG size | KB | plain PIL recipe img/s | ours, jpeg_draft=false | ours, jpeg_draft=true | ratios vs plain |"
+    )
     print("|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         width, height = map(int, size.split("x"))
@@ -88,8 +99,11 @@ def main() -> None:
                 rates[name] += rate(preset, files, args.seconds / 2) / 2
         kb = sum(map(len, files)) / len(files) / 1024
         off, on = rates["draft off"] / rates["plain"], rates["draft on"] / rates["plain"]
-        print(f"| {size} | {kb:.0f} | {rates['plain']:,.1f} | {rates['draft off']:,.1f} | {rates['draft on']:,.1f} "
-              f"| {off:.2f}x, {on:.2f}x |", flush=True)
+        print(
+            f"| {size} | {kb:.0f} | {rates['plain']:,.1f} | {rates['draft off']:,.1f} | {rates['draft on']:,.1f} "
+            f"| {off:.2f}x, {on:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ there, with its status and no numbers.
 
     python3 bench/gpu_report.py --res bench-work/run-XXXXXX --out $OUT   # bench/gpu.sh calls this
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,11 @@ def step_status(steps: dict, name: str) -> str:
     record = steps.get(name)
     if record is None:
         return "not run"
-    return record["status"] if not record.get("note") or record["status"] == "ok" else f"{record['status']}: {record['note']}"
+    return (
+        record["status"]
+        if not record.get("note") or record["status"] == "ok"
+        else f"{record['status']}: {record['note']}"
+    )
 
 
 def data_status(has_data, steps: dict, name: str | None) -> str:
@@ -111,9 +116,16 @@ def build(args: argparse.Namespace) -> dict:
         found = {r["variant"]: r for r in data.get("results", [])}
         for v in variants:
             r = found.get(v)
-            row = {"id": f"{v} b{batch} {comp}", "part": part, "step": step, "variant": v, "batch": batch, "compile": comp,
-                   "status": data_status(r, steps, step),
-                   "concurrent_jobs": steps.get(step, {}).get("concurrent", 0)}
+            row = {
+                "id": f"{v} b{batch} {comp}",
+                "part": part,
+                "step": step,
+                "variant": v,
+                "batch": batch,
+                "compile": comp,
+                "status": data_status(r, steps, step),
+                "concurrent_jobs": steps.get(step, {}).get("concurrent", 0),
+            }
             if r:
                 row.update(img_s=r["img_s"], step_ms=r["step_ms"], warmup_s=r.get("warmup_s"), params=r.get("params"))
                 if "peak_gib" in r:
@@ -141,7 +153,7 @@ def build(args: argparse.Namespace) -> dict:
     for name in phase_a:
         if not name.startswith("cold-b"):
             continue
-        batch, variants = name[len("cold-b"):].split("-", 1)
+        batch, variants = name[len("cold-b") :].split("-", 1)
         found = {r["variant"]: r for r in (load_json(res / f"{name}.json") or {}).get("results", [])}
         for v in variants.split("+"):
             cold_runs[(v, int(batch))] = (found.get(v), name)
@@ -150,21 +162,32 @@ def build(args: argparse.Namespace) -> dict:
         if row["part"] == "eager":
             continue
         cold_r, cold_step = cold_runs.get((row["variant"], row["batch"]), (None, None))
-        startup_rows.append({
-            "id": f"{row['variant']} b{row['batch']} {row['compile']}", "kind": "bench/model.py (compile + warm-up steps, in process)",
-            "cold_s": (cold_r or {}).get("warmup_s"), "warm_s": row.get("warmup_s"),
-            "cold_status": data_status(cold_r, steps, cold_step),
-            "warm_status": row["status"], "cold_cache": cache.get("model_cache", "cold"), "cold_concurrent": len(phase_a),
-        })
+        startup_rows.append(
+            {
+                "id": f"{row['variant']} b{row['batch']} {row['compile']}",
+                "kind": "bench/model.py (compile + warm-up steps, in process)",
+                "cold_s": (cold_r or {}).get("warmup_s"),
+                "warm_s": row.get("warmup_s"),
+                "cold_status": data_status(cold_r, steps, cold_step),
+                "warm_status": row["status"],
+                "cold_cache": cache.get("model_cache", "cold"),
+                "cold_concurrent": len(phase_a),
+            }
+        )
     e2e_cold, e2e_warm = windows_rate(res / "e2e-cold-metrics.jsonl"), windows_rate(res / "e2e-warm-metrics.jsonl")
     if "e2e" in args.parts:
-        startup_rows.append({
-            "id": f"trainer ({compiled})", "kind": "accelerate launch trainer/main.py (startup_s: process start to the end of step 1)",
-            "cold_s": e2e_cold.get("startup_s"), "warm_s": e2e_warm.get("startup_s"),
-            "cold_status": data_status(e2e_cold.get("startup_s") is not None, steps, "e2e-cold"),
-            "warm_status": data_status(e2e_warm.get("startup_s") is not None, steps, "e2e-warm"),
-            "cold_cache": "cold", "cold_concurrent": len(phase_a),
-        })
+        startup_rows.append(
+            {
+                "id": f"trainer ({compiled})",
+                "kind": "accelerate launch trainer/main.py (startup_s: process start to the end of step 1)",
+                "cold_s": e2e_cold.get("startup_s"),
+                "warm_s": e2e_warm.get("startup_s"),
+                "cold_status": data_status(e2e_cold.get("startup_s") is not None, steps, "e2e-cold"),
+                "warm_status": data_status(e2e_warm.get("startup_s") is not None, steps, "e2e-warm"),
+                "cold_cache": "cold",
+                "cold_concurrent": len(phase_a),
+            }
+        )
 
     reference = by_key.get(("ours-se", b1, "compiled"))
     ref_rate = reference["img_s"] if reference else None
@@ -177,21 +200,45 @@ def build(args: argparse.Namespace) -> dict:
         for decode in ("workers", "device"):
             for n in args.workers:
                 rate = (data.get("loaders") or {}).get(f"loader, decode={decode}, {n} workers")
-                loader_rows.append({"id": f"loader, decode={decode}, {n} workers", "img_s": rate,
-                                    "vs_model_only": ratio(rate, ref_rate), "vs_model_only_eager": ratio(rate, eager),
-                                    "status": "ok" if rate is not None else status})
-        loader_rows.append({"id": "model-only, trainer config, eager (bench/train.py)", "img_s": eager,
-                            "vs_model_only": ratio(eager, ref_rate), "vs_model_only_eager": 1.0 if eager else None,
-                            "status": "ok" if eager is not None else status})
+                loader_rows.append(
+                    {
+                        "id": f"loader, decode={decode}, {n} workers",
+                        "img_s": rate,
+                        "vs_model_only": ratio(rate, ref_rate),
+                        "vs_model_only_eager": ratio(rate, eager),
+                        "status": "ok" if rate is not None else status,
+                    }
+                )
+        loader_rows.append(
+            {
+                "id": "model-only, trainer config, eager (bench/train.py)",
+                "img_s": eager,
+                "vs_model_only": ratio(eager, ref_rate),
+                "vs_model_only_eager": 1.0 if eager else None,
+                "status": "ok" if eager is not None else status,
+            }
+        )
     e2e_rows = []
     if "e2e" in args.parts:
-        for name, data, step in (("trainer, warm compile cache", e2e_warm, "e2e-warm"),
-                                 ("trainer, cold (phase A, other compiles running)", e2e_cold, "e2e-cold")):
+        for name, data, step in (
+            ("trainer, warm compile cache", e2e_warm, "e2e-warm"),
+            ("trainer, cold (phase A, other compiles running)", e2e_cold, "e2e-cold"),
+        ):
             status = data_status(data, steps, step)
-            if data and step_status(steps, step) != "ok":  # the windows were logged; what came after them did not finish
+            if (
+                data and step_status(steps, step) != "ok"
+            ):  # the windows were logged; what came after them did not finish
                 status = f"windows logged, then {step_status(steps, step)}"
-            e2e_rows.append({"id": name, "step": step, **data, "vs_model_only": ratio(data.get("img_s"), ref_rate),
-                             "wall_s": steps.get(step, {}).get("seconds"), "status": status})
+            e2e_rows.append(
+                {
+                    "id": name,
+                    "step": step,
+                    **data,
+                    "vs_model_only": ratio(data.get("img_s"), ref_rate),
+                    "wall_s": steps.get(step, {}).get("seconds"),
+                    "status": status,
+                }
+            )
 
     targets = []
 
@@ -202,7 +249,12 @@ def build(args: argparse.Namespace) -> dict:
         se, tv = by_key.get(("ours-se", b, "compiled")), by_key.get(("tv", b, "compiled"))
         if ("model" if b == b1 else "b256") in args.parts:
             r = ratio(se and se["img_s"], tv and tv["img_s"])
-            target(f"SE on vs torchvision, {compiled}, batch {b}", r, ">= 1.0x (stretch 1.2x)", None if r is None else r >= 1.0)
+            target(
+                f"SE on vs torchvision, {compiled}, batch {b}",
+                r,
+                ">= 1.0x (stretch 1.2x)",
+                None if r is None else r >= 1.0,
+            )
     eff, se = by_key.get(("ours-se-eff", b1, "compiled")), by_key.get(("ours-se", b1, "compiled"))
     if "model" in args.parts:
         m = ratio(eff and eff.get("peak"), se and se.get("peak"))
@@ -213,25 +265,61 @@ def build(args: argparse.Namespace) -> dict:
         for v, what in (("ours-se-sharedbn", "model.shared_bn"), ("cand-se-sumfc", "SE candidate (sum-FC)")):
             c = by_key.get((v, b1, "compiled"))
             r = ratio(c and c["img_s"], se and se["img_s"])
-            target(f"{what} vs ours-se, {compiled}, batch {b1}", r, "> 1.0x pays (beyond run-to-run noise)",
-                   None if r is None else r > 1.0, "pays: make it the default; else delete it")
+            target(
+                f"{what} vs ours-se, {compiled}, batch {b1}",
+                r,
+                "> 1.0x pays (beyond run-to-run noise)",
+                None if r is None else r > 1.0,
+                "pays: make it the default; else delete it",
+            )
     for row in loader_rows[:-1]:
-        target(f"{row['id']} vs model-only", row["vs_model_only"], ">= 1.5x",
-               None if row["vs_model_only"] is None else row["vs_model_only"] >= 1.5, f"model-only = {ref_name}")
+        target(
+            f"{row['id']} vs model-only",
+            row["vs_model_only"],
+            ">= 1.5x",
+            None if row["vs_model_only"] is None else row["vs_model_only"] >= 1.5,
+            f"model-only = {ref_name}",
+        )
     if e2e_rows:
         r = e2e_rows[0]["vs_model_only"]
-        target("end to end (trainer, warm) vs model-only", r, ">= 0.9x", None if r is None else r >= 0.9, f"model-only = {ref_name}")
+        target(
+            "end to end (trainer, warm) vs model-only",
+            r,
+            ">= 0.9x",
+            None if r is None else r >= 0.9,
+            f"model-only = {ref_name}",
+        )
     for row in startup_rows:
         if row["id"].startswith("trainer"):
             for k in ("cold_s", "warm_s"):
                 v = row[k]
-                target(f"time to first step, trainer, {k[:-2]}", v, "<= 30 s (issue 15 part 2)", None if v is None else v <= 30)
+                target(
+                    f"time to first step, trainer, {k[:-2]}",
+                    v,
+                    "<= 30 s (issue 15 part 2)",
+                    None if v is None else v <= 30,
+                )
 
-    meta = {**env, "smoke": args.smoke, "command": args.command, "budget_s": args.budget, "elapsed_s": args.elapsed, "parts": args.parts,
-            "batches": args.batches, "compile": compiled, "loader_workers": args.workers, "model_only_reference": ref_name,
-            "model_cache": cache.get("model_cache"), "compile_threads": cache.get("compile_threads")}
-    return {"meta": meta, "rows": {"model": model_rows, "loader": loader_rows, "end_to_end": e2e_rows, "startup": startup_rows},
-            "targets": targets, "steps": list(steps.values())}
+    meta = {
+        **env,
+        "smoke": args.smoke,
+        "command": args.command,
+        "budget_s": args.budget,
+        "elapsed_s": args.elapsed,
+        "parts": args.parts,
+        "batches": args.batches,
+        "compile": compiled,
+        "loader_workers": args.workers,
+        "model_only_reference": ref_name,
+        "model_cache": cache.get("model_cache"),
+        "compile_threads": cache.get("compile_threads"),
+    }
+    return {
+        "meta": meta,
+        "rows": {"model": model_rows, "loader": loader_rows, "end_to_end": e2e_rows, "startup": startup_rows},
+        "targets": targets,
+        "steps": list(steps.values()),
+    }
 
 
 def fmt(v, kind="num"):
@@ -255,7 +343,9 @@ def met(v) -> str:
 def markdown(report: dict) -> str:
     m, rows = report["meta"], report["rows"]
     lines = [
-        "# bench/gpu.sh results" + (" (CPU smoke run: tiny sizes, no compile; not measurements)" if m.get("smoke") else ""), "",
+        "# bench/gpu.sh results"
+        + (" (CPU smoke run: tiny sizes, no compile; not measurements)" if m.get("smoke") else ""),
+        "",
         f"- date: {m.get('date', '?')}; machine: {m.get('device', '?')}"
         + (f" ({m['gpu_mem_gib']} GiB, driver {m.get('driver', '?')})" if "gpu_mem_gib" in m else "")
         + f", {m.get('host_cpus', '?')} CPUs, {m.get('mem_gib', '?')} GiB RAM",
@@ -269,63 +359,113 @@ def markdown(report: dict) -> str:
         "",
     ]
     if rows["model"]:
-        lines += ["## Model training step (bench/model.py)", "",
-                  "| variant | batch | compile | img/s | step ms | peak | vs tv | mem vs tv | vs ours-se | mem vs ours-se | largest batch | status |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Model training step (bench/model.py)",
+            "",
+            "| variant | batch | compile | img/s | step ms | peak | vs tv | mem vs tv | vs ours-se | mem vs ours-se | largest batch | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows["model"]:
             peak = f"{r['peak']:.2f} {r['peak_unit'].split()[0]}" if r.get("peak") is not None else "—"
             biggest = r.get("max_batch", r.get("max_batch_estimate"))
-            status = r["status"] + (f" ({r['concurrent_jobs']} phase-A jobs running)" if r.get("concurrent_jobs") else "")
+            status = r["status"] + (
+                f" ({r['concurrent_jobs']} phase-A jobs running)" if r.get("concurrent_jobs") else ""
+            )
             comp = r["compile"] + (" (eager step)" if r["part"] == "eager" and r["compile"] != "none" else "")
-            lines.append(f"| {r['variant']} | {r['batch']} | {comp} | {fmt(r.get('img_s'), 'rate')} | {fmt(r.get('step_ms'), 's')} "
-                         f"| {peak} | {fmt(r.get('vs_tv'), 'x')} | {fmt(r.get('mem_vs_tv'), 'x')} | {fmt(r.get('vs_ours_se'), 'x')} "
-                         f"| {fmt(r.get('mem_vs_ours_se'), 'x')} | {fmt(biggest)} | {status} |")
+            lines.append(
+                f"| {r['variant']} | {r['batch']} | {comp} | {fmt(r.get('img_s'), 'rate')} | {fmt(r.get('step_ms'), 's')} "
+                f"| {peak} | {fmt(r.get('vs_tv'), 'x')} | {fmt(r.get('mem_vs_tv'), 'x')} | {fmt(r.get('vs_ours_se'), 'x')} "
+                f"| {fmt(r.get('mem_vs_ours_se'), 'x')} | {fmt(biggest)} | {status} |"
+            )
         lines.append("")
     if rows["loader"]:
-        lines += ["## Loader alone vs model-only (bench/train.py --no-end-to-end)", "",
-                  f"model-only = {m['model_only_reference']}; eager = the trainer config's step in bench/train.py.", "",
-                  "| measure | img/s | vs model-only | vs model-only eager | status |", "|---|---|---|---|---|"]
+        lines += [
+            "## Loader alone vs model-only (bench/train.py --no-end-to-end)",
+            "",
+            f"model-only = {m['model_only_reference']}; eager = the trainer config's step in bench/train.py.",
+            "",
+            "| measure | img/s | vs model-only | vs model-only eager | status |",
+            "|---|---|---|---|---|",
+        ]
         for r in rows["loader"]:
-            lines.append(f"| {r['id']} | {fmt(r['img_s'], 'rate')} | {fmt(r['vs_model_only'], 'x')} | {fmt(r['vs_model_only_eager'], 'x')} | {r['status']} |")
+            lines.append(
+                f"| {r['id']} | {fmt(r['img_s'], 'rate')} | {fmt(r['vs_model_only'], 'x')} | {fmt(r['vs_model_only_eager'], 'x')} | {r['status']} |"
+            )
         lines.append("")
     if rows["end_to_end"]:
-        lines += ["## End to end (`accelerate launch trainer/main.py`, 1 epoch, median of logged windows)", "",
-                  "| run | img/s | vs model-only | windows | first step s | peak GPU GiB | wall s | status |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## End to end (`accelerate launch trainer/main.py`, 1 epoch, median of logged windows)",
+            "",
+            "| run | img/s | vs model-only | windows | first step s | peak GPU GiB | wall s | status |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows["end_to_end"]:
-            lines.append(f"| {r['id']} | {fmt(r.get('img_s'), 'rate')} | {fmt(r.get('vs_model_only'), 'x')} | {fmt(r.get('windows'))} "
-                         f"| {fmt(r.get('startup_s'), 's')} | {fmt(r.get('gpu_mem_gib'))} | {fmt(r.get('wall_s'))} | {r['status']} |")
+            lines.append(
+                f"| {r['id']} | {fmt(r.get('img_s'), 'rate')} | {fmt(r.get('vs_model_only'), 'x')} | {fmt(r.get('windows'))} "
+                f"| {fmt(r.get('startup_s'), 's')} | {fmt(r.get('gpu_mem_gib'))} | {fmt(r.get('wall_s'))} | {r['status']} |"
+            )
         lines.append("")
     if rows["startup"]:
-        lines += ["## Time to the first step", "",
-                  "Cold: phase A, empty caches, all phase-A compiles at once (the count is in the note). "
-                  "Warm: phase B, the same setting alone on the cache phase A left.", "",
-                  "| setting | measured as | cold s | warm s | note |", "|---|---|---|---|---|"]
+        lines += [
+            "## Time to the first step",
+            "",
+            "Cold: phase A, empty caches, all phase-A compiles at once (the count is in the note). "
+            "Warm: phase B, the same setting alone on the cache phase A left.",
+            "",
+            "| setting | measured as | cold s | warm s | note |",
+            "|---|---|---|---|---|",
+        ]
         for r in rows["startup"]:
             note = f"cold: {r['cold_status']}, cache {r['cold_cache']}, {r['cold_concurrent']} jobs at once; warm: {r['warm_status']}"
             lines.append(f"| {r['id']} | {r['kind']} | {fmt(r['cold_s'], 's')} | {fmt(r['warm_s'], 's')} | {note} |")
         lines.append("")
     bad = [s for s in report["steps"] if s["status"] != "ok"]
     if bad:
-        part_of = {"shards": "loaders", "loaders": "loaders", "e2e-cold": "e2e", "e2e-warm": "e2e", "model-cand": "cand",
-                   "model-eager": "eager"}
+        part_of = {
+            "shards": "loaders",
+            "loaders": "loaders",
+            "e2e-cold": "e2e",
+            "e2e-warm": "e2e",
+            "model-cand": "cand",
+            "model-eager": "eager",
+        }
         parts = []
         for s in bad:
             name = s["name"]
-            part = part_of.get(name) or ("b256" if name == f"model-b{m['batches'][1]}" else "model" if name.startswith("model-b") else None)
+            part = part_of.get(name) or (
+                "b256" if name == f"model-b{m['batches'][1]}" else "model" if name.startswith("model-b") else None
+            )
             if name.startswith("cold-b"):
-                batch, variants = name[len("cold-b"):].split("-", 1)
-                part = "b256" if int(batch) == m["batches"][1] else "cand" if ("sharedbn" in variants or "sumfc" in variants) else "model"
+                batch, variants = name[len("cold-b") :].split("-", 1)
+                part = (
+                    "b256"
+                    if int(batch) == m["batches"][1]
+                    else "cand"
+                    if ("sharedbn" in variants or "sumfc" in variants)
+                    else "model"
+                )
             if part and part not in parts:
                 parts.append(part)
-        lines += [f"**{len(bad)} of {len(report['steps'])} steps did not finish** (table Steps). "
-                  + (f"To measure what is missing: `bash bench/gpu.sh --parts {','.join(parts)}`" if parts else ""), ""]
+        lines += [
+            f"**{len(bad)} of {len(report['steps'])} steps did not finish** (table Steps). "
+            + (f"To measure what is missing: `bash bench/gpu.sh --parts {','.join(parts)}`" if parts else ""),
+            "",
+        ]
     lines += ["## Targets", "", "| target | value | goal | met | note |", "|---|---|---|---|---|"]
     for t in report["targets"]:
         value = fmt(t["value"], "s" if "time" in t["target"] else "x")
         lines.append(f"| {t['target']} | {value} | {t['goal']} | {met(t['met'])} | {t['note']} |")
-    lines += ["", "## Steps", "", "| step | status | s | started at s | jobs running | note |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Steps",
+        "",
+        "| step | status | s | started at s | jobs running | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in report["steps"]:
-        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']} | {s.get('started_s')} | {s.get('concurrent')} | {s.get('note', '')} |")
+        lines.append(
+            f"| {s['name']} | {s['status']} | {s['seconds']} | {s.get('started_s')} | {s.get('concurrent')} | {s.get('note', '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = 100
 
-PLAIN_LOOP = r'''
+PLAIN_LOOP = r"""
 import io, sys
 import torchvision, webdataset as wds
 from PIL import Image
@@ -55,7 +55,7 @@ with wds.ShardWriter(f"{out}/train-%06d.tar", maxsize=256e6, verbose=0) as sink:
             continue
         sink.write({"__key__": f"{i:08d}", "jpg": data, "cls": target})
 print(len(ds.samples) - skipped, "written", skipped, "skipped")
-'''
+"""
 
 
 def _one_image(args: tuple[int, str]) -> int:
@@ -91,9 +91,12 @@ def make_corpus(root: Path, n: int, unique: int) -> Path:
         sizes = pool.map(_one_image, [(i, str(path(i))) for i in range(min(n, unique))], chunksize=64)
     for i in range(unique, n):
         path(i).write_bytes(path(i % unique).read_bytes() + f"copy {i}".encode())
-    print(f"  corpus of {n} JPEGs ({min(n, unique)} generated): {sum(sizes) * n / len(sizes) / 1e6:.0f} MB, "
-          f"{min(sizes) // 1000}-{max(sizes) // 1000} KB, median {int(np.median(sizes)) // 1000} KB "
-          f"({time.perf_counter() - t:.0f} s to make)", flush=True)
+    print(
+        f"  corpus of {n} JPEGs ({min(n, unique)} generated): {sum(sizes) * n / len(sizes) / 1e6:.0f} MB, "
+        f"{min(sizes) // 1000}-{max(sizes) // 1000} KB, median {int(np.median(sizes)) // 1000} KB "
+        f"({time.perf_counter() - t:.0f} s to make)",
+        flush=True,
+    )
     done.touch()
     return src
 
@@ -152,7 +155,15 @@ def run_all(root: Path, n: int, workers: int, repeat: int) -> dict[str, dict]:
     contenders = {
         "plain loop (ImageFolder + ShardWriter, 1 process)": lambda out: [py, "-c", PLAIN_LOOP, str(src), str(out)],
         "make_shards --workers 1": lambda out: [py, "-m", "launch.make_shards", str(src), str(out), "--workers", "1"],
-        f"make_shards --workers {workers}": lambda out: [py, "-m", "launch.make_shards", str(src), str(out), "--workers", str(workers)],
+        f"make_shards --workers {workers}": lambda out: [
+            py,
+            "-m",
+            "launch.make_shards",
+            str(src),
+            str(out),
+            "--workers",
+            str(workers),
+        ],
     }
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for _ in range(repeat):
@@ -165,33 +176,54 @@ def run_all(root: Path, n: int, workers: int, repeat: int) -> dict[str, dict]:
     results = {}
     for name, rs in runs.items():
         seconds = float(np.median([r["seconds"] for r in rs]))
-        r = {"seconds": seconds, "files_per_s": n / seconds, "all_seconds": [r["seconds"] for r in rs],
-             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "peak_pss_mb": max(r["peak_pss_mb"] for r in rs)}
+        r = {
+            "seconds": seconds,
+            "files_per_s": n / seconds,
+            "all_seconds": [r["seconds"] for r in rs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "peak_pss_mb": max(r["peak_pss_mb"] for r in rs),
+        }
         results[name] = r
-        print(f"  {n} files  {name:52s} {r['files_per_s']:7.0f} files/s  {seconds:6.1f} s (median of {repeat})  "
-              f"peak RSS {r['peak_rss_mb']:6.0f} MB (PSS {r['peak_pss_mb']:4.0f} MB)", flush=True)
+        print(
+            f"  {n} files  {name:52s} {r['files_per_s']:7.0f} files/s  {seconds:6.1f} s (median of {repeat})  "
+            f"peak RSS {r['peak_rss_mb']:6.0f} MB (PSS {r['peak_pss_mb']:4.0f} MB)",
+            flush=True,
+        )
     return results
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--files", type=int, default=5000)
-    p.add_argument("--rss-files", type=int, default=50000,
-                   help="second, larger corpus for the RSS check (0: skip); files past --files reuse their bytes plus a trailer")
+    p.add_argument(
+        "--rss-files",
+        type=int,
+        default=50000,
+        help="second, larger corpus for the RSS check (0: skip); files past --files reuse their bytes plus a trailer",
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs of each contender at --files (median time)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_make_shards"))
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"load average before: {os.getloadavg()[0]:.1f}; python {platform.python_version()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; workers={args.workers}", flush=True)
-    results = {"files": args.files, "workers": args.workers, "runs": run_all(args.workdir, args.files, args.workers, args.repeat)}
+    print(
+        f"load average before: {os.getloadavg()[0]:.1f}; python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; workers={args.workers}",
+        flush=True,
+    )
+    results = {
+        "files": args.files,
+        "workers": args.workers,
+        "runs": run_all(args.workdir, args.files, args.workers, args.repeat),
+    }
     plain = results["runs"]["plain loop (ImageFolder + ShardWriter, 1 process)"]["files_per_s"]
     ours = results["runs"][f"make_shards --workers {args.workers}"]["files_per_s"]
     one = results["runs"]["make_shards --workers 1"]["files_per_s"]
-    print(f"  make_shards --workers {args.workers} / plain loop: {ours / plain:.2f}x (target >= 1.7x); "
-          f"/ make_shards --workers 1: {ours / one:.2f}x")
+    print(
+        f"  make_shards --workers {args.workers} / plain loop: {ours / plain:.2f}x (target >= 1.7x); "
+        f"/ make_shards --workers 1: {ours / one:.2f}x"
+    )
     if args.rss_files:
         src = make_corpus(args.workdir, args.rss_files, args.files)
         out = args.workdir / "out"
@@ -202,8 +234,10 @@ def main() -> None:
         results["rss"] = {"files": args.rss_files, **big, "files_per_s": args.rss_files / big["seconds"]}
         for kind in ("rss", "pss"):
             a, b = small[f"peak_{kind}_mb"], big[f"peak_{kind}_mb"]
-            print(f"  peak {kind.upper()}, make_shards --workers {args.workers}: {args.files} files {a:.0f} MB, "
-                  f"{args.rss_files} files {b:.0f} MB ({b / a - 1:+.0%}; target within 20%)")
+            print(
+                f"  peak {kind.upper()}, make_shards --workers {args.workers}: {args.files} files {a:.0f} MB, "
+                f"{args.rss_files} files {b:.0f} MB ({b / a - 1:+.0%}; target within 20%)"
+            )
         print(f"  {args.rss_files} files: {args.rss_files / big['seconds']:.0f} files/s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -16,6 +16,7 @@ backward as torch's MemTracker counts it (weights, grads, activations, checkpoin
 GPU's memory (doubling, then bisection), and extrapolates the compiled one from the measured
 peak (peak = fixed + batch x per-image; the fixed part is measured at batch 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -139,7 +140,7 @@ class Timer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         if self.cuda:
             self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.start.record()

@@ -12,6 +12,7 @@ The ratios say whether the loop and the loader cost anything: end-to-end / model
     python bench/train.py --device cpu --synthetic 400 --config configs/densenet121-imagenet.yaml \
         model.block_config=[2,2] data.image_size=64 train.batch_size=16 data.workers=2        # CPU smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from shards.source import Dataset  # noqa: E402
-from trainer.data import open_shards  # noqa: E402
 from trainer.config import load_config, resolve_launch  # noqa: E402
+from trainer.data import open_shards  # noqa: E402
 from trainer.main import build_loaders, build_model, device_stages  # noqa: E402
 from trainer.optim import make_optimizer, param_groups  # noqa: E402
 from trainer.transforms import normalization  # noqa: E402
@@ -44,9 +45,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--synthetic", type=int, default=20000, help="images in the synthetic corpus")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=50, help="timed steps for loader and model-only")
-    parser.add_argument("--loader-workers", default=None,
-                        help="comma-separated worker counts for the loader rows (default: the config's data.workers)")
-    parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false", help="skip the accelerate launch run")
+    parser.add_argument(
+        "--loader-workers",
+        default=None,
+        help="comma-separated worker counts for the loader rows (default: the config's data.workers)",
+    )
+    parser.add_argument(
+        "--no-end-to-end", dest="end_to_end", action="store_false", help="skip the accelerate launch run"
+    )
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("overrides", nargs="*")
@@ -61,7 +67,9 @@ def synthetic_shards(work: Path, n: int) -> Path:
     out = work / f"shards-{n}"
     if not (out / "manifest.json").exists():
         src = make_corpus(work, n, unique=min(n, 2000))
-        subprocess.run([sys.executable, "-m", "launch.make_shards", str(src), str(out), "--overwrite"], cwd=REPO, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "launch.make_shards", str(src), str(out), "--overwrite"], cwd=REPO, check=True
+        )
     return out
 
 
@@ -121,15 +129,37 @@ def model_rate(config, num_classes: int, device: str, steps: int) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-def end_to_end_rate(config_path: str, overrides: list[str], shards: Path, work: Path, device: str) -> tuple[float, float, float]:
+def end_to_end_rate(
+    config_path: str, overrides: list[str], shards: Path, work: Path, device: str
+) -> tuple[float, float, float]:
     """Median img/s of the logged windows after the first (start-up, compile), the whole run's
     wall time, and the trainer's own time to its first step (compile included)."""
     run_dir = work / "run"
     shutil.rmtree(run_dir / "compile_cache", ignore_errors=True)  # a cold start, like a new run's
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "trainer/main.py"), "--config", config_path,
-               *overrides, f"data.shards={shards}", f"run.dir={run_dir}", "train.epochs=1", "train.log_every=10",
-               "train.resume=false", "wandb.mode=disabled", f"train.device={'cpu' if device == 'cpu' else 'cuda'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "trainer/main.py"),
+        "--config",
+        config_path,
+        *overrides,
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        "train.epochs=1",
+        "train.log_every=10",
+        "train.resume=false",
+        "wandb.mode=disabled",
+        f"train.device={'cpu' if device == 'cpu' else 'cuda'}",
+    ]
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True)
     total = time.perf_counter() - start
@@ -171,18 +201,25 @@ def main() -> None:
         rows[f"end-to-end (decode={config.data.decode}, {config.data.workers} workers)"] = results["end_to_end"]
     results.update(
         device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        torch=torch.__version__, batch=config.train.batch_size, image_size=config.data.image_size,
-        precision=config.train.mixed_precision, compile=config.train.compile,
+        torch=torch.__version__,
+        batch=config.train.batch_size,
+        image_size=config.data.image_size,
+        precision=config.train.mixed_precision,
+        compile=config.train.compile,
         train_samples=manifest.splits["train"].num_samples,
     )
-    print(f"\n{results['device']}, torch {results['torch']}, batch {results['batch']}, {results['image_size']} px, "
-          f"precision {results['precision']}, compile {results['compile']}")
+    print(
+        f"\n{results['device']}, torch {results['torch']}, batch {results['batch']}, {results['image_size']} px, "
+        f"precision {results['precision']}, compile {results['compile']}"
+    )
     print("| measure | img/s | vs model-only |\n|---|---|---|")
     for name, rate in rows.items():
         print(f"| {name} | {rate:,.0f} | {rate / results['model_only']:.2f}x |")
     if args.end_to_end:
-        print(f"time to the first step (compile included): {results['time_to_first_step_s']:.0f} s; "
-              f"whole run {results['end_to_end_wall_s']:.0f} s")
+        print(
+            f"time to the first step (compile included): {results['time_to_first_step_s']:.0f} s; "
+            f"whole run {results['end_to_end_wall_s']:.0f} s"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -61,20 +61,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Image folders (one sub-folder per class) -> WebDataset tar shards, manifest and plots.",
     )
     p.add_argument("paths", nargs="*", metavar="SRC OUT", help="source image folder and output folder")
-    p.add_argument("--demo", action="store_true", help="shard scikit-learn's digits (written to OUT/images) instead of SRC")
-    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="share of each class for val (default 0.1)")
+    p.add_argument(
+        "--demo", action="store_true", help="shard scikit-learn's digits (written to OUT/images) instead of SRC"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, metavar="F", help="share of each class for val (default 0.1)"
+    )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="split and shuffle seed (default 0)")
     p.add_argument("--samples-per-shard", type=int, metavar="N", help="at most this many samples per shard")
-    p.add_argument("--shard-size", type=float, default=DEFAULT_SHARD_MB, metavar="MB", help="target shard size (default 256)")
-    p.add_argument("--min-shards", type=int, metavar="N", help=f"at least this many shards per split (default {DEFAULT_MIN_SHARDS}, demo {DEMO_MIN_SHARDS})")
+    p.add_argument(
+        "--shard-size", type=float, default=DEFAULT_SHARD_MB, metavar="MB", help="target shard size (default 256)"
+    )
+    p.add_argument(
+        "--min-shards",
+        type=int,
+        metavar="N",
+        help=f"at least this many shards per split (default {DEFAULT_MIN_SHARDS}, demo {DEMO_MIN_SHARDS})",
+    )
     p.add_argument("--min-side", type=int, metavar="PX", help="skip images whose shorter side is below PX")
     p.add_argument("--max-aspect", type=float, metavar="R", help="skip images whose long/short side ratio is above R")
-    p.add_argument("--max-per-class", type=int, metavar="N", help="keep at most N images per class (training split for a pre-split SRC)")
-    p.add_argument("--max-pixels", type=int, default=PILLOW_MAX_PIXELS, metavar="N", help="decompression-bomb limit (default Pillow's, 89478485)")
-    p.add_argument("--skip-empty-classes", action="store_true", help="drop classes with no valid image instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once the new output is complete)")
-    p.add_argument("--workers", type=int, default=default_workers(), metavar="N", help="processes (default: all cores available)")
-    p.add_argument("--resize-short", type=int, metavar="PX", help="re-encode images whose shorter side is above PX down to PX")
+    p.add_argument(
+        "--max-per-class",
+        type=int,
+        metavar="N",
+        help="keep at most N images per class (training split for a pre-split SRC)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=PILLOW_MAX_PIXELS,
+        metavar="N",
+        help="decompression-bomb limit (default Pillow's, 89478485)",
+    )
+    p.add_argument(
+        "--skip-empty-classes", action="store_true", help="drop classes with no valid image instead of stopping"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty OUT (only once the new output is complete)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=default_workers(), metavar="N", help="processes (default: all cores available)"
+    )
+    p.add_argument(
+        "--resize-short", type=int, metavar="PX", help="re-encode images whose shorter side is above PX down to PX"
+    )
     args = p.parse_intermixed_args(argv)  # options may sit between SRC and OUT
     want = 1 if args.demo else 2
     if len(args.paths) != want:
@@ -88,7 +118,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _check_ranges(args: argparse.Namespace) -> None:
     if not 0.0 <= args.val_fraction < 1.0:
         raise UsageError(f"--val-fraction {args.val_fraction} is out of range — use a value in [0, 1), e.g. 0.1")
-    for name in ("samples_per_shard", "min_shards", "min_side", "max_per_class", "max_pixels", "workers", "resize_short"):
+    for name in (
+        "samples_per_shard",
+        "min_shards",
+        "min_side",
+        "max_per_class",
+        "max_pixels",
+        "workers",
+        "resize_short",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1 — leave it out for the default")
@@ -162,9 +200,13 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     if empty and not args.skip_empty_classes:
         where = "training folder has" if listing.layout == "presplit" else "folder has"
         names = ", ".join(repr(c) for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        raise UsageError(f"class {names}: {where} no valid image — add images, remove the folder, or pass --skip-empty-classes")
+        raise UsageError(
+            f"class {names}: {where} no valid image — add images, remove the folder, or pass --skip-empty-classes"
+        )
     if len(empty) == len(listing.classes):
-        raise UsageError(f"SRC {src} has no valid image — check the files (see why with a few of them in a test folder)")
+        raise UsageError(
+            f"SRC {src} has no valid image — check the files (see why with a few of them in a test folder)"
+        )
     new_label = np.cumsum(counts > 0) - 1
     new_label[counts == 0] = -1
     label = new_label[labels] if len(labels) else labels
@@ -173,11 +215,21 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     usable &= label >= 0
 
     group = same_bytes_groups(scan.sha256.array)
-    split, capped = assign_splits(labels, group, np.flatnonzero(usable), listing.classes, args.val_fraction,
-                                  args.seed, args.max_per_class, None if listing.layout == "folders" else given)
+    split, capped = assign_splits(
+        labels,
+        group,
+        np.flatnonzero(usable),
+        listing.classes,
+        args.val_fraction,
+        args.seed,
+        args.max_per_class,
+        None if listing.layout == "folders" else given,
+    )
     for i in capped.tolist():
         reasons[i] = f"over --max-per-class {args.max_per_class}"
-    skipped = [{"path": listing.relpaths[i], "reason": reasons[i]} for i in sorted(reasons, key=lambda i: listing.relpaths[i])]
+    skipped = [
+        {"path": listing.relpaths[i], "reason": reasons[i]} for i in sorted(reasons, key=lambda i: listing.relpaths[i])
+    ]
     kept = [c for c, n in zip(listing.classes, counts) if n > 0]
     duplicates = _duplicates(listing, scan, group, split)
     return Plan(listing, scan, kept, label, split, skipped, duplicates)
@@ -198,14 +250,16 @@ def _duplicates(listing: Listing, scan: Inspection, group: np.ndarray, split: np
         members = members.tolist()
         classes = sorted({listing.classes[listing.labels[i]] for i in members})
         where = [SPLITS[split[i]] if split[i] != NONE else "skipped" for i in members]
-        out.append({
-            "sha256": scan.sha256[members[0]].hex(),
-            "paths": [listing.relpaths[i] for i in members],
-            "splits": where,
-            "classes": classes,
-            "cross_class": len(classes) > 1,
-            "crosses_splits": len(set(where) - {"skipped"}) > 1,
-        })
+        out.append(
+            {
+                "sha256": scan.sha256[members[0]].hex(),
+                "paths": [listing.relpaths[i] for i in members],
+                "splits": where,
+                "classes": classes,
+                "cross_class": len(classes) > 1,
+                "crosses_splits": len(set(where) - {"skipped"}) > 1,
+            }
+        )
     return out
 
 
@@ -218,8 +272,13 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
     splits, jobs, total = {}, [], 0
     for code, name in enumerate(SPLITS):
         members = np.flatnonzero(plan.split == code)
-        n = shard_count(len(members), int(scan.size[members].sum()), args.samples_per_shard,
-                        int(args.shard_size * 1e6), args.min_shards)
+        n = shard_count(
+            len(members),
+            int(scan.size[members].sum()),
+            args.samples_per_shard,
+            int(args.shard_size * 1e6),
+            args.min_shards,
+        )
         (stage / name).mkdir()
         for k, shard in enumerate(plan_shards(members, n, args.seed, name)):
             jobs.append((str(stage / name / shard_name(name, k)), shard))
@@ -228,9 +287,20 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
         total += len(members)
 
     def job(path: str, shard: list[int]) -> ShardJob:
-        entries = [Entry(sample_key(listing.relpaths[i]), str(listing.root / listing.relpaths[i]), listing.relpaths[i],
-                         int(plan.label[i]), plan.classes[plan.label[i]], int(scan.width[i]), int(scan.height[i]),
-                         scan.sha256[i], int(scan.field[i])) for i in shard]
+        entries = [
+            Entry(
+                sample_key(listing.relpaths[i]),
+                str(listing.root / listing.relpaths[i]),
+                listing.relpaths[i],
+                int(plan.label[i]),
+                plan.classes[plan.label[i]],
+                int(scan.width[i]),
+                int(scan.height[i]),
+                scan.sha256[i],
+                int(scan.field[i]),
+            )
+            for i in shard
+        ]
         return ShardJob(path, entries, args.resize_short)
 
     results = workers.map(write_shard, (job(p, s) for p, s in jobs), ahead=2)
@@ -248,9 +318,15 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
 
     mean, std = report.mean_std(scan.stats[plan.split == TRAIN])
     return Manifest(
-        classes=plan.classes, splits=splits, mean=mean, std=std,
-        options=recorded_options(args, listing.layout), skipped=plan.skipped, duplicates=plan.duplicates,
-        source=source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        classes=plan.classes,
+        splits=splits,
+        mean=mean,
+        std=std,
+        options=recorded_options(args, listing.layout),
+        skipped=plan.skipped,
+        duplicates=plan.duplicates,
+        source=source,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
 
 

@@ -34,7 +34,9 @@ class RemoteOut:
         except StoreError as e:
             raise PublishError(str(e)) from None
         if self.existing and not overwrite:
-            raise PublishError(f"OUT {self.store.shown} is not empty — pass --overwrite to replace it, or choose a new prefix")
+            raise PublishError(
+                f"OUT {self.store.shown} is not empty — pass --overwrite to replace it, or choose a new prefix"
+            )
 
     @property
     def shown(self) -> str:

@@ -18,6 +18,7 @@ SUMMARY = "summary.txt"
 MAX_SCATTER = 20000  # points in the size plot; more only blots it out and slows it down
 MAX_LABELLED = 60  # classes beyond this get no tick labels (ImageNet's 1000 would be a black smear)
 
+
 def mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
     """RGB mean and std in [0, 1] from rows of (sum x3, sum of squares x3, pixel count)."""
     if len(stats) == 0:
@@ -45,10 +46,17 @@ def plot_classes(manifest: Manifest, path: Path) -> None:
     mean = float((train + val).mean()) if len(names) else 0.0
     ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.1f}")
     if len(names) <= MAX_LABELLED:
-        ax.set_xticks(x, [names[i] for i in order], rotation=45 if len(names) > 8 else 0, ha="right" if len(names) > 8 else "center")
+        ax.set_xticks(
+            x,
+            [names[i] for i in order],
+            rotation=45 if len(names) > 8 else 0,
+            ha="right" if len(names) > 8 else "center",
+        )
     else:
         ax.set_xticks([])
-        ax.set_xlabel(f"{len(names)} classes, sorted by count (largest: {names[order[0]]}, smallest: {names[order[-1]]})")
+        ax.set_xlabel(
+            f"{len(names)} classes, sorted by count (largest: {names[order[0]]}, smallest: {names[order[-1]]})"
+        )
     ax.set_ylabel("images")
     ax.set_title("Images per class")
     ax.legend()
@@ -95,8 +103,15 @@ def reason_kind(reason: str) -> str:
     return reason.split(" (", 1)[0]
 
 
-def summary(manifest: Manifest, out: Path, found: int, ignored: int, width: np.ndarray, height: np.ndarray,
-            notes: Sequence[str] = ()) -> str:
+def summary(
+    manifest: Manifest,
+    out: Path,
+    found: int,
+    ignored: int,
+    width: np.ndarray,
+    height: np.ndarray,
+    notes: Sequence[str] = (),
+) -> str:
     train, val = manifest.splits["train"], manifest.splits["val"]
     mb = lambda s: sum(x.bytes for x in s.shards) / 1e6  # noqa: E731
     lines = [
@@ -113,7 +128,9 @@ def summary(manifest: Manifest, out: Path, found: int, ignored: int, width: np.n
     lines.append(f"  per class train/val: {per_class}{more}")
     if manifest.skipped:
         kinds = Counter(reason_kind(s["reason"]) for s in manifest.skipped)
-        lines.append("  skipped: " + ", ".join(f"{k}: {n}" for k, n in kinds.most_common()) + " (paths in manifest.json)")
+        lines.append(
+            "  skipped: " + ", ".join(f"{k}: {n}" for k, n in kinds.most_common()) + " (paths in manifest.json)"
+        )
     if manifest.duplicates:
         cross = sum(d["cross_class"] for d in manifest.duplicates)
         lines.append(
@@ -122,8 +139,10 @@ def summary(manifest: Manifest, out: Path, found: int, ignored: int, width: np.n
         )
     if len(width):
         short = np.minimum(width, height)
-        lines.append(f"  image size: median {int(np.median(width))}x{int(np.median(height))}, "
-                     f"shorter side min {short.min()} / median {int(np.median(short))} / max {short.max()}")
+        lines.append(
+            f"  image size: median {int(np.median(width))}x{int(np.median(height))}, "
+            f"shorter side min {short.min()} / median {int(np.median(short))} / max {short.max()}"
+        )
     lines.append(f"  train RGB mean {manifest.mean}, std {manifest.std}")
     lines.extend(f"  note: {n}" for n in notes)
     lines.append(f"  wrote {out}/manifest.json, {CLASS_PLOT}, {SIZE_PLOT}, {SUMMARY}")

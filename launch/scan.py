@@ -190,7 +190,15 @@ def inspect_file(path: str, max_pixels: int) -> tuple:
         return sha, len(data), 0, 0, -1, None, "not an image (no known image format)"
     w, h = img.size
     if w * h > max_pixels:
-        return sha, len(data), 0, 0, -1, None, f"decompression bomb ({w}x{h} = {w * h} pixels > --max-pixels {max_pixels})"
+        return (
+            sha,
+            len(data),
+            0,
+            0,
+            -1,
+            None,
+            f"decompression bomb ({w}x{h} = {w * h} pixels > --max-pixels {max_pixels})",
+        )
     try:
         if img.format in ("JPEG", "MPO") and min(w, h) >= 64:
             # Decode at half size by DCT scaling: every byte of the entropy-coded data is still

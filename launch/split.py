@@ -121,7 +121,9 @@ def _fill(order: list[int], sizes: np.ndarray, n: int) -> list[int]:
     return taken
 
 
-def shard_count(num_samples: int, num_bytes: int, samples_per_shard: int | None, shard_bytes: int, min_shards: int) -> int:
+def shard_count(
+    num_samples: int, num_bytes: int, samples_per_shard: int | None, shard_bytes: int, min_shards: int
+) -> int:
     """Enough shards for the size limits and at least ``min_shards`` (never an empty one)."""
     if num_samples == 0:
         return 0

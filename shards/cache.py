@@ -66,13 +66,20 @@ class ShardCache:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CacheError(f"cannot create data.cache_dir {self.root} ({e.strerror}) — choose a writable folder") from None
+            raise CacheError(
+                f"cannot create data.cache_dir {self.root} ({e.strerror}) — choose a writable folder"
+            ) from None
 
     def path(self, entry: Entry) -> Path:
         return self.root / entry.name
 
-    def get(self, entry: Entry, download: Callable[[BinaryIO], tuple[int, str]], protect: Iterable[str] = (),
-            wait: bool = True) -> Path | None:
+    def get(
+        self,
+        entry: Entry,
+        download: Callable[[BinaryIO], tuple[int, str]],
+        protect: Iterable[str] = (),
+        wait: bool = True,
+    ) -> Path | None:
         """The cached file, downloaded first if this node has none. ``download(out)`` writes the
         whole file and returns (bytes, sha256); a mismatch is fetched again once. Space is made by
         evicting files least recently used, never one in ``protect``; with ``wait=False`` (fetching
@@ -96,8 +103,14 @@ class ShardCache:
                         with _flock(self.root / ".space.lock", fcntl.LOCK_EX):  # counted as one file throughout
                             os.replace(part, final)
                         return final
-            what = f"{got[0]} bytes, the manifest says {entry.size}" if got[0] != entry.size else "its sha256 differs from the manifest's"
-            raise CacheError(f"{entry.shown} was downloaded twice and is corrupted ({what}) — re-run make_shards to that location")
+            what = (
+                f"{got[0]} bytes, the manifest says {entry.size}"
+                if got[0] != entry.size
+                else "its sha256 differs from the manifest's"
+            )
+            raise CacheError(
+                f"{entry.shown} was downloaded twice and is corrupted ({what}) — re-run make_shards to that location"
+            )
 
     @contextmanager
     def _reserve(self, entry: Entry, protect: set[str], wait: bool):
@@ -220,8 +233,10 @@ def _allocate(f: BinaryIO, size: int) -> None:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             folder = Path(f.name).parent
-            raise CacheError(f"no space left in the shard cache {folder} ({e.strerror}) — free space there, set "
-                             "data.cache_limit below the free space, or point data.cache_dir at a bigger disk") from None
+            raise CacheError(
+                f"no space left in the shard cache {folder} ({e.strerror}) — free space there, set "
+                "data.cache_limit below the free space, or point data.cache_dir at a bigger disk"
+            ) from None
         f.truncate(size)  # a file system without fallocate
     except AttributeError:  # not on this platform
         f.truncate(size)

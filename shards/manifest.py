@@ -127,7 +127,9 @@ class Manifest:
         for name, s in d["splits"].items():
             shards = [_shard_info(x) for x in s["shards"]]
             index = _shard_info(s["index"]) if s.get("index") else None
-            split = SplitInfo(int(s["num_samples"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards, index)
+            split = SplitInfo(
+                int(s["num_samples"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards, index
+            )
             if sum(x.samples for x in shards) != split.num_samples:
                 raise ValueError(f"split {name!r}: shard sample counts do not add up to num_samples")
             splits[str(name)] = split

@@ -7,6 +7,7 @@ Where a sample's bytes sit comes from the split's sample index (shards/index.py)
 and shared by every process of a node; one read fetches all of a sample's members. Shards made
 before the index existed are indexed by a scan of their tar headers, lazily, per process.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -59,7 +60,9 @@ class ShardIndex:
         try:
             key, fields = parse_sample(data)
         except (tarfile.TarError, ValueError, UnicodeDecodeError) as e:
-            raise ShardError(f"shard {self.files.shown(shard)} is corrupted at sample {position} ({e}) — re-run make_shards") from None
+            raise ShardError(
+                f"shard {self.files.shown(shard)} is corrupted at sample {position} ({e}) — re-run make_shards"
+            ) from None
         return {"__key__": key, "__shard__": self.files.name(shard), **fields}
 
     def labels(self) -> np.ndarray:
@@ -90,7 +93,9 @@ class ShardIndex:
         except SourceError as e:
             raise ShardError(str(e)) from None
         except FileNotFoundError:
-            raise ShardError(f"shard {shown} listed in the manifest is missing — re-run make_shards or restore the file") from None
+            raise ShardError(
+                f"shard {shown} listed in the manifest is missing — re-run make_shards or restore the file"
+            ) from None
         except (tarfile.TarError, OSError, ValueError) as e:
             raise ShardError(f"shard {shown} is corrupted ({e}) — re-run make_shards") from None
         if len(found) != self.counts[shard]:

@@ -70,7 +70,11 @@ class Dataset:
     @functools.cached_property
     def _files_bytes(self) -> int:
         """Bytes of every shard and index of the dataset: what a cache holding all of it needs."""
-        return sum(s.bytes for info in self.manifest.splits.values() for s in info.shards + ([info.index] if info.index else []))
+        return sum(
+            s.bytes
+            for info in self.manifest.splits.values()
+            for s in info.shards + ([info.index] if info.index else [])
+        )
 
     def _check_limit(self, limit: int | None) -> None:
         """Fail now, not hours in, when the cache cannot work: a limit too small to overlap
@@ -110,7 +114,9 @@ class Dataset:
 
     def split(self, name: str) -> SplitFiles:
         if name not in self.manifest.splits or self.manifest.splits[name].num_samples == 0:
-            raise SourceError(f"the shards at {self.shown} have no '{name}' samples — re-run make_shards with a non-zero split")
+            raise SourceError(
+                f"the shards at {self.shown} have no '{name}' samples — re-run make_shards with a non-zero split"
+            )
         info = self.manifest.splits[name]
         prefix = self.manifest.prefix
         entries = [Entry(s.sha256, s.bytes, ".tar", self.store.show(f"{prefix}{name}/{s.name}")) for s in info.shards]
@@ -118,14 +124,30 @@ class Dataset:
         if info.index is not None:
             index = Entry(info.index.sha256, info.index.bytes, ".npy", self.store.show(f"{prefix}{name}/{INDEX_NAME}"))
         rels = [f"{prefix}{name}/{s.name}" for s in info.shards]
-        return SplitFiles(self.store, self.cache, rels, entries, [s.samples for s in info.shards], index, f"{prefix}{name}/{INDEX_NAME}")
+        return SplitFiles(
+            self.store,
+            self.cache,
+            rels,
+            entries,
+            [s.samples for s in info.shards],
+            index,
+            f"{prefix}{name}/{INDEX_NAME}",
+        )
 
 
 class SplitFiles:
     """One split's shards: ``read(shard, offset, length)``, from the folder or the cache."""
 
-    def __init__(self, store: Store, cache: ShardCache | None, rels: list[str], entries: list[Entry], counts: list[int],
-                 index: Entry | None, index_rel: str):
+    def __init__(
+        self,
+        store: Store,
+        cache: ShardCache | None,
+        rels: list[str],
+        entries: list[Entry],
+        counts: list[int],
+        index: Entry | None,
+        index_rel: str,
+    ):
         self.store, self.cache, self.rels, self.entries, self.counts = store, cache, rels, entries, counts
         self.index_entry, self.index_rel = index, index_rel
         self.fetched = multiprocessing.Value("q", 0)  # bytes this rank's processes downloaded (forked workers share it)
@@ -139,7 +161,11 @@ class SplitFiles:
         """Local tar files read in place, with no manifest or sample index (tests, benches)."""
         if len(paths) != len(counts):
             raise ValueError("one sample count per shard is needed")
-        root = Path(os.path.commonpath([Path(p).absolute() for p in paths]) if len(paths) > 1 else Path(paths[0]).absolute().parent)
+        root = Path(
+            os.path.commonpath([Path(p).absolute() for p in paths])
+            if len(paths) > 1
+            else Path(paths[0]).absolute().parent
+        )
         rels = [str(Path(p).absolute().relative_to(root)) for p in paths]
         entries = [Entry("", 0, ".tar", str(p)) for p in paths]
         return cls(Store(str(root)), None, rels, entries, counts, None, "")
@@ -162,7 +188,9 @@ class SplitFiles:
         if self.cache is None:
             for shard, rel in enumerate(self.rels):
                 if not (self.store.local / rel).is_file():
-                    raise SourceError(f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file")
+                    raise SourceError(
+                        f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file"
+                    )
 
     # -- bytes -------------------------------------------------------------------------------
 
@@ -198,7 +226,9 @@ class SplitFiles:
             try:
                 self._fds[shard] = os.open(self.store.local / self.rels[shard], os.O_RDONLY)
             except FileNotFoundError:
-                raise SourceError(f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file") from None
+                raise SourceError(
+                    f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file"
+                ) from None
         return self._fds[shard]
 
     # -- sample index ------------------------------------------------------------------------
@@ -208,13 +238,17 @@ class SplitFiles:
         if self.index_entry is None:
             return None
         if self._index is None:
-            path = self.store.local / self.index_rel if self.cache is None else self._get(self.index_entry, self.index_rel)
+            path = (
+                self.store.local / self.index_rel if self.cache is None else self._get(self.index_entry, self.index_rel)
+            )
             if self.cache is not None:
                 self._hold = self.cache.hold(self.index_entry)  # mapped for the whole run: never evicted under us
             try:
                 self._index = load_index(path, sum(self.counts))
             except (OSError, ValueError) as e:
-                raise SourceError(f"sample index {self.index_entry.shown} cannot be used ({e}) — re-run make_shards") from None
+                raise SourceError(
+                    f"sample index {self.index_entry.shown} cannot be used ({e}) — re-run make_shards"
+                ) from None
         return self._index
 
     def __getstate__(self) -> dict:
@@ -295,11 +329,25 @@ def human(size: float) -> str:
 
 def parse_size(text: str) -> int:
     """'500MB', '40GB', '1.5TB', '123' (bytes) -> bytes (decimal units, as disks are sold; KiB/MiB/GiB too)."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    units = {
+        "": 1,
+        "b": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+        "k": 10**3,
+        "m": 10**6,
+        "g": 10**9,
+        "t": 10**12,
+    }
     s = str(text).strip().lower().replace(" ", "")
     number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(number):]
+    unit = s[len(number) :]
     try:
         value = float(number)
     except ValueError:
@@ -307,4 +355,3 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise ValueError(f"{text!r} is not a size — write it like 500MB, 40GB or 1.5TB")
     return int(value * units[unit])
-

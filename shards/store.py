@@ -58,7 +58,11 @@ def hint(location: str) -> str:
     scheme = location.split("://", 1)[0].lower() if _URL.match(location) else ""
     if scheme == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return f"check the network and AWS_ENDPOINT_URL (now {redact(endpoint)})" if endpoint else "check the network and the bucket's region"
+        return (
+            f"check the network and AWS_ENDPOINT_URL (now {redact(endpoint)})"
+            if endpoint
+            else "check the network and the bucket's region"
+        )
     if scheme in ("gs", "gcs"):
         return "check the network"
     return "check the network and the URL"
@@ -76,12 +80,16 @@ class Store:
             if not allow_pipe:
                 raise StoreError(f"{self.shown} runs a shell command — set data.allow_pipe=true if you mean it")
             if "{path}" not in self.location:
-                raise StoreError("a pipe: location needs {path} where the file's path goes, e.g. 'pipe:aws s3 cp s3://b/x/{path} -'")
+                raise StoreError(
+                    "a pipe: location needs {path} where the file's path goes, e.g. 'pipe:aws s3 cp s3://b/x/{path} -'"
+                )
             self.scheme = "pipe"
         elif _URL.match(self.location):
             self.scheme = self.location.split("://", 1)[0].lower()
             if self.scheme not in SCHEMES:
-                raise StoreError(f"{self.shown}: {self.scheme}:// is not supported — use a local path, s3://, gs://, http(s):// or pipe:")
+                raise StoreError(
+                    f"{self.shown}: {self.scheme}:// is not supported — use a local path, s3://, gs://, http(s):// or pipe:"
+                )
         self._fs = None
         self._pid = None
 
@@ -101,7 +109,9 @@ class Store:
             return self.location.replace("{path}", shlex.quote(rel))
         parts = urlsplit(self.location)
         path = parts.path.rstrip("/") + "/" + rel
-        return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))  # a token in the query goes with each file
+        return urlunsplit(
+            (parts.scheme, parts.netloc, path, parts.query, "")
+        )  # a token in the query goes with each file
 
     def show(self, rel: str) -> str:
         return redact(self.url(rel))
@@ -114,7 +124,11 @@ class Store:
 
             try:
                 options = S3_OPTIONS if self.scheme == "s3" else {}
-                self._fs = fsspec.core.url_to_fs(self.url("x"), skip_instance_cache=True, **options)[0] if self.scheme != "pipe" else None
+                self._fs = (
+                    fsspec.core.url_to_fs(self.url("x"), skip_instance_cache=True, **options)[0]
+                    if self.scheme != "pipe"
+                    else None
+                )
             except ImportError as e:
                 raise StoreError(f"{self.shown} needs the {e.name} package — pip install {e.name}") from None
             self._pid = os.getpid()
@@ -218,7 +232,9 @@ class Store:
         try:
             found = fs.find(root)
         except FileNotFoundError:
-            raise StoreError(f"bucket {root.split('/', 1)[0]!r} does not exist ({self.shown}) — create it first") from None
+            raise StoreError(
+                f"bucket {root.split('/', 1)[0]!r} does not exist ({self.shown}) — create it first"
+            ) from None
         except Exception as e:
             raise StoreError(f"{self.shown}: {classify(e, self.scheme)[1]}") from None
         return sorted(p[len(root) + 1 :] for p in found)
@@ -235,9 +251,20 @@ class Store:
 
 # Exception class names (from botocore, aiohttp, google-auth, fsspec) by what they mean.
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError")
-_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
-                "ConnectionRefusedError", "ServerDisconnectedError", "ReadTimeoutError", "TimeoutError",
-                "ClientPayloadError", "IncompleteReadError", "ResponseStreamingError", "ServerTimeoutError")
+_UNREACHABLE = (
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ClientConnectorError",
+    "ConnectionError",
+    "ConnectionRefusedError",
+    "ServerDisconnectedError",
+    "ReadTimeoutError",
+    "TimeoutError",
+    "ClientPayloadError",
+    "IncompleteReadError",
+    "ResponseStreamingError",
+    "ServerTimeoutError",
+)
 
 
 CREDENTIALS = {

@@ -1,4 +1,5 @@
 """Shared fixtures: real digits shards, and a runner for the real `accelerate launch` command."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,20 @@ def cpu_env(**extra: str) -> dict:
 
 
 def train_command(config: str, overrides: list[str], processes: int = 2) -> list[str]:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     if processes == 1:
         launcher = [sys.executable]
     return launcher + [str(REPO / "trainer/main.py"), "--config", str(REPO / config), *overrides]
@@ -43,13 +56,23 @@ def train_command(config: str, overrides: list[str], processes: int = 2) -> list
 def run_training(overrides: list[str], processes: int = 2, timeout: int = 600, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         train_command("configs/demo.yaml", TINY + overrides, processes),
-        cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=cpu_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 # Settings under which a run is a pure function of its inputs (bit for bit on CPU), for the
 # tests that compare runs: resumed vs uninterrupted, remote vs local shards.
-EXACT = ["train.epochs=2", "train.checkpoint_every=7", "train.deterministic=true", "train.log_every=1", "wandb.mode=disabled"]
+EXACT = [
+    "train.epochs=2",
+    "train.checkpoint_every=7",
+    "train.deterministic=true",
+    "train.log_every=1",
+    "wandb.mode=disabled",
+]
 
 
 @pytest.fixture(scope="session")
@@ -65,16 +88,26 @@ def uninterrupted(digits_shards, tmp_path_factory) -> Path:
 def digits_shards(tmp_path_factory) -> Path:
     """The real make_shards output for scikit-learn's digits (1,618 train / 179 val: an odd val count)."""
     out = tmp_path_factory.mktemp("digits") / "shards"
-    subprocess.run([sys.executable, "-m", "launch.make_shards", "--demo", str(out)], cwd=REPO, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "launch.make_shards", "--demo", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 
 def start_training(overrides: list[str], processes: int = 2, log=None, **env) -> subprocess.Popen:
     """The training command in its own process group, so a test can signal or kill all of it."""
     return subprocess.Popen(
-        train_command("configs/demo.yaml", TINY + overrides, processes), cwd=REPO, env=cpu_env(**env),
-        stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        train_command("configs/demo.yaml", TINY + overrides, processes),
+        cwd=REPO,
+        env=cpu_env(**env),
+        stdout=log or subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -124,8 +157,12 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "AKIDLOOPBACKTEST",
-           "AWS_SECRET_ACCESS_KEY": "loopback-secret-7f3a", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "AKIDLOOPBACKTEST",
+        "AWS_SECRET_ACCESS_KEY": "loopback-secret-7f3a",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     try:
         yield server, env
     finally:
@@ -136,8 +173,12 @@ def s3_fs(env: dict):
     """An s3fs client of the test's own (the test process's environment is left alone)."""
     import s3fs
 
-    return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
-                             endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+    return s3fs.S3FileSystem(
+        key=env["AWS_ACCESS_KEY_ID"],
+        secret=env["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        skip_instance_cache=True,
+    )
 
 
 @contextmanager
@@ -163,5 +204,11 @@ def http_server(root: Path):
 
 
 def make_shards_to(out: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.make_shards", *args, out], cwd=REPO, env=cpu_env(**env),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.make_shards", *args, out],
+        cwd=REPO,
+        env=cpu_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

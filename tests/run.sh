@@ -14,4 +14,7 @@ if [ ${#packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/n
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null) \
     || echo "could not install ${packages[*]}: the tests that need them will fail or be skipped" >&2
 fi
+# Form is kept by a tool: lint and format are checked before any test runs (`ruff format .` fixes the latter).
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest "$@"

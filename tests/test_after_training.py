@@ -3,6 +3,7 @@
 The commands run as a user runs them (subprocesses, `accelerate launch` for 2 processes); the
 independent ones start together, which keeps this file inside a few minutes on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,8 +37,22 @@ def cli(command: str, *args) -> list[str]:
 
 
 def launch_two(script: str, *args) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-            "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / script), *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / script),
+        *map(str, args),
+    ]
 
 
 def run_together(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
@@ -61,7 +76,9 @@ def run_together(commands: dict[str, list[str]]) -> dict[str, subprocess.Complet
 @pytest.fixture(scope="module")
 def run_dir(digits_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("after") / "run"
-    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "wandb.mode=disabled"])
+    result = run_training(
+        [f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "wandb.mode=disabled"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -94,16 +111,40 @@ def folders(digits_shards, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def outputs(run_dir, folders) -> dict[str, subprocess.CompletedProcess]:
     out = folders["root"]
-    return run_together({
-        "eval1": cli("evaluate", run_dir, "--name", "one"),
-        "eval2": launch_two("trainer/evaluate.py", run_dir, "--name", "two"),
-        "eval_folder": cli("evaluate", run_dir, "--data", folders["classes"], "--checkpoint", "final"),
-        "predict": cli("predict", run_dir, folders["classes"], folders["extra"], "--checkpoint", "final",
-                       "--out", out / "pred.csv", "--workers", "1"),
-        "predict_letterbox": cli("predict", run_dir, folders["bad"], folders["classes"], folders["extra"],
-                                 "--checkpoint", "final", "--out", out / "letterbox.csv", "--topk", "3", "--letterbox"),
-        "export": cli("export", run_dir),
-    })
+    return run_together(
+        {
+            "eval1": cli("evaluate", run_dir, "--name", "one"),
+            "eval2": launch_two("trainer/evaluate.py", run_dir, "--name", "two"),
+            "eval_folder": cli("evaluate", run_dir, "--data", folders["classes"], "--checkpoint", "final"),
+            "predict": cli(
+                "predict",
+                run_dir,
+                folders["classes"],
+                folders["extra"],
+                "--checkpoint",
+                "final",
+                "--out",
+                out / "pred.csv",
+                "--workers",
+                "1",
+            ),
+            "predict_letterbox": cli(
+                "predict",
+                run_dir,
+                folders["bad"],
+                folders["classes"],
+                folders["extra"],
+                "--checkpoint",
+                "final",
+                "--out",
+                out / "letterbox.csv",
+                "--topk",
+                "3",
+                "--letterbox",
+            ),
+            "export": cli("export", run_dir),
+        }
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -121,7 +162,9 @@ def test_evaluate_two_processes_equal_one(outputs, run_dir, digits_shards):
     ok(outputs["eval1"]), ok(outputs["eval2"])
     one = json.loads((run_dir / "eval" / "one.json").read_text())
     two = json.loads((run_dir / "eval" / "two.json").read_text())
-    assert one["num_samples"] == Manifest.load(digits_shards).splits["val"].num_samples == sum(map(sum, one["confusion"]))
+    assert (
+        one["num_samples"] == Manifest.load(digits_shards).splits["val"].num_samples == sum(map(sum, one["confusion"]))
+    )
     for key in ["top1", "top5", "per_class", "macro", "confusion", "num_samples"]:
         assert one[key] == two[key], key
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)
@@ -250,12 +293,14 @@ def bad(run_dir, folders, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def errors(run_dir, bad) -> dict[str, subprocess.CompletedProcess]:
     """The cases the issue names, as a user meets them (plus one raised inside a loader worker)."""
-    return run_together({
-        "no_weights": cli("evaluate", bad["no-weights"]),
-        "other_model": cli("evaluate", run_dir, "--checkpoint", bad["other.safetensors"]),
-        "other_classes": cli("evaluate", run_dir, "--data", bad["wrong-classes"]),
-        "broken_image": cli("evaluate", run_dir, "--data", bad["broken-image"], "--workers", "1"),
-    })
+    return run_together(
+        {
+            "no_weights": cli("evaluate", bad["no-weights"]),
+            "other_model": cli("evaluate", run_dir, "--checkpoint", bad["other.safetensors"]),
+            "other_classes": cli("evaluate", run_dir, "--data", bad["wrong-classes"]),
+            "broken_image": cli("evaluate", run_dir, "--data", bad["broken-image"], "--workers", "1"),
+        }
+    )
 
 
 def assert_one_line(code: int, stderr: str, message: str) -> None:
@@ -265,28 +310,34 @@ def assert_one_line(code: int, stderr: str, message: str) -> None:
     assert message in lines[0] and "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no_weights", "has no best.safetensors"),
-    ("other_model", "holds another model"),
-    ("other_classes", "differ from the run's classes"),
-    ("broken_image", "cannot be read as an image"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_weights", "has no best.safetensors"),
+        ("other_model", "holds another model"),
+        ("other_classes", "differ from the run's classes"),
+        ("broken_image", "cannot be read as an image"),
+    ],
+)
 def test_bad_input_is_one_clear_line(errors, case, message):
     assert_one_line(errors[case].returncode, errors[case].stderr, message)
 
 
 # The same contract for the other cases, through each command's main() in this process (no start-up cost).
-@pytest.mark.parametrize("command, args, message", [
-    ("export", ["RUN", "--checkpoint", "BAD/other.pth"], "does not fit the model"),
-    ("evaluate", ["RUN", "--checkpoint", "BAD/missing.safetensors"], "not found"),
-    ("evaluate", ["RUN", "--data", "BAD/empty-class"], "has no images"),
-    ("evaluate", ["RUN", "--data", "BAD/no-images"], "has no class folders"),
-    ("evaluate", ["RUN", "--data", "BAD/nowhere"], "not found"),
-    ("predict", ["BAD", "BAD/broken-image"], "is not a run directory"),
-    ("predict", ["RUN", "BAD/nowhere"], "not found"),
-    ("predict", ["RUN", "BAD/no-images"], "holds no image files"),
-    ("predict", ["BAD/nowhere", "BAD/broken-image"], "run directory"),
-])
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        ("export", ["RUN", "--checkpoint", "BAD/other.pth"], "does not fit the model"),
+        ("evaluate", ["RUN", "--checkpoint", "BAD/missing.safetensors"], "not found"),
+        ("evaluate", ["RUN", "--data", "BAD/empty-class"], "has no images"),
+        ("evaluate", ["RUN", "--data", "BAD/no-images"], "has no class folders"),
+        ("evaluate", ["RUN", "--data", "BAD/nowhere"], "not found"),
+        ("predict", ["BAD", "BAD/broken-image"], "is not a run directory"),
+        ("predict", ["RUN", "BAD/nowhere"], "not found"),
+        ("predict", ["RUN", "BAD/no-images"], "holds no image files"),
+        ("predict", ["BAD/nowhere", "BAD/broken-image"], "run directory"),
+    ],
+)
 def test_bad_input_in_process(run_dir, bad, capsys, command, args, message):
     from trainer import evaluate, predict
 

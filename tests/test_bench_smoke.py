@@ -1,5 +1,6 @@
 """bench/gpu.sh --smoke: every step of the GPU bench runs on a CPU with tiny sizes, and the
 results file holds every row (model, loader, end to end, time to the first step)."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 def test_gpu_bench_smoke_writes_every_row(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_BENCH_WORK=str(tmp_path / "work"))
-    proc = subprocess.run(["bash", "bench/gpu.sh", "--smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "bench/gpu.sh", "--smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu-bench.json").read_text())
     md = (out / "gpu-bench.md").read_text()
@@ -25,15 +28,27 @@ def test_gpu_bench_smoke_writes_every_row(tmp_path):
     logs = (out / "gpu-bench-logs.txt").read_text()
 
     steps = {s["name"]: s for s in report["steps"]}
-    assert all(s["status"] == "ok" for s in steps.values()), ({n: s["note"] for n, s in steps.items() if s["status"] != "ok"}, logs[-3000:])
+    assert all(s["status"] == "ok" for s in steps.values()), (
+        {n: s["note"] for n, s in steps.items() if s["status"] != "ok"},
+        logs[-3000:],
+    )
     rows = report["rows"]
 
     # model rows: compiled setting at both batches, the efficient and candidate variants, eager
     model = {(r["variant"], r["batch"], r["part"]): r for r in rows["model"]}
     b1, b2 = report["meta"]["batches"]
-    expected = [("tv", b1, "model"), ("ours-se", b1, "model"), ("ours-se-eff", b1, "model"),
-                ("ours-se-sharedbn", b1, "cand"), ("cand-se-sumfc", b1, "cand"), ("tv", b2, "b256"), ("ours-se", b2, "b256"),
-                ("tv", b1, "eager"), ("ours-se", b1, "eager"), ("ours-se-eff", b1, "eager")]
+    expected = [
+        ("tv", b1, "model"),
+        ("ours-se", b1, "model"),
+        ("ours-se-eff", b1, "model"),
+        ("ours-se-sharedbn", b1, "cand"),
+        ("cand-se-sumfc", b1, "cand"),
+        ("tv", b2, "b256"),
+        ("ours-se", b2, "b256"),
+        ("tv", b1, "eager"),
+        ("ours-se", b1, "eager"),
+        ("ours-se-eff", b1, "eager"),
+    ]
     assert sorted(model) == sorted(expected)
     for key in expected:
         assert model[key]["status"] == "ok" and model[key]["img_s"] > 0, model[key]
@@ -62,8 +77,17 @@ def test_gpu_bench_smoke_writes_every_row(tmp_path):
         assert row["cold_s"] > 0 and row["warm_s"] > 0, row
 
     assert {t["target"] for t in report["targets"]} >= {
-        f"SE on vs torchvision, {report['meta']['compile']}, batch {b1}", "end to end (trainer, warm) vs model-only"}
-    for heading in ("## Model training step", "## Loader alone", "## End to end", "## Time to the first step", "## Targets", "## Steps"):
+        f"SE on vs torchvision, {report['meta']['compile']}, batch {b1}",
+        "end to end (trainer, warm) vs model-only",
+    }
+    for heading in (
+        "## Model training step",
+        "## Loader alone",
+        "## End to end",
+        "## Time to the first step",
+        "## Targets",
+        "## Steps",
+    ):
         assert heading in md
     for variant in ("ours-se-sharedbn", "cand-se-sumfc", "ours-se-eff"):
         assert f"| {variant} |" in md

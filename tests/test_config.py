@@ -55,7 +55,9 @@ def test_required_keys():
 def test_cli_reports_config_error_without_traceback():
     result = subprocess.run(
         [sys.executable, "trainer/main.py", "--config", "configs/demo.yaml", "optim.lrr=0.1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown config key 'optim.lrr' — did you mean 'optim.lr'?"
@@ -73,7 +75,11 @@ def test_bare_no_means_no_mixed_precision(tmp_path):
 
 def launcher_env(precision: str | None = None, backend: str | None = None, mode: str | None = None) -> dict:
     """What `accelerate launch` puts in the processes' environment (it always sets all three)."""
-    env = {"ACCELERATE_MIXED_PRECISION": precision, "ACCELERATE_DYNAMO_BACKEND": backend, "ACCELERATE_DYNAMO_MODE": mode}
+    env = {
+        "ACCELERATE_MIXED_PRECISION": precision,
+        "ACCELERATE_DYNAMO_BACKEND": backend,
+        "ACCELERATE_DYNAMO_MODE": mode,
+    }
     return {k: v for k, v in env.items() if v is not None}
 
 
@@ -103,7 +109,13 @@ def test_precision_resolution(config_value, launcher):
     assert (got.compile, got.backend) == ("none", "no")
 
 
-LAUNCHED_COMPILE = [None, ("NO", "default"), ("INDUCTOR", "default"), ("INDUCTOR", "max-autotune"), ("EAGER", "default")]
+LAUNCHED_COMPILE = [
+    None,
+    ("NO", "default"),
+    ("INDUCTOR", "default"),
+    ("INDUCTOR", "max-autotune"),
+    ("EAGER", "default"),
+]
 
 
 @pytest.mark.parametrize("config_value", [None, "none", "default", "max-autotune"])
@@ -121,7 +133,9 @@ def test_compile_resolution(config_value, launcher):
     else:
         assert (got.compile, got.backend, got.compile_from) == ("none", "no", "default")
     conflict = config_value is not None and chose and (backend, mode) != ("INDUCTOR", config_value)
-    expected = [f"note: train.compile={config_value} (config) overrides accelerate launch's {str(backend).lower()} (mode {mode})"]
+    expected = [
+        f"note: train.compile={config_value} (config) overrides accelerate launch's {str(backend).lower()} (mode {mode})"
+    ]
     assert list(got.notes) == (expected if conflict else [])
     assert got.mixed_precision == "no"
 
@@ -130,8 +144,10 @@ def test_both_conflicts_give_one_line_each():
     train = load_config(None, REQUIRED + ["train.mixed_precision=no", "train.compile=none"]).train
     got = resolve_launch(train, launcher_env("bf16", "INDUCTOR", "reduce-overhead"))
     assert (got.mixed_precision, got.compile, got.backend) == ("no", "none", "no")
-    assert got.notes == ("note: train.mixed_precision=no (config) overrides accelerate launch's bf16",
-                         "note: train.compile=none (config) overrides accelerate launch's inductor (mode reduce-overhead)")
+    assert got.notes == (
+        "note: train.mixed_precision=no (config) overrides accelerate launch's bf16",
+        "note: train.compile=none (config) overrides accelerate launch's inductor (mode reduce-overhead)",
+    )
 
 
 def test_outside_accelerate_launch_means_no_and_none():
@@ -147,14 +163,18 @@ def test_a_launcher_choice_the_trainer_lacks_is_a_one_line_error_unless_the_conf
         resolve_launch(train, launcher_env(backend="INDUCTOR", mode="max-autotune-no-cudagraphs"))
     decided = load_config(None, REQUIRED + ["train.mixed_precision=bf16"]).train
     assert resolve_launch(decided, launcher_env("fp8")).notes == (
-        "note: train.mixed_precision=bf16 (config) overrides accelerate launch's fp8",)
+        "note: train.mixed_precision=bf16 (config) overrides accelerate launch's fp8",
+    )
 
 
 def test_saved_configs_old_and_new_load_back(tmp_path):
     """Old runs saved "no"/"none", new ones what was resolved; a None reads back as None."""
     for precision, compiled in [("no", "none"), ("bf16", "default"), (None, None)]:
-        saved = to_dict(load_config(None, REQUIRED + [f"train.mixed_precision={precision or 'null'}",
-                                                      f"train.compile={compiled or 'null'}"]))
+        saved = to_dict(
+            load_config(
+                None, REQUIRED + [f"train.mixed_precision={precision or 'null'}", f"train.compile={compiled or 'null'}"]
+            )
+        )
         train = config_from_dict(saved).train
         assert (train.mixed_precision, train.compile) == (precision, compiled)
 

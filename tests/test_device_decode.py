@@ -1,6 +1,7 @@
 """data.decode=device computes what the workers compute: the same crops and flips from the same
 seeds, on images decoded by torchvision instead of PIL. Run here on the CPU device; on a GPU the
 same code decodes with nvJPEG."""
+
 import io
 import tarfile
 
@@ -158,7 +159,9 @@ def test_jpeg_draft_decodes_big_photos_smaller_and_crops_the_same_region(orienta
     other = (crops(draft, [s + 100 for s in SEEDS]) - expected).abs().mean((1, 2, 3))
     assert other.min() > 2 * error.max()  # another seed's crop is much further off
     # The decoder really runs smaller: libjpeg's 1/8 scale (upright, so turned when rotated).
-    assert finish_rgb(open_image(data, lambda w, h: (w // 8, h // 8))).size == ((200, 150) if orientation == 1 else (150, 200))
+    assert finish_rgb(open_image(data, lambda w, h: (w // 8, h // 8))).size == (
+        (200, 150) if orientation == 1 else (150, 200)
+    )
 
 
 def test_jpeg_draft_changes_nothing_when_the_crop_needs_full_resolution():
@@ -177,8 +180,9 @@ def test_workers_augment_like_the_plain_pil_pipeline():
     from torchvision.transforms import v2
 
     preset = TrainPreset(data_config(), MEAN, STD)
-    reference = v2.Compose([v2.RandomResizedCrop(32, scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                            v2.PILToTensor()])
+    reference = v2.Compose(
+        [v2.RandomResizedCrop(32, scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
+    )
     for (field, data, _), seed in zip([*SAMPLES, ("jpg", big_photo(1600, 1200), True)], SEEDS + [17]):
         torch.manual_seed(seed)
         fast = preset(preset.decode(data))

@@ -1,4 +1,5 @@
 """Bad input and faults during training: one clear line, a non-zero exit, nothing lost."""
+
 import json
 import shutil
 import tarfile
@@ -58,11 +59,21 @@ def test_missing_shard_fails_before_training(digits_shards, tmp_path):
 
 def test_checkpoint_of_another_model_is_refused(digits_shards, tmp_path):
     run = tmp_path / "run"
-    first = run_training([f"data.shards={digits_shards}", f"run.dir={run}", "train.epochs=1", "wandb.mode=disabled"], processes=1)
+    first = run_training(
+        [f"data.shards={digits_shards}", f"run.dir={run}", "train.epochs=1", "wandb.mode=disabled"], processes=1
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    other = run_training([f"data.shards={digits_shards}", f"run.dir={run}", "train.epochs=2", "model.growth_rate=6",
-                          "wandb.mode=disabled"], processes=1)
+    other = run_training(
+        [
+            f"data.shards={digits_shards}",
+            f"run.dir={run}",
+            "train.epochs=2",
+            "model.growth_rate=6",
+            "wandb.mode=disabled",
+        ],
+        processes=1,
+    )
     _one_line_error(other, "of another model", "new run.dir")
     assert "Traceback" not in other.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing lost
@@ -71,13 +82,17 @@ def test_checkpoint_of_another_model_is_refused(digits_shards, tmp_path):
 def test_unwritable_run_dir_fails_before_training(digits_shards, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = run_training([f"data.shards={digits_shards}", f"run.dir={blocker / 'run'}", "wandb.mode=disabled"], processes=1)
+    result = run_training(
+        [f"data.shards={digits_shards}", f"run.dir={blocker / 'run'}", "wandb.mode=disabled"], processes=1
+    )
     _one_line_error(result, "cannot write to run.dir")
     assert "Traceback" not in result.stderr
 
 
 def test_asking_for_a_gpu_without_one(digits_shards, tmp_path):
-    result = run_training([f"data.shards={digits_shards}", f"run.dir={tmp_path / 'run'}", "train.device=cuda"], processes=1)
+    result = run_training(
+        [f"data.shards={digits_shards}", f"run.dir={tmp_path / 'run'}", "train.device=cuda"], processes=1
+    )
     _one_line_error(result, "no GPU")
     assert "Traceback" not in result.stderr
 
@@ -89,8 +104,12 @@ def test_missing_shards_folder(tmp_path):
 
 
 def test_wandb_online_without_an_account_fails_before_training(digits_shards, tmp_path):
-    result = run_training([f"data.shards={digits_shards}", f"run.dir={tmp_path / 'run'}", "wandb.mode=online"],
-                          processes=1, WANDB_API_KEY="", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    result = run_training(
+        [f"data.shards={digits_shards}", f"run.dir={tmp_path / 'run'}", "wandb.mode=online"],
+        processes=1,
+        WANDB_API_KEY="",
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+    )
     _one_line_error(result, "wandb (online) could not start", "wandb.mode=offline")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

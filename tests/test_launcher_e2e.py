@@ -1,5 +1,6 @@
 """`accelerate launch --mixed_precision/--dynamo_backend` against train.mixed_precision/train.compile:
 real launches of the default demo config (TINY, one process, CPU)."""
+
 import json
 import subprocess
 import sys
@@ -14,10 +15,26 @@ pytestmark = pytest.mark.e2e
 
 
 def launch(launcher_args: list[str], overrides: list[str], shards: Path, run_dir: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               *launcher_args, str(REPO / "trainer/main.py"), "--config", str(REPO / "configs/demo.yaml"), *TINY,
-               f"data.shards={shards}", f"run.dir={run_dir}", "train.epochs=1", "train.deterministic=true",
-               "wandb.mode=disabled", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        *launcher_args,
+        str(REPO / "trainer/main.py"),
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        *TINY,
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        "train.epochs=1",
+        "train.deterministic=true",
+        "wandb.mode=disabled",
+        *overrides,
+    ]
     # HF_HOME of its own: no `accelerate config` file of this machine's takes part
     env = cpu_env(HF_HOME=str(run_dir.parent / "hf"))
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -29,7 +46,10 @@ def runs(digits_shards, tmp_path_factory) -> dict:
     bf16 and inductor; fp32: a launch that chose nothing."""
     cases = {
         "bf16": (["--mixed_precision", "bf16"], []),
-        "no": (["--mixed_precision", "bf16", "--dynamo_backend", "inductor"], ["train.mixed_precision=no", "train.compile=none"]),
+        "no": (
+            ["--mixed_precision", "bf16", "--dynamo_backend", "inductor"],
+            ["train.mixed_precision=no", "train.compile=none"],
+        ),
         "fp32": ([], []),
     }
     done = {}

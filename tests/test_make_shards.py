@@ -200,8 +200,11 @@ def test_shards_are_balanced_and_never_empty(n):
 def test_inspect_reasons(tmp_path):
     good = encode(noise((60, 40)), "JPEG")
     files = {
-        "ok.jpg": good, "empty.jpg": b"", "fake.jpg": b"just some text, not a picture\n",
-        "cut.jpg": good[: len(good) // 2], "bomb.png": bomb_png(),
+        "ok.jpg": good,
+        "empty.jpg": b"",
+        "fake.jpg": b"just some text, not a picture\n",
+        "cut.jpg": good[: len(good) // 2],
+        "bomb.png": bomb_png(),
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -264,8 +267,12 @@ def test_staging_and_publish(tmp_path):
 def _manifest() -> Manifest:
     shard = ShardInfo("train-000000.tar", 2, 10240, "0" * 64)
     return Manifest(
-        classes=["a", "狗"], splits={"train": SplitInfo(2, {"a": 1, "狗": 1}, [shard]), "val": SplitInfo(0, {"a": 0, "狗": 0}, [])},
-        mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], options={"seed": 0}, skipped=[{"path": "a/x.jpg", "reason": "empty file"}],
+        classes=["a", "狗"],
+        splits={"train": SplitInfo(2, {"a": 1, "狗": 1}, [shard]), "val": SplitInfo(0, {"a": 0, "狗": 0}, [])},
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        options={"seed": 0},
+        skipped=[{"path": "a/x.jpg", "reason": "empty file"}],
     )
 
 

@@ -20,7 +20,6 @@ from PIL import Image
 
 from shards.format import decode_rgb
 from shards.manifest import Manifest
-
 from tests.conftest import wait_for
 from tests.test_make_shards import bomb_png, encode, noise, with_orientation
 
@@ -49,7 +48,8 @@ def tree(path: Path) -> dict[str, str]:
     """Every file under ``path`` -> sha256 of its bytes (to prove a folder was not touched)."""
     return {
         str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*")) if p.is_file()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -363,11 +363,14 @@ def test_out_not_empty_is_refused_and_left_untouched_then_overwritten(corpus, tm
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--val-fraction", "1.5"], ["--val-fraction"]),
-    (["--workers", "0"], ["--workers"]),
-    (["--bogus"], ["unrecognized"]),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--val-fraction", "1.5"], ["--val-fraction"]),
+        (["--workers", "0"], ["--workers"]),
+        (["--bogus"], ["unrecognized"]),
+    ],
+)
 def test_bad_options(corpus, tmp_path, args, words):
     assert_one_line_error(make_shards(corpus[0], tmp_path / "out", *args, check=False), *words)
     assert not (tmp_path / "out").exists()
@@ -399,5 +402,7 @@ def test_ctrl_c_leaves_out_untouched(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130 and err.strip().splitlines() == ["error: interrupted — OUT was left as it was; run the command again"]
+    assert proc.returncode == 130 and err.strip().splitlines() == [
+        "error: interrupted — OUT was left as it was; run the command again"
+    ]
     assert os.listdir(out) == ["old.txt"] and sorted(os.listdir(work)) == ["out"]

@@ -1,6 +1,7 @@
 """SE-DenseNet invariants: equals torchvision's DenseNet with SE off (structure, parameter count,
 weights, outputs), efficient equals plain (eager and compiled, with less memory; compiled, no convolution runs twice), every named depth
 builds, and load_weights refuses what does not fit with a one-line error."""
+
 import re
 import warnings
 
@@ -143,7 +144,9 @@ def test_wrong_architecture_raises_one_line_and_leaves_model_alone():
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     other = tiny(growth_rate=12).state_dict()
-    with pytest.raises(ValueError, match=r"different architecture: features\.\S+ has shape file \(.*\) vs model \(.*\)") as err:
+    with pytest.raises(
+        ValueError, match=r"different architecture: features\.\S+ has shape file \(.*\) vs model \(.*\)"
+    ) as err:
         load_weights(model, other)
     assert "\n" not in str(err.value)
     partial = {k: v for k, v in tiny().state_dict().items() if "denselayer3" not in k}
@@ -232,14 +235,18 @@ def _graph_recorder(graphs: dict):
         return compiler
 
     return aot_autograd(
-        fw_compiler=record("forward"), bw_compiler=record("backward"),
-        partition_fn=min_cut_rematerialization_partition, keep_inference_input_mutations=True,
+        fw_compiler=record("forward"),
+        bw_compiler=record("backward"),
+        partition_fn=min_cut_rematerialization_partition,
+        keep_inference_input_mutations=True,
     )
 
 
 def _saved_for_backward_bytes(forward: torch.fx.GraphModule) -> int:
     outputs = next(n for n in forward.graph.nodes if n.op == "output").args[0]
-    vals = [o.meta["val"] for o in outputs if isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), torch.Tensor)]
+    vals = [
+        o.meta["val"] for o in outputs if isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), torch.Tensor)
+    ]
     return sum(v.untyped_storage().nbytes() for v in vals)
 
 
@@ -259,7 +266,9 @@ def test_efficient_compiled_equals_plain_and_recomputes_only_cheap_ops():
     assert forward_convolutions(plain_graphs["backward"]) == 0
     saved_plain = _saved_for_backward_bytes(plain_graphs["forward"])
     saved_efficient = _saved_for_backward_bytes(efficient_graphs["forward"])
-    print(f"saved for backward, compiled: plain {saved_plain / 2**20:.1f} MiB, efficient {saved_efficient / 2**20:.1f} MiB")
+    print(
+        f"saved for backward, compiled: plain {saved_plain / 2**20:.1f} MiB, efficient {saved_efficient / 2**20:.1f} MiB"
+    )
     assert saved_efficient < 0.7 * saved_plain
     torch._dynamo.reset()
 
@@ -352,15 +361,22 @@ def test_shared_bn_compiled_equals_plain(efficient):
     x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
     for _ in range(2):  # the second step starts from the running stats the first one left
         _assert_same_training_step(plain, shared, plain, run_shared, x)
+
     # Compiled, no norm1 passes over its whole concatenated input any more: the channels put
     # through batch statistics drop from every layer's input width to each map's own width.
     def normalized_channels(model: torch.nn.Module, gm: torch.fx.GraphModule | None = None) -> int:
         if gm is None:
             return sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-        return sum(n.args[0].meta["val"].shape[1] for n in gm.graph.nodes
-                   if "batch_norm" in str(n.target) and "backward" not in str(n.target))
-    print(f"channels through batch statistics: plain {normalized_channels(plain)}, "
-          f"shared {normalized_channels(shared, graphs['forward'])}")
+        return sum(
+            n.args[0].meta["val"].shape[1]
+            for n in gm.graph.nodes
+            if "batch_norm" in str(n.target) and "backward" not in str(n.target)
+        )
+
+    print(
+        f"channels through batch statistics: plain {normalized_channels(plain)}, "
+        f"shared {normalized_channels(shared, graphs['forward'])}"
+    )
     norm1 = sum(m.norm1.num_features for m in plain.modules() if hasattr(m, "norm1"))
     assert normalized_channels(plain) - normalized_channels(shared, graphs["forward"]) > 0.6 * norm1
     torch._dynamo.reset()

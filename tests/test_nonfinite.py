@@ -1,4 +1,5 @@
 """A non-finite step changes nothing: weights, optimizer state, BN statistics and EMA stay as they were."""
+
 import copy
 
 import pytest
@@ -83,8 +84,13 @@ def test_ema_matches_averaged_models_own_update_on_finite_steps():
 
 
 def test_nonfinite_values_are_named_and_never_written():
-    state = {"model": {"w": torch.ones(3), "n": torch.tensor(4)}, "optimizer": {"state": {0: {"exp_avg": torch.tensor([1.0, float("inf")])}},
-             "param_groups": [{"lr": float("nan")}]}}
+    state = {
+        "model": {"w": torch.ones(3), "n": torch.tensor(4)},
+        "optimizer": {
+            "state": {0: {"exp_avg": torch.tensor([1.0, float("inf")])}},
+            "param_groups": [{"lr": float("nan")}],
+        },
+    }
     assert nonfinite_names(state) == ["optimizer.state.0.exp_avg", "optimizer.param_groups.0.lr"]
     with pytest.raises(NonFiniteError, match="optimizer.state.0.exp_avg and 1 more"):
         assert_finite(state, "weights", 7)

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -37,7 +36,9 @@ def test_scheduler_steps_per_optimizer_step_and_scales_each_group():
 
 
 def test_no_weight_decay_on_bn_and_bias():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
     model(torch.zeros(1, 3, 5, 5))
     groups = param_groups(model, OptimConfig(weight_decay=0.05))
     for group in groups:
@@ -47,7 +48,9 @@ def test_no_weight_decay_on_bn_and_bias():
     assert decayed == {id(model[0].weight), id(model[3].weight)}
 
 
-@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
+@pytest.mark.parametrize(
+    "name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]
+)
 def test_optimizer_choice(name, cls):
     model = torch.nn.Linear(2, 2)
     opt = make_optimizer(param_groups(model, OptimConfig(name=name)), OptimConfig(name=name, nesterov=True))

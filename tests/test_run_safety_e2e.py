@@ -1,5 +1,6 @@
 """Runs that cannot go wrong silently: non-finite steps, two trainers on one run dir, a full
 disk, a frozen rank. Real 2-process gloo runs; status.json is checked after each."""
+
 import json
 import os
 import signal
@@ -50,15 +51,26 @@ def _tensors(value, name):
 
 def test_a_diverging_run_stops_with_one_line_and_writes_nothing_nonfinite(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", "optim.lr=1e6", "train.epochs=3",
-                           "train.max_bad_steps=5", "train.checkpoint_every=3", "wandb.mode=disabled"])
+    result = run_training(
+        [
+            f"data.shards={digits_shards}",
+            f"run.dir={run_dir}",
+            "optim.lr=1e6",
+            "train.epochs=3",
+            "train.max_bad_steps=5",
+            "train.checkpoint_every=3",
+            "wandb.mode=disabled",
+        ]
+    )
     assert result.returncode != 0, result.stderr[-3000:]
     (line,) = errors(result.stderr)  # both ranks stop; the main process says why
     streak = int(line.removeprefix("error: ").split()[0])
     assert streak >= 5 and "optimizer steps in a row had a non-finite loss or gradient" in line, line
     assert "(step " in line and "loss nan" in line and "lower optim.lr" in line and "it resumes from ckpt-" in line
     assert status(run_dir)["state"] == "failed" and status(run_dir)["reason"] == line.removeprefix("error: ")
-    skipped = sum(r.get("skipped_steps", 0) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()))
+    skipped = sum(
+        r.get("skipped_steps", 0) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    )
     assert skipped >= 5
     assert not (run_dir / "final.safetensors").exists()
     tensors = list(every_tensor(run_dir))
@@ -70,20 +82,41 @@ def test_a_diverging_run_stops_with_one_line_and_writes_nothing_nonfinite(digits
 def test_a_single_bad_batch_is_skipped_and_the_run_completes(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     # The main process's loss is NaN at steps 4 and 5: the all-reduced gradients are NaN on both ranks.
-    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "train.log_every=1",
-                           "wandb.mode=disabled"], TRAINER_TEST_NAN_AT_STEPS="4,5")
+    result = run_training(
+        [
+            f"data.shards={digits_shards}",
+            f"run.dir={run_dir}",
+            "train.epochs=1",
+            "train.log_every=1",
+            "wandb.mode=disabled",
+        ],
+        TRAINER_TEST_NAN_AT_STEPS="4,5",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"]: r.get("skipped_steps", 0) for r in records if r["kind"] == "train" and r["step"] <= 6} == {
-        1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 0}
+        1: 0,
+        2: 0,
+        3: 0,
+        4: 1,
+        5: 1,
+        6: 0,
+    }
     assert status(run_dir)["state"] == "completed"
-    assert all(torch.isfinite(t).all() for t in load_file(run_dir / "final.safetensors").values() if t.is_floating_point())
+    assert all(
+        torch.isfinite(t).all() for t in load_file(run_dir / "final.safetensors").values() if t.is_floating_point()
+    )
 
 
 def test_a_second_trainer_on_the_same_run_dir_exits_2_and_touches_nothing(digits_shards, tmp_path):
     run_dir, release = tmp_path / "run", tmp_path / "release"
-    overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "train.checkpoint_every=3",
-                 "wandb.mode=disabled"]
+    overrides = [
+        f"data.shards={digits_shards}",
+        f"run.dir={run_dir}",
+        "train.epochs=1",
+        "train.checkpoint_every=3",
+        "wandb.mode=disabled",
+    ]
     first = start_training(overrides, **{PAUSE_ENV: "3", RELEASE_ENV: str(release)})
     try:
         wait_for(lambda: Path(f"{release}.paused").exists(), timeout=300, process=first)
@@ -118,7 +151,9 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_a_full_disk_mid_run_is_one_line_and_the_restart_resumes_exactly(digits_shards, uninterrupted, small_disk, tmp_path):
+def test_a_full_disk_mid_run_is_one_line_and_the_restart_resumes_exactly(
+    digits_shards, uninterrupted, small_disk, tmp_path
+):
     run_dir, release, filler = small_disk / "run", tmp_path / "release", small_disk / "filler"
     overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT]
     process = start_training(overrides, **{PAUSE_ENV: "14", RELEASE_ENV: str(release)})
@@ -133,8 +168,10 @@ def test_a_full_disk_mid_run_is_one_line_and_the_restart_resumes_exactly(digits_
         kill_group(process, signal.SIGKILL)
     assert process.returncode != 0, output[-3000:]
     (line,) = errors(output)
-    assert line == (f"error: cannot write {run_dir}/checkpoints/ckpt-000000014.tmp/COMPLETE: no space left on the device "
-                    "— free space, then start the same command: it resumes from ckpt-000000007")
+    assert line == (
+        f"error: cannot write {run_dir}/checkpoints/ckpt-000000014.tmp/COMPLETE: no space left on the device "
+        "— free space, then start the same command: it resumes from ckpt-000000007"
+    )
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["ckpt-000000007"]  # the partial one is gone
     assert status(run_dir)["state"] == "failed" and "no space left" in status(run_dir)["reason"]
 
@@ -171,7 +208,8 @@ def test_a_frozen_rank_makes_the_job_leave_within_the_timeout(digits_shards, tmp
                 pass
         kill_group(process, signal.SIGKILL)
     assert process.returncode != 0, output[-3000:]
-    assert any("no answer from another process of the job for train.collective_timeout_s" in line
-               for line in errors(output)), output[-3000:]
+    assert any(
+        "no answer from another process of the job for train.collective_timeout_s" in line for line in errors(output)
+    ), output[-3000:]
     assert status(run_dir)["state"] == "failed"
     assert checkpoint.complete_checkpoints(run_dir / "checkpoints")[-1].name == "ckpt-000000007"

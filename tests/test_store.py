@@ -1,4 +1,5 @@
 """The sample index, the store, the node-local cache and the shard-block order, without servers."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,10 @@ def test_make_shards_writes_the_index_readers_map(digits_shards):
         load_index(digits_shards / "train" / "index.npy", 5)
 
 
-@pytest.mark.parametrize("text, size", [("500MB", 500_000_000), ("40GB", 40 * 10**9), ("1.5 TB", 1_500_000_000_000),
-                                        ("2GiB", 2 * 2**30), ("123", 123)])
+@pytest.mark.parametrize(
+    "text, size",
+    [("500MB", 500_000_000), ("40GB", 40 * 10**9), ("1.5 TB", 1_500_000_000_000), ("2GiB", 2 * 2**30), ("123", 123)],
+)
 def test_sizes_read_like_disks_are_sold(text, size):
     assert parse_size(text) == size
 
@@ -241,7 +244,14 @@ def test_a_process_forked_while_another_thread_holds_a_cache_lock_does_not_keep_
 def test_upload_puts_the_manifest_last_and_removes_the_old_dataset_only_after(tmp_path):
     from launch.publish import upload
 
-    for rel in ("manifest.json", "_info.json", "summary.txt", "train/train-000000.tar", "train/index.npy", "val/val-000000.tar"):
+    for rel in (
+        "manifest.json",
+        "_info.json",
+        "summary.txt",
+        "train/train-000000.tar",
+        "train/index.npy",
+        "val/val-000000.tar",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     calls = []
@@ -257,8 +267,14 @@ def test_upload_puts_the_manifest_last_and_removes_the_old_dataset_only_after(tm
     upload(tmp_path, Recorder(), "build-1/", old)
     puts = [rel for kind, rel in calls if kind == "put"]
     assert puts[-2:] == ["_info.json", "manifest.json"]
-    assert set(puts) == {"manifest.json", "_info.json", "summary.txt", "build-1/train/train-000000.tar",
-                         "build-1/train/index.npy", "build-1/val/val-000000.tar"}
+    assert set(puts) == {
+        "manifest.json",
+        "_info.json",
+        "summary.txt",
+        "build-1/train/train-000000.tar",
+        "build-1/train/index.npy",
+        "build-1/val/val-000000.tar",
+    }
     assert calls[-1] == ("delete", ["stray.txt", "train/index.npy", "train/train-000000.tar"])
 
 

@@ -1,5 +1,6 @@
 """Shards on object storage and HTTP: real servers on loopback (moto's S3, Python's file server),
 real make_shards uploads, real 2-process gloo training that reads through the node-local cache."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,20 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import (
-    EXACT, REPO, cpu_env, http_server, kill_group, make_shards_to, run_training, s3_fs, s3_server, start_training, wait_for,
-)
 from shards.cache import ShardCache
+from tests.conftest import (
+    EXACT,
+    REPO,
+    cpu_env,
+    http_server,
+    kill_group,
+    make_shards_to,
+    run_training,
+    s3_fs,
+    s3_server,
+    start_training,
+    wait_for,
+)
 from trainer import checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -88,12 +99,17 @@ def test_make_shards_uploads_the_manifest_last_and_replaces_only_when_complete(s
     for shard in manifest["splits"]["train"]["shards"]:
         assert f"data/other/{manifest['prefix']}train/{shard['name']}" in left
     missing = make_shards_to("s3://nobucket/x", s3, "--demo")
-    assert missing.returncode == 2 and missing.stderr.strip() == "error: bucket 'nobucket' does not exist (s3://nobucket/x) — create it first"
+    assert (
+        missing.returncode == 2
+        and missing.stderr.strip() == "error: bucket 'nobucket' does not exist (s3://nobucket/x) — create it first"
+    )
 
 
 def test_training_from_s3_with_no_limit_equals_training_from_the_local_copy(s3, uninterrupted, tmp_path):
     local, remote = uninterrupted, tmp_path / "remote"
-    b = run_training(["data.shards=s3://data/digits", f"run.dir={remote}", f"data.cache_dir={tmp_path / 'cache'}", *EXACT], **s3)
+    b = run_training(
+        ["data.shards=s3://data/digits", f"run.dir={remote}", f"data.cache_dir={tmp_path / 'cache'}", *EXACT], **s3
+    )
     assert b.returncode == 0, b.stderr[-3000:]
     assert_same_weights(local, remote)
     assert eval_records(local)[-1]["top1"] == eval_records(remote)[-1]["top1"]
@@ -107,8 +123,16 @@ def limited(s3, tmp_path_factory):
     work = tmp_path_factory.mktemp("limited")
     run_dir, cache = work / "run", work / "cache"
     with CacheWatch(cache / "se-densenet-shards") as watch:
-        result = run_training(["data.shards=s3://data/digits", f"run.dir={run_dir}", f"data.cache_dir={cache}",
-                               f"data.cache_limit={LIMIT}", *EXACT], **s3)
+        result = run_training(
+            [
+                "data.shards=s3://data/digits",
+                f"run.dir={run_dir}",
+                f"data.cache_dir={cache}",
+                f"data.cache_limit={LIMIT}",
+                *EXACT,
+            ],
+            **s3,
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, watch.peak
 
@@ -124,7 +148,13 @@ def test_a_cache_smaller_than_the_data_stays_under_its_limit_and_validates_every
 
 def test_sigkill_and_restart_from_s3_is_bitwise_identical(s3, limited, tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    overrides = ["data.shards=s3://data/digits", f"run.dir={run_dir}", f"data.cache_dir={cache}", f"data.cache_limit={LIMIT}", *EXACT]
+    overrides = [
+        "data.shards=s3://data/digits",
+        f"run.dir={run_dir}",
+        f"data.cache_dir={cache}",
+        f"data.cache_limit={LIMIT}",
+        *EXACT,
+    ]
     process = start_training(overrides, **s3, **{checkpoint.PAUSE_ENV: "21"})
     try:  # the step-21 write stalls before its marker (ckpt-14 complete, the run mid-way): kill it there
         wait_for(lambda: (run_dir / "checkpoints/ckpt-000000021.tmp/state.pt").exists(), timeout=300, process=process)
@@ -144,8 +174,17 @@ def test_a_corrupted_object_is_fetched_again_once_then_one_line(s3, tmp_path):
     data = bytearray(fs.cat(shard))
     data[5000] ^= 0xFF
     fs.pipe(shard, bytes(data))
-    result = run_training(["data.shards=s3://data/corrupt", f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'c'}",
-                           "train.epochs=1", "wandb.mode=disabled"], processes=1, **s3)
+    result = run_training(
+        [
+            "data.shards=s3://data/corrupt",
+            f"run.dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'c'}",
+            "train.epochs=1",
+            "wandb.mode=disabled",
+        ],
+        processes=1,
+        **s3,
+    )
     assert result.returncode == 2
     line = "error: s3://data/corrupt/train/train-000003.tar was downloaded twice and is corrupted"
     assert line in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -156,8 +195,15 @@ def test_a_store_that_goes_away_is_retried_then_one_line_and_the_checkpoint_surv
         s3_fs(env).mkdir("gone")
         assert make_shards_to("s3://gone/digits", env, "--demo").returncode == 0
         run_dir, release = tmp_path / "run", tmp_path / "release"
-        overrides = ["data.shards=s3://gone/digits", f"run.dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-                     f"data.cache_limit={LIMIT}", "data.fetch_retries=1", *EXACT, "train.epochs=3"]
+        overrides = [
+            "data.shards=s3://gone/digits",
+            f"run.dir={run_dir}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.cache_limit={LIMIT}",
+            "data.fetch_retries=1",
+            *EXACT,
+            "train.epochs=3",
+        ]
         process = start_training(overrides, **env, **{checkpoint.PAUSE_ENV: "14", checkpoint.RELEASE_ENV: str(release)})
         try:  # ckpt-7 is complete and the run waits in its step-14 checkpoint until released: stop the store there
             wait_for(lambda: Path(f"{release}.paused").exists(), timeout=300, process=process)
@@ -167,7 +213,10 @@ def test_a_store_that_goes_away_is_retried_then_one_line_and_the_checkpoint_surv
         finally:
             kill_group(process, signal.SIGKILL)
     assert process.returncode != 0
-    assert "could not be read (endpoint unreachable" in output and "attempts) — check the network and AWS_ENDPOINT_URL" in output, output[-3000:]
+    assert (
+        "could not be read (endpoint unreachable" in output
+        and "attempts) — check the network and AWS_ENDPOINT_URL" in output
+    ), output[-3000:]
     path, state, _ = checkpoint.load_newest(run_dir / "checkpoints", rank=0)
     assert state["progress"]["step"] >= 7
 
@@ -176,8 +225,14 @@ def evaluate(run_dir, data, env, name):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(run_dir), "--data", data, "--name", name],
-                            cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.evaluate", str(run_dir), "--data", data, "--name", name],
+        cwd=REPO,
+        env=cpu_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((run_dir / "eval" / f"{name}.json").read_text())
     return {k: record[k] for k in ("num_samples", "top1", "top5", "loss", "confusion")}
@@ -195,11 +250,21 @@ def test_evaluate_from_s3_and_http_equals_the_local_path(s3, limited, digits_sha
 def test_credentials_never_land_in_the_run(s3, digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     with http_server(digits_shards.parent) as url:  # a token in the query string, sent with each file
-        missing = run_training([f"data.shards={url}/missing?token=SECRET", f"run.dir={run_dir}", "wandb.mode=disabled"], processes=1)
+        missing = run_training(
+            [f"data.shards={url}/missing?token=SECRET", f"run.dir={run_dir}", "wandb.mode=disabled"], processes=1
+        )
         assert missing.returncode == 2 and "SECRET" not in missing.stderr
         assert missing.stderr.strip().startswith(f"error: {url}/missing has no manifest.json"), missing.stderr
-        ok = run_training([f"data.shards={url}/{digits_shards.name}?token=SECRET", f"run.dir={run_dir}",
-                           f"data.cache_dir={tmp_path / 'c'}", "train.epochs=1", "wandb.mode=offline"], **s3)
+        ok = run_training(
+            [
+                f"data.shards={url}/{digits_shards.name}?token=SECRET",
+                f"run.dir={run_dir}",
+                f"data.cache_dir={tmp_path / 'c'}",
+                "train.epochs=1",
+                "wandb.mode=offline",
+            ],
+            **s3,
+        )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "SECRET" not in ok.stdout + ok.stderr
     assert (run_dir / "wandb").is_dir()
@@ -226,7 +291,10 @@ def test_each_way_a_location_fails_is_one_line_before_any_work(s3, monkeypatch):
             Dataset(location, CacheOptions(retries=0))
         assert str(e.value).startswith(line)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    with pytest.raises(SourceError, match=r"endpoint unreachable .* — check the network and AWS_ENDPOINT_URL \(now http://127.0.0.1:9\)"):
+    with pytest.raises(
+        SourceError,
+        match=r"endpoint unreachable .* — check the network and AWS_ENDPOINT_URL \(now http://127.0.0.1:9\)",
+    ):
         Dataset("s3://data/digits", CacheOptions(retries=0))
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3["AWS_ENDPOINT_URL"])
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -234,5 +302,7 @@ def test_each_way_a_location_fails_is_one_line_before_any_work(s3, monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with pytest.raises(SourceError, match="no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"):
+    with pytest.raises(
+        SourceError, match="no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    ):
         Dataset("s3://data/digits", CacheOptions(retries=0))

@@ -1,4 +1,5 @@
 """The real `accelerate launch --num_processes 2` on CPU (gloo), end to end."""
+
 import json
 from pathlib import Path
 
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def trained_run(digits_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("train") / "run"
-    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=2", "wandb.mode=offline"])
+    result = run_training(
+        [f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=2", "wandb.mode=offline"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
@@ -33,8 +36,18 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 def test_run_directory_is_complete(trained_run):
     run_dir, _ = trained_run
-    for name in ["config.yaml", "classes.json", "metrics.jsonl", "curves.png", "confusion.png", "best.safetensors",
-                 "final.safetensors", "report.md", "summary.json", "status.json"]:
+    for name in [
+        "config.yaml",
+        "classes.json",
+        "metrics.jsonl",
+        "curves.png",
+        "confusion.png",
+        "best.safetensors",
+        "final.safetensors",
+        "report.md",
+        "summary.json",
+        "status.json",
+    ]:
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "classes.json").read_text()) == [str(d) for d in range(10)]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
@@ -84,7 +97,10 @@ def test_exported_weights_reproduce_logged_top1_on_one_process(trained_run, digi
         load_weights(model, path)
         manifest = Manifest.load(digits_shards)
         mean, std = normalization(config.data, manifest.mean, manifest.std)
-        dataset = ShardDataset(split_index(open_shards(str(digits_shards)), "val"), EvalPreset(config.data.image_size, config.data.crop_pct, mean, std))
+        dataset = ShardDataset(
+            split_index(open_shards(str(digits_shards)), "val"),
+            EvalPreset(config.data.image_size, config.data.crop_pct, mean, std),
+        )
         loader = make_loader(dataset, EvalOrder(len(dataset), 64, 0, 1), workers=0, pin_memory=False)
         sums = EvalSums.zeros(len(classes), "cpu")
         model.eval()
@@ -101,10 +117,24 @@ def test_optional_features_train_together(digits_shards, tmp_path):
     mode, decoding on the device: one real run."""
     run_dir = tmp_path / "run"
     result = run_training(
-        [f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "wandb.mode=disabled",
-         "train.ema=true", "train.ema_decay=0.9", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
-         "train.grad_accum=2", "optim.grad_clip=1.0", "data.balance=sampler", "optim.name=sgd",
-         "data.auto_augment=trivialaugment", "model.drop_rate=0.1", "model.efficient=true", "data.decode=device"],
+        [
+            f"data.shards={digits_shards}",
+            f"run.dir={run_dir}",
+            "train.epochs=1",
+            "wandb.mode=disabled",
+            "train.ema=true",
+            "train.ema_decay=0.9",
+            "data.mixup_alpha=0.2",
+            "data.cutmix_alpha=1.0",
+            "train.grad_accum=2",
+            "optim.grad_clip=1.0",
+            "data.balance=sampler",
+            "optim.name=sgd",
+            "data.auto_augment=trivialaugment",
+            "model.drop_rate=0.1",
+            "model.efficient=true",
+            "data.decode=device",
+        ],
         processes=1,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -118,8 +148,14 @@ def test_compiled_efficient_training_resumes_with_its_compiled_kernels(digits_sh
     checkpointed layers on shared normalisations,
     the kernels land in the run dir, and a resumed process finds every one of them there."""
     run_dir = tmp_path / "run"
-    overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", "wandb.mode=disabled",
-                 "train.compile=default", "model.efficient=true", "model.shared_bn=true"]
+    overrides = [
+        f"data.shards={digits_shards}",
+        f"run.dir={run_dir}",
+        "wandb.mode=disabled",
+        "train.compile=default",
+        "model.efficient=true",
+        "model.shared_bn=true",
+    ]
     first = run_training([*overrides, "train.epochs=1"], processes=1, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "context_fn is passed" not in first.stderr

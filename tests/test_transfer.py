@@ -1,4 +1,5 @@
 """Transfer learning: start from a weights file, new head, optional freeze, head lr multiplier."""
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -7,8 +8,14 @@ from trainer.config import load_config
 from trainer.main import SetupError, build_model
 from trainer.optim import make_optimizer, param_groups
 
-SMALL = ["data.shards=s", "run.dir=r", "model.block_config=[2,2]", "model.growth_rate=4", "model.num_init_features=8",
-         "model.small_inputs=true"]
+SMALL = [
+    "data.shards=s",
+    "run.dir=r",
+    "model.block_config=[2,2]",
+    "model.growth_rate=4",
+    "model.num_init_features=8",
+    "model.small_inputs=true",
+]
 
 
 @pytest.fixture
@@ -22,7 +29,9 @@ def source_weights(tmp_path):
 
 def test_new_head_features_loaded_and_frozen(source_weights):
     source, path = source_weights
-    config = load_config(None, SMALL + [f"model.pretrained={path}", "model.freeze_features=true", "optim.head_lr_mult=10"])
+    config = load_config(
+        None, SMALL + [f"model.pretrained={path}", "model.freeze_features=true", "optim.head_lr_mult=10"]
+    )
     with pytest.warns(UserWarning, match="classifier"):
         model = build_model(config, num_classes=3)
     assert model.classifier.out_features == 3

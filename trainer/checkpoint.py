@@ -6,6 +6,7 @@ marker written last. It is assembled as `ckpt-<step>.tmp` and renamed only once 
 fsynced, so a crash at any moment leaves either the old set of checkpoints or the new one. Old
 checkpoints are pruned only after the new one is in place.
 """
+
 from __future__ import annotations
 
 import io
@@ -154,7 +155,9 @@ def load_newest(root: Path, rank: int) -> tuple[Path, dict, dict | None] | None:
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
             return path, state, rank_state
         except Exception as e:  # a torn or corrupted file: fall back to the one before
-            warnings.warn(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); trying the previous one")
+            warnings.warn(
+                f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); trying the previous one", stacklevel=2
+            )
     return None
 
 

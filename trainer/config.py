@@ -4,6 +4,7 @@ OmegaConf does the merging and type checking (unknown keys and wrong types are i
 `validate` adds the value ranges. Every problem becomes a `ConfigError` whose message is one line
 naming the key and the fix, raised before any work starts.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -379,8 +380,10 @@ def resolve_launch(train: TrainConfig, env: Mapping[str, str]) -> Launch:
             notes.append(f"note: train.mixed_precision={precision} (config) overrides accelerate launch's {chosen}")
     elif chosen != "no":
         if chosen not in CHOICES["train.mixed_precision"]:
-            raise ConfigError(f"accelerate launch's mixed precision {chosen} is not one of "
-                              f"{', '.join(CHOICES['train.mixed_precision'])} — launch with another or set train.mixed_precision")
+            raise ConfigError(
+                f"accelerate launch's mixed precision {chosen} is not one of "
+                f"{', '.join(CHOICES['train.mixed_precision'])} — launch with another or set train.mixed_precision"
+            )
         precision, precision_from = chosen, "accelerate launch"
     else:
         precision, precision_from = "no", "default"
@@ -390,12 +393,16 @@ def resolve_launch(train: TrainConfig, env: Mapping[str, str]) -> Launch:
     if train.compile is not None:
         compiled, compile_from = train.compile, "config"
         if backend != "no" and (backend, mode) != ("inductor", compiled):
-            notes.append(f"note: train.compile={compiled} (config) overrides accelerate launch's {backend} (mode {mode})")
+            notes.append(
+                f"note: train.compile={compiled} (config) overrides accelerate launch's {backend} (mode {mode})"
+            )
         backend = "no" if compiled == "none" else "inductor"
     elif backend != "no":
         if mode not in CHOICES["train.compile"]:
-            raise ConfigError(f"accelerate launch's dynamo mode {mode} is not one of "
-                              f"{', '.join(CHOICES['train.compile'][1:])} — launch with another or set train.compile")
+            raise ConfigError(
+                f"accelerate launch's dynamo mode {mode} is not one of "
+                f"{', '.join(CHOICES['train.compile'][1:])} — launch with another or set train.compile"
+            )
         compiled, compile_from = mode, "accelerate launch"
     else:
         compiled, compile_from = "none", "default"

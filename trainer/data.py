@@ -11,6 +11,7 @@ When the node-local cache cannot hold the whole dataset, the epoch order is a sh
 permuted within each block. It is still a function of (seed, epoch) alone, so everything above
 holds; the sampler tells the cache's prefetcher which shards come next.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Sampler, default_collate
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from shards.format import finish_rgb, image_field, open_image, plain_jpeg
@@ -92,7 +93,7 @@ class ShardBlocks:
         return blocks, samples
 
 
-class ShardDataset(Dataset):
+class ShardDataset(torch.utils.data.Dataset):
     """Decodes and transforms sample `index` with its own seed; None for a bad sample if skipping.
 
     The transform is a preset: `decode(bytes)` then `__call__(image)`. With transform=None it
@@ -199,12 +200,19 @@ class TrainOrder(Sampler):
         if self.blocks is None:
             if weights is None:
                 return torch.randperm(self.num_samples, generator=generator), [], [self.num_samples]
-            return torch.multinomial(weights, self.num_samples, replacement=True, generator=generator), [], [self.num_samples]
+            return (
+                torch.multinomial(weights, self.num_samples, replacement=True, generator=generator),
+                [],
+                [self.num_samples],
+            )
         shards, samples = self.blocks.epoch(generator)
         if weights is None:
             parts = [block[torch.randperm(len(block), generator=generator)] for block in samples]
         else:  # class-balanced draws within each block
-            parts = [block[torch.multinomial(weights[block], len(block), replacement=True, generator=generator)] for block in samples]
+            parts = [
+                block[torch.multinomial(weights[block], len(block), replacement=True, generator=generator)]
+                for block in samples
+            ]
         ends = torch.tensor([len(p) for p in parts]).cumsum(0).tolist()
         return torch.cat(parts), shards, ends
 

@@ -8,6 +8,7 @@ Writes RUN_DIR/eval/<name>.json (the fields of metrics.jsonl's eval records) and
 confusion matrix) and prints the per-class table. Under `accelerate launch` rank r evaluates
 samples r, r + N, ... and the sums are all-reduced, so N processes give exactly one's numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,16 +40,23 @@ class Bar:
         self.enabled = enabled
 
     def progress(self, iterable, total: int, desc: str):
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if self.enabled else True)
+        return tqdm(
+            iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if self.enabled else True
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="the run.dir of a training run")
     parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
-    parser.add_argument("--split", default="val", help="shard split, or sub-folder of a pre-split image folder (default: val)")
-    parser.add_argument("--data", help="make_shards output (a folder or s3://, gs://, http(s):// URL) or a "
-                        "ROOT/<class>/<image> folder (default: the run's shards)")
+    parser.add_argument(
+        "--split", default="val", help="shard split, or sub-folder of a pre-split image folder (default: val)"
+    )
+    parser.add_argument(
+        "--data",
+        help="make_shards output (a folder or s3://, gs://, http(s):// URL) or a "
+        "ROOT/<class>/<image> folder (default: the run's shards)",
+    )
     parser.add_argument("--name", help="output name in RUN_DIR/eval/ (default: <checkpoint>-<data>)")
     parser.add_argument("--batch-size", type=int, help="per process (default: the run's train.batch_size)")
     parser.add_argument("--workers", type=int, help="loader processes per process (default: the run's data.workers)")
@@ -66,11 +74,18 @@ def run(args: argparse.Namespace) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     batch_size = args.batch_size or config.train.batch_size
     workers = config.data.workers if args.workers is None else args.workers
-    loader = make_loader(dataset, EvalOrder(len(dataset), batch_size, rank, world), workers, accelerator.device.type == "cuda")
+    loader = make_loader(
+        dataset, EvalOrder(len(dataset), batch_size, rank, world), workers, accelerator.device.type == "cuda"
+    )
     model = trained.model.to(accelerator.device)
     sums, _ = evaluate(model, loader, len(trained.classes), accelerator, Bar(accelerator.is_main_process))
     if accelerator.is_main_process:
-        record = {"kind": "eval", "checkpoint": str(trained.weights), "data": data_name, **summarize(sums, trained.classes)}
+        record = {
+            "kind": "eval",
+            "checkpoint": str(trained.weights),
+            "data": data_name,
+            **summarize(sums, trained.classes),
+        }
         name = args.name or f"{trained.name}-{data_name}"
         json_path, png_path = write_outputs(args.run_dir / "eval", name, record, trained.classes)
         print(format_table(record))

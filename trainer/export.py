@@ -10,6 +10,7 @@ model.json). Parity: real validation images through the exported model and throu
 the largest absolute logit difference is reported, and above --tolerance the export fails and
 leaves no model file behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--out-dir", type=Path, help="default: RUN_DIR/export")
-    parser.add_argument("--data", help="shards (folder or URL) or images for the parity check (default: the run's val shards)")
+    parser.add_argument(
+        "--data", help="shards (folder or URL) or images for the parity check (default: the run's val shards)"
+    )
     parser.add_argument("--split", default="val")
     parser.add_argument("--samples", type=int, default=16, help="images in the parity check (default: 16)")
     parser.add_argument("--letterbox", action="store_true", help="record letterbox (pad to square) preprocessing")
@@ -67,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
             parity[fmt] = {"max_abs_diff": diff, "samples": len(inputs), "tolerance": args.tolerance}
         for fmt, tmp in checked.items():
             os.replace(tmp, out_dir / FILES[fmt])
-            print(f"{fmt}: {out_dir / FILES[fmt]}  max abs logit diff {parity[fmt]['max_abs_diff']:.3g} "
-                  f"on {len(inputs)} images (batch {len(inputs)} and 1)")
+            print(
+                f"{fmt}: {out_dir / FILES[fmt]}  max abs logit diff {parity[fmt]['max_abs_diff']:.3g} "
+                f"on {len(inputs)} images (batch {len(inputs)} and 1)"
+            )
     finally:  # a file that failed its check (or was not checked) must never look like an export
         for tmp in checked.values():
             tmp.unlink(missing_ok=True)
@@ -103,11 +108,19 @@ def export_onnx(model: torch.nn.Module, inputs: torch.Tensor, path: Path, metada
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (inputs,), str(path), dynamo=False, opset_version=OPSET, input_names=["image"],
-            output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            model,
+            (inputs,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
         )
     exported = onnx.load(str(path))
-    onnx.helper.set_model_props(exported, {key: json.dumps(value, ensure_ascii=False) for key, value in metadata.items()})
+    onnx.helper.set_model_props(
+        exported, {key: json.dumps(value, ensure_ascii=False) for key, value in metadata.items()}
+    )
     onnx.save(exported, str(path))
 
 

@@ -7,6 +7,7 @@ fingerprint or classes are not this run's are refused, never half-loaded. Images
 preprocessed exactly as validation did during training: the saved data config's size and crop,
 and the training normalisation (the shards' mean/std or ImageNet's).
 """
+
 from __future__ import annotations
 
 import json
@@ -80,9 +81,11 @@ class Trained:
             "crop_pct": data.crop_pct,
             "letterbox": letterbox,
             "steps": (
-                "pad to a square with black, resize to image_size" if letterbox
+                "pad to a square with black, resize to image_size"
+                if letterbox
                 else "resize the short side to resize_short_side (bilinear, antialias), centre-crop image_size"
-            ) + "; RGB scaled to [0, 1]; subtract mean, divide by std; NCHW float32",
+            )
+            + "; RGB scaled to [0, 1]; subtract mean, divide by std; NCHW float32",
             "mean": self.mean,
             "std": self.std,
         }

@@ -6,6 +6,7 @@ This file owns the Accelerator: everything it calls gets rank, world size or the
 arguments. It reads as a training run does: setup -> data -> model -> resume -> epochs of
 (train, evaluate, checkpoint) -> final weights, plots and report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/main.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
-import safetensors.torch
 
 from shards.manifest import Manifest, ManifestError
 from shards.reader import ShardError
@@ -36,11 +37,19 @@ from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, ConfigError, load_config, to_dict, to_yaml
 from trainer.data import (
-    EvalOrder, ShardBlocks, ShardDataset, TrainOrder, close_loaders, make_loader, mix_seed, open_shards, split_index,
+    EvalOrder,
+    ShardBlocks,
+    ShardDataset,
+    TrainOrder,
+    close_loaders,
+    make_loader,
+    mix_seed,
+    open_shards,
+    split_index,
 )
 from trainer.metrics import EvalSums, summarize
-from trainer.nonfinite import NonFiniteError, StepGuard, assert_finite, update_ema
 from trainer.model import load_weights, se_densenet
+from trainer.nonfinite import NonFiniteError, StepGuard, assert_finite, update_ema
 from trainer.optim import describe_lr, make_ema, make_optimizer, make_scheduler, param_groups, scaled_lr
 from trainer.report import write_report
 from trainer.rundir import PeerFailed, RunDir, RunDirBusy, RunDirError, disk_error_line, is_disk_error, writing
@@ -67,8 +76,17 @@ class SetupError(RuntimeError):
     """The machine or run directory cannot run this config (one-line message)."""
 
 
-USAGE_ERRORS = (ConfigError, ManifestError, ShardError, SourceError, CheckpointError, SetupError, TrackingError,
-                RunDirBusy, RunDirError)
+USAGE_ERRORS = (
+    ConfigError,
+    ManifestError,
+    ShardError,
+    SourceError,
+    CheckpointError,
+    SetupError,
+    TrackingError,
+    RunDirBusy,
+    RunDirError,
+)
 
 
 @dataclass
@@ -222,10 +240,15 @@ def fit(config: Config, accelerator: Accelerator, run: RunDir, stop: StopFlag) -
         run.set_status("running")
     accelerator.wait_for_everyone()
 
-    train_loader, val_loader, order = build_loaders(config, dataset, mean, std, rank, world, accelerator.device.type == "cuda")
+    train_loader, val_loader, order = build_loaders(
+        config, dataset, mean, std, rank, world, accelerator.device.type == "cuda"
+    )
     if accelerator.is_main_process and not train_loader.dataset.index.has_index:
-        print(f"note: the shards at {dataset.shown} have no sample index, so every loader process scans their tar "
-              "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one", flush=True)
+        print(
+            f"note: the shards at {dataset.shown} have no sample index, so every loader process scans their tar "
+            "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one",
+            flush=True,
+        )
     decode, normalize = device_stages(config, mean, std, accelerator.device)
     batches = order.steps_per_epoch // config.train.grad_accum * config.train.grad_accum
     steps_per_epoch = batches // config.train.grad_accum
@@ -245,9 +268,13 @@ def fit(config: Config, accelerator: Accelerator, run: RunDir, stop: StopFlag) -
     model, optimizer = accelerator.prepare(model, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing, weight=class_weights(config, manifest))
+    criterion = torch.nn.CrossEntropyLoss(
+        label_smoothing=config.optim.label_smoothing, weight=class_weights(config, manifest)
+    )
     criterion = criterion.to(accelerator.device)
-    tracker = Tracker(config, classes, accelerator.is_main_process, progress.step if progress.step or progress.epoch else None)
+    tracker = Tracker(
+        config, classes, accelerator.is_main_process, progress.step if progress.step or progress.epoch else None
+    )
     announce(config, model, dataset, order, steps_per_epoch, global_batch, world, accelerator, tracker)
     mixer = batch_mixer(config.data, len(classes))
     guard = StepGuard(model, optimizer, accelerator, config.optim.grad_clip, progress.bad_streak)
@@ -255,8 +282,22 @@ def fit(config: Config, accelerator: Accelerator, run: RunDir, stop: StopFlag) -
     while progress.epoch < config.train.epochs:
         order.set_epoch(progress.epoch, progress.batch)
         finished = train_one_epoch(
-            config, model, optimizer, scheduler, ema, criterion, mixer, decode, normalize, train_loader, batches,
-            progress, accelerator, tracker, stop, guard,
+            config,
+            model,
+            optimizer,
+            scheduler,
+            ema,
+            criterion,
+            mixer,
+            decode,
+            normalize,
+            train_loader,
+            batches,
+            progress,
+            accelerator,
+            tracker,
+            stop,
+            guard,
         )
         if finished:
             progress.epoch, progress.batch = progress.epoch + 1, 0
@@ -307,13 +348,16 @@ def make_accelerator(config: Config) -> Accelerator:
         use_run_dir_compile_cache(Path(config.run.dir))
         # torch reminds whoever passes a checkpoint policy not to mutate tensors inside the region;
         # the efficient dense layer keeps its ReLUs out of place, so the reminder is only noise.
-        logging.getLogger("torch._higher_order_ops.wrap").addFilter(lambda r: "context_fn is passed" not in r.getMessage())
+        logging.getLogger("torch._higher_order_ops.wrap").addFilter(
+            lambda r: "context_fn is passed" not in r.getMessage()
+        )
     # cpu=True makes Accelerate form a gloo group when launched with several processes.
     # A rank that stops answering (a frozen node, a stuck file system) fails the others' next
     # collective after this long, instead of NCCL's or gloo's default wait.
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.collective_timeout_s))
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=launch.mixed_precision, dynamo_plugin=dynamo,
-                              kwargs_handlers=[timeout])
+    accelerator = Accelerator(
+        cpu=use_cpu, mixed_precision=launch.mixed_precision, dynamo_plugin=dynamo, kwargs_handlers=[timeout]
+    )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SetupError(
@@ -331,8 +375,10 @@ def print_launch(launch, accelerator: Accelerator) -> None:
         print(note, flush=True)
     backend = accelerator.state.dynamo_plugin.backend.value.lower()
     compiled = "none" if backend == "no" else launch.compile + ("" if backend == "inductor" else f" ({backend})")
-    print(f"precision {accelerator.mixed_precision} ({launch.precision_from}), compile {compiled} ({launch.compile_from})",
-          flush=True)
+    print(
+        f"precision {accelerator.mixed_precision} ({launch.precision_from}), compile {compiled} ({launch.compile_from})",
+        flush=True,
+    )
 
 
 def use_run_dir_compile_cache(run_dir: Path) -> None:
@@ -374,8 +420,9 @@ def build_loaders(config: Config, dataset, mean: list, std: list, rank: int, wor
     # A cache smaller than the data: read the epoch block by block (data/ShardBlocks)
     budget = dataset.block_budget
     blocks = ShardBlocks(files.counts, files.sizes, budget) if budget is not None else None
-    order = TrainOrder(len(train_index), config.train.batch_size, rank, world, config.train.seed, labels, blocks,
-                       files.prefetcher())
+    order = TrainOrder(
+        len(train_index), config.train.batch_size, rank, world, config.train.seed, labels, blocks, files.prefetcher()
+    )
     # data.decode=device: the workers hand over encoded images; DeviceDecode augments on the device
     train_preset = TrainPreset(config.data, mean, std) if config.data.decode == "workers" else None
     train_set = ShardDataset(train_index, train_preset, config.data.skip_bad_samples)
@@ -385,7 +432,9 @@ def build_loaders(config: Config, dataset, mean: list, std: list, rank: int, wor
     return make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin), order
 
 
-def device_stages(config: Config, mean: list, std: list, device: torch.device) -> tuple[DeviceDecode | None, DeviceNormalize]:
+def device_stages(
+    config: Config, mean: list, std: list, device: torch.device
+) -> tuple[DeviceDecode | None, DeviceNormalize]:
     """What a training batch goes through on the device: decoding and augmentation when
     data.decode=device, then normalisation."""
     decode = None
@@ -397,19 +446,33 @@ def device_stages(config: Config, mean: list, std: list, device: torch.device) -
 def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     m = config.model
     model = se_densenet(
-        m.depth, num_classes, growth_rate=m.growth_rate, num_init_features=m.num_init_features,
-        bn_size=m.bn_size, compression=m.compression, drop_rate=m.drop_rate, se=m.se,
-        se_reduction=m.se_reduction, efficient=m.efficient, small_inputs=m.small_inputs,
-        block_config=tuple(m.block_config) if m.block_config else None, shared_bn=m.shared_bn,
+        m.depth,
+        num_classes,
+        growth_rate=m.growth_rate,
+        num_init_features=m.num_init_features,
+        bn_size=m.bn_size,
+        compression=m.compression,
+        drop_rate=m.drop_rate,
+        se=m.se,
+        se_reduction=m.se_reduction,
+        efficient=m.efficient,
+        small_inputs=m.small_inputs,
+        block_config=tuple(m.block_config) if m.block_config else None,
+        shared_bn=m.shared_bn,
     )
     if m.pretrained:
         report = load_weights(model, m.pretrained, strict=False)
         expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
         loaded = len(expected) - len(report.missing)
         if loaded == 0:  # nothing matched: a wrong file, not a starting point
-            raise SetupError(f"model.pretrained {m.pretrained} shares no weights with this model — give a DenseNet weights file")
-        print(f"initialised from {m.pretrained}: {loaded} tensors loaded, {len(report.missing)} left at init "
-              f"(new head or SE), {len(report.unexpected)} ignored", flush=True)
+            raise SetupError(
+                f"model.pretrained {m.pretrained} shares no weights with this model — give a DenseNet weights file"
+            )
+        print(
+            f"initialised from {m.pretrained}: {loaded} tensors loaded, {len(report.missing)} left at init "
+            f"(new head or SE), {len(report.unexpected)} ignored",
+            flush=True,
+        )
     if m.freeze_features:
         model.features.requires_grad_(False)
     if config.train.channels_last:
@@ -421,7 +484,9 @@ def class_weights(config: Config, manifest: Manifest) -> torch.Tensor | None:
     """data.balance=loss: weight each class by total / (classes x its count)."""
     if config.data.balance != "loss":
         return None
-    counts = torch.tensor([manifest.splits["train"].class_counts.get(c, 0) for c in manifest.classes], dtype=torch.float)
+    counts = torch.tensor(
+        [manifest.splits["train"].class_counts.get(c, 0) for c in manifest.classes], dtype=torch.float
+    )
     return counts.sum() / (len(counts) * counts.clamp(min=1))
 
 
@@ -460,8 +525,11 @@ def use_new_lr(optimizer, scheduler, wanted: list[float], verbose: bool) -> None
     """The lr changed since the checkpoint (a new optim.lr, or a new global batch with
     optim.lr_base_size): the schedule goes on from where it was, at the new rate."""
     if verbose:
-        print(f"the learning rate differs from the checkpoint's ({scheduler.base_lrs[0]:.6g}): continuing at "
-              f"{wanted[0]:.6g}", flush=True)
+        print(
+            f"the learning rate differs from the checkpoint's ({scheduler.base_lrs[0]:.6g}): continuing at "
+            f"{wanted[0]:.6g}",
+            flush=True,
+        )
     scheduler.base_lrs = list(wanted)
     for group, lr, factor in zip(optimizer.param_groups, wanted, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
@@ -469,8 +537,22 @@ def use_new_lr(optimizer, scheduler, wanted: list[float], verbose: bool) -> None
 
 
 def train_one_epoch(
-    config, model, optimizer, scheduler, ema, criterion, mixer, decode, normalize, loader, batches, progress, accelerator,
-    tracker, stop, guard,
+    config,
+    model,
+    optimizer,
+    scheduler,
+    ema,
+    criterion,
+    mixer,
+    decode,
+    normalize,
+    loader,
+    batches,
+    progress,
+    accelerator,
+    tracker,
+    stop,
+    guard,
 ) -> bool:
     """Runs the epoch from progress.batch on; False when stopped by a signal (after a whole step)."""
     model.train()
@@ -478,9 +560,14 @@ def train_one_epoch(
         accelerator.unwrap_model(model, keep_torch_compile=False).features.eval()
     accum = config.train.grad_accum
     # Summed on the device and read only when logged: a .item() per step would stall the GPU queue.
-    window = {"sums": torch.zeros(2, dtype=torch.float64, device=accelerator.device), "seen": 0, "bad": 0,
-              "start": time.perf_counter(), "fetched": loader.dataset.fetched_bytes,
-              "fetched_before": loader.dataset.fetched_bytes()}
+    window = {
+        "sums": torch.zeros(2, dtype=torch.float64, device=accelerator.device),
+        "seen": 0,
+        "bad": 0,
+        "start": time.perf_counter(),
+        "fetched": loader.dataset.fetched_bytes,
+        "fetched_before": loader.dataset.fetched_bytes(),
+    }
     epoch_start = time.perf_counter()
     bar = tracker.progress(loader, total=batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
     for images, labels, _, bad in bar:
@@ -522,8 +609,14 @@ def train_one_epoch(
             hold_for_tests(stop)
         if progress.step % config.train.log_every == 0 or progress.batch == batches:
             log_train(window, scheduler, progress, accelerator, tracker, time.perf_counter() - epoch_start, guard)
-        if config.train.checkpoint_every and progress.step % config.train.checkpoint_every == 0 and progress.batch < batches:
-            save_checkpoint(config, model, optimizer, scheduler, ema, progress, tracker.classes, accelerator, tracker, guard)
+        if (
+            config.train.checkpoint_every
+            and progress.step % config.train.checkpoint_every == 0
+            and progress.batch < batches
+        ):
+            save_checkpoint(
+                config, model, optimizer, scheduler, ema, progress, tracker.classes, accelerator, tracker, guard
+            )
         if progress.step % STOP_CHECK_EVERY == 0 or progress.batch == batches:
             stopping, streak = agree(stop.requested, guard.streak, accelerator)
             guard.fail_if_stuck(streak, config.train.max_bad_steps, progress.step)
@@ -582,8 +675,11 @@ STARTUP = StartupClock()
 
 def log_train(window, scheduler, progress, accelerator, tracker, epoch_time, guard) -> None:
     fetched = window["fetched"]()
-    counts = torch.tensor([window["seen"], window["bad"], fetched - window["fetched_before"]],
-                          dtype=torch.float64, device=accelerator.device)
+    counts = torch.tensor(
+        [window["seen"], window["bad"], fetched - window["fetched_before"]],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
     skipped = guard.take_skipped().double().reshape(1) / accelerator.num_processes  # the same count on every rank
     totals = accelerator.reduce(torch.cat([window["sums"], counts, skipped]), "sum").tolist()
     loss, correct, seen, bad, fetched_now, skipped_steps = totals
@@ -610,7 +706,9 @@ def log_train(window, scheduler, progress, accelerator, tracker, epoch_time, gua
     if accelerator.device.type == "cuda":
         record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     tracker.log(record)
-    window.update(sums=torch.zeros_like(window["sums"]), seen=0, bad=0, start=time.perf_counter(), fetched_before=fetched)
+    window.update(
+        sums=torch.zeros_like(window["sums"]), seen=0, bad=0, start=time.perf_counter(), fetched_before=fetched
+    )
 
 
 @torch.no_grad()
@@ -697,8 +795,14 @@ def save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes,
     # Every rank holds the same weights and optimizer state, so every rank reaches the same verdict.
     assert_finite({k: state[k] for k in ("model", "optimizer", "ema")}, "weights or optimizer state", progress.step)
     root = Path(config.run.dir) / "checkpoints"
-    path = checkpoint.save(root, progress.step, state, accelerator.process_index,
-                           lambda failed: any_rank(failed, accelerator), config.train.keep_checkpoints)
+    path = checkpoint.save(
+        root,
+        progress.step,
+        state,
+        accelerator.process_index,
+        lambda failed: any_rank(failed, accelerator),
+        config.train.keep_checkpoints,
+    )
     if path is not None:
         tracker.print(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
 

@@ -3,6 +3,7 @@
 Ranks accumulate `EvalSums` over their own samples and all-reduce them; the per-class numbers
 are then derived once from the confusion matrix, so N processes give exactly 1 process's result.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ class EvalSums:
     loss: torch.Tensor  # summed per-sample loss, float64
 
     @classmethod
-    def zeros(cls, num_classes: int, device: torch.device | str) -> "EvalSums":
+    def zeros(cls, num_classes: int, device: torch.device | str) -> EvalSums:
         return cls(
             torch.zeros(num_classes, num_classes, dtype=torch.long, device=device),
             torch.zeros((), dtype=torch.long, device=device),
@@ -96,5 +97,7 @@ def format_table(record: dict) -> str:
     lines.append(
         f"{'macro':<{width}}  {macro['precision']:9.4f}  {macro['recall']:6.4f}  {macro['specificity']:11.4f}  {macro['f1']:5.4f}  {record['num_samples']:7d}"
     )
-    lines.append(f"top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  samples {record['num_samples']}")
+    lines.append(
+        f"top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  samples {record['num_samples']}"
+    )
     return "\n".join(lines)

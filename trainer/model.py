@@ -8,6 +8,7 @@ a torchvision DenseNet state dict loads strictly and gives the same outputs. The
     model = se_densenet(100, num_classes=10, small_inputs=True)   # DenseNet-BC L=100 k=12, 32 px
     load_weights(model, "densenet121.pth", strict=False)        # transfer: SE stays at init
 """
+
 from __future__ import annotations
 
 import functools
@@ -166,7 +167,9 @@ class _DenseLayer(nn.Module):
         batch statistics; norm1 only adds its scale and shift (its running stats are updated
         by the block)."""
         if self.efficient and torch.is_grad_enabled():
-            out = cp.checkpoint(self.convolutions_normalized, *normalized, use_reentrant=False, context_fn=_KEEP_CONVOLUTIONS)
+            out = cp.checkpoint(
+                self.convolutions_normalized, *normalized, use_reentrant=False, context_fn=_KEEP_CONVOLUTIONS
+            )
         else:
             out = self.convolutions_normalized(*normalized)
         return self._excite(out)
@@ -520,9 +523,7 @@ def _canonical_key(key: str) -> str:
     return m.group(1) + m.group(2) if m else key
 
 
-def load_weights(
-    model: nn.Module, source: Mapping[str, Tensor] | str | Path, *, strict: bool = True
-) -> LoadReport:
+def load_weights(model: nn.Module, source: Mapping[str, Tensor] | str | Path, *, strict: bool = True) -> LoadReport:
     """Load a state dict, .pt/.pth or .safetensors file (ours or torchvision's) into `model`.
 
     A classifier of another shape is dropped with a warning and the model keeps its fresh head.
@@ -544,11 +545,15 @@ def load_weights(
             continue
         raise ValueError(f"weights are for a different architecture: {key} has shape {shapes}")
     if report.dropped:
-        warnings.warn(f"classifier shape differs, kept the model's fresh head: {'; '.join(dropped_shapes)}", stacklevel=2)
+        warnings.warn(
+            f"classifier shape differs, kept the model's fresh head: {'; '.join(dropped_shapes)}", stacklevel=2
+        )
 
     # Decide before touching the model, so that a refused file leaves it as it was.
     # num_batches_tracked is a counter absent from files older than torch 0.4: never a reason to refuse.
-    report.missing = [k for k in own if k not in sd and k not in report.dropped and not k.endswith("num_batches_tracked")]
+    report.missing = [
+        k for k in own if k not in sd and k not in report.dropped and not k.endswith("num_batches_tracked")
+    ]
     report.unexpected = [k for k in sd if k not in own]
     if strict and (report.missing or report.unexpected):
         first = (report.missing or report.unexpected)[0]

@@ -6,6 +6,7 @@ that the step's forward passes moved are put back, and the EMA stands still. The
 taken on the all-reduced gradients, so every rank reaches the same one. The count of such steps
 in a row is read only where the loop already stops to agree with the other ranks.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,8 +80,11 @@ def update_ema(ema: AveragedModel, model: nn.Module, decay: float, good: torch.T
     """ema += w (model - ema): w = 1 on the first update (a copy), 1 - decay after, 0 for a skipped
     step. On the device, unlike AveragedModel.update_parameters, which reads n_averaged on the host.
     Integer buffers (BN's batch counters) are not averaged: nothing reads them."""
-    pairs = [(a, m) for a, m in zip([*ema.module.parameters(), *ema.module.buffers()], [*model.parameters(), *model.buffers()])
-             if a.is_floating_point()]
+    pairs = [
+        (a, m)
+        for a, m in zip([*ema.module.parameters(), *ema.module.buffers()], [*model.parameters(), *model.buffers()])
+        if a.is_floating_point()
+    ]
     averaged, current = [a.detach() for a, _ in pairs], [m.detach() for _, m in pairs]
     weight = torch.where(ema.n_averaged == 0, 1.0, 1.0 - decay).to(averaged[0].dtype) * good
     deltas = torch._foreach_sub(current, averaged)
@@ -117,5 +121,6 @@ def assert_finite(tensors: dict, what: str, step: int) -> None:
     bad = nonfinite_names(tensors)
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise NonFiniteError(f"the {what} at step {step} hold non-finite values ({bad[0]}{more}), so they were not "
-                             f"written — {ADVICE}")
+        raise NonFiniteError(
+            f"the {what} at step {step} hold non-finite values ({bad[0]}{more}), so they were not written — {ADVICE}"
+        )

@@ -1,4 +1,5 @@
 """Parameter groups, the optimizer, warmup + cosine schedule and the weight EMA."""
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,9 @@ def make_optimizer(groups: list[dict], optim: OptimConfig, lr: float | None = No
     lr = optim.lr if lr is None else lr
     # Fused: one kernel per step, and it can skip a non-finite step on the device (found_inf, see nonfinite.py).
     if optim.name == "sgd":
-        sgd = torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0,
-                              fused=True)
+        sgd = torch.optim.SGD(
+            groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0, fused=True
+        )
         if optim.momentum > 0:  # fused SGD leaves a momentum buffer uninitialised when its first step is skipped;
             for group in sgd.param_groups:  # a zero buffer gives the same first step (0 x momentum + grad)
                 for param in group["params"]:

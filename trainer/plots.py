@@ -1,4 +1,5 @@
 """Training curves and confusion matrix as PNG (class names in any script render)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,9 +10,18 @@ from matplotlib.figure import Figure  # not pyplot: no GUI backend or global fig
 
 # Fonts with CJK glyphs, in order of preference, when no packaged one is installed.
 CJK_FAMILIES = (
-    "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "Source Han Sans",
-    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Microsoft YaHei", "SimHei", "PingFang SC",
-    "Hiragino Sans GB", "Arial Unicode MS",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "Source Han Sans",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Microsoft YaHei",
+    "SimHei",
+    "PingFang SC",
+    "Hiragino Sans GB",
+    "Arial Unicode MS",
 )
 
 
@@ -72,6 +82,14 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out: Path) ->
         for t in range(n):
             for p in range(n):
                 value = confusion[t][p]
-                ax.text(p, t, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black", fontsize=8)
+                ax.text(
+                    p,
+                    t,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    color="white" if value > peak / 2 else "black",
+                    fontsize=8,
+                )
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -8,6 +8,7 @@ A file that cannot be read gets a row with only its path and the error, and the 
 Images are resized and centre-cropped as in validation, or with --letterbox padded to a square
 first so that nothing is cropped away. Needs only the run's config, classes and weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", type=Path, nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", type=Path, help="CSV file to write (default: RUN_DIR/predictions.csv)")
     parser.add_argument("--topk", type=int, default=5, help="classes listed per image (default: 5)")
-    parser.add_argument("--letterbox", action="store_true", help="pad to square (keeps the aspect) instead of centre-cropping")
+    parser.add_argument(
+        "--letterbox", action="store_true", help="pad to square (keeps the aspect) instead of centre-cropping"
+    )
     parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
@@ -45,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
     k = min(args.topk, len(trained.classes))
     model = trained.model.to(device)
     loader = DataLoader(
-        Images(files, trained.preset(args.letterbox)), batch_size=args.batch_size, num_workers=args.workers,
-        collate_fn=collate, pin_memory=device.type == "cuda",
+        Images(files, trained.preset(args.letterbox)),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
     )
     out = args.out or args.run_dir / "predictions.csv"
     ranks = [f"top{i}_{field}" for i in range(2, k + 1) for field in ("class", "probability")]
@@ -62,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
             if len(images):
                 top = model(images.to(device, non_blocking=True)).float().softmax(1).topk(k, dim=1)
                 for i, p, c in zip(indices, top.values.tolist(), top.indices.tolist()):
-                    rows[i] = [str(files[i])] + [v for j in range(k) for v in (trained.classes[c[j]], f"{p[j]:.6f}")] + [""]
+                    rows[i] = (
+                        [str(files[i])] + [v for j in range(k) for v in (trained.classes[c[j]], f"{p[j]:.6f}")] + [""]
+                    )
             writer.writerows(rows[i] for i in sorted(rows))
             failed += len(errors)
     os.replace(tmp, out)

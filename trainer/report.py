@@ -1,4 +1,5 @@
 """report.md: one page a user without wandb access can open or attach."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,17 +33,29 @@ def write_report(run_dir: Path, config: Config, classes: list[str], summary: dic
         f"on {summary['num_val_samples']} samples",
     ]
     if trains:
-        lines.append(f"- throughput: {sum(r['img_per_s'] for r in trains) / len(trains):,.0f} images/s (mean over logged windows)")
+        lines.append(
+            f"- throughput: {sum(r['img_per_s'] for r in trains) / len(trains):,.0f} images/s (mean over logged windows)"
+        )
     if summary.get("startup_s"):
         starts = ", ".join(f"{s:.0f} s" for s in summary["startup_s"])
         lines.append(f"- time to first step (start-up and compilation), per process start: {starts}")
     if evals:
         last = evals[-1]
-        lines += ["", "## Per class (final evaluation)", "", "| class | precision | recall | specificity | F1 | support |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Per class (final evaluation)",
+            "",
+            "| class | precision | recall | specificity | F1 | support |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, c in last["per_class"].items():
-            lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['specificity']:.4f} | {c['f1']:.4f} | {c['support']} |")
+            lines.append(
+                f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['specificity']:.4f} | {c['f1']:.4f} | {c['support']} |"
+            )
         macro = last["macro"]
-        lines.append(f"| **macro** | {macro['precision']:.4f} | {macro['recall']:.4f} | {macro['specificity']:.4f} | {macro['f1']:.4f} | {last['num_samples']} |")
+        lines.append(
+            f"| **macro** | {macro['precision']:.4f} | {macro['recall']:.4f} | {macro['specificity']:.4f} | {macro['f1']:.4f} | {last['num_samples']} |"
+        )
     lines += ["", "## Plots", "", "![curves](curves.png)", "", "![confusion matrix](confusion.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
 

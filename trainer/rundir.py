@@ -6,6 +6,7 @@ the client turns flock into a lease-backed byte-range lock, and on Lustre it wor
 with `-o flock`. Where the file system has no locks at all the run goes on unprotected, with a
 note saying so.
 """
+
 from __future__ import annotations
 
 import errno
@@ -92,7 +93,9 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunDirError(f"cannot write to run.dir {self.path} ({e.strerror}) — choose a writable run.dir") from None
+            raise RunDirError(
+                f"cannot write to run.dir {self.path} ({e.strerror}) — choose a writable run.dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -105,8 +108,10 @@ class RunDir:
         except OSError as e:
             if e.errno not in NO_LOCKS:
                 raise
-            note = (f"note: the file system of {self.path} does not support locks ({e.strerror}), so nothing stops "
-                    "a second trainer from using this run.dir at the same time")
+            note = (
+                f"note: the file system of {self.path} does not support locks ({e.strerror}), so nothing stops "
+                "a second trainer from using this run.dir at the same time"
+            )
         else:
             note = None
             os.ftruncate(fd, 0)

@@ -3,6 +3,7 @@
 The loop builds one Tracker per process; only the main process's is enabled, so other ranks
 stay quiet without `if rank == 0` scattered through the loop.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,9 @@ class Tracker:
             self.wandb = _init_wandb(config)
 
     def progress(self, iterable, total: int, desc: str):
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if self.enabled else True)  # None: no bar when not a terminal (log files)
+        return tqdm(
+            iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if self.enabled else True
+        )  # None: no bar when not a terminal (log files)
 
     def print(self, line: str) -> None:
         if self.enabled:

@@ -1,4 +1,5 @@
 """Train and eval presets (torchvision references' habit: small classes, built from the config)."""
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,12 @@ class TrainPreset:
         image = finish_rgb(image)
         if image.size != full:  # decoded smaller: the same region in its pixels
             sx, sy = image.width / full[0], image.height / full[1]
-            drawn = {"top": round(drawn["top"] * sy), "left": round(drawn["left"] * sx),
-                     "height": max(1, round(drawn["height"] * sy)), "width": max(1, round(drawn["width"] * sx))}
+            drawn = {
+                "top": round(drawn["top"] * sy),
+                "left": round(drawn["left"] * sx),
+                "height": max(1, round(drawn["height"] * sy)),
+                "width": max(1, round(drawn["width"] * sx)),
+            }
         return self.crop.transform(image, drawn)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -117,7 +122,9 @@ class DeviceDecode:
             return self.augment(image)
 
     def decode(self, batch: EncodedBatch, positions: range) -> list[torch.Tensor | None]:
-        images = {i: batch.images[i].to(self.device, non_blocking=True) for i in positions if batch.images[i].dim() == 3}
+        images = {
+            i: batch.images[i].to(self.device, non_blocking=True) for i in positions if batch.images[i].dim() == 3
+        }
         jpegs = [i for i in positions if batch.images[i].dim() == 1]
         if jpegs:
             try:
@@ -165,10 +172,14 @@ class EvalPreset:
 
     def __init__(self, image_size: int, crop_pct: float, mean: list[float], std: list[float], letterbox: bool = False):
         resize = round(image_size / crop_pct)
-        steps: list = [LetterboxToSquare(), v2.Resize(image_size, antialias=True)] if letterbox else [
-            v2.Resize(resize, antialias=True),
-            v2.CenterCrop(image_size),
-        ]
+        steps: list = (
+            [LetterboxToSquare(), v2.Resize(image_size, antialias=True)]
+            if letterbox
+            else [
+                v2.Resize(resize, antialias=True),
+                v2.CenterCrop(image_size),
+            ]
+        )
         steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
         self.transform = v2.Compose(steps)
 

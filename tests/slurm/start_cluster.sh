@@ -46,7 +46,7 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 CONF
 export SLURM_CONF="$D/slurm.conf"
 slurmctld && slurmd -N n1 && slurmd -N n2          # each daemonizes and writes its pid file
-for _ in $(seq 120); do
+for _ in $(seq 480); do
   [ "$(sinfo -h -N -o '%N %t' 2>/dev/null | grep -c ' idle$')" = 2 ] && exit 0; sleep 0.25
 done
-echo "cluster not idle after 30 s (logs: $D/log)" >&2; exit 1
+echo "cluster not idle after 120 s (logs: $D/log)" >&2; exit 1
