@@ -117,7 +117,7 @@ def test_a_second_trainer_on_the_same_run_dir_exits_2_and_touches_nothing(digits
         "train.checkpoint_every=3",
         "wandb.mode=disabled",
     ]
-    first = start_training(overrides, **{PAUSE_ENV: "3", RELEASE_ENV: str(release)})
+    first = start_training(overrides, processes=1, **{PAUSE_ENV: "3", RELEASE_ENV: str(release)})
     try:
         wait_for(lambda: Path(f"{release}.paused").exists(), timeout=300, process=first)
         holder = status(run_dir)["pid"]
@@ -189,6 +189,13 @@ def rank_of(pid: int) -> int:
     return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=")[1])
 
 
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_a_frozen_rank_makes_the_job_leave_within_the_timeout(digits_shards, tmp_path):
     run_dir, release = tmp_path / "run", tmp_path / "release"
     overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT, "train.collective_timeout_s=10"]
@@ -196,10 +203,13 @@ def test_a_frozen_rank_makes_the_job_leave_within_the_timeout(digits_shards, tmp
     frozen = None
     try:
         wait_for(lambda: Path(f"{release}.paused").exists(), timeout=300, process=process)
-        frozen = next(pid for pid in worker_pids(process.pid) if rank_of(pid) == 1)
+        ranks = {rank_of(pid): pid for pid in worker_pids(process.pid)}
+        frozen = ranks[1]
         os.kill(frozen, signal.SIGSTOP)  # rank 1 stops answering while rank 0 finishes its checkpoint
         release.touch()
-        output, _ = process.communicate(timeout=300)  # 10 s of timeout, then the launcher's own grace
+        wait_for(lambda: gone(ranks[0]), timeout=300)  # rank 0 gave up after its 10 s
+        os.kill(frozen, signal.SIGCONT)  # so that the launcher need not wait out its 30 s before SIGKILL
+        output, _ = process.communicate(timeout=300)
     finally:
         if frozen is not None:
             try:
