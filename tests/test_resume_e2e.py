@@ -1,4 +1,5 @@
 """Runs killed at any moment resume exactly: real processes, real signals (2 gloo processes)."""
+
 import json
 import os
 import random
@@ -9,8 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import EXACT, kill_group, run_training, start_training, wait_for, worker_pids
-from trainer import checkpoint
-from trainer.main import EXIT_PREEMPTED
+from trainer import checkpoint, main
+from trainer.main import EXIT_PREEMPTED, StopFlag
 
 pytestmark = pytest.mark.e2e
 
@@ -22,27 +23,32 @@ def records(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
-def last_step(run_dir) -> int:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
+def hold_env(release, step: int) -> dict:
+    """The trainer's main process holds right after optimizer step `step` (it writes RELEASE.held)
+    until `release` exists or it is signalled to stop: a test acts at a known step, not a raced one."""
+    return {"TRAINER_TEST_HOLD_AFTER_STEP": str(step), checkpoint.RELEASE_ENV: str(release)}
 
 
 def test_sigkill_at_a_random_step_then_restart_is_bitwise_identical(digits_shards, uninterrupted, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, release = tmp_path / "run", tmp_path / "release"
     kill_at = random.Random(20261122).randint(9, 40)  # 25 steps per epoch: mid-epoch, either epoch
+    # The hold comes before step kill_at's own checkpoint: the newest complete one is the last
+    # multiple of 7, or the end of epoch 1 (step 25), strictly before kill_at.
+    newest = max(s for s in range(1, kill_at) if s % 7 == 0 or s % 25 == 0)
     overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT]
-    process = start_training(overrides)
+    process = start_training(overrides, **hold_env(release, kill_at))
     try:
-        wait_for(lambda: last_step(run_dir) >= kill_at, timeout=300, process=process)
+        wait_for(lambda: (tmp_path / "release.held").exists(), timeout=300, process=process)
     finally:
-        kill_group(process, signal.SIGKILL)
+        kill_group(process, signal.SIGKILL)  # while the main process holds after step kill_at
         process.wait(timeout=60)
     assert not (run_dir / "final.safetensors").exists()
     resumed = run_training(overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    resumed_at = int(resumed.stdout.split("resuming from", 1)[1].split("step ", 1)[1].split(")")[0])
-    assert (kill_at // 7) * 7 <= resumed_at < 50  # from the newest checkpoint, mid-run, not from scratch
+    assert (
+        f"resuming from {run_dir / 'checkpoints' / f'ckpt-{newest:09d}'} (epoch {newest // 25 + 1}, step {newest})"
+        in resumed.stdout
+    ), resumed.stdout[-3000:]
     expected, got = load_file(uninterrupted / "final.safetensors"), load_file(run_dir / "final.safetensors")
     assert expected.keys() == got.keys()
     for name in expected:
@@ -69,10 +75,10 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(digits_shards,
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_checkpoints_and_exits_with_the_preempted_code(digits_shards, tmp_path, sig):
-    run_dir = tmp_path / "run"
-    process = start_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT])
+    run_dir, release = tmp_path / "run", tmp_path / "release"
+    process = start_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT], **hold_env(release, 3))
     try:
-        wait_for(lambda: last_step(run_dir) >= 3, timeout=300, process=process)
+        wait_for(lambda: (tmp_path / "release.held").exists(), timeout=300, process=process)
         workers = worker_pids(process.pid)
         assert len(workers) == 2
         for pid in workers:  # as a job scheduler does: every process, the loader workers too
@@ -83,26 +89,58 @@ def test_signal_checkpoints_and_exits_with_the_preempted_code(digits_shards, tmp
     assert f"exitcode  : {EXIT_PREEMPTED}" in output or process.returncode == EXIT_PREEMPTED, output[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
     path, state, _ = checkpoint.load_newest(run_dir / "checkpoints", rank=0)
-    assert state["progress"]["step"] >= 3
-    assert f"checkpoint {path}" in output
+    # Held after step 3, woken by the signal: the stop is agreed at the next check (every 5 steps).
+    assert path.name == "ckpt-000000005" and state["progress"]["step"] == 5
+    assert f"checkpoint {path} (epoch 1, step 5)" in output
 
 
 def test_second_sigterm_exits_at_once(digits_shards, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, release = tmp_path / "run", tmp_path / "release"  # never created: the write stays stalled
     overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT, "train.checkpoint_every=0"]
-    process = start_training(overrides, processes=1, TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP="1")
+    process = start_training(overrides, processes=1, TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP="1", **hold_env(release, 1))
     try:
-        wait_for(lambda: last_step(run_dir) >= 1, timeout=300, process=process)
-        process.send_signal(signal.SIGTERM)
-        process.send_signal(signal.SIGTERM)  # an echo of the same signal (Slurm + launcher): not a second one
-        wait_for(lambda: list((run_dir / "checkpoints").glob("*.tmp")), timeout=60, process=process)
-        time.sleep(1.5)
+        wait_for(lambda: (tmp_path / "release.held").exists(), timeout=300, process=process)
+        process.send_signal(signal.SIGTERM)  # the first: checkpoint at the next stop check (step 5)
+        wait_for(lambda: (tmp_path / "release.paused").exists(), timeout=300, process=process)
+        assert (tmp_path / "release.paused").read_text() == "5"
+        time.sleep(1.5)  # past StopFlag.REPEAT_AFTER_S: not an echo (the echo has a unit test below)
         process.send_signal(signal.SIGTERM)  # deliberate, while the checkpoint write is stalled
         process.wait(timeout=30)
     finally:
         kill_group(process, signal.SIGKILL)
     assert process.returncode == 128 + signal.SIGTERM
     assert not checkpoint.complete_checkpoints(run_dir / "checkpoints")  # the stalled write never completed
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+
+
+class Exited(Exception):
+    pass
+
+
+def test_a_sigterm_echo_is_not_a_second_sigterm(monkeypatch):
+    """StopFlag's handler, called directly on a fake clock: a repeat within REPEAT_AFTER_S (Slurm's
+    and the launcher's copies of one SIGTERM) only asks to stop; a later one exits at once."""
+    now, said = [100.0], []
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the test process keeps its own handlers
+
+    def exit_(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(main, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    monkeypatch.setattr(main, "os", type("Os", (), {"_exit": staticmethod(exit_)}))
+    stop = StopFlag()
+    stop.before_exit = lambda: said.append("status written")
+    stop._handle(signal.SIGUSR1, None)  # USR1: a request, never an exit
+    assert stop.requested and stop.first_term is None
+    stop._handle(signal.SIGTERM, None)
+    assert stop.requested and stop.first_term == 100.0
+    now[0] += StopFlag.REPEAT_AFTER_S * 0.9
+    stop._handle(signal.SIGTERM, None)  # the echo
+    assert stop.first_term == 100.0 and not said
+    now[0] = 100.0 + StopFlag.REPEAT_AFTER_S + 0.1
+    with pytest.raises(Exited) as exited:
+        stop._handle(signal.SIGTERM, None)  # deliberate
+    assert exited.value.args == (128 + signal.SIGTERM,) and said == ["status written"]
 
 
 def test_resumed_run_continues_the_same_wandb_run(digits_shards, tmp_path):

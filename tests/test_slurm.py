@@ -3,6 +3,7 @@
 The cluster (tests/slurm/start_cluster.sh) is a private munged, slurmctld and two slurmd on
 127.0.0.1, all state in a temp dir; the session fixture always stops every daemon by its pid.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,23 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, TINY, cpu_env
+from trainer import checkpoint
 from trainer.tracking import wandb_id
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
 DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+FINAL = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
 TRAIN = [*TINY, "train.epochs=2", "train.checkpoint_every=7", "train.deterministic=true", "train.log_every=1"]
 
 
@@ -65,7 +77,11 @@ class Cluster:
     def sbatch(self, script: str, sbatch_args: list[str], args: list[str], **env: str) -> str:
         result = subprocess.run(
             ["sbatch", "--parsable", "--time=10", *sbatch_args, script, *args],
-            cwd=REPO, env=dict(self.env, **env), capture_output=True, text=True, timeout=60,
+            cwd=REPO,
+            env=dict(self.env, **env),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 0, result.stderr
         return result.stdout.strip().split(";")[0]
@@ -108,7 +124,9 @@ def stray_processes(conf: str) -> list[int]:
 def cluster():
     missing = missing_programs()
     if missing:
-        pytest.skip(f"Slurm/munge not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge")
+        pytest.skip(
+            f"Slurm/munge not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+        )
     if os.geteuid() != 0:
         pytest.skip("the test cluster runs munged as the munge user and slurmd as root: run the tests as root")
     root = Path(tempfile.mkdtemp(prefix="slurm-test-"))  # not under pytest's 0700 tmp: munged must reach it
@@ -117,8 +135,13 @@ def cluster():
     env["PATH"] = os.pathsep.join([env.get("PATH", ""), "/usr/sbin", "/sbin"])
     conf = str(root / "slurm.conf")
     try:
-        started = subprocess.run(["bash", str(REPO / "tests/slurm/start_cluster.sh"), str(root)], env=env,
-                                 capture_output=True, text=True, timeout=120)
+        started = subprocess.run(
+            ["bash", str(REPO / "tests/slurm/start_cluster.sh"), str(root)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert started.returncode == 0, f"cluster did not start: {started.stderr}\n{logs(root)}"
         cluster = Cluster(root)
         yield cluster
@@ -139,12 +162,38 @@ def logs(root: Path) -> str:
     return "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((root / "log").glob("*.log")))
 
 
-def train_job(cluster: Cluster, shards: Path, runs: Path, extra: list[str] = ()) -> tuple[str, Path, Path]:
+def train_job(cluster: Cluster, shards: Path, runs: Path, extra: list[str] = (), **env: str) -> tuple[str, Path, Path]:
     """sbatch slurm/train.sh on 2 nodes x 1 CPU process; run.dir derived from the config and job id."""
     log = runs / "job.log"
-    job = cluster.sbatch("slurm/train.sh", ["--nodes=2", f"--output={log}"],
-                         ["configs/demo.yaml", f"data.shards={shards}", *TRAIN, *extra], RUNS_ROOT=str(runs))
+    job = cluster.sbatch(
+        "slurm/train.sh",
+        ["--nodes=2", f"--output={log}"],
+        ["configs/demo.yaml", f"data.shards={shards}", *TRAIN, *extra],
+        RUNS_ROOT=str(runs),
+        **env,
+    )
     return job, runs / f"demo-{job}", log
+
+
+def hold_env(release: Path, step: int) -> dict:
+    """The trainer's main process holds right after optimizer step `step` (writing RELEASE.held) until
+    `release` exists or it is signalled to stop. sbatch passes the submitting environment on, and a
+    requeued job gets it again: pick a step the resumed run does not reach again."""
+    return {"TRAINER_TEST_HOLD_AFTER_STEP": str(step), checkpoint.RELEASE_ENV: str(release)}
+
+
+def wait_held(cluster: Cluster, job: str, release: Path, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not Path(f"{release}.held").exists():
+        assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else "no log"
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (
+            log.read_text()[-3000:] if log.exists() else "no log"
+        )
+        time.sleep(0.2)
+
+
+def saved_checkpoints(text: str) -> list[tuple[str, int]]:
+    return [(path, int(step)) for path, step in re.findall(r"checkpoint (\S+) \(epoch \d+, step (\d+)\)", text)]
 
 
 def train_steps(run_dir: Path) -> list[int]:
@@ -186,12 +235,11 @@ def test_two_nodes_train_as_one_group(straight):
 
 
 def test_preemption_checkpoints_requeues_and_resumes(cluster, digits_shards, straight, tmp_path):
-    job, run_dir, log = train_job(cluster, digits_shards, tmp_path, ["wandb.mode=offline"])
-    deadline = time.monotonic() + 240
-    while max(train_steps(run_dir), default=0) < 9:  # past the step-7 checkpoint, mid-epoch 1
-        assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else "no log"
-        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:]
-        time.sleep(0.2)
+    release = tmp_path / "release"  # never created: the signal wakes the hold
+    # Held after step 9 (past the step-7 checkpoint, mid-epoch 1); the requeued run resumes at 10
+    # and never holds again.
+    job, run_dir, log = train_job(cluster, digits_shards, tmp_path, ["wandb.mode=offline"], **hold_env(release, 9))
+    wait_held(cluster, job, release, log)
     # What --signal=B:USR1@N does before the time limit: USR1 to the batch shell only.
     assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
     info = cluster.wait(job)
@@ -199,11 +247,10 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, digits_shards, str
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
     first, second = text.split("SLURM_RESTART_COUNT=1", 1)
     assert "USR1" in first and f"requeueing job {job}" in first
-    saved = re.findall(r"checkpoint (\S+) \(epoch \d+, step (\d+)\)", first.split("USR1", 1)[1])
-    assert saved, first[-3000:]
-    path, step = saved[-1]
-    assert int(step) >= 9
-    assert f"resuming from {path} (epoch 1, step {step})" in second  # from that checkpoint, not from scratch
+    path = str(run_dir / "checkpoints" / "ckpt-000000010")
+    # The stop is agreed at the next check after the hold (every 5 steps): step 10, the one checkpoint since.
+    assert saved_checkpoints(first.split("USR1", 1)[1]) == [(path, 10)], first[-3000:]
+    assert f"resuming from {path} (epoch 1, step 10)" in second  # from that checkpoint, not from scratch
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
     assert train_steps(run_dir)[-1] == train_steps(straight[1])[-1] == 50  # 2 epochs x 25 steps
     assert_same_weights(straight[1] / "final.safetensors", run_dir / "final.safetensors")  # resumed exactly
@@ -212,22 +259,19 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, digits_shards, str
 
 
 def test_preemption_past_the_restart_cap_is_not_requeued(cluster, digits_shards, tmp_path):
-    log = tmp_path / "job.log"
-    job = cluster.sbatch("slurm/train.sh", ["--nodes=2", f"--output={log}"],
-                         ["configs/demo.yaml", f"data.shards={digits_shards}", *TRAIN, "wandb.mode=disabled",
-                          "train.epochs=20"],  # far from done when USR1 lands (only a trainer-side hold would be exact)
-                         RUNS_ROOT=str(tmp_path), MAX_RESTARTS="0")
-    deadline = time.monotonic() + 240
-    while max(train_steps(tmp_path / f"demo-{job}"), default=0) < 2:
-        assert time.monotonic() < deadline and cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), \
-            log.read_text()[-3000:] if log.exists() else "no log"
-        time.sleep(0.2)
+    release = tmp_path / "release"  # never created: the signal wakes the hold
+    job, run_dir, log = train_job(
+        cluster, digits_shards, tmp_path, ["wandb.mode=disabled"], MAX_RESTARTS="0", **hold_env(release, 2)
+    )
+    wait_held(cluster, job, release, log)
     assert cluster.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
     info = cluster.wait(job)
     text = log.read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text[-3000:]
     assert "not requeueing: 0 restarts reached MAX_RESTARTS=0" in text
-    assert json.loads((tmp_path / f"demo-{job}" / "status.json").read_text())["state"] == "preempted"
+    # Held after step 2, stopped at the next check (step 5): its checkpoint is the run's only one.
+    assert saved_checkpoints(text) == [(str(run_dir / "checkpoints" / "ckpt-000000005"), 5)], text[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
 
 
 def test_a_failing_run_is_not_requeued(cluster, digits_shards, tmp_path):
@@ -241,10 +285,16 @@ def test_a_failing_run_is_not_requeued(cluster, digits_shards, tmp_path):
 def test_make_shards_job_writes_the_same_shards_as_the_plain_command(cluster, digits_shards, tmp_path):
     src = digits_shards / "images"
     plain, job_out = tmp_path / "plain", tmp_path / "job"
-    subprocess.run([sys.executable, "-m", "launch.make_shards", str(src), str(plain)], cwd=REPO, check=True,
-                   capture_output=True, timeout=300)
-    job = cluster.sbatch("slurm/make_shards.sh", ["--cpus-per-task=1", f"--output={tmp_path / 'job.log'}"],
-                         [str(src), str(job_out)])
+    subprocess.run(
+        [sys.executable, "-m", "launch.make_shards", str(src), str(plain)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    job = cluster.sbatch(
+        "slurm/make_shards.sh", ["--cpus-per-task=1", f"--output={tmp_path / 'job.log'}"], [str(src), str(job_out)]
+    )
     info = cluster.wait(job)
     assert info["JobState"] == "COMPLETED", (tmp_path / "job.log").read_text()[-3000:]
     assert "make_shards, --workers 1" in (tmp_path / "job.log").read_text()

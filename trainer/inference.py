@@ -33,6 +33,7 @@ from trainer.config import Config, ConfigError, config_from_dict
 from trainer.data import close_loaders
 from trainer.main import PREPROCESSING, SetupError, build_model, one_line
 from trainer.model import load_weights
+from trainer.rundir import disk_error_line, is_disk_error
 from trainer.transforms import EvalPreset
 
 EXIT_ERROR = 2
@@ -53,6 +54,11 @@ def run_cli(run, args) -> int:
         return run(args)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:  # a full disk, a quota, a read-only run dir
+        if not is_disk_error(e):
+            raise
+        print(f"error: {disk_error_line(e, None, 'it writes its outputs again')}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         close_loaders()  # loader workers obey SIGTERM again, so the exit can stop them

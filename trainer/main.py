@@ -217,7 +217,7 @@ def claim_run_dir(run_dir: Path, accelerator: Accelerator) -> RunDir:
             note = run.lock()
             if note:
                 print(note, flush=True)
-        except (RunDirBusy, RunDirError) as e:
+        except (RunDirBusy, RunDirError, OSError) as e:
             error = e
     if any_rank(error is not None, accelerator):
         raise error or PeerFailed(EXIT_USAGE)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 LOCK = ".lock"
 STATUS = "status.json"
-STATUS_BYTES = 1024  # status.json is padded to this size, so that rewriting it in place needs no new block
+STATUS_BYTES = 4096  # status.json is padded to one block, so that rewriting it in place needs no new one
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 DISK_ERRORS = {  # errno -> (what happened, what to do)
     errno.ENOSPC: ("no space left on the device", "free space"),
@@ -125,7 +125,7 @@ class RunDir:
         disk is full: the padded file is then rewritten in place, which needs no new block."""
         if not self.owned:
             return
-        status = {"state": state, "time": time.time(), **({"reason": reason[:700]} if reason else {})}
+        status = {"state": state, "time": time.time(), **({"reason": reason[:1000]} if reason else {})}
         if state == "running":
             status.update(host=socket.gethostname(), pid=os.getpid())
         data = (json.dumps(status, ensure_ascii=False) + "\n").encode().ljust(STATUS_BYTES)
