@@ -163,11 +163,18 @@ def explain(e: BaseException, run_dir: Path | None) -> tuple[int, str] | None:
         return EXIT_FAILURE, disk_error_line(e, run_dir, then)
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED, f"interrupted — start the same command again: {then}"
-    if isinstance(e, RuntimeError) and "timed out" in str(e).lower() and torch.distributed.is_initialized():
-        return EXIT_FAILURE, (
-            f"no answer from another process of the job for train.collective_timeout_s (a frozen node or a stuck "
-            f"file system?) — this process stops; start the same command: {then}"
-        )
+    if isinstance(e, RuntimeError) and torch.distributed.is_initialized():  # a collective failed
+        text = str(e).lower()
+        if "timed out" in text:
+            return EXIT_FAILURE, (
+                f"no answer from another process of the job for train.collective_timeout_s (a frozen node or a "
+                f"stuck file system?) — this process stops; start the same command: {then}"
+            )
+        if any(sign in text for sign in ("connection closed by peer", "connection reset by peer", "broken pipe")):
+            return (
+                EXIT_FAILURE,
+                f"another process of the job went away (see its own error) — start the same command: {then}",
+            )
     return None
 
 
