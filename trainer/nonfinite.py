@@ -24,8 +24,11 @@ ADVICE = "lower optim.lr, set optim.grad_clip (e.g. 1.0), or train in bf16 rathe
 
 
 class StepGuard:
+    """Wraps each optimizer step of the loop: start() before its first forward pass, check() before
+    optimizer.step(); the verdict goes to the fused optimizer and comes back for the EMA."""
+
     def __init__(self, model: nn.Module, optimizer, accelerator, grad_clip: float, streak: int = 0):
-        self.model, self.optimizer, self.accelerator, self.grad_clip = model, optimizer, accelerator, grad_clip
+        self.optimizer, self.accelerator, self.grad_clip = optimizer, accelerator, grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.buffers: dict[torch.dtype, list[torch.Tensor]] = {}  # BN statistics and batch counters, by dtype
         for buffer in model.buffers():
