@@ -52,6 +52,7 @@ class Manifest:
     version: int = FORMAT_VERSION
     prefix: str = ""  # where the splits' folders sit below OUT ("" or "build-<id>/", see launch/publish.py)
     root: Path | None = field(default=None, compare=False, repr=False)  # OUT; set by load/write
+    sha256: str = field(default="", compare=False, repr=False)  # of the manifest.json bytes read: names the dataset
 
     @property
     def num_classes(self) -> int:
@@ -69,7 +70,7 @@ class Manifest:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        del d["root"]
+        del d["root"], d["sha256"]
         return d
 
     def write(self, out_dir: str | os.PathLike) -> None:
@@ -114,7 +115,7 @@ class Manifest:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             reason = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
             raise ManifestError(f"{where} is not a valid manifest ({reason}) — re-run `{MAKE_CMD}`") from None
-        manifest.root = root
+        manifest.root, manifest.sha256 = root, hashlib.sha256(raw).hexdigest()
         return manifest
 
     @classmethod

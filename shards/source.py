@@ -67,6 +67,14 @@ class Dataset:
     def shown(self) -> str:
         return self.store.shown
 
+    def read_extra(self, rel: str) -> bytes | None:
+        """A file make_shards writes beside the manifest (its plots, summary.txt), or None when it
+        cannot be read: they are extras, so no retries, and older or hand-made datasets lack them."""
+        try:
+            return self.store.read_bytes(rel, retries=0)
+        except StoreError:
+            return None
+
     @functools.cached_property
     def _files_bytes(self) -> int:
         """Bytes of every shard and index of the dataset: what a cache holding all of it needs."""

@@ -136,13 +136,13 @@ class Store:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, retries: int | None = None) -> bytes:
         def attempt() -> bytes:
             if self.scheme == "pipe":
                 return self._pipe_bytes(rel)
             return self.fs().cat_file(self._fs_path(rel))
 
-        return self._retried(rel, attempt)
+        return self._retried(rel, attempt, retries)
 
     def download(self, rel: str, out: BinaryIO) -> tuple[int, str]:
         """Stream the whole file into ``out`` (from its start); -> (bytes, sha256 hex)."""
@@ -178,8 +178,9 @@ class Store:
         url = self.url(rel)
         return url if self.scheme in ("http", "https") else self.fs()._strip_protocol(url)
 
-    def _retried(self, rel: str, attempt: Callable):
-        for tries in range(self.retries + 1):
+    def _retried(self, rel: str, attempt: Callable, retries: int | None = None):
+        retries = self.retries if retries is None else retries
+        for tries in range(retries + 1):
             try:
                 return attempt()
             except Exception as e:  # fsspec back-ends raise their clients' own exception types
@@ -188,7 +189,7 @@ class Store:
                     transient, reason = True, "the command failed"
                 if not transient:
                     raise StoreError(f"{self.show(rel)}: {reason}") from None
-                if tries == self.retries:
+                if tries == retries:
                     raise StoreError(
                         f"{self.show(rel)} could not be read ({reason}; {tries + 1} attempts) — {hint(self.location)}, "
                         "then start the same command again"

@@ -1,5 +1,6 @@
 """The real `accelerate launch --num_processes 2` on CPU (gloo), end to end."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -8,9 +9,11 @@ import torch
 from safetensors import safe_open
 
 from shards.manifest import Manifest
+from tests import wandb_log
 from tests.conftest import run_training
 from trainer.config import config_from_dict
 from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_index
+from trainer.inference import load_trained
 from trainer.main import build_model
 from trainer.metrics import EvalSums, summarize
 from trainer.model import load_weights
@@ -84,29 +87,131 @@ def test_exactly_one_offline_wandb_run(trained_run):
     assert list(runs[0].glob("*.wandb"))
 
 
+@pytest.fixture(scope="module")
+def wandb_run(trained_run):
+    """The trained run as wandb recorded it: (segment, its records, its summary and config)."""
+    [segment] = wandb_log.segments(trained_run[0])
+    return segment, wandb_log.records(segment), wandb_log.summary(segment)
+
+
+def test_wandb_has_per_class_tables_and_best_of_summaries(trained_run, wandb_run):
+    run_dir, _ = trained_run
+    segment, log, state = wandb_run
+    evals, trains = records(run_dir, "eval"), records(run_dir, "train")
+    rows = wandb_log.history(log)
+    for evaluation in evals:
+        per_class = wandb_log.table(segment, rows[evaluation["step"]], "eval/per_class")
+        assert per_class["columns"] == ["class", "precision", "recall", "specificity", "f1", "support"]
+        expected = [[name, *(c[k] for k in per_class["columns"][1:])] for name, c in evaluation["per_class"].items()]
+        assert per_class["data"] == expected
+        assert "eval/per_class_f1_table.path" in rows[evaluation["step"]]  # the F1 bar chart's data
+    # Every series against the step; best-of summaries where the last value says little.
+    metrics = wandb_log.of_type(log, "metric")
+    prefixes = [
+        m["glob_name"].removesuffix("*") for m in metrics if m.get("step_metric") == "step" and "glob_name" in m
+    ]
+    series = {key.split(".")[0] for row in rows.values() for key in row if not key.startswith("_")} - {"step"}
+    assert series and all(key.startswith(tuple(prefixes)) for key in series), series
+    summary = state["summary"]
+    assert summary["eval/top1"] == {"max": max(e["top1"] for e in evals)}
+    assert summary["eval/top5"] == {"max": max(e["top5"] for e in evals)}
+    assert summary["eval/loss"] == {"min": min(e["loss"] for e in evals)}
+    assert summary["train/loss"] == {"min": pytest.approx(min(t["loss"] for t in trains))}
+    best = max(evals, key=lambda e: e["top1"])
+    assert (summary["best_top1"], summary["best_top5"], summary["best_epoch"]) == (
+        best["top1"],
+        best["top5"],
+        best["epoch"],
+    )
+    assert (summary["final_top1"], summary["final_top5"]) == (evals[-1]["top1"], evals[-1]["top5"])
+    assert summary["world_size"] == 2 and summary["gpu_count"] == 0 and summary["parameters"] > 0
+    assert summary["img_per_s"] > 0 and summary["time_to_first_step_s"] > 0
+
+
+def test_wandb_config_names_the_data_and_the_run_shows_its_report(trained_run, wandb_run, digits_shards):
+    segment, log, state = wandb_run
+    dataset = state["config"]["dataset"]
+    assert dataset["location"] == str(digits_shards)
+    assert dataset["manifest_sha256"] == hashlib.sha256((digits_shards / "manifest.json").read_bytes()).hexdigest()
+    assert (dataset["classes"], dataset["train_samples"], dataset["val_samples"], dataset["skipped_files"]) == (
+        10,
+        1618,
+        179,
+        0,
+    )
+    start = wandb_log.history(log)[0]
+    for plot in ("data/class_distribution", "data/image_sizes"):  # make_shards' plots, logged once
+        assert start[f"{plot}._type"] == "image-file" and (segment / "files" / start[f"{plot}.path"]).is_file()
+    assert state["summary"]["data/skipped_files"] == 0
+
+
+def test_wandb_predictions_show_the_most_confidently_wrong_of_all_ranks_first(trained_run, wandb_run, digits_shards):
+    run_dir, _ = trained_run
+    segment, log, _ = wandb_run
+    last = wandb_log.history(log)[records(run_dir, "eval")[-1]["step"]]
+    shown = wandb_log.table(segment, last, "val/predictions")
+    assert shown["columns"] == ["image", "true", "predicted", "probability", "correct"]
+    logits, labels, classes = val_logits(run_dir / "final.safetensors", digits_shards)  # the whole split, one process
+    confidence, predicted = logits.softmax(1).max(1)
+    # Wrong ones, most confident first; then right ones, least confident first; wandb.sample_predictions of them.
+    outcomes = zip(confidence.tolist(), (predicted == labels).tolist())
+    expected = sorted(outcomes, key=lambda o: (o[1], o[0] if o[1] else -o[0]))[:32]
+    assert [(row[3], row[4]) for row in shown["data"]] == [(pytest.approx(p, abs=1e-5), right) for p, right in expected]
+    assert all((row[1] == row[2]) == row[4] for row in shown["data"])
+
+
+def test_wandb_model_versions_hold_what_a_run_dir_needs(trained_run, wandb_run, tmp_path):
+    run_dir, _ = trained_run
+    _, log, _ = wandb_run
+    evals = records(run_dir, "eval")
+    improved = evals[1]["top1"] > evals[0]["top1"]
+    versions = wandb_log.model_versions(log)
+    assert [(wandb_log.step_of(v), set(v["aliases"])) for v in versions] == [
+        (25, {"best", "step-25", "latest"}),
+        (50, {"final", "step-50", "latest"} | ({"best"} if improved else set())),
+    ]
+    final = versions[-1]
+    files = {e["path"] for e in final["manifest"]["contents"]}
+    assert files == {"final.safetensors", "config.yaml", "classes.json", "preprocessing.json"} | (
+        {"best.safetensors"} if improved else set()
+    )
+    assert all(
+        e["local_path"].startswith(str(run_dir / "wandb" / "artifacts" / "staging"))
+        for e in final["manifest"]["contents"]
+    )
+    fetched = wandb_log.fetch(final, tmp_path / "fetched")
+    assert (fetched / "final.safetensors").read_bytes() == (run_dir / "final.safetensors").read_bytes()
+    assert load_trained(fetched, "final").classes == [str(d) for d in range(10)]
+
+
+def val_logits(path: Path, digits_shards: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The exported weights at `path` over the whole val split on one process: logits, labels, classes."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    config, classes = config_from_dict(json.loads(metadata["config"])), json.loads(metadata["classes"])
+    model = build_model(config, len(classes))
+    load_weights(model, path)
+    manifest = Manifest.load(digits_shards)
+    mean, std = normalization(config.data, manifest.mean, manifest.std)
+    dataset = ShardDataset(
+        split_index(open_shards(str(digits_shards)), "val"),
+        EvalPreset(config.data.image_size, config.data.crop_pct, mean, std),
+    )
+    loader = make_loader(dataset, EvalOrder(len(dataset), 64, 0, 1), workers=0, pin_memory=False)
+    model.eval()
+    with torch.no_grad():
+        batches = [(model(images), labels) for images, labels, _, _ in loader]
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), classes
+
+
 def test_exported_weights_reproduce_logged_top1_on_one_process(trained_run, digits_shards):
     run_dir, _ = trained_run
     evals = records(run_dir, "eval")
     best = max(evals, key=lambda r: r["top1"])
     for name, expected in [("best", best), ("final", evals[-1])]:
-        path = run_dir / f"{name}.safetensors"
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata()
-        config, classes = config_from_dict(json.loads(metadata["config"])), json.loads(metadata["classes"])
-        model = build_model(config, len(classes))
-        load_weights(model, path)
-        manifest = Manifest.load(digits_shards)
-        mean, std = normalization(config.data, manifest.mean, manifest.std)
-        dataset = ShardDataset(
-            split_index(open_shards(str(digits_shards)), "val"),
-            EvalPreset(config.data.image_size, config.data.crop_pct, mean, std),
-        )
-        loader = make_loader(dataset, EvalOrder(len(dataset), 64, 0, 1), workers=0, pin_memory=False)
+        logits, labels, classes = val_logits(run_dir / f"{name}.safetensors", digits_shards)
         sums = EvalSums.zeros(len(classes), "cpu")
-        model.eval()
-        with torch.no_grad():
-            for images, labels, _, _ in loader:
-                sums.add(model(images), labels)
+        sums.add(logits, labels)
         record = summarize(sums, classes)
         assert record["confusion"] == expected["confusion"], name
         assert record["top1"] == expected["top1"]

@@ -8,6 +8,7 @@ naming the key and the fix, raised before any work starts.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -125,9 +126,10 @@ class WandbConfig:
     entity: Optional[str] = None
     name: Optional[str] = None  # defaults to run.name
     group: Optional[str] = None
-    id: Optional[str] = None  # defaults to one derived from run.dir, so a resume is one run
+    id: Optional[str] = None  # defaults to one derived from run.dir, so a resume is one run (config.yaml has it)
     tags: list[str] = field(default_factory=list)
     sample_predictions: int = 32  # rows of the validation predictions table
+    log_model: bool = True  # best and final weights (and the export) as wandb model artifacts
 
 
 @dataclass
@@ -210,7 +212,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
     validate(config)
+    if config.wandb.id is None:  # resolved and saved, so trainer.export and a fetched model find the run
+        config.wandb.id = wandb_id(config.run.dir)
     return config
+
+
+def wandb_id(run_dir: str | Path) -> str:
+    """Stable per run directory, so a resumed or requeued run continues the same wandb run."""
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def config_from_dict(values: dict) -> Config:

@@ -1,14 +1,15 @@
 """Export a trained run to ONNX and/or TorchScript, checked against the PyTorch model.
 
     python -m trainer.export RUN_DIR [--checkpoint best|last|final|PATH] [--format onnx torchscript]
-                             [--data SHARDS_OR_IMAGE_FOLDER] [--letterbox] [--tolerance 1e-3]
+                             [--data SHARDS_OR_IMAGE_FOLDER] [--letterbox] [--tolerance 1e-3] [--no-wandb]
 
 Writes RUN_DIR/export/model.onnx (batch dimension dynamic), model.torchscript.pt and model.json:
 classes, mean/std, input size, the resize/crop (or letterbox) steps, and the parity results.
 The same metadata is inside each model file (ONNX metadata_props; TorchScript extra file
 model.json). Parity: real validation images through the exported model and through PyTorch;
 the largest absolute logit difference is reported, and above --tolerance the export fails and
-leaves no model file behind.
+leaves no model file behind. The files then join the training run in wandb (the same run id,
+as the run's config.yaml sets wandb up) as an `exported-model` artifact.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from trainer.evaluate import eval_dataset
 from trainer.inference import InferenceError, Trained, load_trained, run_cli
+from trainer.wandb_run import TrackingError, log_export
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=16, help="images in the parity check (default: 16)")
     parser.add_argument("--letterbox", action="store_true", help="record letterbox (pad to square) preprocessing")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed absolute logit difference")
+    parser.add_argument("--no-wandb", action="store_true", help="do not attach the files to the run's wandb run")
     return run_cli(run, parser.parse_args(argv))
 
 
@@ -80,7 +83,22 @@ def run(args: argparse.Namespace) -> int:
     described = json.dumps({**metadata, "parity": parity}, ensure_ascii=False, indent=1)
     (out_dir / "model.json").write_text(described + "\n", encoding="utf-8")
     print(f"metadata: {out_dir / 'model.json'}")
+    if not args.no_wandb:
+        files = [out_dir / FILES[fmt] for fmt in checked] + [out_dir / "model.json"]
+        attach(args.run_dir, trained, files, {**metadata, "parity": parity})
     return 0
+
+
+def attach(run_dir: Path, trained: Trained, files: list[Path], metadata: dict) -> None:
+    alias = trained.name if trained.name in ("best", "final", "last") else None
+    try:
+        name = log_export(run_dir, trained.config, files, alias, metadata)
+    except TrackingError as e:
+        raise InferenceError(str(e)) from None
+    if name is not None:
+        mode = trained.config.wandb.mode
+        later = f"; upload with `wandb sync {run_dir}/wandb/offline-run-*`" if mode == "offline" else ""
+        print(f"wandb: {name} attached to the training run ({mode}{later})")
 
 
 def parity_inputs(trained: Trained, data: Path | None, split: str, samples: int, letterbox: bool) -> torch.Tensor:

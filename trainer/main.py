@@ -47,7 +47,7 @@ from trainer.data import (
     open_shards,
     split_index,
 )
-from trainer.metrics import EvalSums, summarize
+from trainer.metrics import EvalSums, ShownSamples, summarize
 from trainer.model import load_weights, se_densenet
 from trainer.nonfinite import NonFiniteError, StepGuard, assert_finite, update_ema
 from trainer.optim import describe_lr, make_ema, make_optimizer, make_scheduler, param_groups, scaled_lr
@@ -280,7 +280,11 @@ def fit(config: Config, accelerator: Accelerator, run: RunDir, stop: StopFlag) -
     )
     criterion = criterion.to(accelerator.device)
     tracker = Tracker(
-        config, classes, accelerator.is_main_process, progress.step if progress.step or progress.epoch else None
+        config,
+        classes,
+        accelerator.is_main_process,
+        progress.step if progress.step or progress.epoch else None,
+        dataset,
     )
     announce(config, model, dataset, order, steps_per_epoch, global_batch, world, accelerator, tracker)
     mixer = batch_mixer(config.data, len(classes))
@@ -723,18 +727,17 @@ def evaluate(model, loader, num_classes: int, accelerator: Accelerator, tracker:
     """Sums over this rank's share of the split, all-reduced: every sample counted exactly once."""
     model.eval()
     sums = EvalSums.zeros(num_classes, accelerator.device)
-    samples = []
+    shown = ShownSamples(sample_rows)
     for images, labels, _, _ in tracker.progress(loader, total=len(loader), desc="eval"):
         images = images.to(accelerator.device, non_blocking=True)
         labels = labels.to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
             logits = model(images)
         sums.add(logits.float(), labels)
-        if len(samples) < sample_rows:
-            samples.append((images[: sample_rows - len(samples)].cpu(), logits.float().softmax(1).cpu(), labels.cpu()))
+        shown.add(images, logits.float().softmax(1), labels)
     if accelerator.num_processes > 1:
         sums = EvalSums(*[accelerator.reduce(t, "sum") for t in sums.tensors()])
-    return sums, samples
+    return sums, shown
 
 
 def average_buffers(net: torch.nn.Module, accelerator: Accelerator) -> None:
@@ -751,18 +754,21 @@ def evaluate_and_log(config, model, ema, loader, classes, progress, accelerator,
     net = ema.module if ema is not None else accelerator.unwrap_model(model, keep_torch_compile=False)
     assert_finite(net.state_dict(), "weights", progress.step)  # on every rank alike, before any is written
     average_buffers(net, accelerator)
-    sums, samples = evaluate(net, loader, len(classes), accelerator, tracker, config.wandb.sample_predictions)
+    rows = config.wandb.sample_predictions if config.wandb.mode != "disabled" else 0
+    sums, shown = evaluate(net, loader, len(classes), accelerator, tracker, rows)
     record = {"kind": "eval", "epoch": progress.epoch, "step": progress.step, **summarize(sums, classes)}
     if config.train.ema:
         record["weights"] = "ema"
     progress.last_eval = {k: record[k] for k in ("epoch", "step", "top1", "top5", "loss", "num_samples")}
     tracker.log(record)
-    tracker.log_predictions(prediction_rows(samples, classes, loader.dataset.transform), progress.step)
+    tracker.log_predictions(prediction_rows(shown, classes, loader.dataset.transform, accelerator), progress.step)
     improved = record["top1"] > progress.best_top1
     if improved:
         progress.best_top1, progress.best_epoch = record["top1"], progress.epoch
         if accelerator.is_main_process:
             export_weights(net, config, classes, Path(config.run.dir) / "best.safetensors", record)
+        if progress.epoch < config.train.epochs:  # the last evaluation's best goes with the final weights
+            tracker.log_model(progress.step, ["best"], record)
     tracker.print(
         f"epoch {progress.epoch}/{config.train.epochs}  step {progress.step}  val top-1 {record['top1']:.4f}  "
         f"top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  ({record['num_samples']} samples)"
@@ -771,15 +777,24 @@ def evaluate_and_log(config, model, ema, loader, classes, progress, accelerator,
     tracker.plots()
 
 
-def prediction_rows(samples, classes, transform) -> list[tuple]:
-    mean = torch.tensor(transform.transform.transforms[-1].mean)[:, None, None]
-    std = torch.tensor(transform.transform.transforms[-1].std)[:, None, None]
+def prediction_rows(shown: ShownSamples, classes, transform, accelerator: Accelerator) -> list[tuple]:
+    """Every rank's shown samples, ranked together on the main process (the others get []):
+    (picture, true class, predicted class, probability), the most confidently wrong first."""
+    if shown.limit == 0:
+        return []
     rows = []
-    for images, probs, labels in samples:
-        pictures = ((images * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
-        for picture, p, label in zip(pictures, probs, labels):
-            rows.append((picture, classes[int(label)], classes[int(p.argmax())], float(p.max())))
-    return rows
+    if shown.keys is not None:
+        mean = torch.tensor(transform.transform.transforms[-1].mean)[:, None, None]
+        std = torch.tensor(transform.transform.transforms[-1].std)[:, None, None]
+        pictures = ((shown.images.cpu() * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
+        for key, picture, p, label in zip(shown.keys.tolist(), pictures, shown.probs.cpu(), shown.labels.tolist()):
+            rows.append((key, picture, classes[label], classes[int(p.argmax())], float(p.max())))
+    if accelerator.num_processes > 1:  # a few small pictures per rank, to the main process only
+        parts = [None] * accelerator.num_processes if accelerator.is_main_process else None
+        torch.distributed.gather_object(rows, parts, dst=0)
+        rows = [row for part in parts or [] for row in part]
+    rows.sort(key=lambda row: -row[0])
+    return [row[1:] for row in rows[: shown.limit]]
 
 
 def save_checkpoint(config, model, optimizer, scheduler, ema, progress, classes, accelerator, tracker, guard) -> None:
@@ -840,8 +855,15 @@ def finish_run(config, model, ema, classes, progress, accelerator, tracker) -> N
     assert_finite(net.state_dict(), "final weights", progress.step)
     if accelerator.is_main_process:
         export_weights(net, config, classes, run_dir / "final.safetensors", progress.last_eval or None)
+    # One model version for the final step, which is the best one too when the last evaluation was.
+    aliases = ["final", "best"] if progress.best_epoch == progress.last_eval.get("epoch") else ["final"]
+    tracker.log_model(progress.step, aliases, progress.last_eval)
+    records = read_records(run_dir / "metrics.jsonl")
+    best = next((r for r in records if r["kind"] == "eval" and r["epoch"] == progress.best_epoch), {})
+    cuda = accelerator.device.type == "cuda"
     summary = {
         "best_top1": progress.best_top1,
+        "best_top5": best.get("top5"),
         "best_epoch": progress.best_epoch,
         "final_top1": progress.last_eval.get("top1"),
         "final_top5": progress.last_eval.get("top5"),
@@ -850,11 +872,14 @@ def finish_run(config, model, ema, classes, progress, accelerator, tracker) -> N
         "epochs": config.train.epochs,
         "steps": progress.step,
         "world_size": accelerator.num_processes,
+        "gpu_type": torch.cuda.get_device_name(accelerator.device) if cuda else None,
+        "gpu_count": accelerator.num_processes if cuda else 0,  # one per process
     }
-    trains = [r for r in read_records(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    trains = [r for r in records if r["kind"] == "train"]
     rates = [r["img_per_s"] for r in trains[1:]]
     summary["img_per_s"] = sum(rates) / len(rates) if rates else None  # the first window holds start-up
     summary["startup_s"] = [r["startup_s"] for r in trains if "startup_s" in r]  # per process start (resumes)
+    summary["time_to_first_step_s"] = summary["startup_s"][0] if summary["startup_s"] else None
     tracker.summarize(summary)
     tracker.plots()
     if accelerator.is_main_process:

@@ -80,6 +80,34 @@ def summarize(sums: EvalSums, classes: list[str]) -> dict:
     }
 
 
+class ShownSamples:
+    """The `limit` samples most worth a look, kept on the device as batches go by: the wrong
+    ones, most confident first, then the right ones, least confident first. Each process keeps
+    its own; their union is ordered by the same keys (`rank`)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.keys = self.images = self.probs = self.labels = None
+
+    def add(self, images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.limit == 0 or not len(labels):
+            return
+        keys = self.rank(probs, labels)
+        if self.keys is not None:
+            keys, images, probs, labels = (
+                torch.cat(pair)
+                for pair in zip((self.keys, self.images, self.probs, self.labels), (keys, images, probs, labels))
+            )
+        top = keys.topk(min(self.limit, len(keys))).indices
+        self.keys, self.images, self.probs, self.labels = keys[top], images[top], probs[top], labels[top]
+
+    @staticmethod
+    def rank(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Higher first: 1 + confidence for a wrong prediction, 1 - confidence for a right one."""
+        confidence, predicted = probs.max(dim=1)
+        return torch.where(predicted != labels, 1 + confidence, 1 - confidence)
+
+
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     # A class never predicted (or absent) scores 0, as scikit-learn's zero_division=0 does.
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))

@@ -1,27 +1,26 @@
 """What the main process records: metrics.jsonl, plots, the run report, wandb, progress bars.
 
 The loop builds one Tracker per process; only the main process's is enabled, so other ranks
-stay quiet without `if rank == 0` scattered through the loop.
+stay quiet without `if rank == 0` scattered through the loop. What goes to wandb, and how it
+looks there, is trainer/wandb_run.py's business.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from shards.store import redact_text
-from trainer.config import Config, to_dict
+from trainer.config import Config
 from trainer.plots import plot_confusion, plot_curves
 from trainer.rundir import writing
+from trainer.wandb_run import TrackingError, WandbRun, wandb_id  # noqa: F401 (the loop and tests import them here)
 
 
 class Tracker:
-    def __init__(self, config: Config, classes: list[str], enabled: bool, resume_step: int | None):
+    def __init__(self, config: Config, classes: list[str], enabled: bool, resume_step: int | None, dataset):
         self.enabled = enabled
         self.run_dir = Path(config.run.dir)
         self.classes = classes
@@ -35,7 +34,7 @@ class Tracker:
         else:  # records past the checkpoint were logged by the killed run: they are about to be redone
             _truncate_records(self.metrics_path, resume_step)
         if config.wandb.mode != "disabled":
-            self.wandb = _init_wandb(config)
+            self.wandb = WandbRun(config, classes, dataset, fresh=resume_step is None)
 
     def progress(self, iterable, total: int, desc: str):
         return tqdm(
@@ -52,25 +51,25 @@ class Tracker:
         with writing(self.metrics_path), open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log(_wandb_view(record, self.classes), step=record["step"])
+            best = best_eval(read_records(self.metrics_path)) if record["kind"] == "eval" else {}
+            self.wandb.log(record, best)
 
     def log_predictions(self, rows: list[tuple], step: int) -> None:
-        """rows: (image HWC uint8 array, true class, predicted class, probability)."""
-        if self.wandb is None or not rows:
-            return
-        import wandb
+        """rows: (image HWC uint8 array, true class, predicted class, probability), in the order shown."""
+        if self.wandb is not None and rows:
+            self.wandb.log_predictions(rows, step)
 
-        table = wandb.Table(columns=["image", "true", "predicted", "probability"])
-        for image, true, predicted, prob in rows:
-            table.add_data(wandb.Image(image), true, predicted, prob)
-        self.wandb.log({"val/predictions": table}, step=step)
+    def log_model(self, step: int, aliases: list[str], evaluation: dict) -> None:
+        """The run dir's weights for `aliases` (best, final) as one model version for `step`."""
+        if self.wandb is not None:
+            self.wandb.log_model(step, aliases, evaluation)
 
     def summarize(self, summary: dict) -> None:
         if not self.enabled:
             return
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self.wandb is not None:
-            self.wandb.summary.update(summary)
+            self.wandb.summarize(summary)
 
     def plots(self) -> None:
         if not self.enabled:
@@ -87,69 +86,13 @@ class Tracker:
             self.wandb = None
 
 
-def wandb_id(run_dir: Path) -> str:
-    """Stable per run directory, so a resumed or requeued run continues the same wandb run."""
-    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-
-
-class TrackingError(RuntimeError):
-    """wandb could not start (one-line message)."""
-
-
-def _init_wandb(config: Config):
-    import wandb
-
-    os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        return _start_wandb(wandb, config)
-    except Exception as e:  # no login, no network, a bad entity: say so before any training
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(
-            f"wandb ({config.wandb.mode}) could not start: {first} — use wandb.mode=offline and `wandb sync` later, "
-            "or wandb.mode=disabled"
-        ) from None
-
-
-def _start_wandb(wandb, config: Config):
-    run_dir = Path(config.run.dir)
-    argv = sys.argv
-    sys.argv = [redact_text(arg) for arg in argv]  # wandb records the command line: no URL token goes with it
-    try:
-        return _init(wandb, config, run_dir)
-    finally:
-        sys.argv = argv
-
-
-def _init(wandb, config: Config, run_dir: Path):
-    return wandb.init(
-        project=config.wandb.project,
-        entity=config.wandb.entity,
-        name=config.wandb.name or config.run.name or run_dir.name,
-        group=config.wandb.group,
-        id=config.wandb.id or wandb_id(run_dir),
-        tags=list(config.wandb.tags),
-        dir=str(run_dir),
-        mode=config.wandb.mode,
-        resume="allow",
-        config=to_dict(config),
-    )
-
-
-def _wandb_view(record: dict, classes: list[str]) -> dict:
-    """Flat scalars for charts; the confusion matrix as wandb's plot."""
-    kind = record["kind"]
-    view = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-    if "macro" in record:
-        view.update({f"{kind}/macro_{k}": v for k, v in record["macro"].items()})
-    if "confusion" in record:
-        import wandb
-
-        view[f"{kind}/confusion"] = wandb.plot.confusion_matrix(
-            y_true=[t for t, row in enumerate(record["confusion"]) for p, n in enumerate(row) for _ in range(n)],
-            preds=[p for t, row in enumerate(record["confusion"]) for p, n in enumerate(row) for _ in range(n)],
-            class_names=classes,
-        )
-    return view
+def best_eval(records: list[dict]) -> dict:
+    """The best evaluation so far (the first with the highest top-1, as the loop picks best.safetensors)."""
+    evals = [r for r in records if r["kind"] == "eval"]
+    if not evals:
+        return {}
+    best = max(evals, key=lambda r: r["top1"])  # max keeps the first of equals
+    return {"best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"]}
 
 
 def read_records(path: Path) -> list[dict]:
