@@ -392,7 +392,11 @@ def test_ctrl_c_leaves_out_untouched(tmp_path):
     (out / "old.txt").write_text("old")
     cmd = [sys.executable, "-m", "launch.make_shards", "--demo", str(out), "--overwrite", "--workers", "2"]
     env = dict(os.environ, **{PAUSE_ENV: str(paused)})  # it waits after its first shard until interrupted
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As a terminal starts it: a suite run in the background (`cmd &`) passes SIGINT on ignored.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     try:
         wait_for(paused.exists, timeout=300, process=proc)
         assert list(work.glob(".out.partial-*"))  # mid-run: its staging folder holds a shard, the rest is pending
