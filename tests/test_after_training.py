@@ -26,7 +26,8 @@ from trainer import export
 from trainer.config import config_from_dict, to_dict
 from trainer.data import open_shards, split_index
 from trainer.inference import load_trained, read_image
-from trainer.main import build_model, export_weights
+from trainer.loop import weights_file
+from trainer.state import build_model
 
 pytestmark = pytest.mark.e2e
 PER_CLASS = 3  # images per class in the image-folder copy of the val split
@@ -277,7 +278,10 @@ def bad(run_dir, folders, tmp_path_factory) -> dict[str, Path]:
     config = config_from_dict(to_dict(load_trained(run_dir).config))
     config.model.growth_rate = 6  # a wider network, saved as the trainer saves its own
     other = build_model(config, 10)
-    export_weights(other, config, [str(d) for d in range(10)], root / "other.safetensors", None)
+    preprocessing = (run_dir / "preprocessing.json").read_text()
+    (root / "other.safetensors").write_bytes(
+        weights_file(other, config, [str(d) for d in range(10)], preprocessing, None)
+    )
     torch.save(other.state_dict(), root / "other.pth")  # no fingerprint: the shapes must tell
     shutil.copytree(folders["classes"], root / "wrong-classes")
     shutil.copytree(folders["classes"] / "0", root / "wrong-classes" / "zero")

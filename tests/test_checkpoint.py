@@ -3,6 +3,7 @@ import os
 import torch
 
 from trainer import checkpoint
+from trainer.state import rng_state, set_rng_state
 
 
 def _state(step):
@@ -10,7 +11,9 @@ def _state(step):
 
 
 def _save(root, step, keep=2):
-    return checkpoint.save(root, step, _state(step), rank=0, agree=lambda failed: failed, keep=keep)
+    return checkpoint.save(
+        root, step, (_state(step), {"rng": rng_state()}), rank=0, agree=lambda failed: failed, keep=keep
+    )
 
 
 def test_save_is_complete_and_keeps_last_n(tmp_path):
@@ -37,10 +40,10 @@ def test_incomplete_and_corrupted_checkpoints_are_skipped(tmp_path, recwarn):
 
 
 def test_rng_state_round_trip():
-    state = checkpoint.rng_state()
+    state = rng_state()
     expected = torch.rand(3)
     torch.rand(5)
-    checkpoint.set_rng_state(state)
+    set_rng_state(state)
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, config_from_dict, load_config, resolve_launch, to_dict
+from trainer.config import ConfigError, config_from_dict, load_config, to_dict
+from trainer.runtime import resolve_launch
 
 REQUIRED = ["data.shards=s", "run.dir=r"]
 
@@ -180,7 +181,8 @@ def test_saved_configs_old_and_new_load_back(tmp_path):
 
 
 def test_fp16_on_the_cpu_is_a_setup_error_wherever_it_was_chosen(monkeypatch):
-    from trainer.main import SetupError, make_accelerator
+    from shards.errors import UserError as SetupError
+    from trainer.runtime import make_accelerator
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     config = load_config(None, REQUIRED + ["train.device=cpu", "train.mixed_precision=fp16"])

@@ -115,8 +115,8 @@ def test_shipped_configs_keep_their_lr_at_their_usual_launch(config, processes):
 
 def test_a_changed_lr_applies_from_the_checkpoint_on():
     from trainer.config import ScheduleConfig
-    from trainer.main import use_new_lr
     from trainer.optim import make_scheduler
+    from trainer.state import use_new_lr
 
     def build(lr):
         model = torch.nn.Linear(2, 2)

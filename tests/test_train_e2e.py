@@ -14,9 +14,9 @@ from tests.conftest import run_training
 from trainer.config import config_from_dict
 from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_index
 from trainer.inference import load_trained
-from trainer.main import build_model
 from trainer.metrics import EvalSums, summarize
 from trainer.model import load_weights
+from trainer.state import build_model
 from trainer.transforms import EvalPreset, normalization
 
 pytestmark = pytest.mark.e2e

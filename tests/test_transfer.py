@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from shards.errors import UserError
 from trainer.config import load_config
-from trainer.main import SetupError, build_model
 from trainer.optim import make_optimizer, param_groups
+from trainer.state import build_model
 
 SMALL = [
     "data.shards=s",
@@ -49,5 +50,5 @@ def test_weights_of_an_unrelated_model_are_refused(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(path))
     config = load_config(None, SMALL + [f"model.pretrained={path}"])
-    with pytest.raises(SetupError, match="shares no weights"):
+    with pytest.raises(UserError, match="shares no weights"):
         build_model(config, num_classes=3)

@@ -1,4 +1,5 @@
-"""Full training-state checkpoints: atomic, keep-last-N, newest-complete discovery.
+"""Checkpoint files: atomic writes, keep-last-N, newest-complete discovery. What goes into one is
+the training state's business (trainer/state.py); this module only puts it on disk and back.
 
 A checkpoint is a directory `ckpt-<step>`: rank 0's `state.pt` (model, optimizer, scheduler,
 scaler, EMA, counters, config), one `rank<r>.pt` per rank (its RNG states), and a `COMPLETE`
@@ -12,45 +13,31 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import shutil
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from trainer.rundir import PeerFailed, writing
+from shards import failpoints
+from shards.errors import UserError
+from trainer.rundir import writing
+from trainer.runtime import PeerFailed
 
 COMPLETE = "COMPLETE"
-# Test-only hook: checkpoint writes from this step on stall before their marker, so a test can kill one mid-write.
-PAUSE_ENV = "TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP"
-RELEASE_ENV = "TRAINER_TEST_RELEASE_FILE"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used for this run (one-line message)."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used for this run."""
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save(root: Path, step: int, state: dict, rank: int, agree: Callable[[bool], bool], keep: int) -> Path | None:
-    """Every rank calls this together; rank 0 writes the shared state. Returns the final path on rank 0.
+def save(
+    root: Path, step: int, parts: tuple[dict, dict], rank: int, agree: Callable[[bool], bool], keep: int
+) -> Path | None:
+    """Every rank calls this together with (shared state, its own state); rank 0 writes the shared
+    one. Returns the final path on rank 0.
 
     agree(failed) is the ranks' barrier: True when any rank failed. A write that fails anywhere (a
     full disk, a quota) leaves no partial checkpoint: rank 0 removes it, the failing rank raises
@@ -77,15 +64,18 @@ def save(root: Path, step: int, state: dict, rank: int, agree: Callable[[bool], 
             shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a write that was killed
             tmp.mkdir()
 
+    state, own = parts
+
     def write_parts() -> None:
-        _write(tmp / f"rank{rank}.pt", {"rng": rng_state()})
+        _write(tmp / f"rank{rank}.pt", own)
         if rank == 0:
             _write(tmp / "state.pt", state)
 
     def complete() -> None:
         if rank != 0:
             return
-        _pause_for_tests(step, tmp)
+        if failpoints.ACTIVE and step >= failpoints.step("pause-checkpoint") > 0:
+            failpoints.wait_for_release("paused")
         shutil.rmtree(final, ignore_errors=True)  # same step saved twice (end of epoch == every N)
         with writing(tmp / COMPLETE):
             (tmp / COMPLETE).write_text(json.dumps({"step": step, "epoch": state["epoch"], "time": time.time()}))
@@ -98,21 +88,6 @@ def save(root: Path, step: int, state: dict, rank: int, agree: Callable[[bool], 
     stage(write_parts)
     stage(complete)
     return final if rank == 0 else None
-
-
-def _pause_for_tests(step: int, tmp: Path) -> None:
-    """Test-only: from step PAUSE_ENV on, stall after the parts and before the marker. With
-    RELEASE_ENV=FILE it writes FILE.paused and goes on once FILE exists; without, it sleeps 600 s."""
-    if not os.environ.get(PAUSE_ENV) or step < int(os.environ[PAUSE_ENV]):
-        return
-    release = os.environ.get(RELEASE_ENV)
-    if not release:
-        time.sleep(600)
-        return
-    Path(release + ".paused").write_text(str(step))
-    deadline = time.monotonic() + 600
-    while not Path(release).exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _write(path: Path, obj: dict) -> None:
@@ -159,16 +134,3 @@ def load_newest(root: Path, rank: int) -> tuple[Path, dict, dict | None] | None:
                 f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); trying the previous one", stacklevel=2
             )
     return None
-
-
-def check_compatible(state: dict, fingerprint: str, classes: list[str], path: Path) -> None:
-    if state.get("fingerprint") != fingerprint:
-        raise CheckpointError(
-            f"checkpoint {path} is of another model ({state.get('fingerprint')}, this run: {fingerprint}) — "
-            "use a new run.dir, or set train.resume=false to start over in this one"
-        )
-    if state.get("classes") != classes:
-        raise CheckpointError(
-            f"checkpoint {path} was trained on other classes ({len(state.get('classes') or [])} vs {len(classes)} now) — "
-            "use a new run.dir for this dataset"
-        )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,8 +17,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from shards.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config problem, phrased for the user in one line."""
 
 
@@ -356,63 +357,3 @@ def to_dict(config: Config) -> dict:
     values = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     values["data"]["shards"] = redact(values["data"]["shards"])
     return values
-
-
-# `accelerate launch` hands its choices (its flags, else the `accelerate config` file) to every
-# process in these variables. It fills in "no" for what nobody chose, so "no" reads as "not chosen".
-LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # no | fp16 | bf16 | fp8
-LAUNCHER_BACKEND = "ACCELERATE_DYNAMO_BACKEND"  # NO | INDUCTOR | EAGER | ...
-LAUNCHER_MODE = "ACCELERATE_DYNAMO_MODE"  # default | reduce-overhead | max-autotune
-
-
-@dataclass(frozen=True)
-class Launch:
-    """Precision and compilation as settled between the config and `accelerate launch`."""
-
-    mixed_precision: str  # no | bf16 | fp16
-    compile: str  # none | a torch.compile mode
-    backend: str  # the dynamo backend: "no" when compile is none, inductor for the config's own modes
-    precision_from: str  # config | accelerate launch | default
-    compile_from: str
-    notes: tuple[str, ...] = ()  # a line per setting both chose, differently: the config's applies
-
-
-def resolve_launch(train: TrainConfig, env: Mapping[str, str]) -> Launch:
-    """train.mixed_precision / train.compile against the launcher's environment: a value set in
-    the config wins (with a note when the launcher chose otherwise), None takes the launcher's
-    choice, neither is no / none. ConfigError when the launcher's choice is one this trainer lacks."""
-    notes = []
-    chosen = (env.get(LAUNCHER_PRECISION) or "no").lower()
-    if train.mixed_precision is not None:
-        precision, precision_from = train.mixed_precision, "config"
-        if chosen not in ("no", precision):
-            notes.append(f"note: train.mixed_precision={precision} (config) overrides accelerate launch's {chosen}")
-    elif chosen != "no":
-        if chosen not in CHOICES["train.mixed_precision"]:
-            raise ConfigError(
-                f"accelerate launch's mixed precision {chosen} is not one of "
-                f"{', '.join(CHOICES['train.mixed_precision'])} — launch with another or set train.mixed_precision"
-            )
-        precision, precision_from = chosen, "accelerate launch"
-    else:
-        precision, precision_from = "no", "default"
-
-    backend = (env.get(LAUNCHER_BACKEND) or "no").lower()
-    mode = env.get(LAUNCHER_MODE) or "default"
-    if train.compile is not None:
-        compiled, compile_from = train.compile, "config"
-        if backend != "no" and (backend, mode) != ("inductor", compiled):
-            notes.append(
-                f"note: train.compile={compiled} (config) overrides accelerate launch's {backend} (mode {mode})"
-            )
-        backend = "no" if compiled == "none" else "inductor"
-    elif backend != "no":
-        if mode not in CHOICES["train.compile"]:
-            raise ConfigError(
-                f"accelerate launch's dynamo mode {mode} is not one of "
-                f"{', '.join(CHOICES['train.compile'][1:])} — launch with another or set train.compile"
-            )
-        compiled, compile_from = mode, "accelerate launch"
-    else:
-        compiled, compile_from = "none", "default"
-    return Launch(precision, compiled, backend, precision_from, compile_from, tuple(notes))

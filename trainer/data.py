@@ -309,3 +309,33 @@ def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory:
         prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
         worker_init_fn=_worker_signals,
     )
+
+
+@dataclass
+class Loaders:
+    """A run's two loaders and the train order behind the first (set_epoch before each epoch)."""
+
+    train: DataLoader
+    val: DataLoader
+    order: TrainOrder
+
+
+def build_loaders(config, dataset: Dataset, mean: list, std: list, rank: int, world: int, pin: bool) -> Loaders:
+    """config: a trainer.config.Config. data.decode=device hands the train batches over encoded."""
+    from trainer.transforms import EvalPreset, TrainPreset  # here: transforms imports this module
+
+    train_index, val_index = split_index(dataset, "train"), split_index(dataset, "val")
+    labels = train_index.labels() if config.data.balance == "sampler" else None
+    files = train_index.files
+    # A cache smaller than the data: read the epoch block by block (ShardBlocks)
+    budget = dataset.block_budget
+    blocks = ShardBlocks(files.counts, files.sizes, budget) if budget is not None else None
+    order = TrainOrder(
+        len(train_index), config.train.batch_size, rank, world, config.train.seed, labels, blocks, files.prefetcher()
+    )
+    train_preset = TrainPreset(config.data, mean, std) if config.data.decode == "workers" else None
+    train_set = ShardDataset(train_index, train_preset, config.data.skip_bad_samples)
+    val_set = ShardDataset(val_index, EvalPreset(config.data.image_size, config.data.crop_pct, mean, std))
+    val_order = EvalOrder(len(val_index), config.train.batch_size, rank, world)
+    workers = config.data.workers
+    return Loaders(make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin), order)

@@ -22,27 +22,17 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/e
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from tqdm import tqdm
 
+from shards.errors import UserError
 from shards.manifest import MANIFEST
 from shards.store import is_url, redact
 from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_index
-from trainer.inference import InferenceError, LabelledImages, Trained, labelled_images, load_trained, run_cli
-from trainer.main import evaluate, make_accelerator
+from trainer.inference import LabelledImages, Trained, add_debug_flag, labelled_images, load_trained, run_cli
+from trainer.loop import evaluate
 from trainer.metrics import format_table, summarize
 from trainer.plots import plot_confusion
-
-
-class Bar:
-    """The `progress` that trainer.main.evaluate expects of its tracker: a bar on the main process only."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def progress(self, iterable, total: int, desc: str):
-        return tqdm(
-            iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if self.enabled else True
-        )
+from trainer.rundir import EVAL
+from trainer.runtime import close_process_group, make_accelerator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="per process (default: the run's train.batch_size)")
     parser.add_argument("--workers", type=int, help="loader processes per process (default: the run's data.workers)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_debug_flag(parser)
     return run_cli(run, parser.parse_args(argv))
 
 
@@ -78,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         dataset, EvalOrder(len(dataset), batch_size, rank, world), workers, accelerator.device.type == "cuda"
     )
     model = trained.model.to(accelerator.device)
-    sums, _ = evaluate(model, loader, len(trained.classes), accelerator, Bar(accelerator.is_main_process))
+    sums, _ = evaluate(model, loader, len(trained.classes), accelerator)
     if accelerator.is_main_process:
         record = {
             "kind": "eval",
@@ -87,12 +78,11 @@ def run(args: argparse.Namespace) -> int:
             **summarize(sums, trained.classes),
         }
         name = args.name or f"{trained.name}-{data_name}"
-        json_path, png_path = write_outputs(args.run_dir / "eval", name, record, trained.classes)
+        json_path, png_path = write_outputs(args.run_dir / EVAL, name, record, trained.classes)
         print(format_table(record))
         print(f"wrote {json_path} and {png_path}")
     accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_process_group()
     return 0
 
 
@@ -105,7 +95,7 @@ def eval_dataset(
     if is_url(source) or (Path(source) / MANIFEST).is_file():
         dataset = open_shards(source, trained.config.data)
         if dataset.manifest.classes != trained.classes:
-            raise InferenceError(
+            raise UserError(
                 f"the shards {dataset.shown} have other classes than the run ({len(dataset.manifest.classes)} vs "
                 f"{len(trained.classes)}) — evaluate on shards made from the same class folders"
             )
@@ -113,7 +103,7 @@ def eval_dataset(
         name = split if data is None else f"{folder}-{split}"
         return ShardDataset(split_index(dataset, split), preset), name
     if data is None:
-        raise InferenceError(f"the run's shards {source} are not there — pass --data SHARDS_OR_IMAGE_FOLDER")
+        raise UserError(f"the run's shards {source} are not there — pass --data SHARDS_OR_IMAGE_FOLDER")
     return LabelledImages(labelled_images(Path(source), trained.classes, split), preset), Path(source).name
 
 

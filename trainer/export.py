@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shards.errors import UserError
 from trainer.evaluate import eval_dataset
-from trainer.inference import InferenceError, Trained, load_trained, run_cli
-from trainer.wandb_run import TrackingError, log_export
+from trainer.inference import Trained, add_debug_flag, load_trained, run_cli
+from trainer.rundir import EXPORT as EXPORT_DIR
+from trainer.wandb_run import log_export
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -47,17 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--letterbox", action="store_true", help="record letterbox (pad to square) preprocessing")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed absolute logit difference")
     parser.add_argument("--no-wandb", action="store_true", help="do not attach the files to the run's wandb run")
+    add_debug_flag(parser)
     return run_cli(run, parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
     if args.samples < 2 or args.tolerance < 0:
-        raise InferenceError("--samples must be at least 2 and --tolerance at least 0 — fix the option")
+        raise UserError("--samples must be at least 2 and --tolerance at least 0 — fix the option")
     trained = load_trained(args.run_dir, args.checkpoint)
     inputs = parity_inputs(trained, args.data, args.split, args.samples, args.letterbox)
     with torch.no_grad():
         expected = trained.model(inputs).numpy()
-    out_dir = args.out_dir or args.run_dir / "export"
+    out_dir = args.out_dir or args.run_dir / EXPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = describe(trained, inputs, args.letterbox)
     checked, parity = {}, {}
@@ -91,10 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def attach(run_dir: Path, trained: Trained, files: list[Path], metadata: dict) -> None:
     alias = trained.name if trained.name in ("best", "final", "last") else None
-    try:
-        name = log_export(run_dir, trained.config, files, alias, metadata)
-    except TrackingError as e:
-        raise InferenceError(str(e)) from None
+    name = log_export(run_dir, trained.config, files, alias, metadata)
     if name is not None:
         mode = trained.config.wandb.mode
         later = f"; upload with `wandb sync {run_dir}/wandb/offline-run-*`" if mode == "offline" else ""
@@ -176,7 +176,7 @@ def max_abs_diff(actual: np.ndarray, expected: np.ndarray) -> float:
 
 def check_parity(fmt: str, diff: float, tolerance: float) -> None:
     if not diff <= tolerance:  # NaN fails too
-        raise InferenceError(
+        raise UserError(
             f"the {fmt} export differs from the PyTorch model by up to {diff:.3g} (tolerance {tolerance:g}); "
             "no model file written — report it with the run's config, or pass a larger --tolerance if it is acceptable"
         )

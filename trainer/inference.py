@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,42 +25,37 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from shards.errors import EXIT_USAGE, DataError, UserError, debugging, first_line, report
 from shards.format import SOURCE_EXTS, decode_rgb
-from shards.manifest import ManifestError
-from shards.reader import ShardError
-from shards.source import SourceError
 from trainer import checkpoint
-from trainer.config import Config, ConfigError, config_from_dict
+from trainer.config import Config, config_from_dict
 from trainer.data import close_loaders
-from trainer.main import PREPROCESSING, SetupError, build_model, one_line
 from trainer.model import load_weights
-from trainer.rundir import disk_error_line, is_disk_error
+from trainer.rundir import CLASSES, CONFIG, PREPROCESSING, WEIGHTS, disk_error_line, is_disk_error
+from trainer.state import build_model
 from trainer.transforms import EvalPreset
 
-EXIT_ERROR = 2
-NAMED = {"best": "best.safetensors", "final": "final.safetensors"}
 
-
-class InferenceError(ValueError):
-    """A run, checkpoint or input that cannot be used (one-line message: what, then what to do)."""
-
-
-# Every error a user can cause; anything else is a bug and keeps its traceback.
-USER_ERRORS = (InferenceError, ConfigError, ManifestError, ShardError, SourceError, SetupError)
+def add_debug_flag(parser) -> None:
+    parser.add_argument("--debug", action="store_true", help="print the full traceback behind an error's line")
 
 
 def run_cli(run, args) -> int:
-    """A command's body with the user's errors as one line and exit code 2."""
+    """A command's body with the user's errors as one line and exit code 2 (every error a user can
+    cause is a UserError; anything else is a bug and keeps its traceback)."""
+    debug = debugging(getattr(args, "debug", False))
     try:
         return run(args)
-    except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_ERROR
+    except UserError as e:
+        report(e, debug)
+        return EXIT_USAGE
     except OSError as e:  # a full disk, a quota, a read-only run dir
         if not is_disk_error(e):
             raise
+        if debug:
+            traceback.print_exception(e, file=sys.stderr)
         print(f"error: {disk_error_line(e, None, 'it writes its outputs again')}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE
     finally:
         close_loaders()  # loader workers obey SIGTERM again, so the exit can stop them
 
@@ -104,30 +100,30 @@ def load_trained(run_dir: str | Path, which: str = "best") -> Trained:
     state, fingerprint, weight_classes = read_weights(path)
     model = build_model(config, len(classes))
     if fingerprint is not None and fingerprint != model.fingerprint():
-        raise InferenceError(
+        raise UserError(
             f"{path} holds another model ({fingerprint}; {run_dir} is {model.fingerprint()}) — "
             "pass weights of this run, or the run directory they belong to"
         )
     if weight_classes is not None and weight_classes != classes:
-        raise InferenceError(
+        raise UserError(
             f"{path} was trained on other classes than {run_dir}/classes.json — pass the run directory it belongs to"
         )
     try:
         load_weights(model, state, strict=True)
     except ValueError as e:  # a file without a fingerprint (a plain .pth) that does not fit
-        raise InferenceError(
-            f"{path} does not fit the model of {run_dir} ({one_line(e)}) — pass weights of this run"
-        ) from None
+        raise UserError(
+            f"{path} does not fit the model of {run_dir} ({first_line(e)}) — pass weights of this run"
+        ) from e
     mean, std = run_normalization(config, run_dir)
     return Trained(model.eval(), config, classes, path, name, mean, std)
 
 
 def read_run(run_dir: Path) -> tuple[Config, list[str]]:
     if not run_dir.is_dir():
-        raise InferenceError(f"run directory {run_dir} not found — pass the run.dir of a training run")
-    config_path, classes_path = run_dir / "config.yaml", run_dir / "classes.json"
+        raise UserError(f"run directory {run_dir} not found — pass the run.dir of a training run")
+    config_path, classes_path = run_dir / CONFIG, run_dir / CLASSES
     if not config_path.is_file() or not classes_path.is_file():
-        raise InferenceError(
+        raise UserError(
             f"{run_dir} is not a run directory (no config.yaml or classes.json) — pass the run.dir of a training run"
         )
     try:
@@ -136,23 +132,23 @@ def read_run(run_dir: Path) -> tuple[Config, list[str]]:
         # Inference needs neither the starting weights nor the freezing, and the file may be gone by now.
         values.setdefault("model", {}).update(pretrained=None, freeze_features=False)
     except (OSError, ValueError, yaml.YAMLError, AttributeError) as e:
-        raise InferenceError(
+        raise UserError(
             f"{run_dir}/config.yaml or classes.json is damaged ({type(e).__name__}) — restore it from a copy of the run"
-        ) from None
+        ) from e
     return config_from_dict(values), classes
 
 
 def resolve_weights(run_dir: Path, which: str) -> tuple[Path, str]:
-    if which in NAMED:
-        path = run_dir / NAMED[which]
+    if which in WEIGHTS:
+        path = run_dir / WEIGHTS[which]
         if not path.is_file():
             hint = "no evaluation has finished yet" if which == "best" else "training has not finished"
-            raise InferenceError(f"{run_dir} has no {NAMED[which]} ({hint}) — train further, or pass --checkpoint last")
+            raise UserError(f"{run_dir} has no {WEIGHTS[which]} ({hint}) — train further, or pass --checkpoint last")
         return path, which
     if which == "last":
         found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
         if not found:
-            raise InferenceError(
+            raise UserError(
                 f"{run_dir} has no complete checkpoint in checkpoints/ — train first, or pass --checkpoint best|final"
             )
         return found[-1] / "state.pt", "last"
@@ -160,7 +156,7 @@ def resolve_weights(run_dir: Path, which: str) -> tuple[Path, str]:
     if path.is_dir() and (path / "state.pt").is_file():
         path = path / "state.pt"
     if not path.is_file():
-        raise InferenceError(f"checkpoint {which} not found — pass best, last, final or the path of a weights file")
+        raise UserError(f"checkpoint {which} not found — pass best, last, final or the path of a weights file")
     return path, path.parent.name if path.name == "state.pt" else path.stem
 
 
@@ -178,10 +174,10 @@ def read_weights(path: Path) -> tuple[dict, str | None, list[str] | None]:
         if isinstance(e, pickle.UnpicklingError):  # torch's message is advice about weights_only, not news
             reason = "not a PyTorch weights file, or one holding more than tensors"
         else:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InferenceError(f"{path} cannot be read as weights ({reason}) — pass another checkpoint") from None
+            reason = first_line(e)
+        raise UserError(f"{path} cannot be read as weights ({reason}) — pass another checkpoint") from e
     if not isinstance(state, dict):
-        raise InferenceError(f"{path} is not a state dict — pass a .safetensors, .pt or checkpoint folder")
+        raise UserError(f"{path} is not a state dict — pass a .safetensors, .pt or checkpoint folder")
     if "fingerprint" not in state:
         return state, None, None
     # A training checkpoint: with EMA on, the averaged weights are the ones the trainer evaluated.
@@ -195,17 +191,17 @@ def run_normalization(config: Config, run_dir: Path) -> tuple[list[float], list[
     path = run_dir / PREPROCESSING
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise InferenceError(f"{path} is missing or unreadable — is {run_dir} a training run directory?") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is missing or unreadable — is {run_dir} a training run directory?") from e
     return saved["mean"], saved["std"]
 
 
 def read_image(path: Path):
-    """An 8-bit RGB image, or InferenceError naming the file and why it cannot be read."""
+    """An 8-bit RGB image, or DataError naming the file and why it cannot be read."""
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise InferenceError(f"{path} cannot be read ({e.strerror or e})") from None
+        raise DataError(f"{path} cannot be read ({e.strerror or e})") from e
     try:
         return decode_rgb(data)
     except Exception as e:  # any decoder failure means the same to the user: this file is not usable
@@ -214,8 +210,8 @@ def read_image(path: Path):
         elif isinstance(e, UnidentifiedImageError):  # its message holds a BytesIO repr, not news
             reason = "not an image, or a damaged header"
         else:
-            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise InferenceError(f"{path} cannot be read as an image ({reason})") from None
+            reason = first_line(e)[:120]
+        raise DataError(f"{path} cannot be read as an image ({reason})") from e
 
 
 def image_files(root: Path) -> list[Path]:
@@ -230,16 +226,16 @@ def image_files(root: Path) -> list[Path]:
 def labelled_images(root: Path, classes: list[str], split: str) -> list[tuple[Path, int]]:
     """ROOT/<class>/**/<image> (or ROOT/<split>/<class>/...), labelled by the run's class list."""
     if not root.is_dir():
-        raise InferenceError(f"image folder {root} not found — pass a make_shards output or a folder of class folders")
+        raise UserError(f"image folder {root} not found — pass a make_shards output or a folder of class folders")
     folders = subfolders(root)
     if {"train", "val"} <= set(folders) and not {"train", "val"} <= set(classes):  # a pre-split SRC
         root = root / split
         folders = subfolders(root)
     if not folders:
-        raise InferenceError(f"{root} has no class folders — lay it out as {root}/<class>/<image>")
+        raise UserError(f"{root} has no class folders — lay it out as {root}/<class>/<image>")
     if folders != sorted(classes):
         extra, missing = sorted(set(folders) - set(classes)), sorted(set(classes) - set(folders))
-        raise InferenceError(
+        raise UserError(
             f"the class folders of {root} differ from the run's classes (not in the run: {extra or 'none'}; "
             f"missing: {missing or 'none'}) — evaluate on a folder with exactly the run's {len(classes)} class folders"
         )
@@ -247,7 +243,7 @@ def labelled_images(root: Path, classes: list[str], split: str) -> list[tuple[Pa
     for label, name in enumerate(classes):
         files = image_files(root / name)
         if not files:
-            raise InferenceError(
+            raise UserError(
                 f"class folder {root / name} has no images — add images of that class (every class of the run needs some)"
             )
         items += [(path, label) for path in files]
@@ -272,6 +268,6 @@ class LabelledImages(Dataset):
         path, label = self.items[index]
         try:
             image = read_image(path)
-        except InferenceError as e:
-            raise InferenceError(f"{e} — remove or replace it (make_shards drops such files for you)") from None
+        except DataError as e:
+            raise DataError(f"{e} — remove or replace it (make_shards drops such files for you)") from e
         return self.transform(image), label, index

@@ -15,9 +15,13 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from shards.errors import EXIT_FAILURE, UserError
 
-class NonFiniteError(RuntimeError):
-    """The run cannot go on, or would write a non-finite value (one-line message)."""
+
+class NonFiniteError(UserError):
+    """The run cannot go on, or would write a non-finite value: a failure (exit 1), not a usage error."""
+
+    exit_code = EXIT_FAILURE
 
 
 ADVICE = "lower optim.lr, set optim.grad_clip (e.g. 1.0), or train in bf16 rather than fp16"

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.inference import InferenceError, image_files, load_trained, read_image, run_cli
+from shards.errors import DataError, UserError
+from trainer.inference import add_debug_flag, image_files, load_trained, read_image, run_cli
+from trainer.rundir import PREDICTIONS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,12 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_debug_flag(parser)
     return run_cli(run, parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
     if args.topk < 1 or args.batch_size < 1 or args.workers < 0:
-        raise InferenceError("--topk and --batch-size must be at least 1 and --workers at least 0 — fix the option")
+        raise UserError("--topk and --batch-size must be at least 1 and --workers at least 0 — fix the option")
     device = pick_device(args.device)
     trained = load_trained(args.run_dir, args.checkpoint)
     files = list_inputs(args.images)
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
-    out = args.out or args.run_dir / "predictions.csv"
+    out = args.out or args.run_dir / PREDICTIONS
     ranks = [f"top{i}_{field}" for i in range(2, k + 1) for field in ("class", "probability")]
     header = ["path", "class", "probability", *ranks, "error"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise InferenceError("--device cuda but no GPU is visible here — run on a GPU node or pass --device cpu")
+        raise UserError("--device cuda but no GPU is visible here — run on a GPU node or pass --device cpu")
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
@@ -91,12 +94,12 @@ def list_inputs(paths: list[Path]) -> list[Path]:
         if path.is_dir():
             found = image_files(path)
             if not found:
-                raise InferenceError(f"folder {path} holds no image files — pass a folder with .jpg/.png/... files")
+                raise UserError(f"folder {path} holds no image files — pass a folder with .jpg/.png/... files")
             files += found
         elif path.is_file():
             files.append(path)
         else:
-            raise InferenceError(f"{path} not found — pass existing image files or folders")
+            raise UserError(f"{path} not found — pass existing image files or folders")
     return files
 
 
@@ -112,7 +115,7 @@ class Images(Dataset):
     def __getitem__(self, i: int):
         try:
             return self.transform(read_image(self.files[i])), i, None
-        except InferenceError as e:
+        except DataError as e:
             return None, i, str(e).removeprefix(f"{self.files[i]} ")
 
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from shards.store import redact
 from trainer.config import Config
-from trainer.tracking import read_records
+from trainer.rundir import CONFUSION, CURVES, REPORT, RunDir
 
 
-def write_report(run_dir: Path, config: Config, classes: list[str], summary: dict) -> None:
-    records = read_records(run_dir / "metrics.jsonl")
-    evals = [r for r in records if r["kind"] == "eval"]
-    trains = [r for r in records if r["kind"] == "train"]
+def write_report(run: RunDir, config: Config, classes: list[str], summary: dict) -> None:
+    run_dir = run.path
+    evals = [r for r in run.records() if r["kind"] == "eval"]
     m, t = config.model, config.train
     lines = [
         f"# Run report: {config.run.name or run_dir.name}",
@@ -32,9 +29,9 @@ def write_report(run_dir: Path, config: Config, classes: list[str], summary: dic
         f"- final val top-1: {_fmt(summary['final_top1'])}, top-5: {_fmt(summary['final_top5'])} "
         f"on {summary['num_val_samples']} samples",
     ]
-    if trains:
+    if summary.get("img_per_s") is not None:
         lines.append(
-            f"- throughput: {sum(r['img_per_s'] for r in trains) / len(trains):,.0f} images/s (mean over logged windows)"
+            f"- throughput: {summary['img_per_s']:,.0f} images/s (mean over logged windows but the first, which holds start-up)"
         )
     if summary.get("startup_s"):
         starts = ", ".join(f"{s:.0f} s" for s in summary["startup_s"])
@@ -56,8 +53,8 @@ def write_report(run_dir: Path, config: Config, classes: list[str], summary: dic
         lines.append(
             f"| **macro** | {macro['precision']:.4f} | {macro['recall']:.4f} | {macro['specificity']:.4f} | {macro['f1']:.4f} | {last['num_samples']} |"
         )
-    lines += ["", "## Plots", "", "![curves](curves.png)", "", "![confusion matrix](confusion.png)", ""]
-    (run_dir / "report.md").write_text("\n".join(lines))
+    lines += ["", "## Plots", "", f"![curves]({CURVES})", "", f"![confusion matrix]({CONFUSION})", ""]
+    run.file(REPORT).write_text("\n".join(lines))
 
 
 def _fmt(value: float | None) -> str:

@@ -1,4 +1,5 @@
-"""The run directory's owner: one trainer per run dir, a truthful status.json, one-line disk errors.
+"""The run directory's one owner: the name of every file in it, reading and writing them, one trainer
+per run dir, a truthful status.json, one-line disk errors.
 
 The main process holds an exclusive `flock` on `run.dir/.lock` for the whole run. The kernel
 drops it when the process dies, so a killed or requeued trainer leaves no stale lock; on NFSv4
@@ -13,14 +14,36 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-LOCK = ".lock"
+from shards.errors import UserError
+
+# Every file of a run directory, named once: training writes them, evaluate/predict/export, wandb
+# and the report read them.
+CONFIG = "config.yaml"  # the resolved config
+CLASSES = "classes.json"
+PREPROCESSING = "preprocessing.json"  # what evaluate/predict/export need to preprocess like training did
+METRICS = "metrics.jsonl"  # train and eval records
+SUMMARY = "summary.json"
+REPORT = "report.md"
 STATUS = "status.json"
+CURVES = "curves.png"
+CONFUSION = "confusion.png"
+WEIGHTS = {"best": "best.safetensors", "final": "final.safetensors"}  # by wandb alias and --checkpoint name
+CHECKPOINTS = "checkpoints"
+COMPILE_CACHE = "compile_cache"
+EVAL = "eval"  # evaluate's outputs
+EXPORT = "export"
+PREDICTIONS = "predictions.csv"
+WANDB = "wandb"
+RUN_FILES = (CONFIG, CLASSES, PREPROCESSING)  # what the after-training commands read besides weights
+LOCK = ".lock"
 STATUS_BYTES = 4096  # status.json is padded to one block, so that rewriting it in place needs no new one
+MIN_FREE_MB = 256
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 DISK_ERRORS = {  # errno -> (what happened, what to do)
     errno.ENOSPC: ("no space left on the device", "free space"),
@@ -30,20 +53,8 @@ DISK_ERRORS = {  # errno -> (what happened, what to do)
 }
 
 
-class RunDirBusy(RuntimeError):
-    """Another trainer holds the run directory (one-line message)."""
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be created or locked (one-line message)."""
-
-
-class PeerFailed(RuntimeError):
-    """Another rank failed and says why itself: this one leaves quietly, with the same exit code."""
-
-    def __init__(self, code: int = 1):
-        super().__init__("another process of the job failed")
-        self.code = code
+class RunDirError(UserError):
+    """The run directory cannot be created, written or locked, or another trainer holds it."""
 
 
 def is_disk_error(e: BaseException) -> bool:
@@ -93,18 +104,16 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RunDirError(
-                f"cannot write to run.dir {self.path} ({e.strerror}) — choose a writable run.dir"
-            ) from None
+            raise RunDirError(f"cannot write to run.dir {self.path} ({e.strerror}) — choose a writable run.dir") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as e:
             who = _read_holder(fd)
             os.close(fd)
-            raise RunDirBusy(
+            raise RunDirError(
                 f"run.dir {self.path} is in use by another trainer ({describe(who)}) — wait for it to end, "
                 "stop it, or choose another run.dir"
-            ) from None
+            ) from e
         except OSError as e:
             if e.errno not in NO_LOCKS:
                 raise
@@ -119,6 +128,67 @@ class RunDir:
         self.fd, self.owned = fd, True
         _HELD.add(fd)
         return note
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def prepare(self, config_yaml: str, classes: list[str], preprocessing: dict, resume: bool) -> None:
+        """The files a run starts with. Fails now, not after an epoch, when the run dir cannot take
+        checkpoints; starting over (resume false) sets the old checkpoints aside, never deletes them."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-probe"
+            probe.write_bytes(b"\0" * 1024)
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(f"cannot write to run.dir {self.path} ({e.strerror}) — choose a writable run.dir") from e
+        free_mb = shutil.disk_usage(self.path).free / 2**20
+        if free_mb < MIN_FREE_MB:
+            raise RunDirError(
+                f"run.dir {self.path} has only {free_mb:.0f} MB free — free space or choose another run.dir"
+            )
+        old = self.path / CHECKPOINTS
+        if not resume and old.exists():
+            os.replace(old, self.path / f"{CHECKPOINTS}-replaced-{int(time.time())}")
+        (self.path / CONFIG).write_text(config_yaml)
+        (self.path / CLASSES).write_text(json.dumps(classes, ensure_ascii=False, indent=1))
+        (self.path / PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
+
+    def records(self) -> list[dict]:
+        """metrics.jsonl: the train and eval records, in order."""
+        return read_records(self.path / METRICS)
+
+    def append_record(self, record: dict) -> None:
+        path = self.path / METRICS
+        with writing(path), open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def keep_records(self, step: int | None) -> None:
+        """A fresh run starts a new metrics.jsonl (None); a resumed one drops the records past its
+        checkpoint's step: the killed run logged them, and they are about to be redone."""
+        path = self.path / METRICS
+        if step is None or not path.exists():
+            path.unlink(missing_ok=True)
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def write_json(self, name: str, value: dict) -> None:
+        (self.path / name).write_text(json.dumps(value, indent=2))
+
+    def write_weights(self, alias: str, data: bytes) -> Path:
+        """best/final weights, atomically: a full disk leaves the previous file, never a partial one."""
+        path = self.path / WEIGHTS[alias]
+        tmp = path.with_suffix(".tmp")
+        try:
+            with writing(path), open(tmp, "wb") as f:  # safetensors' own writer hides a full disk's errno
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
 
     def set_status(self, state: str, reason: str | None = None) -> None:
         """completed | preempted | failed (with the one-line reason) | running. Best effort when the
@@ -141,6 +211,12 @@ class RunDir:
                     f.write(data)
             except OSError:
                 pass  # nothing more can be done: the one-line error still reaches the log
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _read_holder(fd: int) -> dict:

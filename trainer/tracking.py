@@ -7,39 +7,32 @@ looks there, is trainer/wandb_run.py's business.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from tqdm import tqdm
 
 from trainer.config import Config
+from trainer.meters import best_eval
 from trainer.plots import plot_confusion, plot_curves
-from trainer.rundir import writing
-from trainer.wandb_run import TrackingError, WandbRun, wandb_id  # noqa: F401 (the loop and tests import them here)
+from trainer.rundir import CONFUSION, CURVES, SUMMARY, RunDir
+from trainer.wandb_run import WandbRun
 
 
 class Tracker:
     def __init__(self, config: Config, classes: list[str], enabled: bool, resume_step: int | None, dataset):
         self.enabled = enabled
-        self.run_dir = Path(config.run.dir)
+        self.run = RunDir(Path(config.run.dir))
         self.classes = classes
         self.config = config
-        self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb = None
         if not enabled:
             return
-        if resume_step is None:
-            self.metrics_path.unlink(missing_ok=True)
-        else:  # records past the checkpoint were logged by the killed run: they are about to be redone
-            _truncate_records(self.metrics_path, resume_step)
+        self.run.keep_records(resume_step)
         if config.wandb.mode != "disabled":
             self.wandb = WandbRun(config, classes, dataset, fresh=resume_step is None)
 
-    def progress(self, iterable, total: int, desc: str):
-        return tqdm(
-            iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if self.enabled else True
-        )  # None: no bar when not a terminal (log files)
+    def bar(self, iterable, total: int, desc: str):
+        return progress_bar(iterable, total, desc, self.enabled)
 
     def print(self, line: str) -> None:
         if self.enabled:
@@ -48,11 +41,10 @@ class Tracker:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with writing(self.metrics_path), open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run.append_record(record)
         if self.wandb is not None:
-            best = best_eval(read_records(self.metrics_path)) if record["kind"] == "eval" else {}
-            self.wandb.log(record, best)
+            best = best_eval(self.run.records()) if record["kind"] == "eval" else {}
+            self.wandb.log(record, {f"best_{k}": best[k] for k in ("top1", "top5", "epoch")} if best else {})
 
     def log_predictions(self, rows: list[tuple], step: int) -> None:
         """rows: (image HWC uint8 array, true class, predicted class, probability), in the order shown."""
@@ -67,18 +59,18 @@ class Tracker:
     def summarize(self, summary: dict) -> None:
         if not self.enabled:
             return
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.run.write_json(SUMMARY, summary)
         if self.wandb is not None:
             self.wandb.summarize(summary)
 
     def plots(self) -> None:
         if not self.enabled:
             return
-        records = read_records(self.metrics_path)
-        plot_curves(records, self.run_dir / "curves.png")
+        records = self.run.records()
+        plot_curves(records, self.run.file(CURVES))
         evals = [r for r in records if r["kind"] == "eval"]
         if evals:
-            plot_confusion(evals[-1]["confusion"], self.classes, self.run_dir / "confusion.png")
+            plot_confusion(evals[-1]["confusion"], self.classes, self.run.file(CONFUSION))
 
     def finish(self) -> None:
         if self.wandb is not None:
@@ -86,25 +78,6 @@ class Tracker:
             self.wandb = None
 
 
-def best_eval(records: list[dict]) -> dict:
-    """The best evaluation so far (the first with the highest top-1, as the loop picks best.safetensors)."""
-    evals = [r for r in records if r["kind"] == "eval"]
-    if not evals:
-        return {}
-    best = max(evals, key=lambda r: r["top1"])  # max keeps the first of equals
-    return {"best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"]}
-
-
-def read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_records(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """A tqdm bar on the main process; none elsewhere, nor when stderr is not a terminal (log files)."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if enabled else True)

@@ -16,20 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shards.errors import UserError, first_line
 from shards.store import redact_text
 from trainer.config import Config, to_dict, wandb_id
+from trainer.rundir import RUN_FILES, WANDB, WEIGHTS
 
 STEP = "step"  # every series' x-axis: the optimizer step
 SERIES = ("train", "eval", "val", "data")  # the prefixes of everything logged
 SUMMARIES = {"eval/top1": "max", "eval/top5": "max", "eval/loss": "min", "train/loss": "min"}
 PER_CLASS = ("precision", "recall", "specificity", "f1", "support")
-WEIGHTS = {"best": "best.safetensors", "final": "final.safetensors"}  # alias -> file, named as in the run dir
-RUN_FILES = ("config.yaml", "classes.json", "preprocessing.json")  # what evaluate/predict/export read besides weights
 PREDICTIONS = ("image", "true", "predicted", "probability", "correct")
-
-
-class TrackingError(RuntimeError):
-    """wandb could not start (one-line message)."""
 
 
 class WandbRun:
@@ -119,14 +115,13 @@ def start(mode: str, run_dir: Path, hint: str = TRAINING_HINT, **init):
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("WANDB_DATA_DIR", str(run_dir.resolve() / "wandb"))  # staging: see the module docstring
+    os.environ.setdefault("WANDB_DATA_DIR", str(run_dir.resolve() / WANDB))  # staging: see the module docstring
     argv = sys.argv
     sys.argv = [redact_text(arg) for arg in argv]  # wandb records the command line: no URL token goes with it
     try:
         return wandb.init(dir=str(run_dir), mode=mode, resume="allow", **init)
     except Exception as e:  # no login, no network, a bad entity: say so before any training
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"wandb ({mode}) could not start: {first} — {hint}") from None
+        raise UserError(f"wandb ({mode}) could not start: {first_line(e)} — {hint}") from e
     finally:
         sys.argv = argv
 
@@ -195,7 +190,7 @@ def logged_versions(run_dir: Path, run_id: str) -> set[tuple[str, int]]:
     logs, read with wandb's own reader. The log is what `wandb sync` uploads: a start killed
     before wandb flushed it left nothing there, so its versions are logged again (a list kept
     beside the run would claim them)."""
-    logs = sorted((run_dir / "wandb").glob(f"*run-*-{run_id}/run-{run_id}.wandb"))
+    logs = sorted((run_dir / WANDB).glob(f"*run-*-{run_id}/run-{run_id}.wandb"))
     readers = [
         subprocess.Popen(
             [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],

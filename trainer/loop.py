@@ -1,0 +1,421 @@
+"""The training loop: setup -> epochs of (train, evaluate, checkpoint) -> final weights, plots, report.
+
+Read top to bottom as a run goes. The Accelerator is made by the entry point and reaches everything
+here through the Job; distributed agreement goes through trainer/runtime.py, the files through
+trainer/rundir.py, and what is recorded through the Tracker (enabled on the main process only).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+
+from shards import failpoints
+from shards.errors import UserError
+from trainer import checkpoint
+from trainer.config import Config, to_dict, to_yaml
+from trainer.data import Loaders, build_loaders, mix_seed, open_shards
+from trainer.meters import STARTUP, TrainWindow, best_eval, images_per_second, mean_throughput
+from trainer.metrics import EvalSums, ShownSamples, summarize
+from trainer.nonfinite import assert_finite, update_ema
+from trainer.optim import describe_lr
+from trainer.report import write_report
+from trainer.rundir import CHECKPOINTS, PREPROCESSING, RunDir
+from trainer.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main, sum_across
+from trainer.state import TrainState, build_model, rng_state
+from trainer.tracking import Tracker, progress_bar
+from trainer.transforms import DeviceDecode, DeviceNormalize, TrainPreset, batch_mixer, normalization
+
+STOP_CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a stop signal (one all-reduce)
+NAN_STEPS = failpoints.steps("nan-loss")  # empty unless a test turns the failpoint on
+HOLD_STEP = failpoints.step("hold-after-step")
+
+
+@dataclass
+class Job:
+    """What every stage of a run uses: settled at start-up, the same for the whole run."""
+
+    config: Config
+    accelerator: Accelerator
+    run: RunDir
+    stop: StopFlag
+    tracker: Tracker | None = None
+    classes: list[str] | None = None
+
+
+@dataclass
+class TrainInputs:
+    """What a training batch goes through between the loader and the model."""
+
+    loader: torch.utils.data.DataLoader
+    batches: int  # micro-batches per epoch, whole optimizer steps
+    decode: DeviceDecode | None  # data.decode=device: decoding and augmentation on the device
+    normalize: DeviceNormalize
+    mixer: object | None  # mixup / cutmix
+    criterion: torch.nn.Module
+
+    def load(self, images, labels: torch.Tensor, bad: int, device: torch.device):
+        if self.decode is not None:
+            images, labels, dropped = self.decode(images, labels)
+            bad += dropped
+        return self.normalize(images), labels.to(device, non_blocking=True), bad
+
+    def mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixer is not None and len(labels):
+            return self.mixer(images, labels)
+        return images, labels
+
+
+def fit(job: Job) -> str:
+    """The whole run: 'completed', or 'preempted' when stopped by a signal after a checkpoint."""
+    config, accelerator = job.config, job.accelerator
+    state, inputs, loaders = setup(job)
+    progress = state.progress
+    while progress.epoch < config.train.epochs:
+        loaders.order.set_epoch(progress.epoch, progress.batch)
+        finished = train_one_epoch(state, inputs, job)
+        if finished:
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+            if progress.epoch % config.train.eval_every == 0 or progress.epoch == config.train.epochs:
+                evaluate_and_log(state, loaders.val, job)
+        save_checkpoint(state, job)
+        if not finished or (progress.epoch < config.train.epochs and any_rank(job.stop.requested, accelerator)):
+            job.tracker.finish()
+            return "preempted"
+    finish_run(state, job)
+    return "completed"
+
+
+def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
+    """Shards -> run dir files -> loaders -> model and its state (resumed) -> tracker."""
+    config, accelerator = job.config, job.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(mix_seed(config.train.seed, rank))
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    source = open_shards(config.data.shards, config.data)
+    manifest = source.manifest
+    job.classes = manifest.classes
+    mean, std = normalization(config.data, manifest.mean, manifest.std)
+    if accelerator.is_main_process:
+        preprocessing = {
+            "mean": mean,
+            "std": std,
+            "image_size": config.data.image_size,
+            "crop_pct": config.data.crop_pct,
+        }
+        job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume)
+        job.run.set_status("running")
+    accelerator.wait_for_everyone()
+    loaders = build_loaders(config, source, mean, std, rank, world, accelerator.device.type == "cuda")
+    if accelerator.is_main_process and not loaders.train.dataset.index.has_index:
+        print(
+            f"note: the shards at {source.shown} have no sample index, so every loader process scans their tar "
+            "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one",
+            flush=True,
+        )
+    inputs = train_inputs(config, loaders, manifest, (mean, std), accelerator)
+    state = TrainState(
+        config, build_model(config, len(job.classes)), accelerator, inputs.batches // config.train.grad_accum
+    )
+    resumed = state.resume(job.run.file(CHECKPOINTS), job.classes, inputs.batches) if config.train.resume else None
+    if resumed is not None and accelerator.is_main_process:
+        print(f"resuming from {resumed} (epoch {state.progress.epoch + 1}, step {state.progress.step})", flush=True)
+    state.prepare()
+    step = state.progress.step if state.progress.step or state.progress.epoch else None
+    job.tracker = Tracker(config, job.classes, accelerator.is_main_process, step, source)
+    announce(job, state, source, loaders.order)
+    return state, inputs, loaders
+
+
+def train_inputs(config: Config, loaders: Loaders, manifest, norm: tuple[list, list], accelerator) -> TrainInputs:
+    order, world = loaders.order, accelerator.num_processes
+    batches = order.steps_per_epoch // config.train.grad_accum * config.train.grad_accum
+    if batches == 0:
+        raise UserError(
+            f"the train split ({order.num_samples} samples) is smaller than one step "
+            f"({world} processes x batch {config.train.batch_size} x accumulation {config.train.grad_accum}) — "
+            "lower train.batch_size"
+        )
+    device = accelerator.device
+    decode = None
+    if config.data.decode == "device":  # the workers hand over encoded images
+        decode = DeviceDecode(TrainPreset(config.data, *norm).augment, device, config.data.skip_bad_samples)
+    normalize = DeviceNormalize(*norm, device, config.train.channels_last)
+    criterion = torch.nn.CrossEntropyLoss(
+        label_smoothing=config.optim.label_smoothing, weight=class_weights(config, manifest)
+    ).to(device)
+    return TrainInputs(
+        loaders.train, batches, decode, normalize, batch_mixer(config.data, len(manifest.classes)), criterion
+    )
+
+
+def class_weights(config: Config, manifest) -> torch.Tensor | None:
+    """data.balance=loss: weight each class by total / (classes x its count)."""
+    if config.data.balance != "loss":
+        return None
+    counts = manifest.splits["train"].class_counts
+    counts = torch.tensor([counts.get(c, 0) for c in manifest.classes], dtype=torch.float)
+    return counts.sum() / (len(counts) * counts.clamp(min=1))
+
+
+def announce(job: Job, state: TrainState, source, order) -> None:
+    """The start-up lines: what trains, on what, at which rate, and where the shards come from."""
+    config, tracker = job.config, job.tracker
+    steps = order.steps_per_epoch // config.train.grad_accum
+    tracker.print(
+        f"training {config.run.name or Path(config.run.dir).name}: {job.accelerator.num_processes} process(es) on "
+        f"{job.accelerator.device.type}, {sum(p.numel() for p in state.model.parameters()):,} parameters, "
+        f"{steps} steps/epoch, global batch {state.global_batch}, {describe_lr(config.optim, state.global_batch)}"
+    )
+    if source.cache is not None:
+        tracker.print(f"shards from {source.shown} through the node cache {source.describe_cache()}")
+        if order.blocks is not None and order.blocks.samples_per_block() < order.read_ahead:
+            tracker.print(
+                f"note: a cache block holds ~{order.blocks.samples_per_block()} samples but the loaders read "
+                f"{order.read_ahead} ahead, so shards will be fetched more than once an epoch — raise data.cache_limit"
+            )
+
+
+def train_one_epoch(state: TrainState, inputs: TrainInputs, job: Job) -> bool:
+    """Runs the epoch from progress.batch on; False when stopped by a signal (after a whole step)."""
+    config, accelerator, progress = job.config, job.accelerator, state.progress
+    state.model.train()
+    if config.model.freeze_features:  # frozen features keep their BN statistics too
+        state.net.features.eval()
+    accum = config.train.grad_accum
+    window = TrainWindow(accelerator.device, inputs.loader.dataset.fetched_bytes())
+    epoch_start = time.perf_counter()
+    bar = job.tracker.bar(inputs.loader, total=inputs.batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
+    for images, labels, _, bad in bar:
+        micro = progress.batch % accum
+        if micro == 0:
+            state.guard.start()
+        images, labels, bad = inputs.load(images, labels, bad, accelerator.device)
+        # Model-side randomness (dropout, mixup) is a function of the step too, like the data's.
+        torch.manual_seed(mix_seed(config.train.seed, progress.epoch, progress.batch, accelerator.process_index))
+        images, targets = inputs.mix(images, labels)
+        sync = micro == accum - 1
+        with nullcontext() if sync else accelerator.no_sync(state.model):
+            logits = state.model(images)
+            loss = inputs.criterion(logits, targets)
+            if progress.step + 1 in NAN_STEPS and accelerator.is_main_process:
+                loss = loss * float("nan")
+            accelerator.backward(loss / accum)
+        window.add(loss, logits, labels, bad)
+        progress.batch += 1
+        if not sync:
+            continue
+        optimizer_step(state, state.guard.check(loss))  # clips; a non-finite step is skipped on the device
+        if not after_step(state, inputs, job, window, time.perf_counter() - epoch_start):
+            return False
+    return True
+
+
+def optimizer_step(state: TrainState, good: torch.Tensor) -> None:
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    if state.ema is not None:
+        update_ema(state.ema, state.net, state.config.train.ema_decay, good)
+    state.progress.step += 1
+
+
+def after_step(state: TrainState, inputs: TrainInputs, job: Job, window: TrainWindow, epoch_time: float) -> bool:
+    """Records, mid-epoch checkpoints and the ranks' stop agreement; False when the epoch stops here."""
+    config, accelerator, progress = job.config, job.accelerator, state.progress
+    STARTUP.step_done(accelerator.device)
+    if progress.step == HOLD_STEP and accelerator.is_main_process:
+        failpoints.wait_for_release("held", lambda: job.stop.requested)
+    ends_epoch = progress.batch == inputs.batches
+    if progress.step % config.train.log_every == 0 or ends_epoch:
+        log_train(state, job, window, inputs.loader.dataset.fetched_bytes(), epoch_time)
+    every = config.train.checkpoint_every
+    if every and progress.step % every == 0 and not ends_epoch:
+        save_checkpoint(state, job)
+    if progress.step % STOP_CHECK_EVERY == 0 or ends_epoch:
+        stopping, streak = agree(job.stop.requested, state.guard.streak, accelerator)
+        state.guard.fail_if_stuck(streak, config.train.max_bad_steps, progress.step)
+        if stopping and not ends_epoch:
+            return False
+    return True
+
+
+def log_train(state: TrainState, job: Job, window: TrainWindow, fetched: int, epoch_time: float) -> None:
+    accelerator, progress = job.accelerator, state.progress
+    skipped = state.guard.take_skipped().double().reshape(1) / accelerator.num_processes  # the same on every rank
+    totals = accelerator.reduce(torch.cat([window.counts(fetched), skipped]), "sum").tolist()
+    loss, correct, seen, bad, fetched_now, skipped_steps = totals
+    record = {
+        "kind": "train",
+        "epoch": progress.epoch + 1,
+        "step": progress.step,
+        "loss": loss / max(seen, 1),
+        "acc": correct / max(seen, 1),
+        "lr": state.scheduler.get_last_lr()[0],
+        "img_per_s": images_per_second(seen, window.seconds()),
+        "epoch_time": epoch_time,
+        "world_size": accelerator.num_processes,
+    }
+    if bad:
+        record["skipped_bad_samples"] = int(bad)
+    if skipped_steps:  # optimizer steps skipped for a non-finite loss or gradient since the last record
+        record["skipped_steps"] = round(skipped_steps)
+    if fetched_now:  # shards downloaded into the nodes' caches since the last record, all ranks
+        record["fetched_mb"] = fetched_now / 1e6
+    if (startup := STARTUP.take()) is not None:
+        record["startup_s"] = startup
+    if accelerator.device.type == "cuda":
+        record["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    job.tracker.log(record)
+    window.restart(fetched)
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes: int, accelerator: Accelerator, sample_rows: int = 0):
+    """Sums over this rank's share of the split, all-reduced: every sample counted exactly once."""
+    model.eval()
+    sums = EvalSums.zeros(num_classes, accelerator.device)
+    shown = ShownSamples(sample_rows)
+    for images, labels, _, _ in progress_bar(loader, len(loader), "eval", accelerator.is_main_process):
+        images = images.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(images)
+        sums.add(logits.float(), labels)
+        shown.add(images, logits.float().softmax(1), labels)
+    return EvalSums(*[sum_across(t, accelerator) for t in sums.tensors()]), shown
+
+
+def evaluate_and_log(state: TrainState, loader, job: Job) -> None:
+    config, accelerator, progress, tracker = job.config, job.accelerator, state.progress, job.tracker
+    net = state.eval_net
+    assert_finite(net.state_dict(), "weights", progress.step)  # on every rank alike, before any is written
+    average_buffers(net, accelerator)
+    rows = config.wandb.sample_predictions if config.wandb.mode != "disabled" else 0
+    sums, shown = evaluate(net, loader, len(job.classes), accelerator, rows)
+    record = {"kind": "eval", "epoch": progress.epoch, "step": progress.step, **summarize(sums, job.classes)}
+    if config.train.ema:
+        record["weights"] = "ema"
+    improved = progress.record_eval(record)
+    tracker.log(record)
+    tracker.log_predictions(prediction_rows(shown, job.classes, loader.dataset.transform, accelerator), progress.step)
+    if improved:
+        if accelerator.is_main_process:
+            export_weights(net, config, job.classes, job.run, "best", record)
+        if progress.epoch < config.train.epochs:  # the last evaluation's best goes with the final weights
+            tracker.log_model(progress.step, ["best"], record)
+    tracker.print(
+        f"epoch {progress.epoch}/{config.train.epochs}  step {progress.step}  val top-1 {record['top1']:.4f}  "
+        f"top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  ({record['num_samples']} samples)"
+        + ("  best" if improved else "")
+    )
+    tracker.plots()
+
+
+def prediction_rows(shown: ShownSamples, classes, transform, accelerator: Accelerator) -> list[tuple]:
+    """Every rank's shown samples, ranked together on the main process (the others get []):
+    (picture, true class, predicted class, probability), the most confidently wrong first."""
+    if shown.limit == 0:
+        return []
+    rows = []
+    if shown.keys is not None:
+        mean = torch.tensor(transform.transform.transforms[-1].mean)[:, None, None]
+        std = torch.tensor(transform.transform.transforms[-1].std)[:, None, None]
+        pictures = ((shown.images.cpu() * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
+        for key, picture, p, label in zip(shown.keys.tolist(), pictures, shown.probs.cpu(), shown.labels.tolist()):
+            rows.append((key, picture, classes[label], classes[int(p.argmax())], float(p.max())))
+    rows = gather_to_main(rows, accelerator)  # a few small pictures per rank
+    rows.sort(key=lambda row: -row[0])
+    return [row[1:] for row in rows[: shown.limit]]
+
+
+def save_checkpoint(state: TrainState, job: Job) -> None:
+    accelerator, progress = job.accelerator, state.progress
+    shared = state.state_dict(job.classes)
+    # Every rank holds the same weights and optimizer state, so every rank reaches the same verdict.
+    assert_finite({k: shared[k] for k in ("model", "optimizer", "ema")}, "weights or optimizer state", progress.step)
+    path = checkpoint.save(
+        job.run.file(CHECKPOINTS),
+        progress.step,
+        (shared, {"rng": rng_state()}),
+        accelerator.process_index,
+        lambda failed: any_rank(failed, accelerator),
+        job.config.train.keep_checkpoints,
+    )
+    if path is not None:
+        job.tracker.print(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
+
+
+def export_weights(net: torch.nn.Module, config: Config, classes: list[str], run: RunDir, alias: str, record) -> Path:
+    """best or final weights into the run dir."""
+    return run.write_weights(alias, weights_file(net, config, classes, run.file(PREPROCESSING).read_text(), record))
+
+
+def weights_file(net: torch.nn.Module, config: Config, classes: list[str], preprocessing: str, record) -> bytes:
+    """Plain weights that load with the model API alone; the metadata says how to build it."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if k != "n_averaged"}
+    metadata = {
+        "config": json_dumps(to_dict(config)),
+        "classes": json_dumps(classes),
+        "fingerprint": net.fingerprint(),
+        "preprocessing": preprocessing,
+    }
+    if record:
+        metadata["eval"] = json_dumps({k: record[k] for k in ("epoch", "step", "top1", "top5", "num_samples")})
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def json_dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def finish_run(state: TrainState, job: Job) -> None:
+    config, accelerator, progress, tracker = job.config, job.accelerator, state.progress, job.tracker
+    net = state.eval_net
+    assert_finite(net.state_dict(), "final weights", progress.step)
+    if accelerator.is_main_process:
+        export_weights(net, config, job.classes, job.run, "final", progress.last_eval)
+    # One model version for the final step, which is the best one too when the last evaluation was.
+    aliases = ["final", "best"] if progress.best_epoch == progress.last_eval.get("epoch") else ["final"]
+    tracker.log_model(progress.step, aliases, progress.last_eval)
+    summary = run_summary(state, job, job.run.records())
+    tracker.summarize(summary)
+    tracker.plots()
+    if accelerator.is_main_process:
+        write_report(job.run, config, job.classes, summary)
+    tracker.print(
+        f"done: best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch}); run dir {config.run.dir}"
+    )
+    tracker.finish()
+
+
+def run_summary(state: TrainState, job: Job, records: list[dict]) -> dict:
+    """summary.json and wandb's summary: the columns of a runs table."""
+    progress, accelerator = state.progress, job.accelerator
+    best, cuda = best_eval(records), accelerator.device.type == "cuda"
+    startup = [r["startup_s"] for r in records if r["kind"] == "train" and "startup_s" in r]  # per process start
+    return {
+        "best_top1": progress.best_top1,
+        "best_top5": best.get("top5"),
+        "best_epoch": progress.best_epoch,
+        "final_top1": progress.last_eval.get("top1"),
+        "final_top5": progress.last_eval.get("top5"),
+        "num_val_samples": progress.last_eval.get("num_samples"),
+        "parameters": sum(p.numel() for p in state.eval_net.parameters()),
+        "epochs": job.config.train.epochs,
+        "steps": progress.step,
+        "world_size": accelerator.num_processes,
+        "gpu_type": torch.cuda.get_device_name(accelerator.device) if cuda else None,
+        "gpu_count": accelerator.num_processes if cuda else 0,  # one per process
+        "img_per_s": mean_throughput(records),
+        "startup_s": startup,
+        "time_to_first_step_s": startup[0] if startup else None,
+    }

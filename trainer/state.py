@@ -1,0 +1,215 @@
+"""The training state: model, optimizer, scheduler, EMA, loss scaler, the non-finite guard and where
+the run stands. One object, saved and restored through state_dict / load_state_dict, so a resume is
+`state.resume(...)` and the loop takes the state, not a dozen of its parts (dinov2's do_train)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from shards.errors import UserError
+from trainer import checkpoint
+from trainer.checkpoint import CheckpointError
+from trainer.config import Config, to_dict
+from trainer.model import load_weights, se_densenet
+from trainer.nonfinite import StepGuard
+from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups, scaled_lr
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch: int = 0  # next micro-batch of the epoch
+    step: int = 0  # optimizer steps done
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    last_eval: dict = field(default_factory=dict)
+    bad_streak: int = 0  # non-finite steps in a row (train.max_bad_steps)
+
+    def record_eval(self, record: dict) -> bool:
+        """Keeps the evaluation's headline; True when it is the best top-1 so far (the first of equals)."""
+        self.last_eval = {k: record[k] for k in ("epoch", "step", "top1", "top5", "loss", "num_samples")}
+        improved = record["top1"] > self.best_top1
+        if improved:
+            self.best_top1, self.best_epoch = record["top1"], record["epoch"]
+        return improved
+
+
+def build_model(config: Config, num_classes: int) -> torch.nn.Module:
+    """The configured SE-DenseNet, initialised from model.pretrained when given."""
+    m = config.model
+    model = se_densenet(
+        m.depth,
+        num_classes,
+        growth_rate=m.growth_rate,
+        num_init_features=m.num_init_features,
+        bn_size=m.bn_size,
+        compression=m.compression,
+        drop_rate=m.drop_rate,
+        se=m.se,
+        se_reduction=m.se_reduction,
+        efficient=m.efficient,
+        small_inputs=m.small_inputs,
+        block_config=tuple(m.block_config) if m.block_config else None,
+        shared_bn=m.shared_bn,
+    )
+    if m.pretrained:
+        _load_pretrained(model, m.pretrained)
+    if m.freeze_features:
+        model.features.requires_grad_(False)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _load_pretrained(model: torch.nn.Module, path: str) -> None:
+    report = load_weights(model, path, strict=False)
+    expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    loaded = len(expected) - len(report.missing)
+    if loaded == 0:  # nothing matched: a wrong file, not a starting point
+        raise UserError(f"model.pretrained {path} shares no weights with this model — give a DenseNet weights file")
+    print(
+        f"initialised from {path}: {loaded} tensors loaded, {len(report.missing)} left at init "
+        f"(new head or SE), {len(report.unexpected)} ignored",
+        flush=True,
+    )
+
+
+class TrainState:
+    """Built unprepared (plain model and optimizer, so a checkpoint loads into them), then prepare()d
+    for the accelerator; the loop reads and steps its parts."""
+
+    def __init__(self, config: Config, model: torch.nn.Module, accelerator: Accelerator, steps_per_epoch: int):
+        self.config, self.accelerator = config, accelerator
+        self.global_batch = config.train.batch_size * accelerator.num_processes * config.train.grad_accum
+        lr = scaled_lr(config.optim, self.global_batch)  # optim.lr per optim.lr_base_size images, if set
+        self.model = model
+        self.optimizer = make_optimizer(param_groups(model, config.optim, model.classifier, lr), config.optim, lr)
+        self.scheduler = make_scheduler(self.optimizer, config.schedule, steps_per_epoch, config.train.epochs)
+        self.ema = make_ema(model, config.train.ema_decay) if config.train.ema else None
+        self.progress = Progress()
+        self.guard: StepGuard | None = None
+
+    def prepare(self) -> None:
+        """Wraps model and optimizer for the processes (DDP, precision, compile); after any resume."""
+        a = self.accelerator
+        self.model, self.optimizer = a.prepare(self.model, self.optimizer)
+        if self.ema is not None:
+            self.ema.to(a.device)
+        self.guard = StepGuard(self.model, self.optimizer, a, self.config.optim.grad_clip, self.progress.bad_streak)
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The plain model, without DDP or compile wrappers."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    @property
+    def eval_net(self) -> torch.nn.Module:
+        """The weights that are evaluated and exported: the EMA's when train.ema is on."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def state_dict(self, classes: list[str]) -> dict:
+        """What rank 0 writes: everything but the RNG states, which each rank saves for itself."""
+        scaler = self.accelerator.scaler
+        if self.guard is not None:
+            self.progress.bad_streak = int(self.guard.streak.item())
+        return {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "progress": asdict(self.progress),
+            "epoch": self.progress.epoch,
+            "world": self.accelerator.num_processes,
+            "batch_size": self.config.train.batch_size,
+            "fingerprint": self.net.fingerprint(),
+            "classes": classes,
+            "config": to_dict(self.config),
+        }
+
+    def load_state_dict(self, state: dict, batches: int) -> None:
+        """batches: micro-batches per epoch now; a checkpoint of another world size resumes after the
+        same samples, re-split over the new world at an optimizer step."""
+        self.model.load_state_dict(state["model"])
+        wanted = [group["initial_lr"] for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler.base_lrs != wanted:
+            self.use_new_lr(wanted)
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.accelerator.scaler is not None and state.get("scaler") is not None:  # fp16 loss scale
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        world, batch_size = self.accelerator.num_processes, self.config.train.batch_size
+        if state["world"] != world:
+            consumed = self.progress.batch * state["world"] * state["batch_size"]
+            batch = min(batches, consumed // (world * batch_size))
+            self.progress.batch = batch // self.config.train.grad_accum * self.config.train.grad_accum
+
+    def use_new_lr(self, wanted: list[float]) -> None:
+        """The lr changed since the checkpoint (a new optim.lr, or a new global batch with
+        optim.lr_base_size): the schedule goes on from where it was, at the new rate."""
+        use_new_lr(self.optimizer, self.scheduler, wanted, self.accelerator.is_main_process)
+
+    def resume(self, root: Path, classes: list[str], batches: int) -> Path | None:
+        """Loads the newest complete checkpoint under root, if any; returns its path."""
+        found = checkpoint.load_newest(root, self.accelerator.process_index)
+        if found is None:
+            return None
+        path, state, own = found
+        check_compatible(state, self.model.fingerprint(), classes, path)
+        self.load_state_dict(state, batches)
+        if own is not None:
+            set_rng_state(own["rng"])
+        return path
+
+
+def use_new_lr(optimizer, scheduler, wanted: list[float], verbose: bool) -> None:
+    if verbose:
+        print(
+            f"the learning rate differs from the checkpoint's ({scheduler.base_lrs[0]:.6g}): continuing at "
+            f"{wanted[0]:.6g}",
+            flush=True,
+        )
+    scheduler.base_lrs = list(wanted)
+    for group, lr, factor in zip(optimizer.param_groups, wanted, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def check_compatible(state: dict, fingerprint: str, classes: list[str], path: Path) -> None:
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} is of another model ({state.get('fingerprint')}, this run: {fingerprint}) — "
+            "use a new run.dir, or set train.resume=false to start over in this one"
+        )
+    if state.get("classes") != classes:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on other classes ({len(state.get('classes') or [])} vs {len(classes)} now) — "
+            "use a new run.dir for this dataset"
+        )
+
+
+def rng_state() -> dict:
+    """This process's random number generators: what each rank saves beside the shared state."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
