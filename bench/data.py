@@ -2,10 +2,10 @@
 memory and start-up against the legacy per-process tar-header scan, in one run.
 
 A. Loader rate. Synthetic JPEG shards through the real make_shards, once to a local folder and
-   once to s3:// on moto's S3 server on loopback (tests/conftest.py `s3_server`, run in a child
+   once to s3:// on moto's S3 server on loopback (tests/harness.py `s3_server`, run in a child
    process so its request threads do not share the bench's GIL). One epoch of the train split
-   at a time through the real DataLoader path (TrainOrder + make_loader, --workers workers,
-   batch --batch) with a dataset that only reads each sample's bytes (`ShardIndex.read`, no
+   at a time through the real DataLoader path (build_loaders' train order + make_loader,
+   --workers workers, batch --batch) with a dataset that only reads each sample's bytes (`SplitReader.read`, no
    decode), so the numbers are the data path's, not JPEG decoding's. Each loader runs two
    epochs (persistent workers): local disk (read in place); s3 with a fresh cache folder and no
    limit (epoch 1 cold, epoch 2 warm); s3 with a cache limit below the split (shard-block
@@ -15,8 +15,8 @@ A. Loader rate. Synthetic JPEG shards through the real make_shards, once to a lo
 B. Index memory and start-up at N samples. Tiny samples (cls, a 4-byte jpg, json) written with
    ShardWriter into one template shard, hard-linked as every shard of the split (reading is
    CPU-bound from the page cache either way), plus the index and a manifest. A fresh process
-   per measurement: "before" (legacy: ShardIndex over SplitFiles.from_paths, which scans each
-   shard's tar headers when first touched) and "after" (open_shards + split_index, the
+   per measurement: "before" (legacy: SplitReader over SplitFiles.from_paths, which scans each
+   shard's tar headers when first touched) and "after" (open_shards + split_reader, the
    memory-mapped index) read one sample of every shard, as a loader worker does in its first
    batches under a global shuffle; "after" then touches every record (as an epoch does), and
    runs again with 4 forked workers to show that the index pages are shared. Memory is the
@@ -45,7 +45,6 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -171,7 +170,7 @@ def make_images(root: Path, n: int, size: int) -> Path:
 SERVER = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from tests.conftest import s3_server
+from tests.harness import s3_server
 with s3_server() as (server, env):
     print(json.dumps(env), flush=True)
     sys.stdin.read()  # until the bench closes our stdin
@@ -180,7 +179,7 @@ with s3_server() as (server, env):
 
 @contextmanager
 def moto_process():
-    """tests/conftest.py's moto S3 server, in a child process; -> its environment."""
+    """tests/harness.py's moto S3 server, in a child process; -> its environment."""
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVER, str(REPO)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -219,7 +218,7 @@ def make_shards(src: Path, out: str, min_shards: int, env: dict | None = None) -
 
 class BytesOnly:
     """A map-style dataset of (payload bytes, label, index): the sample's bytes are read and
-    split into fields (`ShardIndex.read`), nothing is decoded."""
+    split into fields (`SplitReader.read`), nothing is decoded."""
 
     def __init__(self, index):
         self.index = index
@@ -235,64 +234,78 @@ class BytesOnly:
         return torch.tensor(sum(len(v) for k, v in sample.items() if not k.startswith("__"))), int(sample["cls"]), i
 
 
+def bytes_loader(location: str, cache_dir: Path | None, limit: int | None, args):
+    """The trainer's own train order (build_loaders, from a real Config) over the split at
+    ``location``, read by a loader of BytesOnly instead of the trainer's decoding dataset.
+    -> (loader, order, the split's files)."""
+    from trainer.config import Config, DataConfig, TrainConfig
+    from trainer.data import build_loaders, make_loader, open_shards
+
+    data = DataConfig(
+        shards=location,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        cache_limit=str(limit) if limit else None,
+        fetch_retries=2,
+        workers=args.workers,
+    )
+    config = Config(data=data, train=TrainConfig(batch_size=args.batch, seed=0))
+    source = open_shards(location, config.data)
+    manifest = source.manifest
+    trainers = build_loaders(config, source, manifest.mean, manifest.std, 0, 1, False)
+    reader = trainers.train.dataset.reader  # their loaders start no workers: neither is iterated
+    return make_loader(BytesOnly(reader), trainers.order, args.workers, pin_memory=False), trainers.order, reader.files
+
+
+def one_epoch(loader, order, files, epoch: int) -> dict:
+    """Epoch ``epoch`` through ``loader``: time, first batch, samples, payload, bytes downloaded."""
+    import torch
+
+    order.set_epoch(epoch)
+    fetched = files.fetched.value
+    seen, payload, indices, first = 0, 0, [], None
+    t = time.perf_counter()
+    for sizes, labels, idx, _bad in loader:
+        first = first or time.perf_counter() - t
+        seen += len(labels)
+        payload += int(sizes.sum())
+        indices.append(idx)
+    seconds = time.perf_counter() - t
+    return {
+        "epoch": epoch + 1,
+        "seconds": seconds,
+        "first_batch_s": first,
+        "samples": seen,
+        "payload_bytes": payload,
+        "fetched_bytes": files.fetched.value - fetched,
+        "_indices": torch.cat(indices).numpy(),
+    }
+
+
+def add_rates(rows: list[dict], files) -> None:
+    """Each epoch's record bytes (from the sample index), samples/s and MB/s."""
+    lengths = np.asarray(files.index()["length"])  # after the epochs: the index read here is no download of theirs
+    for row in rows:
+        row["record_bytes"] = int(lengths[row.pop("_indices")].sum())
+        row["samples_per_s"] = row["samples"] / row["seconds"]
+        row["mb_per_s"] = row["record_bytes"] / MB / row["seconds"]
+
+
 def loader_epochs(
     location: str, cache_dir: Path | None, limit: int | None, epochs: int, args
 ) -> tuple[list[dict], dict]:
     """``epochs`` epochs of one loader (persistent workers) over the train split at ``location``."""
     import torch
 
-    from trainer.data import ShardBlocks, TrainOrder, make_loader, open_shards, split_index
-
-    data = SimpleNamespace(
-        cache_dir=str(cache_dir) if cache_dir else None,
-        cache_limit=str(limit) if limit else None,
-        fetch_retries=2,
-        allow_pipe=False,
-    )
-    t = time.perf_counter()
-    dataset = open_shards(location, data)
-    index = split_index(dataset, "train")
-    files = index.files
-    budget = dataset.block_budget
-    blocks = ShardBlocks(files.counts, files.sizes, budget) if budget is not None else None
-    order = TrainOrder(len(index), args.batch, 0, 1, 0, None, blocks, files.prefetcher())
-    loader = make_loader(BytesOnly(index), order, args.workers, pin_memory=False)
-    setup = time.perf_counter() - t
-    rows = []
+    loader, order, files = bytes_loader(location, cache_dir, limit, args)
     try:
-        for epoch in range(epochs):
-            order.set_epoch(epoch)
-            fetched = files.fetched.value
-            seen, payload, indices, first = 0, 0, [], None
-            t = time.perf_counter()
-            for sizes, labels, idx, _bad in loader:
-                first = first or time.perf_counter() - t
-                seen += len(labels)
-                payload += int(sizes.sum())
-                indices.append(idx)
-            seconds = time.perf_counter() - t
-            rows.append(
-                {
-                    "epoch": epoch + 1,
-                    "seconds": seconds,
-                    "first_batch_s": first,
-                    "samples": seen,
-                    "payload_bytes": payload,
-                    "fetched_bytes": files.fetched.value - fetched,
-                    "_indices": torch.cat(indices).numpy(),
-                }
-            )
-        lengths = np.asarray(files.index()["length"])  # after the epochs: the index read here is no download of theirs
-        for row in rows:
-            row["record_bytes"] = int(lengths[row.pop("_indices")].sum())
-            row["samples_per_s"] = row["samples"] / row["seconds"]
-            row["mb_per_s"] = row["record_bytes"] / MB / row["seconds"]
+        rows = [one_epoch(loader, order, files, epoch) for epoch in range(epochs)]
+        add_rates(rows, files)
     finally:
         del loader  # shuts the persistent workers down
         gc.collect()
+    blocks = order.blocks
     info = {
-        "setup_s": setup,
-        "block_budget": budget,
+        "block_budget": None if blocks is None else blocks.budget,
         "lookahead_batches": order.lookahead,
         "blocks": None if blocks is None else len(blocks.epoch(torch.Generator().manual_seed(0))[0]),
         "train_shards": len(files),
@@ -334,7 +347,7 @@ def plain_download(location: str, rels: list[str], work: Path, processes: int = 
 
 
 def part_a(args, work: Path) -> dict:
-    from tests.conftest import s3_fs
+    from tests.harness import s3_fs
 
     print(f"A. loader rate: {args.images} images, {args.workers} workers, batch {args.batch}", flush=True)
     src = make_images(work, args.images, args.image_size)
@@ -350,58 +363,74 @@ def part_a(args, work: Path) -> dict:
             f"  make_shards: local {result['make_shards_local_s']:.1f} s, to {S3_OUT} {result['make_shards_s3_s']:.1f} s",
             flush=True,
         )
-        from shards.source import CacheOptions, Dataset
+        from shards.source import CacheOptions, ShardSource
 
-        rels = Dataset(S3_OUT, CacheOptions(str(work / "cache-unused"))).split("train").rels
+        rels = ShardSource(S3_OUT, CacheOptions(str(work / "cache-unused"))).split("train").rels
         plain = [plain_download(S3_OUT, rels, work)]  # before the loaders and after: the machine's load drifts
-
-        cases: dict[str, list[dict]] = {}
-        cases["local disk"], info = loader_epochs(str(local), None, None, 3, args)
-        print(f"  local: {[round(r['samples_per_s']) for r in cases['local disk']]} samples/s", flush=True)
-        result.update(
-            train_shards=info["train_shards"], train_bytes=info["train_bytes"], largest_shard=info["largest_shard"]
-        )
-        cases["s3, cache, no limit"], _ = loader_epochs(S3_OUT, work / "cache-nolimit", None, 3, args)
-        print(
-            f"  s3 no limit: {[round(r['samples_per_s']) for r in cases['s3, cache, no limit']]} samples/s", flush=True
-        )
-        limit = max(int(args.limit_fraction * info["train_bytes"]), 4 * info["largest_shard"])
-        cases["s3, cache limit"], limited = loader_epochs(S3_OUT, work / "cache-limit", limit, 2, args)
-        print(
-            f"  s3 limit {limit / MB:.1f} MB: {[round(r['samples_per_s']) for r in cases['s3, cache limit']]} samples/s",
-            flush=True,
-        )
-        result.update(
-            cache_limit=limit,
-            block_budget=limited["block_budget"],
-            blocks_per_epoch=limited["blocks"],
-            lookahead_batches=limited["lookahead_batches"],
-            train_samples=cases["local disk"][0]["samples"],
-        )
+        cases, split = loader_cases(args, work, local)
+        result.update(split)
         plain.append(plain_download(S3_OUT, rels, work))
-        result["plain_download_runs"] = plain
-        result["plain_download"] = {
-            "seconds": sum(p["seconds"] for p in plain) / len(plain),
-            "bytes": plain[0]["bytes"],
-            "mb_per_s": plain[0]["bytes"] * len(plain) / MB / sum(p["seconds"] for p in plain),
-        }
-        result["plain_download_parallel"] = plain_download(S3_OUT, rels, work, args.workers + 1)
-        print(
-            f"  plain download: {[round(p['mb_per_s'], 1) for p in plain]} MB/s one after another, "
-            f"{result['plain_download_parallel']['mb_per_s']:.1f} MB/s in {args.workers + 1} processes",
-            flush=True,
-        )
+        result.update(plain_downloads(plain, plain_download(S3_OUT, rels, work, args.workers + 1)))
     result["cases"] = cases
+    result.update(ratios_a(cases, result["plain_download"], result["plain_download_parallel"]))
+    return result
 
+
+def loader_cases(args, work: Path, local: Path) -> tuple[dict[str, list[dict]], dict]:
+    """Each case's epochs: local disk, s3 with a cache and no limit, s3 with a cache limit below
+    the split; and what the loaders saw of the split and the limited cache."""
+    per_s = lambda rows: [round(r["samples_per_s"]) for r in rows]  # noqa: E731
+    cases: dict[str, list[dict]] = {}
+    cases["local disk"], info = loader_epochs(str(local), None, None, 3, args)
+    print(f"  local: {per_s(cases['local disk'])} samples/s", flush=True)
+    cases["s3, cache, no limit"], _ = loader_epochs(S3_OUT, work / "cache-nolimit", None, 3, args)
+    print(f"  s3 no limit: {per_s(cases['s3, cache, no limit'])} samples/s", flush=True)
+    limit = max(int(args.limit_fraction * info["train_bytes"]), 4 * info["largest_shard"])
+    cases["s3, cache limit"], limited = loader_epochs(S3_OUT, work / "cache-limit", limit, 2, args)
+    print(f"  s3 limit {limit / MB:.1f} MB: {per_s(cases['s3, cache limit'])} samples/s", flush=True)
+    split = {
+        "train_shards": info["train_shards"],
+        "train_bytes": info["train_bytes"],
+        "largest_shard": info["largest_shard"],
+        "cache_limit": limit,
+        "block_budget": limited["block_budget"],
+        "blocks_per_epoch": limited["blocks"],
+        "lookahead_batches": limited["lookahead_batches"],
+        "train_samples": cases["local disk"][0]["samples"],
+    }
+    return cases, split
+
+
+def plain_downloads(plain: list[dict], parallel: dict) -> dict:
+    """The one-after-another runs, their mean, and the parallel run."""
+    print(
+        f"  plain download: {[round(p['mb_per_s'], 1) for p in plain]} MB/s one after another, "
+        f"{parallel['mb_per_s']:.1f} MB/s in {parallel['processes']} processes",
+        flush=True,
+    )
+    seconds = sum(p["seconds"] for p in plain)
+    return {
+        "plain_download_runs": plain,
+        "plain_download": {
+            "seconds": seconds / len(plain),
+            "bytes": plain[0]["bytes"],
+            "mb_per_s": plain[0]["bytes"] * len(plain) / MB / seconds,
+        },
+        "plain_download_parallel": parallel,
+    }
+
+
+def ratios_a(cases: dict[str, list[dict]], plain: dict, parallel: dict) -> dict:
+    """Part A's targets: cold against plain download (MB/s), warm and cold against local (samples/s)."""
     local1, *local_later = cases["local disk"]
     cold, *warm = cases["s3, cache, no limit"]
-    plain = result["plain_download"]
     rate = lambda rows: sum(r["samples"] for r in rows) / sum(r["seconds"] for r in rows)  # noqa: E731
-    result["cold_vs_plain_download_mb_s"] = cold["mb_per_s"] / plain["mb_per_s"]
-    result["cold_vs_parallel_download_mb_s"] = cold["mb_per_s"] / result["plain_download_parallel"]["mb_per_s"]
-    result["warm_vs_local_samples_s"] = rate(warm) / rate(local_later)  # epochs 2.. of each: persistent workers up
-    result["cold_vs_local_samples_s"] = cold["samples_per_s"] / local1["samples_per_s"]
-    return result
+    return {
+        "cold_vs_plain_download_mb_s": cold["mb_per_s"] / plain["mb_per_s"],
+        "cold_vs_parallel_download_mb_s": cold["mb_per_s"] / parallel["mb_per_s"],
+        "warm_vs_local_samples_s": rate(warm) / rate(local_later),  # epochs 2.. of each: persistent workers up
+        "cold_vs_local_samples_s": cold["samples_per_s"] / local1["samples_per_s"],
+    }
 
 
 def print_a(r: dict) -> None:
@@ -471,8 +500,8 @@ def write_shard(path: Path, n: int):
 
 def synthetic_split(work: Path, n: int, per_shard: int) -> Path:
     """OUT/train/*.tar (one template shard, hard-linked), OUT/train/index.npy, OUT/manifest.json."""
-    from shards.format import shard_name
-    from shards.index import INDEX_NAME, write_index
+    from shards.format import INDEX_NAME, shard_name
+    from shards.index import write_index
     from shards.manifest import Manifest, ShardInfo, SplitInfo
 
     out = work / f"index-{n}"
@@ -517,54 +546,82 @@ def _touch_all(index) -> int:
 
 def child(args) -> dict:
     """One measurement in this fresh process (``--child before|after|after4``)."""
-    if args.child == "before":
-        from shards.manifest import Manifest
-        from shards.reader import ShardIndex
-        from shards.source import SplitFiles
+    return {"before": child_before, "after": child_after, "after4": child_after_workers}[args.child](args)
 
-        gc.collect()
-        base = memory()
-        t = time.perf_counter()
-        manifest = Manifest.load(args.shards)
-        k = args.limit_shards or len(manifest.splits["train"].shards)
-        paths = manifest.shard_paths("train")[:k]
-        counts = [s.samples for s in manifest.splits["train"].shards[:k]]
-        index = ShardIndex(SplitFiles.from_paths(paths, counts))
-        _first_of_every_shard(index, k)
-        seconds = time.perf_counter() - t
-        gc.collect()
-        return {"shards": k, "samples": sum(counts), "seconds": seconds, "mem": delta(memory(), base)}
 
-    from trainer.data import open_shards, split_index
+def child_before(args) -> dict:
+    """The legacy path: the first sample of every shard through a per-process tar-header scan."""
+    from shards.manifest import Manifest
+    from shards.reader import SplitReader
+    from shards.source import SplitFiles
 
     gc.collect()
     base = memory()
-    if args.child == "after":
-        t = time.perf_counter()
-        index = split_index(open_shards(str(args.shards)), "train")
-        _first_of_every_shard(index, len(index.counts))
-        seconds = time.perf_counter() - t
-        gc.collect()
-        first = {"mem": delta(memory(), base), "map": index_mapping()}
-        t = time.perf_counter()
-        _touch_all(index)
-        touch = time.perf_counter() - t
-        gc.collect()
-        return {
-            "shards": len(index.counts),
-            "samples": len(index),
-            "seconds": seconds,
-            "first": first,
-            "touch_s": touch,
-            "all": {"mem": delta(memory(), base), "map": index_mapping()},
-        }
-
-    # after4: the rank opens the data and forks the workers. Control phase: each worker does the harness's own round
-    # trip and nothing else (forking and the queue cost that much by themselves). Then each reads one sample of every
-    # shard, and every record.
     t = time.perf_counter()
-    index = split_index(open_shards(str(args.shards)), "train")
+    manifest = Manifest.load(args.shards)
+    k = args.limit_shards or len(manifest.splits["train"].shards)
+    paths = manifest.shard_paths("train")[:k]
+    counts = [s.samples for s in manifest.splits["train"].shards[:k]]
+    index = SplitReader(SplitFiles.from_paths(paths, counts))
+    _first_of_every_shard(index, k)
+    seconds = time.perf_counter() - t
+    gc.collect()
+    return {"shards": k, "samples": sum(counts), "seconds": seconds, "mem": delta(memory(), base)}
+
+
+def child_after(args) -> dict:
+    """The sample index, one process: the first sample of every shard, then every record."""
+    from trainer.data import open_shards, split_reader
+
+    gc.collect()
+    base = memory()
+    t = time.perf_counter()
+    index = split_reader(open_shards(str(args.shards)), "train")
+    _first_of_every_shard(index, len(index.counts))
+    seconds = time.perf_counter() - t
+    gc.collect()
+    first = {"mem": delta(memory(), base), "map": index_mapping()}
+    t = time.perf_counter()
+    _touch_all(index)
+    touch = time.perf_counter() - t
+    gc.collect()
+    return {
+        "shards": len(index.counts),
+        "samples": len(index),
+        "seconds": seconds,
+        "first": first,
+        "touch_s": touch,
+        "all": {"mem": delta(memory(), base), "map": index_mapping()},
+    }
+
+
+def child_after_workers(args) -> dict:
+    """after4: the rank opens the data and forks the workers, which read it (`forked_readers`)."""
+    from trainer.data import open_shards, split_reader
+
+    t = time.perf_counter()
+    index = split_reader(open_shards(str(args.shards)), "train")
     opened = time.perf_counter() - t
+    got = forked_readers(index, args.workers)
+    total = lambda ms: {k: sum(m[k] for m in ms) for k in ms[0]}  # noqa: E731
+    return {
+        "shards": len(index.counts),
+        "samples": len(index),
+        "processes": len(got["forked"]),
+        "seconds": opened + max(t for t, _ in got["times"]),
+        "all_s": opened + max(t for _, t in got["times"]),
+        "control": delta(total(got["control"]), total(got["forked"])),
+        "mem": delta(total(got["after"]), total(got["control"])),
+        "map": total(got["maps"]),
+    }
+
+
+def forked_readers(index, workers: int) -> dict:
+    """Fork ``workers`` processes over ``index``. Control phase: each worker does the harness's
+    own round trip and nothing else (forking and the queue cost that much by themselves). Then each
+    reads one sample of every shard, and every record. -> the memory of the rank and each worker
+    after the fork, after the control and after the reads; the index mappings; each worker's
+    (first sample of every shard, every record) seconds."""
     ctx = mp.get_context("fork")
     ready, idle, go, results, finish = ctx.Semaphore(0), ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Event()
 
@@ -580,7 +637,7 @@ def child(args) -> dict:
         results.put((first, time.perf_counter() - t))
         finish.wait()
 
-    procs = [ctx.Process(target=worker, daemon=True) for _ in range(args.workers)]
+    procs = [ctx.Process(target=worker, daemon=True) for _ in range(workers)]
     gc.collect()
     gc.freeze()  # the workers' own collections would copy the parent's heap, whatever the data path does
     try:
@@ -589,14 +646,14 @@ def child(args) -> dict:
         for _ in procs:
             ready.acquire()
         pids = [os.getpid()] + [p.pid for p in procs]
-        forked = [memory(p) for p in pids]
+        got = {"forked": [memory(p) for p in pids]}
         idle.set()
         for _ in procs:
             results.get(timeout=600)
-        control = [memory(p) for p in pids]
+        got["control"] = [memory(p) for p in pids]
         go.set()
-        times = [results.get(timeout=600) for _ in procs]
-        after, maps = [memory(p) for p in pids], [index_mapping(p) for p in pids]
+        got["times"] = [results.get(timeout=600) for _ in procs]
+        got["after"], got["maps"] = [memory(p) for p in pids], [index_mapping(p) for p in pids]
     finally:
         finish.set()
         for p in procs:
@@ -604,17 +661,7 @@ def child(args) -> dict:
             if p.is_alive():
                 p.terminate()
                 p.join()
-    total = lambda ms: {k: sum(m[k] for m in ms) for k in ms[0]}  # noqa: E731
-    return {
-        "shards": len(index.counts),
-        "samples": len(index),
-        "processes": len(pids),
-        "seconds": opened + max(t for t, _ in times),
-        "all_s": opened + max(t for _, t in times),
-        "control": delta(total(control), total(forked)),
-        "mem": delta(total(after), total(control)),
-        "map": total(maps),
-    }
+    return got
 
 
 def run_child(mode: str, shards: Path, args, limit_shards: int = 0) -> dict:
@@ -682,79 +729,91 @@ def print_b(results: dict, workers: int) -> None:
     mb = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
     for r in results.values():
         n, shards = r["samples"], r["shards"]
-        b, a, a4, scale = r["before"], r["after"], r["after_workers"], r["before_scale"]
-        est = f", extrapolated from {b['shards']} shards" if scale != 1 else ""
-        rows = [
-            (
-                f"before: legacy header scan, 1 process{est}",
-                b["seconds"] * scale,
-                b["mem"]["rss"] * scale,
-                b["mem"]["anon"] * scale,
-                0,
-            ),
-            (
-                f"before, per node: rank + {workers} workers each scanning (x{workers}, computed)",
-                b["seconds"] * scale,
-                b["mem"]["rss"] * scale * workers,
-                b["mem"]["anon"] * scale * workers,
-                0,
-            ),
-            (
-                "after: index, 1 process, first sample/shard",
-                a["seconds"],
-                a["first"]["mem"]["rss"],
-                a["first"]["mem"]["anon"],
-                a["first"]["map"]["pss"],
-            ),
-            (
-                "after: index, 1 process, every record touched",
-                a["seconds"],
-                a["all"]["mem"]["rss"],
-                a["all"]["mem"]["anon"],
-                a["all"]["map"]["pss"],
-            ),
-            (
-                f"after, per node: rank + {workers} forked workers, every record touched (sum; net of the fork+queue control)",
-                a4["seconds"],
-                a4["mem"]["rss"],
-                a4["mem"]["anon"],
-                a4["map"]["pss"],
-            ),
-        ]
-        for name, seconds, rss, anon, mapped in rows:
+        for name, seconds, rss, anon, mapped in rows_b(r, workers):
             print(
                 f"| {n:,} | {shards} | {name} | {seconds:.2f} | {seconds / shards * 1e3:.1f} | {mb(rss)} | {mb(anon)} | "
                 f"{mb(mapped) if mapped else '-'} | {(anon + mapped) / n:.1f} |"
             )
     runs = list(results.values())
     if runs:
-        r = runs[-1]
-        a4 = r["after_workers"]
-        node = (a4["mem"]["anon"] + a4["map"]["pss"]) / r["samples"]
-        gross = (a4["mem"]["anon"] + a4["control"]["anon"] + a4["map"]["pss"]) / r["samples"]
-        ratio = r["before"]["seconds"] * r["before_scale"] / r["after"]["seconds"]
-        print(
-            f"\nN={r['samples']:,}: after, rank + {workers} workers: {node:.1f} B/sample/node "
-            f"({'<=' if node <= 64 else 'above'} the target 64; {gross:.1f} with the control's {a4['control']['anon'] / 2**20:.1f} MB; index.npy alone {a4['map']['pss'] / r['samples']:.1f}); "
-            f"start-up {ratio:,.0f}x faster than one process's legacy scan"
-        )
+        print_b_node(runs[-1], workers)
     if len(runs) >= 2:
-        x, y = runs[0], runs[-1]
-        node = lambda r: r["after_workers"]["mem"]["anon"] + r["after_workers"]["map"]["pss"]  # noqa: E731
-        scan = lambda r: r["before"]["mem"]["anon"] * r["before_scale"]  # noqa: E731
-        dn = y["samples"] - x["samples"]
-        slope = (node(y) - node(x)) / dn
-        print(
-            f"marginal memory {x['samples']:,} -> {y['samples']:,} samples (fixed costs cancel): after, rank + {workers} workers "
-            f"{slope:.1f} B/sample/node (target <= 64: {'ok' if slope <= 64 else 'MISSED'}); before {(scan(y) - scan(x)) / dn:.1f} B/sample per process, "
-            f"x{workers} workers = {(scan(y) - scan(x)) / dn * workers:.1f} B/sample/node"
-        )
-        per = lambda r, k: r[k]["seconds"] / r[k]["shards"]  # noqa: E731
-        print(
-            f"{x['samples']:,} -> {y['samples']:,} samples ({y['shards'] / x['shards']:.0f}x shards): start-up per shard "
-            f"after {per(x, 'after') * 1e3:.2f} -> {per(y, 'after') * 1e3:.2f} ms, before {per(x, 'before') * 1e3:.0f} -> "
-            f"{per(y, 'before') * 1e3:.0f} ms (before scans {args_per_shard(x)} samples per shard either way)"
-        )
+        print_b_scaling(runs[0], runs[-1], workers)
+
+
+def rows_b(r: dict, workers: int) -> list[tuple]:
+    """One N's table rows: (path, start-up s, dRSS, dAnon, index.npy PSS)."""
+    b, a, a4, scale = r["before"], r["after"], r["after_workers"], r["before_scale"]
+    est = f", extrapolated from {b['shards']} shards" if scale != 1 else ""
+    return [
+        (
+            f"before: legacy header scan, 1 process{est}",
+            b["seconds"] * scale,
+            b["mem"]["rss"] * scale,
+            b["mem"]["anon"] * scale,
+            0,
+        ),
+        (
+            f"before, per node: rank + {workers} workers each scanning (x{workers}, computed)",
+            b["seconds"] * scale,
+            b["mem"]["rss"] * scale * workers,
+            b["mem"]["anon"] * scale * workers,
+            0,
+        ),
+        (
+            "after: index, 1 process, first sample/shard",
+            a["seconds"],
+            a["first"]["mem"]["rss"],
+            a["first"]["mem"]["anon"],
+            a["first"]["map"]["pss"],
+        ),
+        (
+            "after: index, 1 process, every record touched",
+            a["seconds"],
+            a["all"]["mem"]["rss"],
+            a["all"]["mem"]["anon"],
+            a["all"]["map"]["pss"],
+        ),
+        (
+            f"after, per node: rank + {workers} forked workers, every record touched (sum; net of the fork+queue control)",
+            a4["seconds"],
+            a4["mem"]["rss"],
+            a4["mem"]["anon"],
+            a4["map"]["pss"],
+        ),
+    ]
+
+
+def print_b_node(r: dict, workers: int) -> None:
+    """The largest N: bytes per sample per node against the target, start-up against the legacy scan."""
+    a4 = r["after_workers"]
+    node = (a4["mem"]["anon"] + a4["map"]["pss"]) / r["samples"]
+    gross = (a4["mem"]["anon"] + a4["control"]["anon"] + a4["map"]["pss"]) / r["samples"]
+    ratio = r["before"]["seconds"] * r["before_scale"] / r["after"]["seconds"]
+    print(
+        f"\nN={r['samples']:,}: after, rank + {workers} workers: {node:.1f} B/sample/node "
+        f"({'<=' if node <= 64 else 'above'} the target 64; {gross:.1f} with the control's {a4['control']['anon'] / 2**20:.1f} MB; index.npy alone {a4['map']['pss'] / r['samples']:.1f}); "
+        f"start-up {ratio:,.0f}x faster than one process's legacy scan"
+    )
+
+
+def print_b_scaling(x: dict, y: dict, workers: int) -> None:
+    """Smallest N to largest: marginal memory per sample (fixed costs cancel) and start-up per shard."""
+    node = lambda r: r["after_workers"]["mem"]["anon"] + r["after_workers"]["map"]["pss"]  # noqa: E731
+    scan = lambda r: r["before"]["mem"]["anon"] * r["before_scale"]  # noqa: E731
+    dn = y["samples"] - x["samples"]
+    slope = (node(y) - node(x)) / dn
+    print(
+        f"marginal memory {x['samples']:,} -> {y['samples']:,} samples (fixed costs cancel): after, rank + {workers} workers "
+        f"{slope:.1f} B/sample/node (target <= 64: {'ok' if slope <= 64 else 'MISSED'}); before {(scan(y) - scan(x)) / dn:.1f} B/sample per process, "
+        f"x{workers} workers = {(scan(y) - scan(x)) / dn * workers:.1f} B/sample/node"
+    )
+    per = lambda r, k: r[k]["seconds"] / r[k]["shards"]  # noqa: E731
+    print(
+        f"{x['samples']:,} -> {y['samples']:,} samples ({y['shards'] / x['shards']:.0f}x shards): start-up per shard "
+        f"after {per(x, 'after') * 1e3:.2f} -> {per(y, 'after') * 1e3:.2f} ms, before {per(x, 'before') * 1e3:.0f} -> "
+        f"{per(y, 'before') * 1e3:.0f} ms (before scans {args_per_shard(x)} samples per shard either way)"
+    )
 
 
 def args_per_shard(r: dict) -> int:

@@ -95,24 +95,21 @@ def windows_rate(path: Path) -> dict:
     return out
 
 
-def build(args: argparse.Namespace) -> dict:
-    res, steps = args.res, load_steps(args.res)
+def model_rows(args: argparse.Namespace, steps: dict) -> tuple[list[dict], dict[tuple, dict]]:
+    """One row per variant of every model step, and the measured rows by (variant, batch, compiled|eager)."""
     b1, b2 = args.batches
-    env = load_json(res / "env.json") or {}
-    cache = load_json(res / "cache.json") or {}
-    compiled = args.compile
     model_steps = [
-        (f"model-b{b1}", "model", b1, compiled, ["tv", "ours-se", "ours-se-eff"]),
-        ("model-cand", "cand", b1, compiled, ["ours-se-sharedbn", "cand-se-sumfc"]),
-        (f"model-b{b2}", "b256", b2, compiled, ["tv", "ours-se"]),
+        (f"model-b{b1}", "model", b1, args.compile, ["tv", "ours-se", "ours-se-eff"]),
+        ("model-cand", "cand", b1, args.compile, ["ours-se-sharedbn", "cand-se-sumfc"]),
+        (f"model-b{b2}", "b256", b2, args.compile, ["tv", "ours-se"]),
         ("model-eager", "eager", b1, "none", ["tv", "ours-se", "ours-se-eff"]),
     ]
     by_key: dict[tuple, dict] = {}
-    model_rows = []
+    rows = []
     for step, part, batch, comp, variants in model_steps:
         if part not in args.parts:
             continue
-        data = load_json(res / f"{step}.json") or {}
+        data = load_json(args.res / f"{step}.json") or {}
         found = {r["variant"]: r for r in data.get("results", [])}
         for v in variants:
             r = found.get(v)
@@ -127,17 +124,29 @@ def build(args: argparse.Namespace) -> dict:
                 "concurrent_jobs": steps.get(step, {}).get("concurrent", 0),
             }
             if r:
-                row.update(img_s=r["img_s"], step_ms=r["step_ms"], warmup_s=r.get("warmup_s"), params=r.get("params"))
-                if "peak_gib" in r:
-                    row.update(peak=r["peak_gib"], peak_unit="GiB")
-                elif "peak_mib" in r and not args.smoke:
-                    row.update(peak=r["peak_mib"], peak_unit="MiB (CPU: MemTracker, one eager step)")
-                for k in ("max_batch", "max_batch_estimate"):
-                    if k in r:
-                        row[k] = r[k]
+                row.update(measured(r, args.smoke))
                 by_key[(v, batch, "eager" if part == "eager" else "compiled")] = row
-            model_rows.append(row)
-    for row in model_rows:
+            rows.append(row)
+    compare_models(rows, by_key)
+    return rows, by_key
+
+
+def measured(r: dict, smoke: bool) -> dict:
+    """The numbers of one bench/model.py result that a model row keeps."""
+    out = {"img_s": r["img_s"], "step_ms": r["step_ms"], "warmup_s": r.get("warmup_s"), "params": r.get("params")}
+    if "peak_gib" in r:
+        out.update(peak=r["peak_gib"], peak_unit="GiB")
+    elif "peak_mib" in r and not smoke:
+        out.update(peak=r["peak_mib"], peak_unit="MiB (CPU: MemTracker, one eager step)")
+    for k in ("max_batch", "max_batch_estimate"):
+        if k in r:
+            out[k] = r[k]
+    return out
+
+
+def compare_models(rows: list[dict], by_key: dict[tuple, dict]) -> None:
+    """Each measured row's speed and memory against tv and ours-se at its batch and compile."""
+    for row in rows:
         if "img_s" not in row:
             continue
         for ref, name in (("tv", "tv"), ("ours-se", "ours_se")):
@@ -146,23 +155,32 @@ def build(args: argparse.Namespace) -> dict:
                 row[f"vs_{name}"] = ratio(row["img_s"], other["img_s"])
                 row[f"mem_vs_{name}"] = ratio(row.get("peak"), other.get("peak"))
 
-    # time to the first step: phase A (cold caches, several compiles at once) against phase B (warm).
-    # Phase-A steps are named cold-b<batch>-<variant>[+<variant>...].
-    phase_a = [n for n in steps if n.startswith("cold-") or n == "e2e-cold"]
-    cold_runs: dict[tuple, tuple] = {}
+
+def cold_runs(res: Path, phase_a: list[str]) -> dict[tuple, tuple]:
+    """(variant, batch) -> (its phase-A result or None, the step). Phase-A steps are named
+    cold-b<batch>-<variant>[+<variant>...]."""
+    runs: dict[tuple, tuple] = {}
     for name in phase_a:
         if not name.startswith("cold-b"):
             continue
         batch, variants = name[len("cold-b") :].split("-", 1)
         found = {r["variant"]: r for r in (load_json(res / f"{name}.json") or {}).get("results", [])}
         for v in variants.split("+"):
-            cold_runs[(v, int(batch))] = (found.get(v), name)
-    startup_rows = []
-    for row in model_rows:
+            runs[(v, int(batch))] = (found.get(v), name)
+    return runs
+
+
+def startup_rows(args: argparse.Namespace, steps: dict, models: list[dict], e2e: dict, cache: dict) -> list[dict]:
+    """Time to the first step: phase A (cold caches, several compiles at once) against phase B
+    (warm), for every compiled model row and the trainer (``e2e``: its cold and warm windows)."""
+    phase_a = [n for n in steps if n.startswith("cold-") or n == "e2e-cold"]
+    cold = cold_runs(args.res, phase_a)
+    rows = []
+    for row in models:
         if row["part"] == "eager":
             continue
-        cold_r, cold_step = cold_runs.get((row["variant"], row["batch"]), (None, None))
-        startup_rows.append(
+        cold_r, cold_step = cold.get((row["variant"], row["batch"]), (None, None))
+        rows.append(
             {
                 "id": f"{row['variant']} b{row['batch']} {row['compile']}",
                 "kind": "bench/model.py (compile + warm-up steps, in process)",
@@ -174,11 +192,11 @@ def build(args: argparse.Namespace) -> dict:
                 "cold_concurrent": len(phase_a),
             }
         )
-    e2e_cold, e2e_warm = windows_rate(res / "e2e-cold-metrics.jsonl"), windows_rate(res / "e2e-warm-metrics.jsonl")
     if "e2e" in args.parts:
-        startup_rows.append(
+        e2e_cold, e2e_warm = e2e["e2e-cold"], e2e["e2e-warm"]
+        rows.append(
             {
-                "id": f"trainer ({compiled})",
+                "id": f"trainer ({args.compile})",
                 "kind": "accelerate launch trainer/main.py (startup_s: process start to the end of step 1)",
                 "cold_s": e2e_cold.get("startup_s"),
                 "warm_s": e2e_warm.get("startup_s"),
@@ -188,118 +206,166 @@ def build(args: argparse.Namespace) -> dict:
                 "cold_concurrent": len(phase_a),
             }
         )
+    return rows
 
-    reference = by_key.get(("ours-se", b1, "compiled"))
-    ref_rate = reference["img_s"] if reference else None
-    ref_name = f"ours-se b{b1} {compiled} (bench/model.py)"
-    loader_rows = []
-    if "loaders" in args.parts:
-        data = load_json(res / "loaders.json") or {}
-        status = data_status(data, steps, "loaders")
-        eager = data.get("model_only")
-        for decode in ("workers", "device"):
-            for n in args.workers:
-                rate = (data.get("loaders") or {}).get(f"loader, decode={decode}, {n} workers")
-                loader_rows.append(
-                    {
-                        "id": f"loader, decode={decode}, {n} workers",
-                        "img_s": rate,
-                        "vs_model_only": ratio(rate, ref_rate),
-                        "vs_model_only_eager": ratio(rate, eager),
-                        "status": "ok" if rate is not None else status,
-                    }
-                )
-        loader_rows.append(
-            {
-                "id": "model-only, trainer config, eager (bench/train.py)",
-                "img_s": eager,
-                "vs_model_only": ratio(eager, ref_rate),
-                "vs_model_only_eager": 1.0 if eager else None,
-                "status": "ok" if eager is not None else status,
-            }
-        )
-    e2e_rows = []
-    if "e2e" in args.parts:
-        for name, data, step in (
-            ("trainer, warm compile cache", e2e_warm, "e2e-warm"),
-            ("trainer, cold (phase A, other compiles running)", e2e_cold, "e2e-cold"),
-        ):
-            status = data_status(data, steps, step)
-            if (
-                data and step_status(steps, step) != "ok"
-            ):  # the windows were logged; what came after them did not finish
-                status = f"windows logged, then {step_status(steps, step)}"
-            e2e_rows.append(
+
+def loader_rows(args: argparse.Namespace, steps: dict, ref_rate: float | None) -> list[dict]:
+    """bench/train.py --no-end-to-end: each decode x workers loader, then its eager model-only step."""
+    if "loaders" not in args.parts:
+        return []
+    data = load_json(args.res / "loaders.json") or {}
+    status = data_status(data, steps, "loaders")
+    eager = data.get("model_only")
+    rows = []
+    for decode in ("workers", "device"):
+        for n in args.workers:
+            rate = (data.get("loaders") or {}).get(f"loader, decode={decode}, {n} workers")
+            rows.append(
                 {
-                    "id": name,
-                    "step": step,
-                    **data,
-                    "vs_model_only": ratio(data.get("img_s"), ref_rate),
-                    "wall_s": steps.get(step, {}).get("seconds"),
-                    "status": status,
+                    "id": f"loader, decode={decode}, {n} workers",
+                    "img_s": rate,
+                    "vs_model_only": ratio(rate, ref_rate),
+                    "vs_model_only_eager": ratio(rate, eager),
+                    "status": "ok" if rate is not None else status,
                 }
             )
+    rows.append(
+        {
+            "id": "model-only, trainer config, eager (bench/train.py)",
+            "img_s": eager,
+            "vs_model_only": ratio(eager, ref_rate),
+            "vs_model_only_eager": 1.0 if eager else None,
+            "status": "ok" if eager is not None else status,
+        }
+    )
+    return rows
 
+
+def e2e_rows(args: argparse.Namespace, steps: dict, e2e: dict, ref_rate: float | None) -> list[dict]:
+    """The real trainer, warm then cold (``e2e``: each step's windows)."""
+    if "e2e" not in args.parts:
+        return []
+    rows = []
+    for name, step in (
+        ("trainer, warm compile cache", "e2e-warm"),
+        ("trainer, cold (phase A, other compiles running)", "e2e-cold"),
+    ):
+        data = e2e[step]
+        status = data_status(data, steps, step)
+        if data and step_status(steps, step) != "ok":  # the windows were logged; what came after them did not finish
+            status = f"windows logged, then {step_status(steps, step)}"
+        rows.append(
+            {
+                "id": name,
+                "step": step,
+                **data,
+                "vs_model_only": ratio(data.get("img_s"), ref_rate),
+                "wall_s": steps.get(step, {}).get("seconds"),
+                "status": status,
+            }
+        )
+    return rows
+
+
+def target(name: str, value, goal: str, met: bool | None, note: str = "") -> dict:
+    return {"target": name, "value": value, "goal": goal, "met": met, "note": note}
+
+
+def model_targets(args: argparse.Namespace, by_key: dict[tuple, dict]) -> list[dict]:
+    """SE against torchvision at both batches; the efficient variant's memory and speed; the candidates."""
+    b1, b2 = args.batches
+    compiled = args.compile
     targets = []
-
-    def target(name, value, goal, met, note=""):
-        targets.append({"target": name, "value": value, "goal": goal, "met": met, "note": note})
-
     for b in (b1, b2):
         se, tv = by_key.get(("ours-se", b, "compiled")), by_key.get(("tv", b, "compiled"))
         if ("model" if b == b1 else "b256") in args.parts:
             r = ratio(se and se["img_s"], tv and tv["img_s"])
-            target(
-                f"SE on vs torchvision, {compiled}, batch {b}",
-                r,
-                ">= 1.0x (stretch 1.2x)",
-                None if r is None else r >= 1.0,
+            targets.append(
+                target(
+                    f"SE on vs torchvision, {compiled}, batch {b}",
+                    r,
+                    ">= 1.0x (stretch 1.2x)",
+                    None if r is None else r >= 1.0,
+                )
             )
     eff, se = by_key.get(("ours-se-eff", b1, "compiled")), by_key.get(("ours-se", b1, "compiled"))
     if "model" in args.parts:
         m = ratio(eff and eff.get("peak"), se and se.get("peak"))
         s = ratio(eff and eff["img_s"], se and se["img_s"])
-        target(f"efficient: memory vs ours-se, {compiled}, batch {b1}", m, "<= 0.55x", None if m is None else m <= 0.55)
-        target(f"efficient: speed vs ours-se, {compiled}, batch {b1}", s, ">= 0.85x", None if s is None else s >= 0.85)
+        targets.append(
+            target(
+                f"efficient: memory vs ours-se, {compiled}, batch {b1}", m, "<= 0.55x", None if m is None else m <= 0.55
+            )
+        )
+        targets.append(
+            target(
+                f"efficient: speed vs ours-se, {compiled}, batch {b1}", s, ">= 0.85x", None if s is None else s >= 0.85
+            )
+        )
     if "cand" in args.parts:
         for v, what in (("ours-se-sharedbn", "model.shared_bn"), ("cand-se-sumfc", "SE candidate (sum-FC)")):
             c = by_key.get((v, b1, "compiled"))
             r = ratio(c and c["img_s"], se and se["img_s"])
-            target(
-                f"{what} vs ours-se, {compiled}, batch {b1}",
-                r,
-                "> 1.0x pays (beyond run-to-run noise)",
-                None if r is None else r > 1.0,
-                "pays: make it the default; else delete it",
+            targets.append(
+                target(
+                    f"{what} vs ours-se, {compiled}, batch {b1}",
+                    r,
+                    "> 1.0x pays (beyond run-to-run noise)",
+                    None if r is None else r > 1.0,
+                    "pays: make it the default; else delete it",
+                )
             )
-    for row in loader_rows[:-1]:
-        target(
-            f"{row['id']} vs model-only",
-            row["vs_model_only"],
-            ">= 1.5x",
-            None if row["vs_model_only"] is None else row["vs_model_only"] >= 1.5,
-            f"model-only = {ref_name}",
+    return targets
+
+
+def pipeline_targets(loaders: list[dict], e2e: list[dict], startup: list[dict], ref_name: str) -> list[dict]:
+    """Each loader and the warm trainer against model-only; the trainer's time to the first step."""
+    targets = []
+    for row in loaders[:-1]:
+        v = row["vs_model_only"]
+        targets.append(
+            target(
+                f"{row['id']} vs model-only", v, ">= 1.5x", None if v is None else v >= 1.5, f"model-only = {ref_name}"
+            )
         )
-    if e2e_rows:
-        r = e2e_rows[0]["vs_model_only"]
-        target(
-            "end to end (trainer, warm) vs model-only",
-            r,
-            ">= 0.9x",
-            None if r is None else r >= 0.9,
-            f"model-only = {ref_name}",
+    if e2e:
+        r = e2e[0]["vs_model_only"]
+        targets.append(
+            target(
+                "end to end (trainer, warm) vs model-only",
+                r,
+                ">= 0.9x",
+                None if r is None else r >= 0.9,
+                f"model-only = {ref_name}",
+            )
         )
-    for row in startup_rows:
+    for row in startup:
         if row["id"].startswith("trainer"):
             for k in ("cold_s", "warm_s"):
                 v = row[k]
-                target(
-                    f"time to first step, trainer, {k[:-2]}",
-                    v,
-                    "<= 30 s (issue 15 part 2)",
-                    None if v is None else v <= 30,
+                targets.append(
+                    target(
+                        f"time to first step, trainer, {k[:-2]}",
+                        v,
+                        "<= 30 s (issue 15 part 2)",
+                        None if v is None else v <= 30,
+                    )
                 )
+    return targets
 
+
+def build(args: argparse.Namespace) -> dict:
+    res, steps = args.res, load_steps(args.res)
+    env = load_json(res / "env.json") or {}
+    cache = load_json(res / "cache.json") or {}
+    models, by_key = model_rows(args, steps)
+    e2e = {step: windows_rate(res / f"{step}-metrics.jsonl") for step in ("e2e-cold", "e2e-warm")}
+    startup = startup_rows(args, steps, models, e2e, cache)
+    reference = by_key.get(("ours-se", args.batches[0], "compiled"))
+    ref_rate = reference["img_s"] if reference else None
+    ref_name = f"ours-se b{args.batches[0]} {args.compile} (bench/model.py)"
+    loaders = loader_rows(args, steps, ref_rate)
+    end_to_end = e2e_rows(args, steps, e2e, ref_rate)
     meta = {
         **env,
         "smoke": args.smoke,
@@ -308,7 +374,7 @@ def build(args: argparse.Namespace) -> dict:
         "elapsed_s": args.elapsed,
         "parts": args.parts,
         "batches": args.batches,
-        "compile": compiled,
+        "compile": args.compile,
         "loader_workers": args.workers,
         "model_only_reference": ref_name,
         "model_cache": cache.get("model_cache"),
@@ -316,8 +382,8 @@ def build(args: argparse.Namespace) -> dict:
     }
     return {
         "meta": meta,
-        "rows": {"model": model_rows, "loader": loader_rows, "end_to_end": e2e_rows, "startup": startup_rows},
-        "targets": targets,
+        "rows": {"model": models, "loader": loaders, "end_to_end": end_to_end, "startup": startup},
+        "targets": model_targets(args, by_key) + pipeline_targets(loaders, end_to_end, startup, ref_name),
         "steps": list(steps.values()),
     }
 
@@ -340,9 +406,9 @@ def met(v) -> str:
     return {True: "yes", False: "**no**", None: "not measured"}[v]
 
 
-def markdown(report: dict) -> str:
-    m, rows = report["meta"], report["rows"]
-    lines = [
+def header(m: dict) -> list[str]:
+    """Title, machine, versions, command and what every model row measures."""
+    return [
         "# bench/gpu.sh results"
         + (" (CPU smoke run: tiny sizes, no compile; not measurements)" if m.get("smoke") else ""),
         "",
@@ -356,117 +422,140 @@ def markdown(report: dict) -> str:
         f"bench/model.py cache at start: {m.get('model_cache')}; inductor compile threads per phase-A process: {m.get('compile_threads')}",
         "- all model rows: synthetic batch, 224 px (CPU smoke: 32 px), bf16 autocast and channels_last on GPU; "
         "forward + cross-entropy + backward + SGD momentum. Peak = max_memory_allocated from before the model is built.",
-        "",
     ]
-    if rows["model"]:
-        lines += [
-            "## Model training step (bench/model.py)",
-            "",
-            "| variant | batch | compile | img/s | step ms | peak | vs tv | mem vs tv | vs ours-se | mem vs ours-se | largest batch | status |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows["model"]:
-            peak = f"{r['peak']:.2f} {r['peak_unit'].split()[0]}" if r.get("peak") is not None else "—"
-            biggest = r.get("max_batch", r.get("max_batch_estimate"))
-            status = r["status"] + (
-                f" ({r['concurrent_jobs']} phase-A jobs running)" if r.get("concurrent_jobs") else ""
-            )
-            comp = r["compile"] + (" (eager step)" if r["part"] == "eager" and r["compile"] != "none" else "")
-            lines.append(
-                f"| {r['variant']} | {r['batch']} | {comp} | {fmt(r.get('img_s'), 'rate')} | {fmt(r.get('step_ms'), 's')} "
-                f"| {peak} | {fmt(r.get('vs_tv'), 'x')} | {fmt(r.get('mem_vs_tv'), 'x')} | {fmt(r.get('vs_ours_se'), 'x')} "
-                f"| {fmt(r.get('mem_vs_ours_se'), 'x')} | {fmt(biggest)} | {status} |"
-            )
-        lines.append("")
-    if rows["loader"]:
-        lines += [
-            "## Loader alone vs model-only (bench/train.py --no-end-to-end)",
-            "",
-            f"model-only = {m['model_only_reference']}; eager = the trainer config's step in bench/train.py.",
-            "",
-            "| measure | img/s | vs model-only | vs model-only eager | status |",
-            "|---|---|---|---|---|",
-        ]
-        for r in rows["loader"]:
-            lines.append(
-                f"| {r['id']} | {fmt(r['img_s'], 'rate')} | {fmt(r['vs_model_only'], 'x')} | {fmt(r['vs_model_only_eager'], 'x')} | {r['status']} |"
-            )
-        lines.append("")
-    if rows["end_to_end"]:
-        lines += [
-            "## End to end (`accelerate launch trainer/main.py`, 1 epoch, median of logged windows)",
-            "",
-            "| run | img/s | vs model-only | windows | first step s | peak GPU GiB | wall s | status |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows["end_to_end"]:
-            lines.append(
-                f"| {r['id']} | {fmt(r.get('img_s'), 'rate')} | {fmt(r.get('vs_model_only'), 'x')} | {fmt(r.get('windows'))} "
-                f"| {fmt(r.get('startup_s'), 's')} | {fmt(r.get('gpu_mem_gib'))} | {fmt(r.get('wall_s'))} | {r['status']} |"
-            )
-        lines.append("")
-    if rows["startup"]:
-        lines += [
-            "## Time to the first step",
-            "",
-            "Cold: phase A, empty caches, all phase-A compiles at once (the count is in the note). "
-            "Warm: phase B, the same setting alone on the cache phase A left.",
-            "",
-            "| setting | measured as | cold s | warm s | note |",
-            "|---|---|---|---|---|",
-        ]
-        for r in rows["startup"]:
-            note = f"cold: {r['cold_status']}, cache {r['cold_cache']}, {r['cold_concurrent']} jobs at once; warm: {r['warm_status']}"
-            lines.append(f"| {r['id']} | {r['kind']} | {fmt(r['cold_s'], 's')} | {fmt(r['warm_s'], 's')} | {note} |")
-        lines.append("")
-    bad = [s for s in report["steps"] if s["status"] != "ok"]
-    if bad:
-        part_of = {
-            "shards": "loaders",
-            "loaders": "loaders",
-            "e2e-cold": "e2e",
-            "e2e-warm": "e2e",
-            "model-cand": "cand",
-            "model-eager": "eager",
-        }
-        parts = []
-        for s in bad:
-            name = s["name"]
-            part = part_of.get(name) or (
-                "b256" if name == f"model-b{m['batches'][1]}" else "model" if name.startswith("model-b") else None
-            )
-            if name.startswith("cold-b"):
-                batch, variants = name[len("cold-b") :].split("-", 1)
-                part = (
-                    "b256"
-                    if int(batch) == m["batches"][1]
-                    else "cand"
-                    if ("sharedbn" in variants or "sumfc" in variants)
-                    else "model"
-                )
-            if part and part not in parts:
-                parts.append(part)
-        lines += [
-            f"**{len(bad)} of {len(report['steps'])} steps did not finish** (table Steps). "
-            + (f"To measure what is missing: `bash bench/gpu.sh --parts {','.join(parts)}`" if parts else ""),
-            "",
-        ]
-    lines += ["## Targets", "", "| target | value | goal | met | note |", "|---|---|---|---|---|"]
-    for t in report["targets"]:
-        value = fmt(t["value"], "s" if "time" in t["target"] else "x")
-        lines.append(f"| {t['target']} | {value} | {t['goal']} | {met(t['met'])} | {t['note']} |")
-    lines += [
-        "",
-        "## Steps",
-        "",
-        "| step | status | s | started at s | jobs running | note |",
-        "|---|---|---|---|---|---|",
-    ]
-    for s in report["steps"]:
-        lines.append(
-            f"| {s['name']} | {s['status']} | {s['seconds']} | {s.get('started_s')} | {s.get('concurrent')} | {s.get('note', '')} |"
+
+
+def section(title: str, intro: list[str], columns: list[str], rows: list[str]) -> list[str]:
+    """A `## title` section: its intro paragraphs, then a table of ``columns`` and ``rows``."""
+    lines = [f"## {title}", ""]
+    for paragraph in intro:
+        lines += [paragraph, ""]
+    return lines + ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows]
+
+
+def model_table(rows: list[dict]) -> list[str]:
+    columns = "variant,batch,compile,img/s,step ms,peak,vs tv,mem vs tv,vs ours-se,mem vs ours-se,largest batch,status"
+    cells = []
+    for r in rows:
+        peak = f"{r['peak']:.2f} {r['peak_unit'].split()[0]}" if r.get("peak") is not None else "—"
+        biggest = r.get("max_batch", r.get("max_batch_estimate"))
+        status = r["status"] + (f" ({r['concurrent_jobs']} phase-A jobs running)" if r.get("concurrent_jobs") else "")
+        comp = r["compile"] + (" (eager step)" if r["part"] == "eager" and r["compile"] != "none" else "")
+        cells.append(
+            f"| {r['variant']} | {r['batch']} | {comp} | {fmt(r.get('img_s'), 'rate')} | {fmt(r.get('step_ms'), 's')} "
+            f"| {peak} | {fmt(r.get('vs_tv'), 'x')} | {fmt(r.get('mem_vs_tv'), 'x')} | {fmt(r.get('vs_ours_se'), 'x')} "
+            f"| {fmt(r.get('mem_vs_ours_se'), 'x')} | {fmt(biggest)} | {status} |"
         )
-    return "\n".join(lines) + "\n"
+    return section("Model training step (bench/model.py)", [], columns.split(","), cells) if rows else []
+
+
+def loader_table(rows: list[dict], reference: str) -> list[str]:
+    intro = [f"model-only = {reference}; eager = the trainer config's step in bench/train.py."]
+    columns = ["measure", "img/s", "vs model-only", "vs model-only eager", "status"]
+    cells = [
+        f"| {r['id']} | {fmt(r['img_s'], 'rate')} | {fmt(r['vs_model_only'], 'x')} | {fmt(r['vs_model_only_eager'], 'x')} | {r['status']} |"
+        for r in rows
+    ]
+    return section("Loader alone vs model-only (bench/train.py --no-end-to-end)", intro, columns, cells) if rows else []
+
+
+def e2e_table(rows: list[dict]) -> list[str]:
+    title = "End to end (`accelerate launch trainer/main.py`, 1 epoch, median of logged windows)"
+    columns = ["run", "img/s", "vs model-only", "windows", "first step s", "peak GPU GiB", "wall s", "status"]
+    cells = [
+        f"| {r['id']} | {fmt(r.get('img_s'), 'rate')} | {fmt(r.get('vs_model_only'), 'x')} | {fmt(r.get('windows'))} "
+        f"| {fmt(r.get('startup_s'), 's')} | {fmt(r.get('gpu_mem_gib'))} | {fmt(r.get('wall_s'))} | {r['status']} |"
+        for r in rows
+    ]
+    return section(title, [], columns, cells) if rows else []
+
+
+def startup_table(rows: list[dict]) -> list[str]:
+    intro = [
+        "Cold: phase A, empty caches, all phase-A compiles at once (the count is in the note). "
+        "Warm: phase B, the same setting alone on the cache phase A left."
+    ]
+    cells = []
+    for r in rows:
+        note = f"cold: {r['cold_status']}, cache {r['cold_cache']}, {r['cold_concurrent']} jobs at once; warm: {r['warm_status']}"
+        cells.append(f"| {r['id']} | {r['kind']} | {fmt(r['cold_s'], 's')} | {fmt(r['warm_s'], 's')} | {note} |")
+    columns = ["setting", "measured as", "cold s", "warm s", "note"]
+    return section("Time to the first step", intro, columns, cells) if rows else []
+
+
+PART_OF_STEP = {
+    "shards": "loaders",
+    "loaders": "loaders",
+    "e2e-cold": "e2e",
+    "e2e-warm": "e2e",
+    "model-cand": "cand",
+    "model-eager": "eager",
+}
+
+
+def part_of(name: str, batches: list[int]) -> str | None:
+    """The --parts part that measures step ``name`` again (None: no part does, e.g. preflight)."""
+    part = PART_OF_STEP.get(name) or (
+        "b256" if name == f"model-b{batches[1]}" else "model" if name.startswith("model-b") else None
+    )
+    if name.startswith("cold-b"):
+        batch, variants = name[len("cold-b") :].split("-", 1)
+        part = (
+            "b256"
+            if int(batch) == batches[1]
+            else "cand"
+            if ("sharedbn" in variants or "sumfc" in variants)
+            else "model"
+        )
+    return part
+
+
+def unfinished_note(steps: list[dict], batches: list[int]) -> list[str]:
+    """How many steps did not finish, and the --parts that would measure what they left out."""
+    bad = [s for s in steps if s["status"] != "ok"]
+    if not bad:
+        return []
+    parts = []
+    for s in bad:
+        part = part_of(s["name"], batches)
+        if part and part not in parts:
+            parts.append(part)
+    return [
+        f"**{len(bad)} of {len(steps)} steps did not finish** (table Steps). "
+        + (f"To measure what is missing: `bash bench/gpu.sh --parts {','.join(parts)}`" if parts else "")
+    ]
+
+
+def targets_table(targets: list[dict]) -> list[str]:
+    cells = []
+    for t in targets:
+        value = fmt(t["value"], "s" if "time" in t["target"] else "x")
+        cells.append(f"| {t['target']} | {value} | {t['goal']} | {met(t['met'])} | {t['note']} |")
+    return section("Targets", [], ["target", "value", "goal", "met", "note"], cells)
+
+
+def steps_table(steps: list[dict]) -> list[str]:
+    cells = [
+        f"| {s['name']} | {s['status']} | {s['seconds']} | {s.get('started_s')} | {s.get('concurrent')} | {s.get('note', '')} |"
+        for s in steps
+    ]
+    return section("Steps", [], ["step", "status", "s", "started at s", "jobs running", "note"], cells)
+
+
+def markdown(report: dict) -> str:
+    """The report's sections, a blank line between them; a section without rows is left out."""
+    m, rows = report["meta"], report["rows"]
+    sections = [
+        header(m),
+        model_table(rows["model"]),
+        loader_table(rows["loader"], m["model_only_reference"]),
+        e2e_table(rows["end_to_end"]),
+        startup_table(rows["startup"]),
+        unfinished_note(report["steps"], m["batches"]),
+        targets_table(report["targets"]),
+        steps_table(report["steps"]),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
 def main() -> None:

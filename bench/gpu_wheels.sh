@@ -11,8 +11,8 @@
 #   webdataset + braceexpand             shards/store.py, pipe: locations only (small, carried anyway)
 # Deliberately not carried (the device tool carries 64 MiB at most):
 #   wandb (20 MB wheel plus pydantic, sentry-sdk, gitpython ... it needs): the bench runs the trainer
-#     with wandb.mode=disabled, and trainer/tracking.py imports wandb only when the mode is not disabled
-#   mplfonts (85 MB, a CJK font): trainer/plots.py looks for it only when a class name is not ASCII;
+#     with wandb.mode=disabled, and trainer/tracking/tracker.py imports wandb only when the mode is not disabled
+#   mplfonts (85 MB, a CJK font): shards/plots.py looks for it only when a class name is not ASCII;
 #     the bench's classes are class_000 ...
 # Versions come from constraints.txt; all four are pure-Python (py3-none-any) wheels.
 set -euo pipefail

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,11 +31,15 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from shards.source import Dataset  # noqa: E402
-from trainer.config import load_config, resolve_launch  # noqa: E402
-from trainer.data import open_shards  # noqa: E402
-from trainer.main import build_loaders, build_model, device_stages  # noqa: E402
+from shards.source import ShardSource  # noqa: E402
+from tests.harness import accelerate_launch  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.data import build_loaders, open_shards  # noqa: E402
+from trainer.loop import train_inputs  # noqa: E402
 from trainer.optim import make_optimizer, param_groups  # noqa: E402
+from trainer.rundir import RunDir  # noqa: E402
+from trainer.runtime import resolve_launch  # noqa: E402
+from trainer.state import build_model  # noqa: E402
 from trainer.transforms import normalization  # noqa: E402
 
 
@@ -73,18 +78,16 @@ def synthetic_shards(work: Path, n: int) -> Path:
     return out
 
 
-def loader_rate(config, dataset: Dataset, device: str, steps: int) -> float:
+def loader_rate(config, dataset: ShardSource, device: str, steps: int) -> float:
     """Batches/s of the real train loader and device stages (decode when data.decode=device, normalise)."""
     mean, std = normalization(config.data, dataset.manifest.mean, dataset.manifest.std)
-    loader, _, _ = build_loaders(config, dataset, mean, std, 0, 1, device.startswith("cuda"))
-    decode, normalize = device_stages(config, mean, std, torch.device(device))
-    iterator = iter(loader)
+    loaders = build_loaders(config, dataset, mean, std, 0, 1, device.startswith("cuda"))
+    inputs = train_inputs(config, loaders, dataset.manifest, (mean, std), torch.device(device), 1)
+    loader, iterator = loaders.train, iter(loaders.train)
 
     def next_batch() -> int:
         images, labels, _, _ = next(iterator)
-        if decode is not None:
-            images, labels, _ = decode(images, labels)
-        normalize(images)
+        _, labels, _ = inputs.load(images, labels, 0, torch.device(device))
         return len(labels)
 
     for _ in range(min(5, steps)):  # workers start, first batches
@@ -95,7 +98,7 @@ def loader_rate(config, dataset: Dataset, device: str, steps: int) -> float:
         seen += next_batch()
     _sync(device)
     rate = seen / (time.perf_counter() - start)
-    del iterator, loader  # stops the workers before the next measurement
+    del iterator, loader, loaders, inputs  # stops the workers before the next measurement
     return rate
 
 
@@ -136,19 +139,7 @@ def end_to_end_rate(
     wall time, and the trainer's own time to its first step (compile included)."""
     run_dir = work / "run"
     shutil.rmtree(run_dir / "compile_cache", ignore_errors=True)  # a cold start, like a new run's
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(REPO / "trainer/main.py"),
+    args = [
         "--config",
         config_path,
         *overrides,
@@ -161,9 +152,9 @@ def end_to_end_rate(
         f"train.device={'cpu' if device == 'cpu' else 'cuda'}",
     ]
     start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
+    subprocess.run(accelerate_launch(REPO / "trainer/main.py", args), cwd=REPO, check=True)
     total = time.perf_counter() - start
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(run_dir).records()
     trains = [r for r in records if r["kind"] == "train"]
     rates = [r["img_per_s"] for r in trains][1:-1]  # drop warm-up and the short last window
     return statistics.median(rates), total, trains[0]["startup_s"]
@@ -183,7 +174,9 @@ def main() -> None:
     config = load_config(args.config, overrides)
     # None: no / none, as in the end-to-end run, which launches without a precision or compile of its own
     launch = resolve_launch(config.train, {})
-    config.train.mixed_precision, config.train.compile = launch.mixed_precision, launch.compile
+    config = replace(
+        config, train=replace(config.train, mixed_precision=launch.mixed_precision, compile=launch.compile)
+    )
     dataset = open_shards(str(shards), config.data)
     manifest = dataset.manifest
     workers = [int(w) for w in args.loader_workers.split(",")] if args.loader_workers else [config.data.workers]

@@ -8,16 +8,17 @@ Reads SRC/<class>/**/<image> (or SRC/train/<class>/... and SRC/val/<class>/...),
 reports what is not a usable image, splits train/val (stratified, seeded, identical files
 kept together), and writes OUT/train/*.tar, OUT/val/*.tar, OUT/manifest.json, timm's
 _info.json, two plots and a summary. Everything is built beside OUT and only renamed into
-place when complete; any error is one line on stderr, exit code 2, and OUT untouched.
+place when complete; any error is one line on stderr, exit code 2, and OUT untouched (--debug
+prints the error's whole chained traceback before that line).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,13 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from launch import demo, report
-from launch.pack import Entry, ShardJob, SourceChanged, write_shard
+from launch.pack import Entry, ShardJob, write_shard
 from launch.parallel import Workers, default_workers
-from launch.publish import PublishError, RemoteOut
-from launch.scan import SPLITS, Inspection, Listing, SourceError, inspect_all, list_source
+from launch.publish import RemoteOut
+from launch.scan import SPLITS, Inspection, Listing, inspect_all, list_source
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
-from shards.format import key_hash, sample_key, shard_name
-from shards.index import INDEX_NAME, write_index
+from shards import errors, failpoints
+from shards.errors import UserError
+from shards.format import INDEX_NAME, SUMMARY, key_hash, sample_key, shard_name
+from shards.index import write_index
 from shards.manifest import Manifest, ShardInfo, SplitInfo
 from shards.store import is_url
 from shards.writer import publish, staging
@@ -40,21 +43,26 @@ DEFAULT_MIN_SHARDS = 16
 DEMO_MIN_SHARDS = 8  # 1,797 images: 8 shards still give 2 per loader worker for 2 ranks x 2 workers
 DEFAULT_SHARD_MB = 256.0
 PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, spelled out so --help can show it
-# Test-only hook: set to a file path, a run creates that file once its first shard is written (the
-# staging folder exists, the pool is still busy) and then waits there, so a test can interrupt it mid-run.
-PAUSE_ENV = "MAKE_SHARDS_TEST_PAUSE_FILE"
-
-
-class UsageError(Exception):
-    """Bad input or options: the message is '<what is wrong> — <what to do>'."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, like every other error here, not usage + message
-        raise UsageError(f"{message} — see `python -m launch.make_shards --help`")
+        raise UserError(f"{message} — see `python -m launch.make_shards --help`")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _parser()
+    args = p.parse_intermixed_args(argv)  # options may sit between SRC and OUT
+    want = 1 if args.demo else 2
+    if len(args.paths) != want:
+        p.error("--demo takes only OUT" if args.demo else "expected SRC and OUT")
+    if args.min_shards is None:
+        args.min_shards = DEMO_MIN_SHARDS if args.demo else DEFAULT_MIN_SHARDS
+    _check_ranges(args)
+    return args
+
+
+def _parser() -> _Parser:
     p = _Parser(
         prog="python -m launch.make_shards",
         usage="%(prog)s SRC OUT [options]  |  %(prog)s --demo OUT [options]",
@@ -105,19 +113,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--resize-short", type=int, metavar="PX", help="re-encode images whose shorter side is above PX down to PX"
     )
-    args = p.parse_intermixed_args(argv)  # options may sit between SRC and OUT
-    want = 1 if args.demo else 2
-    if len(args.paths) != want:
-        p.error("--demo takes only OUT" if args.demo else "expected SRC and OUT")
-    if args.min_shards is None:
-        args.min_shards = DEMO_MIN_SHARDS if args.demo else DEFAULT_MIN_SHARDS
-    _check_ranges(args)
-    return args
+    p.add_argument(
+        "--debug", action="store_true", help="on an error, print its full chained traceback before the one line"
+    )
+    return p
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
     if not 0.0 <= args.val_fraction < 1.0:
-        raise UsageError(f"--val-fraction {args.val_fraction} is out of range — use a value in [0, 1), e.g. 0.1")
+        raise UserError(f"--val-fraction {args.val_fraction} is out of range — use a value in [0, 1), e.g. 0.1")
     for name in (
         "samples_per_shard",
         "min_shards",
@@ -129,11 +133,11 @@ def _check_ranges(args: argparse.Namespace) -> None:
     ):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1 — leave it out for the default")
+            raise UserError(f"--{name.replace('_', '-')} {value} must be at least 1 — leave it out for the default")
     if args.shard_size <= 0:
-        raise UsageError(f"--shard-size {args.shard_size} must be positive — it is in MB, e.g. 256")
+        raise UserError(f"--shard-size {args.shard_size} must be positive — it is in MB, e.g. 256")
     if args.max_aspect is not None and args.max_aspect < 1:
-        raise UsageError(f"--max-aspect {args.max_aspect} must be at least 1 — it is long side / short side")
+        raise UserError(f"--max-aspect {args.max_aspect} must be at least 1 — it is long side / short side")
 
 
 def recorded_options(args: argparse.Namespace, layout: str) -> dict:
@@ -158,15 +162,15 @@ def recorded_options(args: argparse.Namespace, layout: str) -> dict:
 
 def check_out(out: Path, src: Path | None, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise UsageError(f"OUT {out} is a file — pass a folder path (new, empty, or with --overwrite)")
+        raise UserError(f"OUT {out} is a file — pass a folder path (new, empty, or with --overwrite)")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"OUT {out} is not empty — pass --overwrite to replace it, or choose a new folder")
+        raise UserError(f"OUT {out} is not empty — pass --overwrite to replace it, or choose a new folder")
     if src is not None and src.exists():
         s, o = src.resolve(), out.resolve()
         if o == s or s in o.parents:
-            raise UsageError(f"OUT {out} is inside SRC {src} — choose an OUT outside SRC")
+            raise UserError(f"OUT {out} is inside SRC {src} — choose an OUT outside SRC")
         if o in s.parents:
-            raise UsageError(f"SRC {src} is inside OUT {out} — choose an OUT that does not contain SRC")
+            raise UserError(f"SRC {src} is inside OUT {out} — choose an OUT that does not contain SRC")
 
 
 @dataclass
@@ -200,13 +204,11 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     if empty and not args.skip_empty_classes:
         where = "training folder has" if listing.layout == "presplit" else "folder has"
         names = ", ".join(repr(c) for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        raise UsageError(
+        raise UserError(
             f"class {names}: {where} no valid image — add images, remove the folder, or pass --skip-empty-classes"
         )
     if len(empty) == len(listing.classes):
-        raise UsageError(
-            f"SRC {src} has no valid image — check the files (see why with a few of them in a test folder)"
-        )
+        raise UserError(f"SRC {src} has no valid image — check the files (see why with a few of them in a test folder)")
     new_label = np.cumsum(counts > 0) - 1
     new_label[counts == 0] = -1
     label = new_label[labels] if len(labels) else labels
@@ -264,17 +266,57 @@ def _duplicates(listing: Listing, scan: Inspection, group: np.ndarray, split: np
 
 
 def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, workers: Workers) -> Manifest:
-    listing, scan = plan.listing, plan.scan
-    written_idx = np.flatnonzero(plan.split != NONE)
-    hashes = np.fromiter((key_hash(listing.relpaths[i]) for i in written_idx.tolist()), np.uint64, len(written_idx))
+    """The shards and each split's sample index into ``stage`` (on every core); -> their manifest."""
+    _check_keys(plan)
+    splits, jobs = _lay_out(plan, stage, args)
+    results = workers.map(
+        write_shard, (_shard_job(plan, path, shard, args.resize_short) for path, shard in jobs), ahead=2
+    )
+    total = sum(split.num_samples for split in splits.values())
+    written = _progress("writing", "samples", lambda done: done[0].samples)(results, total)
+    records = {name: [] for name in SPLITS}
+    pause = failpoints.value("make-shards-pause")
+    for k, ((path, _), (info, index)) in enumerate(zip(jobs, written)):
+        splits[Path(path).parent.name].shards.append(info)
+        records[Path(path).parent.name].append(index)
+        if k == 0 and pause:  # a test interrupts the run here: staging holds a shard, the pool is busy
+            Path(pause).touch()
+            time.sleep(failpoints.WAIT_S)
+    for name, split in splits.items():
+        size, sha = write_index(stage / name / INDEX_NAME, records[name])
+        split.index = ShardInfo(INDEX_NAME, split.num_samples, size, sha)
+
+    mean, std = report.mean_std(plan.scan.stats[plan.split == TRAIN])
+    return Manifest(
+        classes=plan.classes,
+        splits=splits,
+        mean=mean,
+        std=std,
+        options=recorded_options(args, plan.listing.layout),
+        skipped=plan.skipped,
+        duplicates=plan.duplicates,
+        source=source,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def _check_keys(plan: Plan) -> None:
+    relpaths = plan.listing.relpaths
+    written = np.flatnonzero(plan.split != NONE)
+    hashes = np.fromiter((key_hash(relpaths[i]) for i in written.tolist()), np.uint64, len(written))
     if len(np.unique(hashes)) != len(hashes):
-        raise UsageError("two files got the same sample key (a 64-bit hash collision) — rename one of them")
-    splits, jobs, total = {}, [], 0
+        raise UserError("two files got the same sample key (a 64-bit hash collision) — rename one of them")
+
+
+def _lay_out(plan: Plan, stage: Path, args: argparse.Namespace) -> tuple[dict[str, SplitInfo], list]:
+    """Each split's folder in ``stage`` and its (still shardless) SplitInfo; -> those, and every
+    shard to write as (path, the listing's indices of its samples), in shard order."""
+    splits, jobs = {}, []
     for code, name in enumerate(SPLITS):
         members = np.flatnonzero(plan.split == code)
         n = shard_count(
             len(members),
-            int(scan.size[members].sum()),
+            int(plan.scan.size[members].sum()),
             args.samples_per_shard,
             int(args.shard_size * 1e6),
             args.min_shards,
@@ -284,50 +326,26 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
             jobs.append((str(stage / name / shard_name(name, k)), shard))
         counts = np.bincount(plan.label[members], minlength=len(plan.classes))
         splits[name] = SplitInfo(len(members), dict(zip(plan.classes, counts.tolist())), [])
-        total += len(members)
+    return splits, jobs
 
-    def job(path: str, shard: list[int]) -> ShardJob:
-        entries = [
-            Entry(
-                sample_key(listing.relpaths[i]),
-                str(listing.root / listing.relpaths[i]),
-                listing.relpaths[i],
-                int(plan.label[i]),
-                plan.classes[plan.label[i]],
-                int(scan.width[i]),
-                int(scan.height[i]),
-                scan.sha256[i],
-                int(scan.field[i]),
-            )
-            for i in shard
-        ]
-        return ShardJob(path, entries, args.resize_short)
 
-    results = workers.map(write_shard, (job(p, s) for p, s in jobs), ahead=2)
-    written = _progress("writing", "samples", lambda done: done[0].samples)(results, total)
-    records = {name: [] for name in SPLITS}
-    for k, ((path, _), (info, index)) in enumerate(zip(jobs, written)):
-        splits[Path(path).parent.name].shards.append(info)
-        records[Path(path).parent.name].append(index)
-        if k == 0 and os.environ.get(PAUSE_ENV):  # test-only, see PAUSE_ENV
-            Path(os.environ[PAUSE_ENV]).touch()
-            time.sleep(600)
-    for name, split in splits.items():
-        size, sha = write_index(stage / name / INDEX_NAME, records[name])
-        split.index = ShardInfo(INDEX_NAME, split.num_samples, size, sha)
-
-    mean, std = report.mean_std(scan.stats[plan.split == TRAIN])
-    return Manifest(
-        classes=plan.classes,
-        splits=splits,
-        mean=mean,
-        std=std,
-        options=recorded_options(args, listing.layout),
-        skipped=plan.skipped,
-        duplicates=plan.duplicates,
-        source=source,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
+def _shard_job(plan: Plan, path: str, shard: list[int], resize_short: int | None) -> ShardJob:
+    listing, scan = plan.listing, plan.scan
+    entries = [
+        Entry(
+            sample_key(listing.relpaths[i]),
+            str(listing.root / listing.relpaths[i]),
+            listing.relpaths[i],
+            int(plan.label[i]),
+            plan.classes[plan.label[i]],
+            int(scan.width[i]),
+            int(scan.height[i]),
+            scan.sha256[i],
+            int(scan.field[i]),
+        )
+        for i in shard
+    ]
+    return ShardJob(path, entries, resize_short)
 
 
 def _progress(desc: str, unit: str, weight=lambda item: 1):
@@ -393,25 +411,28 @@ def finish(manifest: Manifest, plan: Plan, stage: Path, out: str, min_shards: in
         if 0 < n < min_shards:
             notes.append(f"{name} has only {n} samples, so {k} shards (fewer than --min-shards {min_shards})")
     text = report.summary(manifest, out, len(plan.listing.relpaths), plan.listing.ignored, width, height, notes)
-    (stage / report.SUMMARY).write_text(text + "\n", encoding="utf-8")
+    (stage / SUMMARY).write_text(text + "\n", encoding="utf-8")
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # known before parsing, which can fail too
     try:
         print(run(parse_args(argv)))
         return 0
-    except (UsageError, SourceError, PublishError) as e:
-        print(f"error: {e}", file=sys.stderr)
-    except SourceChanged as e:
-        print(f"error: {e} changed while it was being sharded — re-run once nothing writes to SRC", file=sys.stderr)
+    except UserError as e:
+        errors.report(e, debug)
+        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted — OUT was left as it was; run the command again", file=sys.stderr)
         return 130
     except OSError as e:
+        if errors.debugging(debug):
+            traceback.print_exception(e, file=sys.stderr)
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where} — check the paths, permissions and free disk space", file=sys.stderr)
-    return 2
+    return errors.EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -16,16 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from shards.errors import DataError
 from shards.format import IMAGE_EXTS, encode_cls, encode_meta, to_rgb
 from shards.manifest import ShardInfo
 from shards.writer import ShardWriter
 
 PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
 SAVE_ARGS = {"jpg": ("JPEG", {"quality": 90}), "png": ("PNG", {}), "webp": ("WEBP", {"quality": 90})}
-
-
-class SourceChanged(Exception):
-    """A file changed between the scan and the write; its output would not match the manifest."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +53,8 @@ def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray]:
         for e in job.entries:
             with open(e.path, "rb") as f:
                 data = f.read()
-            if hashlib.sha256(data).digest() != e.sha256:
-                raise SourceChanged(e.relpath)
+            if hashlib.sha256(data).digest() != e.sha256:  # its shard would not match the manifest
+                raise DataError(f"{e.relpath} changed while it was being sharded — re-run once nothing writes to SRC")
             ext, data = encode_image(data, e.field, job.resize_short)
             meta = encode_meta(e.label_name, e.relpath, e.width, e.height)
             writer.add(e.key, {ext: data, "cls": encode_cls(e.label), "json": meta})

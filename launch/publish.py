@@ -14,27 +14,22 @@ import hashlib
 from pathlib import Path
 
 from launch.scan import SPLITS
-from shards.manifest import MANIFEST, TIMM_INFO, Manifest
-from shards.store import Store, StoreError
-
-
-class PublishError(Exception):
-    """OUT cannot be written as asked (one-line message)."""
+from shards.errors import UserError
+from shards.format import MANIFEST, TIMM_INFO
+from shards.manifest import Manifest
+from shards.store import Store
 
 
 class RemoteOut:
     """OUT on object storage: checked before any work, written once the output is complete."""
 
     def __init__(self, location: str, overwrite: bool):
-        try:
-            self.store = Store(location)
-            if self.store.read_only:
-                raise PublishError(f"OUT {self.store.shown} is read-only — write to a folder, s3:// or gs://")
-            self.existing = self.store.list()
-        except StoreError as e:
-            raise PublishError(str(e)) from None
+        self.store = Store(location)
+        if self.store.read_only:
+            raise UserError(f"OUT {self.store.shown} is read-only — write to a folder, s3:// or gs://")
+        self.existing = self.store.list()
         if self.existing and not overwrite:
-            raise PublishError(
+            raise UserError(
                 f"OUT {self.store.shown} is not empty — pass --overwrite to replace it, or choose a new prefix"
             )
 
@@ -68,12 +63,9 @@ def upload(stage: Path, store: Store, prefix: str, existing: list[str], progress
     rels = {p: _remote_name(p.relative_to(stage).as_posix(), prefix) for p in files}
     last = [p for p in files if rels[p] in (TIMM_INFO, MANIFEST)]
     last.sort(key=lambda p: rels[p] == MANIFEST)
-    try:
-        for path in progress([p for p in files if p not in last] + last):
-            store.upload(path, rels[path])
-        store.delete([rel for rel in existing if rel not in set(rels.values())])
-    except StoreError as e:
-        raise PublishError(str(e)) from None
+    for path in progress([p for p in files if p not in last] + last):
+        store.upload(path, rels[path])
+    store.delete([rel for rel in existing if rel not in set(rels.values())])
 
 
 def _remote_name(rel: str, prefix: str) -> str:

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.format import CLASS_PLOT, MANIFEST, SIZE_PLOT, SUMMARY
 from shards.manifest import Manifest
-from trainer.plots import setup_fonts
+from shards.plots import setup_fonts
 
-CLASS_PLOT = "class_distribution.png"
-SIZE_PLOT = "image_sizes.png"
-SUMMARY = "summary.txt"
 MAX_SCATTER = 20000  # points in the size plot; more only blots it out and slows it down
 MAX_LABELLED = 60  # classes beyond this get no tick labels (ImageNet's 1000 would be a black smear)
 
@@ -128,9 +126,7 @@ def summary(
     lines.append(f"  per class train/val: {per_class}{more}")
     if manifest.skipped:
         kinds = Counter(reason_kind(s["reason"]) for s in manifest.skipped)
-        lines.append(
-            "  skipped: " + ", ".join(f"{k}: {n}" for k, n in kinds.most_common()) + " (paths in manifest.json)"
-        )
+        lines.append("  skipped: " + ", ".join(f"{k}: {n}" for k, n in kinds.most_common()) + f" (paths in {MANIFEST})")
     if manifest.duplicates:
         cross = sum(d["cross_class"] for d in manifest.duplicates)
         lines.append(
@@ -145,5 +141,5 @@ def summary(
         )
     lines.append(f"  train RGB mean {manifest.mean}, std {manifest.std}")
     lines.extend(f"  note: {n}" for n in notes)
-    lines.append(f"  wrote {out}/manifest.json, {CLASS_PLOT}, {SIZE_PLOT}, {SUMMARY}")
+    lines.append(f"  wrote {out}/{MANIFEST}, {CLASS_PLOT}, {SIZE_PLOT}, {SUMMARY}")
     return "\n".join(lines)

@@ -20,15 +20,12 @@ import numpy as np
 from PIL import Image
 
 from launch.parallel import Workers
+from shards.errors import UserError, first_line
 from shards.format import IMAGE_EXTS, KEEP_FORMATS, SOURCE_EXTS, to_rgb
 
 SPLITS = ("train", "val")
 TRANSCODE = len(IMAGE_EXTS)  # field code of images that are re-encoded as png
 CHUNK = 32  # files per task: big enough to hide the IPC, small enough to spread the work evenly
-
-
-class SourceError(Exception):
-    """SRC cannot be sharded as it is; the message says what is wrong and what to do."""
 
 
 @dataclass
@@ -80,9 +77,9 @@ class Inspection:
 def list_source(src: Path) -> Listing:
     src = Path(src)
     if not src.exists():
-        raise SourceError(f"SRC {src} does not exist — pass the folder that holds one sub-folder per class")
+        raise UserError(f"SRC {src} does not exist — pass the folder that holds one sub-folder per class")
     if not src.is_dir():
-        raise SourceError(f"SRC {src} is not a folder — pass the folder that holds one sub-folder per class")
+        raise UserError(f"SRC {src} is not a folder — pass the folder that holds one sub-folder per class")
     roots = {name: src / name for name in SPLITS}
     if all(_class_dirs(path) for path in roots.values()):
         per_split = {name: _class_dirs(path) for name, path in roots.items()}
@@ -95,7 +92,7 @@ def list_source(src: Path) -> Listing:
     else:
         classes = _class_dirs(src)
         if not classes:
-            raise SourceError(
+            raise UserError(
                 f"SRC {src} has no class folders — put the images in SRC/<class name>/ "
                 "(one sub-folder per class), or SRC/train/<class>/ and SRC/val/<class>/"
             )
@@ -211,7 +208,7 @@ def inspect_file(path: str, max_pixels: int) -> tuple:
             w, h = h, w
         stats = _pixel_stats(to_rgb(img))
     except Exception as e:
-        detail = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        detail = first_line(e)[:80]
         return sha, len(data), 0, 0, -1, None, f"truncated or corrupt ({detail})"
     return sha, len(data), w, h, fld, stats, None
 

@@ -29,12 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from shards.errors import DataError
+
 SUBDIR = "se-densenet-shards"
 WAIT_FOR_SPACE_S = 1800.0  # a full cache of files in use this long is a stuck reader, not a busy one
-
-
-class CacheError(RuntimeError):
-    """The cache cannot hold or verify a file (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +64,9 @@ class ShardCache:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CacheError(
+            raise DataError(
                 f"cannot create data.cache_dir {self.root} ({e.strerror}) — choose a writable folder"
-            ) from None
+            ) from e
 
     def path(self, entry: Entry) -> Path:
         return self.root / entry.name
@@ -108,7 +106,7 @@ class ShardCache:
                 if got[0] != entry.size
                 else "its sha256 differs from the manifest's"
             )
-            raise CacheError(
+            raise DataError(
                 f"{entry.shown} was downloaded twice and is corrupted ({what}) — re-run make_shards to that location"
             )
 
@@ -131,7 +129,7 @@ class ShardCache:
                 yield None
                 return
             if time.monotonic() > deadline:
-                raise CacheError(
+                raise DataError(
                     f"data.cache_limit {self.limit / 1e9:.2f} GB stayed full of shards in use for {WAIT_FOR_SPACE_S / 60:.0f} min — "
                     "raise data.cache_limit"
                 )
@@ -198,7 +196,7 @@ class ShardCache:
                 return os.pread(fd, length, offset)
             finally:
                 os.close(fd)
-        raise CacheError(f"{entry.shown} keeps being evicted from the cache before it is read — raise data.cache_limit")
+        raise DataError(f"{entry.shown} keeps being evicted from the cache before it is read — raise data.cache_limit")
 
     def hold(self, entry: Entry) -> int:
         """An open descriptor of the cached file with a shared lock: not evicted until closed
@@ -233,10 +231,10 @@ def _allocate(f: BinaryIO, size: int) -> None:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             folder = Path(f.name).parent
-            raise CacheError(
+            raise DataError(
                 f"no space left in the shard cache {folder} ({e.strerror}) — free space there, set "
                 "data.cache_limit below the free space, or point data.cache_dir at a bigger disk"
-            ) from None
+            ) from e
         f.truncate(size)  # a file system without fallocate
     except AttributeError:  # not on this platform
         f.truncate(size)

@@ -21,7 +21,7 @@ POINTS = {
     "hold-after-step": "STEP: the main process holds after this optimizer step until `release` exists or it is "
     "asked to stop (writes RELEASE.held), so a test signals or kills a run at a known step",
     "pause-checkpoint": "STEP: from this step on, a checkpoint stalls after its parts and before its COMPLETE "
-    "marker (writes RELEASE.paused); without `release` it sleeps 600 s",
+    "marker (writes its step to RELEASE.paused); without `release` it sleeps 600 s",
     "release": "FILE: whose existence ends a hold or a pause",
     "make-shards-pause": "FILE: make_shards touches FILE after its first shard is written, then sleeps 600 s",
 }
@@ -51,14 +51,14 @@ def step(name: str) -> int:
     return int(ACTIVE.get(name) or 0)
 
 
-def wait_for_release(mark: str, give_up: Callable[[], bool] = lambda: False) -> None:
-    """Writes RELEASE.<mark> and waits until RELEASE exists (or give_up(); or WAIT_S); without a
-    release file it just sleeps WAIT_S."""
+def wait_for_release(mark: str, give_up: Callable[[], bool] = lambda: False, note: str = "") -> None:
+    """Writes `note` to RELEASE.<mark> and waits until RELEASE exists (or give_up(); or WAIT_S); without
+    a release file it just sleeps WAIT_S."""
     release = ACTIVE.get("release")
     if not release:
         time.sleep(WAIT_S)
         return
-    Path(f"{release}.{mark}").write_text("")
+    Path(f"{release}.{mark}").write_text(note)
     deadline = time.monotonic() + WAIT_S
     while not (Path(release).exists() or give_up()) and time.monotonic() < deadline:
         time.sleep(0.05)

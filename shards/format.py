@@ -1,4 +1,5 @@
-"""What one sample in a shard is: its key, its fields, and how its image turns into RGB.
+"""What a shards folder holds: its file names, what one sample in a shard is (its key, its
+fields), and how its image turns into RGB.
 
 A sample is three tar members sharing a key: ``<key>.<jpg|png|webp>`` (the encoded image,
 bytes as in the source file), ``<key>.cls`` (class index as ASCII digits) and ``<key>.json``
@@ -17,6 +18,14 @@ from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
+
+# The files of a make_shards output (OUT), named here only: launch/ writes them, trainer/ reads them.
+MANIFEST = "manifest.json"  # shards/manifest.py
+TIMM_INFO = "_info.json"  # timm's webdataset reader's shard lengths, beside the manifest
+INDEX_NAME = "index.npy"  # OUT/<split>/index.npy, the split's sample index (shards/index.py)
+CLASS_PLOT = "class_distribution.png"  # launch/report.py
+SIZE_PLOT = "image_sizes.png"
+SUMMARY = "summary.txt"
 
 # The image fields a sample may carry; anything else is transcoded to png when sharding.
 IMAGE_EXTS = ("jpg", "png", "webp")

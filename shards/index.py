@@ -1,8 +1,9 @@
 """The sample index written with the shards: where each sample's bytes sit in its shard.
 
-One file per split, ``OUT/<split>/index.npy``: a NumPy structured array with one 16-byte record
-per sample in shard order (sample i of the split is record i): the byte offset of the sample's
-first tar header in its shard, the length of its members (headers and data), and its class.
+One file per split, ``OUT/<split>/index.npy`` (`shards.format.INDEX_NAME`): a NumPy structured
+array with one 16-byte record per sample in shard order (sample i of the split is record i): the
+byte offset of the sample's first tar header in its shard, the length of its members (headers and
+data), and its class.
 Readers memory-map it, so every process of a node shares one copy in the page cache, start-up
 reads no tar headers, and the class-balanced sampler needs no pass over the shards.
 
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-INDEX_NAME = "index.npy"
 RECORD = np.dtype([("offset", "<u8"), ("length", "<u4"), ("label", "<i4")])
 BLOCK = tarfile.BLOCKSIZE
 

@@ -12,14 +12,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-MANIFEST = "manifest.json"
-TIMM_INFO = "_info.json"
+from shards.errors import DataError, first_line
+from shards.format import MANIFEST, TIMM_INFO
+
 FORMAT_VERSION = 1
 MAKE_CMD = "python -m launch.make_shards SRC OUT"
-
-
-class ManifestError(ValueError):
-    """A missing, unreadable or inconsistent manifest or shard; the message says what to do."""
 
 
 @dataclass
@@ -60,9 +57,9 @@ class Manifest:
 
     def shard_paths(self, split: str) -> list[Path]:
         if self.root is None:
-            raise ManifestError("manifest has no output folder yet — call Manifest.load(OUT) or manifest.write(OUT)")
+            raise DataError("manifest has no output folder yet — call Manifest.load(OUT) or manifest.write(OUT)")
         if split not in self.splits:
-            raise ManifestError(
+            raise DataError(
                 f"{self.root / MANIFEST} has no split {split!r} (has {', '.join(self.splits) or 'none'}) — "
                 f"pick one of those or re-run `{MAKE_CMD}`"
             )
@@ -99,11 +96,11 @@ class Manifest:
         root = Path(out_dir)
         path = root / MANIFEST
         if not path.is_file():
-            raise ManifestError(f"{path} not found — make shards first with `{MAKE_CMD}`")
+            raise DataError(f"{path} not found — make shards first with `{MAKE_CMD}`")
         try:
             raw = path.read_bytes()
         except OSError as e:
-            raise ManifestError(f"{path} cannot be read ({e.strerror}) — check its permissions") from None
+            raise DataError(f"{path} cannot be read ({e.strerror}) — check its permissions") from e
         return cls.parse(raw, str(path), root)
 
     @classmethod
@@ -113,8 +110,8 @@ class Manifest:
         try:
             manifest = cls.from_dict(json.loads(raw.decode("utf-8")))
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            reason = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
-            raise ManifestError(f"{where} is not a valid manifest ({reason}) — re-run `{MAKE_CMD}`") from None
+            reason = f"missing field {e}" if isinstance(e, KeyError) else first_line(e)
+            raise DataError(f"{where} is not a valid manifest ({reason}) — re-run `{MAKE_CMD}`") from e
         manifest.root, manifest.sha256 = root, hashlib.sha256(raw).hexdigest()
         return manifest
 
@@ -157,11 +154,11 @@ class Manifest:
         for name in [split] if split else list(self.splits):
             for path, info in zip(self.shard_paths(name), self.splits[name].shards):
                 if not path.is_file():
-                    raise ManifestError(f"shard {path} is missing — re-run `{MAKE_CMD}` with --overwrite")
+                    raise DataError(f"shard {path} is missing — re-run `{MAKE_CMD}` with --overwrite")
                 size = path.stat().st_size
                 if size != info.bytes or (checksum and _sha256_file(path) != info.sha256):
                     what = f"{size} bytes, manifest says {info.bytes}" if size != info.bytes else "sha256 differs"
-                    raise ManifestError(f"shard {path} is corrupted ({what}) — re-run `{MAKE_CMD}` with --overwrite")
+                    raise DataError(f"shard {path} is corrupted ({what}) — re-run `{MAKE_CMD}` with --overwrite")
 
 
 def _shard_info(x: dict) -> ShardInfo:

@@ -1,4 +1,5 @@
-"""A dataset location -> its manifest, and each split's shards as bytes at offsets.
+"""A make_shards output at a path or URL (`ShardSource`: its location, manifest and node cache),
+and each split's shards as bytes at offsets (`SplitFiles`).
 
 Shards in a local folder are read in place. Remote ones (and local ones when a cache folder is
 given, for slow NFS homes) are fetched whole into the node-local `ShardCache`; a background
@@ -19,16 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.cache import CacheError, Entry, ShardCache, default_dir
-from shards.index import INDEX_NAME, load_index
-from shards.manifest import MANIFEST, Manifest
-from shards.store import Store, StoreError
+from shards.cache import SUBDIR, Entry, ShardCache, default_dir
+from shards.errors import DataError
+from shards.format import INDEX_NAME, MANIFEST
+from shards.index import load_index
+from shards.manifest import Manifest
+from shards.store import Store
 
 MIN_LIMIT_SHARDS = 4  # a cache_limit below this many of the largest shard cannot overlap fetching and reading
-
-
-class SourceError(RuntimeError):
-    """The data cannot be reached, cached or trusted (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -42,25 +41,21 @@ class CacheOptions:
     allow_pipe: bool = False
 
 
-class Dataset:
-    """make_shards output at a local path or URL: its manifest, checked before any work."""
+class ShardSource:
+    """make_shards output at a local path or URL: its manifest, checked before any work, and the
+    node cache its shards go through (None: read in place). Not a torch Dataset: a split's samples
+    are read through `split(name)` and `shards.reader.SplitReader`."""
 
     def __init__(self, location: str | os.PathLike, options: CacheOptions = CacheOptions()):
-        try:
-            self.store = Store(str(location), options.retries, options.allow_pipe)
-            if self.store.local is not None:
-                self.manifest = Manifest.load(self.store.local)
-            else:
-                self.manifest = Manifest.parse(self.store.check(MANIFEST), self.store.show(MANIFEST))
-        except StoreError as e:
-            raise SourceError(str(e)) from None
+        self.store = Store(str(location), options.retries, options.allow_pipe)
+        if self.store.local is not None:
+            self.manifest = Manifest.load(self.store.local)
+        else:
+            self.manifest = Manifest.parse(self.store.check(MANIFEST), self.store.show(MANIFEST))
         self.cache = None
         if self.store.local is None or options.dir is not None:
-            root = Path(options.dir) / "se-densenet-shards" if options.dir else default_dir()
-            try:
-                self.cache = ShardCache(root, options.limit)
-            except CacheError as e:
-                raise SourceError(str(e)) from None
+            root = Path(options.dir) / SUBDIR if options.dir else default_dir()
+            self.cache = ShardCache(root, options.limit)
             self._check_limit(options.limit)
 
     @property
@@ -72,7 +67,7 @@ class Dataset:
         cannot be read: they are extras, so no retries, and older or hand-made datasets lack them."""
         try:
             return self.store.read_bytes(rel, retries=0)
-        except StoreError:
+        except DataError:
             return None
 
     @functools.cached_property
@@ -89,7 +84,7 @@ class Dataset:
         fetching with reading, or a disk without room for what the cache will hold."""
         largest = max((s.bytes for info in self.manifest.splits.values() for s in info.shards), default=0)
         if limit is not None and limit < MIN_LIMIT_SHARDS * largest:
-            raise SourceError(
+            raise DataError(
                 f"data.cache_limit {limit / 1e6:.0f} MB is below {MIN_LIMIT_SHARDS}x the largest shard ({largest / 1e6:.1f} MB) — "
                 f"raise it to at least {MIN_LIMIT_SHARDS * largest / 1e6:.0f} MB"
             )
@@ -97,7 +92,7 @@ class Dataset:
         room = shutil.disk_usage(self.cache.root).free + self.cache.used()
         if room < need:
             what = "the dataset needs" if limit is None or limit >= self._files_bytes else "data.cache_limit asks for"
-            raise SourceError(
+            raise DataError(
                 f"the shard cache {self.cache.root} has room for {human(room)} but {what} {human(need)} — "
                 f"set data.cache_limit={human(room * 0.9).replace(' ', '')}, or point data.cache_dir at a bigger disk"
             )
@@ -122,7 +117,7 @@ class Dataset:
 
     def split(self, name: str) -> SplitFiles:
         if name not in self.manifest.splits or self.manifest.splits[name].num_samples == 0:
-            raise SourceError(
+            raise DataError(
                 f"the shards at {self.shown} have no '{name}' samples — re-run make_shards with a non-zero split"
             )
         info = self.manifest.splits[name]
@@ -196,7 +191,7 @@ class SplitFiles:
         if self.cache is None:
             for shard, rel in enumerate(self.rels):
                 if not (self.store.local / rel).is_file():
-                    raise SourceError(
+                    raise DataError(
                         f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file"
                     )
 
@@ -222,10 +217,7 @@ class SplitFiles:
                 self.fetched.value += got[0]
             return got
 
-        try:
-            return self.cache.get(entry, download, protect, wait)
-        except (StoreError, CacheError) as e:
-            raise SourceError(str(e)) from None
+        return self.cache.get(entry, download, protect, wait)
 
     def _fd(self, shard: int) -> int:
         if os.getpid() != self._pid:  # forked into a loader worker: descriptors are not ours
@@ -233,10 +225,10 @@ class SplitFiles:
         if shard not in self._fds:
             try:
                 self._fds[shard] = os.open(self.store.local / self.rels[shard], os.O_RDONLY)
-            except FileNotFoundError:
-                raise SourceError(
+            except FileNotFoundError as e:
+                raise DataError(
                     f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file"
-                ) from None
+                ) from e
         return self._fds[shard]
 
     # -- sample index ------------------------------------------------------------------------
@@ -254,9 +246,9 @@ class SplitFiles:
             try:
                 self._index = load_index(path, sum(self.counts))
             except (OSError, ValueError) as e:
-                raise SourceError(
+                raise DataError(
                     f"sample index {self.index_entry.shown} cannot be used ({e}) — re-run make_shards"
-                ) from None
+                ) from e
         return self._index
 
     def __getstate__(self) -> dict:
@@ -287,7 +279,7 @@ class Prefetcher:
 
     def __init__(self, files: SplitFiles, threads: int = THREADS):
         self.files = files
-        self.error: SourceError | None = None
+        self.error: DataError | None = None
         self._wish = 0
         self._todo: collections.deque[int] = collections.deque()
         self._protect: tuple[str, ...] = ()
@@ -306,7 +298,7 @@ class Prefetcher:
             self._wake.notify_all()
 
     def want_samples(self, samples: list[int]) -> None:
-        """Every shard, in the order in which ``samples`` (the coming sample indices) first need them."""
+        """Every shard, in the order in which ``samples`` (the coming samples of the split) first need them."""
         starts = np.cumsum([0] + self.files.counts)
         shards = np.searchsorted(starts, np.asarray(samples, dtype=np.int64), side="right") - 1
         _, first = np.unique(shards, return_index=True)
@@ -320,7 +312,7 @@ class Prefetcher:
                 shard, protect, wish = self._todo.popleft(), self._protect, self._wish
             try:
                 fetched = self.files.fetch(shard, protect, wait=False)
-            except SourceError as e:  # the reader meets it too, when it needs that shard
+            except DataError as e:  # the reader meets it too, when it needs that shard
                 self.error = e
                 return
             if fetched is None:  # no room until the readers move on: try again then

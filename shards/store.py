@@ -8,7 +8,9 @@ variables and profiles, ``AWS_ENDPOINT_URL`` for MinIO or Ceph); nothing here st
 every location shown to the user goes through `redact` first. ``pipe:CMD`` runs a shell command
 whose output is the file (``{path}`` in CMD is replaced by the file's path in the dataset), so it
 is refused unless the caller allows it. Transient failures are retried with backoff; what still
-fails is a `StoreError` with one line that names the file.
+fails is a `DataError` with one line that names the file. It is not chained to the client's
+exception: that one's text may quote a URL's token or a pipe's command line, which `redact` keeps
+out of the line and a --debug traceback must not bring back.
 """
 
 from __future__ import annotations
@@ -23,16 +25,14 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
+from shards.errors import DataError, first_line
+
 SCHEMES = ("s3", "gs", "gcs", "http", "https")
 CHUNK = 8 << 20
 BACKOFF_S = 1.0  # first retry after 1 s, then 2, 4, ... capped at 30
 # Retries are ours (with backoff, data.fetch_retries); the client's own would multiply them.
 S3_OPTIONS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 1}}}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-class StoreError(RuntimeError):
-    """A location that cannot be read or written; the message is one line with the fix."""
 
 
 def is_url(location: str) -> bool:
@@ -78,16 +78,16 @@ class Store:
         self.scheme = ""
         if self.location.startswith("pipe:"):
             if not allow_pipe:
-                raise StoreError(f"{self.shown} runs a shell command — set data.allow_pipe=true if you mean it")
+                raise DataError(f"{self.shown} runs a shell command — set data.allow_pipe=true if you mean it")
             if "{path}" not in self.location:
-                raise StoreError(
+                raise DataError(
                     "a pipe: location needs {path} where the file's path goes, e.g. 'pipe:aws s3 cp s3://b/x/{path} -'"
                 )
             self.scheme = "pipe"
         elif _URL.match(self.location):
             self.scheme = self.location.split("://", 1)[0].lower()
             if self.scheme not in SCHEMES:
-                raise StoreError(
+                raise DataError(
                     f"{self.shown}: {self.scheme}:// is not supported — use a local path, s3://, gs://, http(s):// or pipe:"
                 )
         self._fs = None
@@ -130,7 +130,7 @@ class Store:
                     else None
                 )
             except ImportError as e:
-                raise StoreError(f"{self.shown} needs the {e.name} package — pip install {e.name}") from None
+                raise DataError(f"{self.shown} needs the {e.name} package — pip install {e.name}") from e
             self._pid = os.getpid()
         return self._fs
 
@@ -188,9 +188,9 @@ class Store:
                 if self.scheme == "pipe":  # its message quotes the command line, which may hold a secret
                     transient, reason = True, "the command failed"
                 if not transient:
-                    raise StoreError(f"{self.show(rel)}: {reason}") from None
+                    raise DataError(f"{self.show(rel)}: {reason}") from None
                 if tries == retries:
-                    raise StoreError(
+                    raise DataError(
                         f"{self.show(rel)} could not be read ({reason}; {tries + 1} attempts) — {hint(self.location)}, "
                         "then start the same command again"
                     ) from None
@@ -200,10 +200,10 @@ class Store:
         """``rel`` (the manifest), read before any work, with one line for each way it can fail."""
         try:
             return self.read_bytes(rel)
-        except StoreError:
+        except DataError as e:
             if self.local is not None or self.scheme == "pipe":
                 raise
-            raise StoreError(self._diagnose(rel)) from None
+            raise DataError(self._diagnose(rel)) from e
 
     def _diagnose(self, rel: str) -> str:
         """Why ``rel`` cannot be read: no credentials, no bucket, no prefix, no file, no endpoint."""
@@ -233,11 +233,11 @@ class Store:
         try:
             found = fs.find(root)
         except FileNotFoundError:
-            raise StoreError(
+            raise DataError(
                 f"bucket {root.split('/', 1)[0]!r} does not exist ({self.shown}) — create it first"
             ) from None
         except Exception as e:
-            raise StoreError(f"{self.shown}: {classify(e, self.scheme)[1]}") from None
+            raise DataError(f"{self.shown}: {classify(e, self.scheme)[1]}") from None
         return sorted(p[len(root) + 1 :] for p in found)
 
     def upload(self, local: Path, rel: str) -> None:
@@ -291,8 +291,7 @@ def classify(e: BaseException, scheme: str = "") -> tuple[bool, str]:
     status = getattr(e, "status", None) or getattr(e, "code", None)
     if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
         return False, f"HTTP {status}"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return True, f"{type(e).__name__}: {redact_text(first)}"
+    return True, f"{type(e).__name__}: {redact_text(first_line(e))}"
 
 
 def redact_text(text: str) -> str:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import accelerate_launch, s3_fs, s3_server  # noqa: F401 -- s3_*: test_store_e2e imports them from here
+
 REPO = Path(__file__).resolve().parent.parent
 # A model small enough that a 2-process CPU epoch over the 1,618 digits takes seconds.
 TINY = [
@@ -34,23 +36,10 @@ def cpu_env(**extra: str) -> dict:
 
 
 def train_command(config: str, overrides: list[str], processes: int = 2) -> list[str]:
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    args = ["--config", str(REPO / config), *overrides]
     if processes == 1:
-        launcher = [sys.executable]
-    return launcher + [str(REPO / "trainer/main.py"), "--config", str(REPO / config), *overrides]
+        return [sys.executable, str(REPO / "trainer/main.py"), *args]
+    return accelerate_launch(REPO / "trainer/main.py", args, processes)
 
 
 def run_training(overrides: list[str], processes: int = 2, timeout: int = 600, **env) -> subprocess.CompletedProcess:
@@ -144,41 +133,6 @@ def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None,
             raise AssertionError(f"process exited with {process.returncode} before the condition held")
         time.sleep(interval)
     raise AssertionError("timed out waiting")
-
-
-@contextmanager
-def s3_server():
-    """moto's S3 server on loopback; -> the environment that points a process at it."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "AKIDLOOPBACKTEST",
-        "AWS_SECRET_ACCESS_KEY": "loopback-secret-7f3a",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    try:
-        yield server, env
-    finally:
-        server.stop()
-
-
-def s3_fs(env: dict):
-    """An s3fs client of the test's own (the test process's environment is left alone)."""
-    import s3fs
-
-    return s3fs.S3FileSystem(
-        key=env["AWS_ACCESS_KEY_ID"],
-        secret=env["AWS_SECRET_ACCESS_KEY"],
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        skip_instance_cache=True,
-    )
 
 
 @contextmanager

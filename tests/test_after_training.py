@@ -22,9 +22,10 @@ from PIL import Image
 from shards.format import image_field
 from shards.manifest import Manifest
 from tests.conftest import REPO, cpu_env, run_training
+from tests.harness import accelerate_launch
 from trainer import export
 from trainer.config import config_from_dict, to_dict
-from trainer.data import open_shards, split_index
+from trainer.data import open_shards, split_reader
 from trainer.inference import load_trained, read_image
 from trainer.loop import weights_file
 from trainer.state import build_model
@@ -38,22 +39,7 @@ def cli(command: str, *args) -> list[str]:
 
 
 def launch_two(script: str, *args) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(REPO / script),
-        *map(str, args),
-    ]
+    return accelerate_launch(REPO / script, args, processes=2)
 
 
 def run_together(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
@@ -89,7 +75,7 @@ def folders(digits_shards, tmp_path_factory) -> dict[str, Path]:
     """`classes`: val images copied out as ROOT/<class>/<file> in several modes; `extra`: a wide image;
     `bad`: a file that is not an image."""
     root = tmp_path_factory.mktemp("images")
-    index = split_index(open_shards(str(digits_shards)), "val")
+    index = split_reader(open_shards(str(digits_shards)), "val")
     counts = {}
     for i in range(len(index)):
         sample = index.read(i)

@@ -3,8 +3,9 @@ import tarfile
 
 import pytest
 
-from shards.reader import ShardError, ShardIndex
-from shards.source import SourceError, SplitFiles
+from shards.errors import DataError
+from shards.reader import SplitReader
+from shards.source import SplitFiles
 from trainer.data import EvalOrder, TrainOrder, mix_seed
 
 
@@ -36,7 +37,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch():
 def test_balanced_order_draws_classes_evenly():
     labels = [0] * 90 + [1] * 10
     order = TrainOrder(100, 10, 0, 1, seed=0, labels=labels)
-    drawn = [labels[i] for epoch in range(20) for i in (order.set_epoch(epoch) or order.epoch_order().tolist())]
+    drawn = [labels[i] for epoch in range(20) for i in (order.set_epoch(epoch) or order.epoch_plan()[0].tolist())]
     assert 0.4 < sum(drawn) / len(drawn) < 0.6
 
 
@@ -66,7 +67,7 @@ def _tar(path, samples):
 def test_shard_index_random_access(tmp_path):
     _tar(tmp_path / "a.tar", [(f"k{i}", {"cls": str(i).encode(), "png": bytes([i]) * (i + 1)}) for i in range(3)])
     _tar(tmp_path / "b.tar", [(f"k{i}", {"cls": str(i).encode(), "png": bytes([i]) * (i + 1)}) for i in range(3, 5)])
-    index = ShardIndex(SplitFiles.from_paths([tmp_path / "a.tar", tmp_path / "b.tar"], [3, 2]))
+    index = SplitReader(SplitFiles.from_paths([tmp_path / "a.tar", tmp_path / "b.tar"], [3, 2]))
     assert len(index) == 5
     assert index.read(4) == {"__key__": "k4", "__shard__": "b.tar", "cls": b"4", "png": bytes([4]) * 5}
     assert index.read(0)["png"] == b"\0"
@@ -75,14 +76,14 @@ def test_shard_index_random_access(tmp_path):
 
 def test_shard_index_errors_name_the_shard(tmp_path):
     _tar(tmp_path / "a.tar", [(f"k{i}", {"cls": b"0", "png": b"x" * 5000}) for i in range(3)])
-    with pytest.raises(ShardError, match="holds 3 samples but the manifest says 4"):
-        ShardIndex(SplitFiles.from_paths([tmp_path / "a.tar"], [4])).read(0)
-    with pytest.raises(SourceError, match="missing"):
+    with pytest.raises(DataError, match="holds 3 samples but the manifest says 4"):
+        SplitReader(SplitFiles.from_paths([tmp_path / "a.tar"], [4])).read(0)
+    with pytest.raises(DataError, match="missing"):
         SplitFiles.from_paths([tmp_path / "gone.tar"], [1]).check()
     data = (tmp_path / "a.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[:7000])
-    with pytest.raises(ShardError, match="cut.tar"):
-        index = ShardIndex(SplitFiles.from_paths([tmp_path / "cut.tar"], [3]))
+    with pytest.raises(DataError, match="cut.tar"):
+        index = SplitReader(SplitFiles.from_paths([tmp_path / "cut.tar"], [3]))
         for i in range(3):
             index.read(i)
 

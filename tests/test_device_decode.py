@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from shards.errors import DataError
 from shards.format import EXIF_ORIENTATION, decode_rgb, finish_rgb, open_image
-from shards.reader import ShardError, ShardIndex
+from shards.reader import SplitReader
 from shards.source import SplitFiles
 from trainer.config import DataConfig
 from trainer.data import EncodedBatch, ShardDataset, collate, device_ready
@@ -52,21 +53,21 @@ SAMPLES = [
 ]
 
 
-def write_shard(path, images: list[tuple[str, bytes]]) -> ShardIndex:
+def write_shard(path, images: list[tuple[str, bytes]]) -> SplitReader:
     with tarfile.open(path, "w") as tar:
         for i, (field, data) in enumerate(images):
             for ext, payload in ((field, data), ("cls", str(i % 3).encode())):
                 info = tarfile.TarInfo(f"s{i:03d}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    return ShardIndex(SplitFiles.from_paths([path], [len(images)]))
+    return SplitReader(SplitFiles.from_paths([path], [len(images)]))
 
 
 def data_config(**overrides) -> DataConfig:
     return DataConfig(**{"shards": "unused", "image_size": 32, "scale_min": 0.3, **overrides})
 
 
-def on_device(index: ShardIndex, items: list[tuple[int, int]], skip_bad: bool = False):
+def on_device(index: SplitReader, items: list[tuple[int, int]], skip_bad: bool = False):
     dataset = ShardDataset(index, None, skip_bad)
     batch, labels, _, bad = collate([dataset[item] for item in items])
     decode = DeviceDecode(TrainPreset(data_config(), MEAN, STD).augment, torch.device("cpu"), skip_bad)
@@ -119,7 +120,7 @@ def test_unreadable_jpeg_is_dropped_with_its_label_or_named(tmp_path, monkeypatc
     images, labels, bad = on_device(index, items, skip_bad=True)
     assert bad == 1 and images.shape[0] == 3 and labels.tolist() == [0, 1, 0]
 
-    with pytest.raises(ShardError, match=r"sample s002 in shard .*s\.tar cannot be read .*data\.skip_bad_samples=true"):
+    with pytest.raises(DataError, match=r"sample s002 in shard .*s\.tar cannot be read .*data\.skip_bad_samples=true"):
         on_device(index, items, skip_bad=False)
 
 
@@ -127,7 +128,7 @@ def test_not_an_image_is_caught_in_the_worker(tmp_path):
     index = write_shard(tmp_path / "s.tar", [("jpg", b"not a jpeg at all"), ("jpg", SAMPLES[0][1])])
     images, labels, bad = on_device(index, [(0, 1), (1, 2)], skip_bad=True)
     assert bad == 1 and images.shape[0] == 1 and labels.tolist() == [1]
-    with pytest.raises(ShardError, match="s000"):
+    with pytest.raises(DataError, match="s000"):
         ShardDataset(index, None)[(0, 1)]
 
 

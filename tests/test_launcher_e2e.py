@@ -3,28 +3,19 @@ real launches of the default demo config (TINY, one process, CPU)."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO, TINY, cpu_env
+from tests.harness import accelerate_launch
 
 pytestmark = pytest.mark.e2e
 
 
 def launch(launcher_args: list[str], overrides: list[str], shards: Path, run_dir: Path) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        *launcher_args,
-        str(REPO / "trainer/main.py"),
+    args = [
         "--config",
         str(REPO / "configs/demo.yaml"),
         *TINY,
@@ -35,6 +26,7 @@ def launch(launcher_args: list[str], overrides: list[str], shards: Path, run_dir
         "wandb.mode=disabled",
         *overrides,
     ]
+    command = accelerate_launch(REPO / "trainer/main.py", args, launcher_args=launcher_args)
     # HF_HOME of its own: no `accelerate config` file of this machine's takes part
     env = cpu_env(HF_HOME=str(run_dir.parent / "hf"))
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -18,8 +18,9 @@ from PIL import Image, ImageOps
 from launch.pack import encode_image
 from launch.scan import TRANSCODE, inspect_file
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
+from shards.errors import DataError
 from shards.format import IMAGE_EXTS, decode_rgb, image_field, sample_key, to_rgb
-from shards.manifest import Manifest, ManifestError, ShardInfo, SplitInfo
+from shards.manifest import Manifest, ShardInfo, SplitInfo
 from shards.writer import ShardWriter, publish, staging
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,13 +284,13 @@ def test_manifest_round_trip_and_errors(tmp_path):
     assert back == m and back.shard_paths("train") == [tmp_path / "train" / "train-000000.tar"]
     info = json.loads((tmp_path / "_info.json").read_text())
     assert info["splits"]["train"]["filenames"] == ["train/train-000000.tar"]
-    with pytest.raises(ManifestError, match="shard .* is missing"):
+    with pytest.raises(DataError, match="shard .* is missing"):
         back.verify()
-    with pytest.raises(ManifestError, match=r"manifest\.json"):
+    with pytest.raises(DataError, match=r"manifest\.json"):
         Manifest.load(tmp_path / "nowhere")
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(ManifestError, match=r"manifest\.json is not a valid manifest .* re-run"):
+    with pytest.raises(DataError, match=r"manifest\.json is not a valid manifest .* re-run"):
         Manifest.load(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"classes": []}))
-    with pytest.raises(ManifestError, match="missing field 'splits'"):
+    with pytest.raises(DataError, match="missing field 'splits'"):
         Manifest.load(tmp_path)

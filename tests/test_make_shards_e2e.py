@@ -384,14 +384,15 @@ def test_out_inside_src_is_refused(corpus, tmp_path):
 def test_ctrl_c_leaves_out_untouched(tmp_path):
     import signal
 
-    from launch.make_shards import PAUSE_ENV
+    from shards import failpoints
 
     work, paused = tmp_path / "work", tmp_path / "paused"
     out = work / "out"
     out.mkdir(parents=True)
     (out / "old.txt").write_text("old")
     cmd = [sys.executable, "-m", "launch.make_shards", "--demo", str(out), "--overwrite", "--workers", "2"]
-    env = dict(os.environ, **{PAUSE_ENV: str(paused)})  # it waits after its first shard until interrupted
+    # It waits after its first shard until interrupted.
+    env = dict(os.environ, **failpoints.env(make_shards_pause=paused))
     # As a terminal starts it: a suite run in the background (`cmd &`) passes SIGINT on ignored.
     default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     proc = subprocess.Popen(

@@ -38,7 +38,7 @@ def test_metrics_match_scikit_learn():
 def test_confusion_plot_renders_chinese_class_names(tmp_path):
     import warnings
 
-    from trainer.plots import plot_confusion
+    from trainer.tracking.plots import plot_confusion
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -15,7 +15,19 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from trainer.model import IMAGENET_DEPTHS, SEDenseNet, data_defaults, load_weights, se_densenet
+from trainer.model import (
+    IMAGENET_DEPTHS,
+    SEDenseNet,
+    data_defaults,
+    load_weights,
+    se_densenet,
+    se_densenet121,
+    se_densenet161,
+    se_densenet169,
+    se_densenet201,
+    se_densenet264,
+    se_densenet_bc100,
+)
 
 TORCHVISION_DEPTHS = (121, 161, 169, 201)
 
@@ -273,7 +285,23 @@ def test_efficient_compiled_equals_plain_and_recomputes_only_cheap_ops():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize(
+    "builder, depth",
+    [(se_densenet121, 121), (se_densenet161, 161), (se_densenet169, 169), (se_densenet201, 201), (se_densenet264, 264)],
+)
+def test_each_named_builder_is_its_depth_with_imagenet_defaults(builder, depth):
+    model = builder(num_classes=7)
+    block_config, growth_rate, features = IMAGENET_DEPTHS[depth]
+    assert model.arch["block_config"] == block_config and model.arch["growth_rate"] == growth_rate
+    assert model.arch["num_init_features"] == features and model.data_config["input_size"] == 224
+    assert model.fingerprint() == se_densenet(depth, num_classes=7).fingerprint()
+
+
 def test_small_inputs_bc100_forward_backward():
+    assert (
+        se_densenet_bc100(num_classes=10).fingerprint()
+        == se_densenet(100, 10, growth_rate=12, small_inputs=True).fingerprint()
+    )
     model = se_densenet(100, num_classes=10, growth_rate=12, small_inputs=True)
     assert model.arch["block_config"] == (16, 16, 16) and model.arch["num_init_features"] == 24
     assert model.data_config["input_size"] == 32

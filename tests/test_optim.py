@@ -111,32 +111,3 @@ def test_imagenet_recipe_resolves_per_cluster(processes, expected):
 def test_shipped_configs_keep_their_lr_at_their_usual_launch(config, processes):
     config = load_config(f"configs/{config}.yaml", ["data.shards=s", "run.dir=r"])
     assert scaled_lr(config.optim, config.train.batch_size * processes * config.train.grad_accum) == config.optim.lr
-
-
-def test_a_changed_lr_applies_from_the_checkpoint_on():
-    from trainer.config import ScheduleConfig
-    from trainer.optim import make_scheduler
-    from trainer.state import use_new_lr
-
-    def build(lr):
-        model = torch.nn.Linear(2, 2)
-        optim = OptimConfig(name="sgd", lr=lr)
-        optimizer = make_optimizer(param_groups(model, optim), optim)
-        return optimizer, make_scheduler(optimizer, ScheduleConfig(warmup_epochs=1), steps_per_epoch=4, epochs=3)
-
-    optimizer, scheduler = build(0.1)
-    for _ in range(6):
-        optimizer.step()
-        scheduler.step()
-    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-
-    optimizer, scheduler = build(0.01)  # the user lowered optim.lr, then started the same command
-    wanted = [group["initial_lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    use_new_lr(optimizer, scheduler, wanted, verbose=False)
-    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.01 * factor] * len(wanted))
-    assert scheduler.get_last_lr() == [group["lr"] for group in optimizer.param_groups]
-    scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * scheduler.lr_lambdas[0](7))

@@ -9,9 +9,11 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from shards import failpoints
+from shards.errors import EXIT_PREEMPTED
 from tests.conftest import EXACT, kill_group, run_training, start_training, wait_for, worker_pids
 from trainer import checkpoint, main
-from trainer.main import EXIT_PREEMPTED, StopFlag
+from trainer.runtime import StopFlag
 
 pytestmark = pytest.mark.e2e
 
@@ -23,10 +25,11 @@ def records(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
-def hold_env(release, step: int) -> dict:
+def hold_env(release, step: int, **points) -> dict:
     """The trainer's main process holds right after optimizer step `step` (it writes RELEASE.held)
-    until `release` exists or it is signalled to stop: a test acts at a known step, not a raced one."""
-    return {"TRAINER_TEST_HOLD_AFTER_STEP": str(step), checkpoint.RELEASE_ENV: str(release)}
+    until `release` exists or it is signalled to stop: a test acts at a known step, not a raced one.
+    `points`: the process's other failpoints (one FAILPOINTS value holds them all)."""
+    return failpoints.env(hold_after_step=step, release=release, **points)
 
 
 def test_sigkill_at_a_random_step_then_restart_is_bitwise_identical(digits_shards, uninterrupted, tmp_path):
@@ -59,7 +62,7 @@ def test_sigkill_at_a_random_step_then_restart_is_bitwise_identical(digits_shard
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT]
-    process = start_training(overrides, TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP="14")
+    process = start_training(overrides, **failpoints.env(pause_checkpoint=14))
     try:  # the step-14 write stalls after its files and before its marker: kill it there
         wait_for(lambda: (run_dir / "checkpoints/ckpt-000000014.tmp/state.pt").exists(), timeout=300, process=process)
     finally:
@@ -97,7 +100,7 @@ def test_signal_checkpoints_and_exits_with_the_preempted_code(digits_shards, tmp
 def test_second_sigterm_exits_at_once(digits_shards, tmp_path):
     run_dir, release = tmp_path / "run", tmp_path / "release"  # never created: the write stays stalled
     overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT, "train.checkpoint_every=0"]
-    process = start_training(overrides, processes=1, TRAINER_TEST_PAUSE_CHECKPOINT_AT_STEP="1", **hold_env(release, 1))
+    process = start_training(overrides, processes=1, **hold_env(release, 1, pause_checkpoint=1))
     try:
         wait_for(lambda: (tmp_path / "release.held").exists(), timeout=300, process=process)
         process.send_signal(signal.SIGTERM)  # the first: checkpoint at the next stop check (step 5)

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from shards import failpoints
 from tests.conftest import REPO, TINY, cpu_env
-from trainer import checkpoint
-from trainer.tracking import wandb_id
+from trainer.config import wandb_id
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 
@@ -177,9 +177,10 @@ def train_job(cluster: Cluster, shards: Path, runs: Path, extra: list[str] = (),
 
 def hold_env(release: Path, step: int) -> dict:
     """The trainer's main process holds right after optimizer step `step` (writing RELEASE.held) until
-    `release` exists or it is signalled to stop. sbatch passes the submitting environment on, and a
-    requeued job gets it again: pick a step the resumed run does not reach again."""
-    return {"TRAINER_TEST_HOLD_AFTER_STEP": str(step), checkpoint.RELEASE_ENV: str(release)}
+    `release` exists or it is signalled to stop. sbatch passes the submitting environment on whole
+    (no --export list, which would split FAILPOINTS at its commas), and a requeued job gets it again:
+    pick a step the resumed run does not reach again."""
+    return failpoints.env(hold_after_step=step, release=release)
 
 
 def wait_held(cluster: Cluster, job: str, release: Path, log: Path, timeout: float = 240) -> None:

@@ -9,12 +9,13 @@ import os
 import numpy as np
 import pytest
 
-from shards.cache import CacheError, Entry, ShardCache
+from shards.cache import Entry, ShardCache
+from shards.errors import DataError
 from shards.index import RECORD, load_index, parse_sample, scan_tar
-from shards.source import Dataset, SourceError, parse_size
-from shards.store import Store, StoreError, redact
+from shards.source import ShardSource, parse_size
+from shards.store import Store, redact
 from shards.writer import ShardWriter
-from trainer.data import ShardBlocks, TrainOrder, open_shards, split_index
+from trainer.data import ShardBlocks, TrainOrder, open_shards, split_reader
 
 
 def test_the_index_costs_16_bytes_a_sample_and_matches_a_header_scan(tmp_path):
@@ -34,7 +35,7 @@ def test_the_index_costs_16_bytes_a_sample_and_matches_a_header_scan(tmp_path):
 
 def test_make_shards_writes_the_index_readers_map(digits_shards):
     dataset = open_shards(str(digits_shards))
-    train = split_index(dataset, "train")
+    train = split_reader(dataset, "train")
     assert train.has_index and isinstance(dataset.split("train").index(), np.memmap)
     for i in (0, 777, len(train) - 1):
         shard, position = train.locate(i)
@@ -67,17 +68,17 @@ def test_redact_drops_what_may_be_a_secret():
 
 def test_pipe_runs_only_when_allowed(tmp_path):
     (tmp_path / "a b.txt").write_bytes(b"hello")
-    with pytest.raises(StoreError, match="runs a shell command — set data.allow_pipe=true"):
+    with pytest.raises(DataError, match="runs a shell command — set data.allow_pipe=true"):
         Store(f"pipe:cat {tmp_path}/{{path}}")
     store = Store(f"pipe:cat {tmp_path}/{{path}}", allow_pipe=True)
     assert store.read_bytes("a b.txt") == b"hello"
-    with pytest.raises(StoreError, match="needs {path}"):
+    with pytest.raises(DataError, match="needs {path}"):
         Store("pipe:cat x", allow_pipe=True)
 
 
 def test_unsupported_scheme_is_one_line():
-    with pytest.raises(SourceError, match=r"ftp:// is not supported — use a local path, s3://"):
-        Dataset("ftp://host/x")
+    with pytest.raises(DataError, match=r"ftp:// is not supported — use a local path, s3://"):
+        ShardSource("ftp://host/x")
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_a_corrupted_download_is_fetched_again_once_then_one_line(tmp_path):
         return writer_of(good if len(calls) > 1 else b"x" * 100)(out)
 
     assert cache.get(entry(good), flaky).read_bytes() == good and len(calls) == 2
-    with pytest.raises(CacheError, match="was downloaded twice and is corrupted \\(its sha256 differs"):
+    with pytest.raises(DataError, match="was downloaded twice and is corrupted \\(its sha256 differs"):
         cache.get(entry(b"other", "s3://b/x.tar"), writer_of(b"wrong"))
     assert not list(tmp_path.glob("*.part-*"))
 
@@ -162,10 +163,10 @@ def test_processes_sharing_a_cache_never_take_it_over_its_limit(tmp_path):
 
 
 def test_a_limit_below_four_shards_is_refused_at_start(digits_shards, tmp_path):
-    with pytest.raises(SourceError, match=r"data.cache_limit 1 MB is below 4x the largest shard"):
+    with pytest.raises(DataError, match=r"data.cache_limit 1 MB is below 4x the largest shard"):
         from shards.source import CacheOptions
 
-        Dataset(str(digits_shards), CacheOptions(dir=str(tmp_path), limit=1_000_000))
+        ShardSource(str(digits_shards), CacheOptions(dir=str(tmp_path), limit=1_000_000))
 
 
 # -- the shard-block order ---------------------------------------------------------------------
@@ -179,13 +180,13 @@ def block_order(world, rank, budget=300, seed=3, epoch=1, start=0):
 
 
 def test_block_order_is_the_same_for_any_world_size_and_resumes_mid_epoch():
-    one = block_order(1, 0).epoch_order().tolist()
+    one = block_order(1, 0).epoch_plan()[0].tolist()
     assert sorted(one) == list(range(57))  # every sample once
     for world in (2, 3):
-        assert block_order(world, 1).epoch_order().tolist() == one
+        assert block_order(world, 1).epoch_plan()[0].tolist() == one
     full = list(block_order(2, 1))
     assert list(block_order(2, 1, start=3)) == full[3:]
-    assert block_order(1, 0, epoch=2).epoch_order().tolist() != one
+    assert block_order(1, 0, epoch=2).epoch_plan()[0].tolist() != one
 
 
 def test_blocks_fit_the_budget_and_samples_stay_within_their_block():
@@ -293,17 +294,17 @@ def test_a_cache_disk_without_room_for_the_data_is_refused_at_start(digits_shard
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(source.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2_000_000, 2_000_000))
-    with pytest.raises(SourceError, match=r"has room for 2 MB but the dataset needs 6 MB — set data.cache_limit=2MB"):
-        Dataset(str(digits_shards), CacheOptions(dir=str(tmp_path)))
+    with pytest.raises(DataError, match=r"has room for 2 MB but the dataset needs 6 MB — set data.cache_limit=2MB"):
+        ShardSource(str(digits_shards), CacheOptions(dir=str(tmp_path)))
 
 
 def test_a_local_folder_is_read_in_place_unless_a_cache_dir_is_given(digits_shards, tmp_path):
-    from shards.reader import ShardIndex
+    from shards.reader import SplitReader
     from shards.source import CacheOptions
 
-    in_place = ShardIndex(Dataset(str(digits_shards)).split("val"))
-    staged_set = Dataset(str(digits_shards), CacheOptions(dir=str(tmp_path)))
-    staged = ShardIndex(staged_set.split("val"))
+    in_place = SplitReader(ShardSource(str(digits_shards)).split("val"))
+    staged_set = ShardSource(str(digits_shards), CacheOptions(dir=str(tmp_path)))
+    staged = SplitReader(staged_set.split("val"))
     assert in_place.files.cache is None and staged.files.cache is not None
     assert staged.read(100) == in_place.read(100)
     cached = sorted(p.name for p in (tmp_path / "se-densenet-shards").iterdir() if not p.name.endswith(".lock"))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from shards import failpoints
 from shards.cache import ShardCache
 from tests.conftest import (
     EXACT,
@@ -155,7 +156,7 @@ def test_sigkill_and_restart_from_s3_is_bitwise_identical(s3, limited, tmp_path)
         f"data.cache_limit={LIMIT}",
         *EXACT,
     ]
-    process = start_training(overrides, **s3, **{checkpoint.PAUSE_ENV: "21"})
+    process = start_training(overrides, **s3, **failpoints.env(pause_checkpoint=21))
     try:  # the step-21 write stalls before its marker (ckpt-14 complete, the run mid-way): kill it there
         wait_for(lambda: (run_dir / "checkpoints/ckpt-000000021.tmp/state.pt").exists(), timeout=300, process=process)
     finally:
@@ -204,7 +205,7 @@ def test_a_store_that_goes_away_is_retried_then_one_line_and_the_checkpoint_surv
             *EXACT,
             "train.epochs=3",
         ]
-        process = start_training(overrides, **env, **{checkpoint.PAUSE_ENV: "14", checkpoint.RELEASE_ENV: str(release)})
+        process = start_training(overrides, **env, **failpoints.env(pause_checkpoint=14, release=release))
         try:  # ckpt-7 is complete and the run waits in its step-14 checkpoint until released: stop the store there
             wait_for(lambda: Path(f"{release}.paused").exists(), timeout=300, process=process)
             server.stop()  # the blocks of later epochs are not in the cache yet: they must be fetched
@@ -276,7 +277,8 @@ def test_credentials_never_land_in_the_run(s3, digits_shards, tmp_path):
 
 
 def test_each_way_a_location_fails_is_one_line_before_any_work(s3, monkeypatch):
-    from shards.source import CacheOptions, Dataset, SourceError
+    from shards.errors import DataError
+    from shards.source import CacheOptions, ShardSource
 
     for key, value in s3.items():
         monkeypatch.setenv(key, value)
@@ -287,15 +289,15 @@ def test_each_way_a_location_fails_is_one_line_before_any_work(s3, monkeypatch):
         "s3://data/digits/train": "s3://data/digits/train has no manifest.json — make shards there",
     }
     for location, line in expected.items():
-        with pytest.raises(SourceError) as e:
-            Dataset(location, CacheOptions(retries=0))
+        with pytest.raises(DataError) as e:
+            ShardSource(location, CacheOptions(retries=0))
         assert str(e.value).startswith(line)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(
-        SourceError,
+        DataError,
         match=r"endpoint unreachable .* — check the network and AWS_ENDPOINT_URL \(now http://127.0.0.1:9\)",
     ):
-        Dataset("s3://data/digits", CacheOptions(retries=0))
+        ShardSource("s3://data/digits", CacheOptions(retries=0))
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3["AWS_ENDPOINT_URL"])
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
@@ -303,6 +305,6 @@ def test_each_way_a_location_fails_is_one_line_before_any_work(s3, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(
-        SourceError, match="no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        DataError, match="no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
     ):
-        Dataset("s3://data/digits", CacheOptions(retries=0))
+        ShardSource("s3://data/digits", CacheOptions(retries=0))

@@ -12,7 +12,7 @@ from shards.manifest import Manifest
 from tests import wandb_log
 from tests.conftest import run_training
 from trainer.config import config_from_dict
-from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_index
+from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_reader
 from trainer.inference import load_trained
 from trainer.metrics import EvalSums, summarize
 from trainer.model import load_weights
@@ -194,7 +194,7 @@ def val_logits(path: Path, digits_shards: Path) -> tuple[torch.Tensor, torch.Ten
     manifest = Manifest.load(digits_shards)
     mean, std = normalization(config.data, manifest.mean, manifest.std)
     dataset = ShardDataset(
-        split_index(open_shards(str(digits_shards)), "val"),
+        split_reader(open_shards(str(digits_shards)), "val"),
         EvalPreset(config.data.image_size, config.data.crop_pct, mean, std),
     )
     loader = make_loader(dataset, EvalOrder(len(dataset), 64, 0, 1), workers=0, pin_memory=False)

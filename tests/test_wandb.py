@@ -14,7 +14,7 @@ from shards.manifest import Manifest, SplitInfo
 from tests.wandb_log import history, model_versions, records, segments, step_of, summary, table
 from trainer.config import ConfigError, load_config, wandb_id
 from trainer.metrics import ShownSamples
-from trainer.wandb_run import WandbRun, versions
+from trainer.tracking.wandb_run import WandbRun, versions
 
 CLASSES = ["猫", "犬", "ねずみ"]  # class names as given, in any script
 

@@ -75,7 +75,7 @@ def save(
         if rank != 0:
             return
         if failpoints.ACTIVE and step >= failpoints.step("pause-checkpoint") > 0:
-            failpoints.wait_for_release("paused")
+            failpoints.wait_for_release("paused", note=str(step))
         shutil.rmtree(final, ignore_errors=True)  # same step saved twice (end of epoch == every N)
         with writing(tmp / COMPLETE):
             (tmp / COMPLETE).write_text(json.dumps({"step": step, "epoch": state["epoch"], "time": time.time()}))

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from shards.errors import UserError
+from shards.errors import UserError, first_line
 
 
 class ConfigError(UserError):
@@ -239,8 +239,7 @@ def _load_yaml(path: Path):
     try:
         loaded = OmegaConf.load(path)
     except Exception as e:  # yaml's scanner errors span several lines
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML ({first}) — fix the file") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({first_line(e)}) — fix the file") from e
     if not isinstance(loaded, type(OmegaConf.create({}))):
         raise ConfigError(f"config file {path} must be a mapping of sections (model:, data:, ...)")
     return loaded
@@ -254,12 +253,12 @@ def _parse_overrides(overrides: list[str]):
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse overrides: {_first_line(e)}") from None
+        raise ConfigError(f"cannot parse overrides: {first_line(e)}") from e
 
 
 def _explain(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or ""
-    msg = _first_line(e)
+    msg = first_line(e)
     if isinstance(e, MissingMandatoryValue):
         return f"{key} is required — set it in the YAML file or pass {key}=VALUE"
     if "Key" in type(e).__name__ or "not in" in msg:
@@ -278,10 +277,6 @@ def _unknown_key(key: str) -> str:
         close = [k for k in known if k.endswith("." + leaf)][:1]
     hint = f"did you mean '{close[0]}'?" if close else "see configs/ or trainer/config.py for the keys"
     return f"unknown config key '{key}' — {hint}"
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:

@@ -25,9 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from shards.errors import DataError
 from shards.format import finish_rgb, image_field, open_image, plain_jpeg
-from shards.reader import ShardError, ShardIndex
-from shards.source import CacheOptions, Dataset, Prefetcher, SourceError, parse_size
+from shards.reader import SplitReader
+from shards.source import CacheOptions, Prefetcher, ShardSource, parse_size
 
 MASK64 = (1 << 64) - 1
 
@@ -43,25 +44,20 @@ def mix_seed(*values: int) -> int:
     return state >> 1
 
 
-def open_shards(location: str, data=None) -> Dataset:
+def open_shards(location: str, data=None) -> ShardSource:
     """make_shards output at a path or URL, with the cache settings of ``data`` (a DataConfig)."""
     options = CacheOptions()
     if data is not None:
         limit = parse_size(data.cache_limit) if data.cache_limit is not None else None
         options = CacheOptions(data.cache_dir, limit, data.fetch_retries, data.allow_pipe)
-    try:
-        return Dataset(location, options)
-    except SourceError as e:
-        raise ShardError(str(e)) from None
+    return ShardSource(location, options)
 
 
-def split_index(dataset: Dataset, split: str) -> ShardIndex:
-    try:
-        files = dataset.split(split)
-        files.check()
-    except SourceError as e:
-        raise ShardError(str(e)) from None
-    return ShardIndex(files)
+def split_reader(source: ShardSource, split: str) -> SplitReader:
+    """Random access to ``split``'s samples, once its local shards are known to be there."""
+    files = source.split(split)
+    files.check()
+    return SplitReader(files)
 
 
 @dataclass
@@ -77,7 +73,7 @@ class ShardBlocks:
         return int(self.budget * sum(self.counts) / max(sum(self.sizes), 1))
 
     def epoch(self, generator: torch.Generator) -> tuple[list[list[int]], list[torch.Tensor]]:
-        """-> (the shards of each block, each block's sample indices in epoch order)."""
+        """-> (the shards of each block, each block's samples in epoch order)."""
         starts = [0]
         for n in self.counts:
             starts.append(starts[-1] + n)
@@ -94,42 +90,42 @@ class ShardBlocks:
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Decodes and transforms sample `index` with its own seed; None for a bad sample if skipping.
+    """Decodes and transforms sample `i` of a split with its own seed; None for a bad sample if skipping.
 
     The transform is a preset: `decode(bytes)` then `__call__(image)`. With transform=None it
     leaves decoding to the device (data.decode=device): the item is the encoded image
     (`device_ready`) and its seed, for `DeviceDecode`.
     """
 
-    def __init__(self, index: ShardIndex, transform, skip_bad: bool = False):
-        self.index, self.transform, self.skip_bad = index, transform, skip_bad
+    def __init__(self, reader: SplitReader, transform, skip_bad: bool = False):
+        self.reader, self.transform, self.skip_bad = reader, transform, skip_bad
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.reader)
 
     def fetched_bytes(self) -> int:
         """Bytes of shards this rank's processes downloaded into the node's cache so far."""
-        return self.index.files.fetched.value
+        return self.reader.files.fetched.value
 
     def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        sample = self.index.read(index)
+        i, seed = item
+        sample = self.reader.read(i)
         with torch.random.fork_rng(devices=[]):  # keep the caller's stream when workers=0
             torch.default_generator.manual_seed(seed)  # the train preset draws its crop while decoding
             try:
                 data, label = sample[image_field(sample)], int(sample["cls"])
                 if self.transform is None:
                     name = f"{sample['__key__']} in shard {sample['__shard__']}"
-                    return device_ready(data), label, index, seed, name
+                    return device_ready(data), label, i, seed, name
                 image = self.transform.decode(data)
             except Exception as e:  # any decoder failure means the same thing to the user
                 if self.skip_bad:
                     return None
-                raise ShardError(
+                raise DataError(
                     f"sample {sample['__key__']} in shard {sample['__shard__']} cannot be read ({type(e).__name__}: {e}) — "
                     "re-run make_shards, or set data.skip_bad_samples=true to skip such samples"
-                ) from None
-            return self.transform(image), label, index
+                ) from e
+            return self.transform(image), label, i
 
 
 def device_ready(data: bytes) -> torch.Tensor:
@@ -165,7 +161,7 @@ def collate(batch: list) -> tuple[torch.Tensor | EncodedBatch, torch.Tensor, tor
 
 @dataclass
 class TrainOrder(Sampler):
-    """This rank's batches of (sample index, augmentation seed) for one epoch, from any batch on."""
+    """This rank's batches of (sample of the split, augmentation seed) for one epoch, from any batch on."""
 
     num_samples: int
     batch_size: int
@@ -185,9 +181,6 @@ class TrainOrder(Sampler):
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
-
-    def epoch_order(self) -> torch.Tensor:
-        return self.epoch_plan()[0]
 
     def epoch_plan(self) -> tuple[torch.Tensor, list[list[int]], list[int]]:
         """-> (the epoch's sample order; the shards of each block and the epoch position where
@@ -320,22 +313,22 @@ class Loaders:
     order: TrainOrder
 
 
-def build_loaders(config, dataset: Dataset, mean: list, std: list, rank: int, world: int, pin: bool) -> Loaders:
+def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int, world: int, pin: bool) -> Loaders:
     """config: a trainer.config.Config. data.decode=device hands the train batches over encoded."""
     from trainer.transforms import EvalPreset, TrainPreset  # here: transforms imports this module
 
-    train_index, val_index = split_index(dataset, "train"), split_index(dataset, "val")
-    labels = train_index.labels() if config.data.balance == "sampler" else None
-    files = train_index.files
+    train_reader, val_reader = split_reader(source, "train"), split_reader(source, "val")
+    labels = train_reader.labels() if config.data.balance == "sampler" else None
+    files = train_reader.files
     # A cache smaller than the data: read the epoch block by block (ShardBlocks)
-    budget = dataset.block_budget
+    budget = source.block_budget
     blocks = ShardBlocks(files.counts, files.sizes, budget) if budget is not None else None
     order = TrainOrder(
-        len(train_index), config.train.batch_size, rank, world, config.train.seed, labels, blocks, files.prefetcher()
+        len(train_reader), config.train.batch_size, rank, world, config.train.seed, labels, blocks, files.prefetcher()
     )
     train_preset = TrainPreset(config.data, mean, std) if config.data.decode == "workers" else None
-    train_set = ShardDataset(train_index, train_preset, config.data.skip_bad_samples)
-    val_set = ShardDataset(val_index, EvalPreset(config.data.image_size, config.data.crop_pct, mean, std))
-    val_order = EvalOrder(len(val_index), config.train.batch_size, rank, world)
+    train_set = ShardDataset(train_reader, train_preset, config.data.skip_bad_samples)
+    val_set = ShardDataset(val_reader, EvalPreset(config.data.image_size, config.data.crop_pct, mean, std))
+    val_order = EvalOrder(len(val_reader), config.train.batch_size, rank, world)
     workers = config.data.workers
     return Loaders(make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin), order)

@@ -24,15 +24,15 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/e
 import torch
 
 from shards.errors import UserError
-from shards.manifest import MANIFEST
+from shards.format import MANIFEST
 from shards.store import is_url, redact
-from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_index
+from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_reader
 from trainer.inference import LabelledImages, Trained, add_debug_flag, labelled_images, load_trained, run_cli
 from trainer.loop import evaluate
 from trainer.metrics import format_table, summarize
-from trainer.plots import plot_confusion
 from trainer.rundir import EVAL
 from trainer.runtime import close_process_group, make_accelerator
+from trainer.tracking.plots import plot_confusion
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +101,7 @@ def eval_dataset(
             )
         folder = redact(source).rstrip("/").rsplit("/", 1)[-1]
         name = split if data is None else f"{folder}-{split}"
-        return ShardDataset(split_index(dataset, split), preset), name
+        return ShardDataset(split_reader(dataset, split), preset), name
     if data is None:
         raise UserError(f"the run's shards {source} are not there — pass --data SHARDS_OR_IMAGE_FOLDER")
     return LabelledImages(labelled_images(Path(source), trained.classes, split), preset), Path(source).name

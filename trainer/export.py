@@ -28,7 +28,7 @@ from shards.errors import UserError
 from trainer.evaluate import eval_dataset
 from trainer.inference import Trained, add_debug_flag, load_trained, run_cli
 from trainer.rundir import EXPORT as EXPORT_DIR
-from trainer.wandb_run import log_export
+from trainer.tracking.wandb_run import log_export
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}

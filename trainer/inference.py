@@ -31,7 +31,7 @@ from trainer import checkpoint
 from trainer.config import Config, config_from_dict
 from trainer.data import close_loaders
 from trainer.model import load_weights
-from trainer.rundir import CLASSES, CONFIG, PREPROCESSING, WEIGHTS, disk_error_line, is_disk_error
+from trainer.rundir import CHECKPOINTS, CLASSES, CONFIG, PREPROCESSING, WEIGHTS, disk_error_line, is_disk_error
 from trainer.state import build_model
 from trainer.transforms import EvalPreset
 
@@ -146,7 +146,7 @@ def resolve_weights(run_dir: Path, which: str) -> tuple[Path, str]:
             raise UserError(f"{run_dir} has no {WEIGHTS[which]} ({hint}) — train further, or pass --checkpoint last")
         return path, which
     if which == "last":
-        found = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+        found = checkpoint.complete_checkpoints(run_dir / CHECKPOINTS)
         if not found:
             raise UserError(
                 f"{run_dir} has no complete checkpoint in checkpoints/ — train first, or pass --checkpoint best|final"

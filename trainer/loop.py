@@ -26,11 +26,11 @@ from trainer.meters import STARTUP, TrainWindow, best_eval, images_per_second, m
 from trainer.metrics import EvalSums, ShownSamples, summarize
 from trainer.nonfinite import assert_finite, update_ema
 from trainer.optim import describe_lr
-from trainer.report import write_report
 from trainer.rundir import CHECKPOINTS, PREPROCESSING, RunDir
 from trainer.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main, sum_across
 from trainer.state import TrainState, build_model, rng_state
-from trainer.tracking import Tracker, progress_bar
+from trainer.tracking.report import write_report
+from trainer.tracking.tracker import Tracker, progress_bar
 from trainer.transforms import DeviceDecode, DeviceNormalize, TrainPreset, batch_mixer, normalization
 
 STOP_CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a stop signal (one all-reduce)
@@ -115,13 +115,13 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
         job.run.set_status("running")
     accelerator.wait_for_everyone()
     loaders = build_loaders(config, source, mean, std, rank, world, accelerator.device.type == "cuda")
-    if accelerator.is_main_process and not loaders.train.dataset.index.has_index:
+    if accelerator.is_main_process and not loaders.train.dataset.reader.has_index:
         print(
             f"note: the shards at {source.shown} have no sample index, so every loader process scans their tar "
             "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one",
             flush=True,
         )
-    inputs = train_inputs(config, loaders, manifest, (mean, std), accelerator)
+    inputs = train_inputs(config, loaders, manifest, (mean, std), accelerator.device, world)
     state = TrainState(
         config, build_model(config, len(job.classes)), accelerator, inputs.batches // config.train.grad_accum
     )
@@ -135,8 +135,12 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
     return state, inputs, loaders
 
 
-def train_inputs(config: Config, loaders: Loaders, manifest, norm: tuple[list, list], accelerator) -> TrainInputs:
-    order, world = loaders.order, accelerator.num_processes
+def train_inputs(
+    config: Config, loaders: Loaders, manifest, norm: tuple[list, list], device, world: int
+) -> TrainInputs:
+    """The epoch's length in whole optimizer steps, and the device stages: decode (data.decode=device),
+    normalise, mix, and the loss."""
+    order = loaders.order
     batches = order.steps_per_epoch // config.train.grad_accum * config.train.grad_accum
     if batches == 0:
         raise UserError(
@@ -144,7 +148,6 @@ def train_inputs(config: Config, loaders: Loaders, manifest, norm: tuple[list, l
             f"({world} processes x batch {config.train.batch_size} x accumulation {config.train.grad_accum}) — "
             "lower train.batch_size"
         )
-    device = accelerator.device
     decode = None
     if config.data.decode == "device":  # the workers hand over encoded images
         decode = DeviceDecode(TrainPreset(config.data, *norm).augment, device, config.data.skip_bad_samples)

@@ -113,18 +113,25 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))
 
 
+def table_rows(record: dict) -> list[tuple[str, float, float, float, float, int]]:
+    """(name, precision, recall, specificity, F1, support) per class, then the macro means over all samples."""
+    rows = [
+        (name, m["precision"], m["recall"], m["specificity"], m["f1"], m["support"])
+        for name, m in record["per_class"].items()
+    ]
+    macro = record["macro"]
+    rows.append(
+        ("macro", macro["precision"], macro["recall"], macro["specificity"], macro["f1"], record["num_samples"])
+    )
+    return rows
+
+
 def format_table(record: dict) -> str:
     """The eval record as a readable text table (per class, then macro and totals)."""
     width = max([len(name) for name in record["per_class"]] + [5])
     lines = [f"{'class':<{width}}  precision  recall  specificity     f1  support"]
-    for name, m in record["per_class"].items():
-        lines.append(
-            f"{name:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['specificity']:11.4f}  {m['f1']:5.4f}  {m['support']:7d}"
-        )
-    macro = record["macro"]
-    lines.append(
-        f"{'macro':<{width}}  {macro['precision']:9.4f}  {macro['recall']:6.4f}  {macro['specificity']:11.4f}  {macro['f1']:5.4f}  {record['num_samples']:7d}"
-    )
+    for name, p, r, s, f1, n in table_rows(record):
+        lines.append(f"{name:<{width}}  {p:9.4f}  {r:6.4f}  {s:11.4f}  {f1:5.4f}  {n:7d}")
     lines.append(
         f"top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  samples {record['num_samples']}"
     )

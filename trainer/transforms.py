@@ -9,8 +9,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from shards.errors import DataError
 from shards.format import decode_rgb, finish_rgb, open_image, plain_jpeg
-from shards.reader import ShardError
 from trainer.config import DataConfig
 from trainer.data import EncodedBatch
 
@@ -145,10 +145,10 @@ class DeviceDecode:
         except Exception as e:
             if self.skip_bad:
                 return None
-            raise ShardError(
+            raise DataError(
                 f"sample {batch.names[i]} cannot be read ({type(e).__name__}: {e}) — "
                 "re-run make_shards, or set data.skip_bad_samples=true to skip such samples"
-            ) from None
+            ) from e
 
 
 class DeviceNormalize:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shards.store import redact
 from trainer.config import Config
+from trainer.metrics import table_rows
 from trainer.rundir import CONFUSION, CURVES, REPORT, RunDir
 
 
@@ -45,14 +46,10 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
             "| class | precision | recall | specificity | F1 | support |",
             "|---|---|---|---|---|---|",
         ]
-        for name, c in last["per_class"].items():
-            lines.append(
-                f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['specificity']:.4f} | {c['f1']:.4f} | {c['support']} |"
-            )
-        macro = last["macro"]
-        lines.append(
-            f"| **macro** | {macro['precision']:.4f} | {macro['recall']:.4f} | {macro['specificity']:.4f} | {macro['f1']:.4f} | {last['num_samples']} |"
-        )
+        rows = table_rows(last)
+        for i, (name, *scores, support) in enumerate(rows):
+            name = f"**{name}**" if i == len(rows) - 1 else name  # the macro row
+            lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in scores) + f" | {support} |")
     lines += ["", "## Plots", "", f"![curves]({CURVES})", "", f"![confusion matrix]({CONFUSION})", ""]
     run.file(REPORT).write_text("\n".join(lines))
 

@@ -87,7 +87,7 @@ class WandbRun:
         import wandb
         from PIL import Image
 
-        from launch.report import CLASS_PLOT, SIZE_PLOT
+        from shards.format import CLASS_PLOT, SIZE_PLOT
 
         media = {}
         for key, file in (("data/class_distribution", CLASS_PLOT), ("data/image_sizes", SIZE_PLOT)):

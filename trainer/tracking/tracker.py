@@ -2,7 +2,7 @@
 
 The loop builds one Tracker per process; only the main process's is enabled, so other ranks
 stay quiet without `if rank == 0` scattered through the loop. What goes to wandb, and how it
-looks there, is trainer/wandb_run.py's business.
+looks there, is trainer/tracking/wandb_run.py's business.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from tqdm import tqdm
 
 from trainer.config import Config
 from trainer.meters import best_eval
-from trainer.plots import plot_confusion, plot_curves
 from trainer.rundir import CONFUSION, CURVES, SUMMARY, RunDir
-from trainer.wandb_run import WandbRun
+from trainer.tracking.plots import plot_confusion, plot_curves
+from trainer.tracking.wandb_run import WandbRun
 
 
 class Tracker:

@@ -1,0 +1,45 @@
+"""shards/errors.py: one user-error base with its exit code, the one line of any error, --debug."""
+
+import pytest
+
+from shards.errors import EXIT_USAGE, DataError, UserError, first_line, report
+
+
+def test_a_user_error_carries_its_exit_code_and_line():
+    assert UserError("x — fix it").exit_code == EXIT_USAGE
+    assert UserError("x", exit_code=1).exit_code == 1
+    assert isinstance(DataError("shard gone"), UserError)
+
+
+@pytest.mark.parametrize(
+    "message, line",
+    [
+        ("one line — the fix", "one line — the fix"),
+        ("first\nsecond", "first"),
+        ("", "DataError"),
+        # A loader worker re-raises our error with the worker's traceback in the message.
+        (
+            "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1\nshards.errors.DataError: shard s-000001.tar is truncated — re-run make_shards',
+            "shard s-000001.tar is truncated — re-run make_shards",
+        ),
+    ],
+)
+def test_first_line(message, line):
+    assert first_line(DataError(message)) == line
+
+
+def test_report_is_one_line_unless_debugging(capsys, monkeypatch):
+    monkeypatch.delenv("SE_DENSENET_DEBUG", raising=False)
+    try:
+        try:
+            raise OSError("the cause")
+        except OSError as cause:
+            raise DataError("cannot read it — retry") from cause
+    except DataError as e:
+        report(e)
+        assert capsys.readouterr().err == "error: cannot read it — retry\n"
+        monkeypatch.setenv("SE_DENSENET_DEBUG", "1")
+        report(e)
+        err = capsys.readouterr().err
+    assert "OSError: the cause" in err and "direct cause" in err and err.endswith("error: cannot read it — retry\n")

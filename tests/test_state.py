@@ -1,0 +1,88 @@
+"""trainer/state.py: the training state saved and restored whole, the lr changed on resume, the RNGs."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from trainer.config import OptimConfig, ScheduleConfig, load_config
+from trainer.optim import make_optimizer, make_scheduler, param_groups
+from trainer.state import TrainState, build_model, rng_state, set_rng_state, use_new_lr
+
+TINY = [
+    "data.shards=s",
+    "run.dir=r",
+    "model.block_config=[1,1]",
+    "model.growth_rate=4",
+    "model.num_init_features=8",
+    "model.small_inputs=true",
+    "train.epochs=2",
+    "train.batch_size=4",
+]
+
+
+def trained_state(seed: int, steps: int) -> TrainState:
+    torch.manual_seed(seed)
+    config = load_config(None, [*TINY, "train.ema=true"])
+    state = TrainState(config, build_model(config, 3), Accelerator(cpu=True), steps_per_epoch=5)
+    state.prepare()
+    for _ in range(steps):
+        loss = state.model(torch.randn(4, 3, 8, 8)).logsumexp(1).mean()
+        loss.backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        state.scheduler.step()
+        state.progress.step += 1
+        state.progress.batch += 1
+    return state
+
+
+def test_a_state_loads_back_whole_into_a_fresh_one():
+    saved = trained_state(0, steps=3).state_dict(classes=["a", "b", "c"])
+    fresh = trained_state(1, steps=0)
+    fresh.load_state_dict(saved, batches=5)
+    again = fresh.state_dict(classes=["a", "b", "c"])
+    assert all(torch.equal(again["model"][k], v) for k, v in saved["model"].items())
+    assert again["scheduler"]["last_epoch"] == saved["scheduler"]["last_epoch"] == 3
+    assert again["progress"] == saved["progress"] and fresh.progress.step == 3
+    assert fresh.optimizer.state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
+
+
+def test_another_world_size_resumes_after_the_same_samples_at_an_optimizer_step():
+    saved = trained_state(0, steps=3).state_dict(classes=["a", "b", "c"])
+    saved["world"] = 4  # 3 batches of 4 on 4 processes: 48 samples, 12 batches of 4 on this one
+    fresh = trained_state(1, steps=0)
+    fresh.load_state_dict(saved, batches=5)
+    assert fresh.progress.batch == 5  # capped at the epoch's length
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    expected = torch.rand(3)
+    torch.rand(5)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_changed_lr_applies_from_the_checkpoint_on():
+    def build(lr):
+        model = torch.nn.Linear(2, 2)
+        optim = OptimConfig(name="sgd", lr=lr)
+        optimizer = make_optimizer(param_groups(model, optim), optim)
+        return optimizer, make_scheduler(optimizer, ScheduleConfig(warmup_epochs=1), steps_per_epoch=4, epochs=3)
+
+    optimizer, scheduler = build(0.1)
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+
+    optimizer, scheduler = build(0.01)  # the user lowered optim.lr, then started the same command
+    wanted = [group["initial_lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    use_new_lr(optimizer, scheduler, wanted, verbose=False)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.01 * factor] * len(wanted))
+    assert scheduler.get_last_lr() == [group["lr"] for group in optimizer.param_groups]
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * scheduler.lr_lambdas[0](7))
