@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import accelerate_launch, s3_fs, s3_server  # noqa: F401 -- s3_*: test_store_e2e imports them from here
+from tests.harness import accelerate_launch
 
 REPO = Path(__file__).resolve().parent.parent
 # A model small enough that a 2-process CPU epoch over the 1,618 digits takes seconds.

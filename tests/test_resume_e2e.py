@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 from shards import failpoints
 from shards.errors import EXIT_PREEMPTED
 from tests.conftest import EXACT, kill_group, run_training, start_training, wait_for, worker_pids
-from trainer import checkpoint, main
-from trainer.runtime import StopFlag
+from trainer import checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +67,8 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(digits_shards,
     finally:
         kill_group(process, signal.SIGKILL)
         process.wait(timeout=60)
-    path, state, _ = checkpoint.load_newest(run_dir / "checkpoints", rank=0)
+    path = checkpoint.complete_checkpoints(run_dir / "checkpoints")[-1]
+    state, _ = checkpoint.read(path)
     assert path.name == "ckpt-000000007" and state["progress"]["step"] == 7
     resumed = run_training(overrides + ["train.epochs=1"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -91,7 +91,8 @@ def test_signal_checkpoints_and_exits_with_the_preempted_code(digits_shards, tmp
         kill_group(process, signal.SIGKILL)
     assert f"exitcode  : {EXIT_PREEMPTED}" in output or process.returncode == EXIT_PREEMPTED, output[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
-    path, state, _ = checkpoint.load_newest(run_dir / "checkpoints", rank=0)
+    path = checkpoint.complete_checkpoints(run_dir / "checkpoints")[-1]
+    state, _ = checkpoint.read(path)
     # Held after step 3, woken by the signal: the stop is agreed at the next check (every 5 steps).
     assert path.name == "ckpt-000000005" and state["progress"]["step"] == 5
     assert f"checkpoint {path} (epoch 1, step 5)" in output
@@ -106,7 +107,7 @@ def test_second_sigterm_exits_at_once(digits_shards, tmp_path):
         process.send_signal(signal.SIGTERM)  # the first: checkpoint at the next stop check (step 5)
         wait_for(lambda: (tmp_path / "release.paused").exists(), timeout=300, process=process)
         assert (tmp_path / "release.paused").read_text() == "5"
-        time.sleep(1.5)  # past StopFlag.REPEAT_AFTER_S: not an echo (the echo has a unit test below)
+        time.sleep(1.5)  # past StopFlag.REPEAT_AFTER_S: not an echo (the echo has a unit test in test_runtime.py)
         process.send_signal(signal.SIGTERM)  # deliberate, while the checkpoint write is stalled
         process.wait(timeout=30)
     finally:
@@ -114,36 +115,6 @@ def test_second_sigterm_exits_at_once(digits_shards, tmp_path):
     assert process.returncode == 128 + signal.SIGTERM
     assert not checkpoint.complete_checkpoints(run_dir / "checkpoints")  # the stalled write never completed
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
-
-
-class Exited(Exception):
-    pass
-
-
-def test_a_sigterm_echo_is_not_a_second_sigterm(monkeypatch):
-    """StopFlag's handler, called directly on a fake clock: a repeat within REPEAT_AFTER_S (Slurm's
-    and the launcher's copies of one SIGTERM) only asks to stop; a later one exits at once."""
-    now, said = [100.0], []
-    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the test process keeps its own handlers
-
-    def exit_(code):
-        raise Exited(code)
-
-    monkeypatch.setattr(main, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
-    monkeypatch.setattr(main, "os", type("Os", (), {"_exit": staticmethod(exit_)}))
-    stop = StopFlag()
-    stop.before_exit = lambda: said.append("status written")
-    stop._handle(signal.SIGUSR1, None)  # USR1: a request, never an exit
-    assert stop.requested and stop.first_term is None
-    stop._handle(signal.SIGTERM, None)
-    assert stop.requested and stop.first_term == 100.0
-    now[0] += StopFlag.REPEAT_AFTER_S * 0.9
-    stop._handle(signal.SIGTERM, None)  # the echo
-    assert stop.first_term == 100.0 and not said
-    now[0] = 100.0 + StopFlag.REPEAT_AFTER_S + 0.1
-    with pytest.raises(Exited) as exited:
-        stop._handle(signal.SIGTERM, None)  # deliberate
-    assert exited.value.args == (128 + signal.SIGTERM,) and said == ["status written"]
 
 
 def test_resumed_run_continues_the_same_wandb_run(digits_shards, tmp_path):

@@ -1,14 +1,16 @@
 """trainer/runtime.py: precision and compile as settled between the config and `accelerate launch`,
 the accelerator it makes, and the ranks' collectives on one process."""
 
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from shards.errors import UserError
+from trainer import runtime
 from trainer.config import ConfigError, load_config
-from trainer.runtime import any_rank, gather_to_main, make_accelerator, resolve_launch, settle_launch
+from trainer.runtime import StopFlag, any_rank, gather_to_main, make_accelerator, resolve_launch, settle_launch
 
 REQUIRED = ["data.shards=s", "run.dir=r"]
 
@@ -131,3 +133,33 @@ def test_collectives_on_one_process_are_the_identity():
 
     assert any_rank(True, One()) and not any_rank(False, One())
     assert gather_to_main([1, 2], One()) == [1, 2]
+
+
+class Exited(Exception):
+    pass
+
+
+def test_a_sigterm_echo_is_not_a_second_sigterm(monkeypatch):
+    """StopFlag's handler, called directly on a fake clock: a repeat within REPEAT_AFTER_S (Slurm's
+    and the launcher's copies of one SIGTERM) only asks to stop; a later one exits at once."""
+    now, said = [100.0], []
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the test process keeps its own handlers
+
+    def exit_(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(runtime, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    monkeypatch.setattr(runtime, "os", type("Os", (), {"_exit": staticmethod(exit_)}))
+    stop = StopFlag()
+    stop.before_exit = lambda: said.append("status written")
+    stop._handle(signal.SIGUSR1, None)  # USR1: a request, never an exit
+    assert stop.requested and stop.first_term is None
+    stop._handle(signal.SIGTERM, None)
+    assert stop.requested and stop.first_term == 100.0
+    now[0] += StopFlag.REPEAT_AFTER_S * 0.9
+    stop._handle(signal.SIGTERM, None)  # the echo
+    assert stop.first_term == 100.0 and not said
+    now[0] = 100.0 + StopFlag.REPEAT_AFTER_S + 0.1
+    with pytest.raises(Exited) as exited:
+        stop._handle(signal.SIGTERM, None)  # deliberate
+    assert exited.value.args == (128 + signal.SIGTERM,) and said == ["status written"]

@@ -4,6 +4,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from trainer import checkpoint
+from trainer.checkpoint import CheckpointError
 from trainer.config import OptimConfig, ScheduleConfig, load_config
 from trainer.optim import make_optimizer, make_scheduler, param_groups
 from trainer.state import TrainState, build_model, rng_state, set_rng_state, use_new_lr
@@ -86,3 +88,34 @@ def test_a_changed_lr_applies_from_the_checkpoint_on():
     assert scheduler.get_last_lr() == [group["lr"] for group in optimizer.param_groups]
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * scheduler.lr_lambdas[0](7))
+
+
+def save(state: TrainState, root, step: int) -> None:
+    parts = (state.state_dict(["a", "b", "c"]), {"rng": rng_state()})
+    checkpoint.save(root, step, parts, rank=0, agree=lambda failed: failed, keep=5)
+
+
+def test_resume_skips_a_damaged_checkpoint_in_one_line_and_takes_the_one_before(tmp_path, capsys):
+    trained = trained_state(0, steps=2)
+    save(trained, tmp_path, 2)
+    trained.progress.step = 3
+    save(trained, tmp_path, 3)
+    rank_file = tmp_path / "ckpt-000000003" / "rank0.pt"
+    size = rank_file.stat().st_size
+    rank_file.write_bytes(rank_file.read_bytes()[:10])
+    fresh = trained_state(1, steps=0)
+    assert fresh.resume(tmp_path, ["a", "b", "c"], batches=5) == tmp_path / "ckpt-000000002"
+    assert fresh.progress.step == 2
+    assert capsys.readouterr().out.splitlines() == [
+        f"note: checkpoint ckpt-000000003: rank0.pt is truncated (10 of {size} bytes) — skipped; "
+        "resuming from ckpt-000000002 instead"
+    ]
+
+
+def test_resume_refuses_when_no_checkpoint_there_can_be_used(tmp_path):
+    fresh = trained_state(1, steps=0)
+    assert fresh.resume(tmp_path, ["a", "b", "c"], batches=5) is None  # nothing there yet: a new run
+    save(trained_state(0, steps=1), tmp_path, 1)
+    (tmp_path / "ckpt-000000001" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"^no checkpoint in .* can be used \(ckpt-000000001: state.pt is "):
+        fresh.resume(tmp_path, ["a", "b", "c"], batches=5)

@@ -21,11 +21,10 @@ from tests.conftest import (
     kill_group,
     make_shards_to,
     run_training,
-    s3_fs,
-    s3_server,
     start_training,
     wait_for,
 )
+from tests.harness import s3_fs, s3_server
 from trainer import checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -218,7 +217,8 @@ def test_a_store_that_goes_away_is_retried_then_one_line_and_the_checkpoint_surv
         "could not be read (endpoint unreachable" in output
         and "attempts) — check the network and AWS_ENDPOINT_URL" in output
     ), output[-3000:]
-    path, state, _ = checkpoint.load_newest(run_dir / "checkpoints", rank=0)
+    path = checkpoint.complete_checkpoints(run_dir / "checkpoints")[-1]
+    state, _ = checkpoint.read(path)
     assert state["progress"]["step"] >= 7
 
 

@@ -1,5 +1,7 @@
 """Transfer learning: start from a weights file, new head, optional freeze, head lr multiplier."""
 
+import pickle
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -52,3 +54,25 @@ def test_weights_of_an_unrelated_model_are_refused(tmp_path):
     config = load_config(None, SMALL + [f"model.pretrained={path}"])
     with pytest.raises(UserError, match="shares no weights"):
         build_model(config, num_classes=3)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", r"cannot be used \("),
+        (b"PK\x03\x04 not really a zip", r"cannot be used \("),
+        (pickle.dumps({"w": RunsCode()}), r"cannot be used \(not a weights file, or one holding more than tensors\)"),
+    ],
+)
+def test_a_pretrained_file_that_is_not_weights_is_one_line(tmp_path, capsys, content, reason):
+    path = tmp_path / "densenet121.pth"
+    path.write_bytes(content)
+    config = load_config(None, SMALL + [f"model.pretrained={path}"])
+    with pytest.raises(UserError, match=rf"^model.pretrained {path} {reason}.* — give a .pth or .safetensors DenseNet"):
+        build_model(config, 10)
+    assert "this ran" not in capsys.readouterr().out

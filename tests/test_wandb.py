@@ -131,3 +131,17 @@ def test_offline_segments_log_tables_data_and_each_model_version_once(tmp_path, 
     assert state["config"]["dataset"]["location"] == "s3://bucket/data"
     assert state["config"]["dataset"]["skipped_files"] == 1 and state["summary"]["data/skipped_files"] == 1
     assert state["summary"]["best_top1"] == 0.8 and state["summary"]["eval/top1"] == {"max": 0.8}
+
+
+def test_online_without_a_server_says_first_what_it_waits_for(tmp_path, monkeypatch, capsys):
+    from shards.errors import UserError
+    from trainer.tracking import wandb_run
+
+    monkeypatch.setattr(wandb_run, "INIT_TIMEOUT_S", 5.0)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing answers
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with pytest.raises(UserError, match=r"^wandb \(online\) could not start: .* — use wandb.mode=offline"):
+        wandb_run.start("online", tmp_path, project="p", id="abc")
+    assert capsys.readouterr().out.startswith(
+        "wandb: connecting to http://127.0.0.1:9 (up to 5 s; use wandb.mode=offline"
+    )

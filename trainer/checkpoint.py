@@ -3,16 +3,24 @@ the training state's business (trainer/state.py); this module only puts it on di
 
 A checkpoint is a directory `ckpt-<step>`: rank 0's `state.pt` (model, optimizer, scheduler,
 scaler, EMA, counters, config), one `rank<r>.pt` per rank (its RNG states), and a `COMPLETE`
-marker written last. It is assembled as `ckpt-<step>.tmp` and renamed only once complete and
-fsynced, so a crash at any moment leaves either the old set of checkpoints or the new one. Old
-checkpoints are pruned only after the new one is in place.
+marker written last, which records every file's size and sha256. It is assembled as
+`ckpt-<step>.tmp` and renamed only once complete and fsynced, so a crash at any moment leaves
+either the old set of checkpoints or the new one. Old checkpoints are pruned only after the new
+one is in place.
+
+A checkpoint folder is data, never code: its files are read only when their size and sha256 are
+the ones recorded, and then with `torch.load(weights_only=True)` (tensors and plain containers),
+so a pickle placed in a run dir cannot run, and a file changed after it was written is refused.
+Only folders named `ckpt-<digits>` count (a `ckpt-...50.bak` copy is ignored).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -22,11 +30,14 @@ from pathlib import Path
 import torch
 
 from shards import failpoints
-from shards.errors import UserError
+from shards.errors import UserError, first_line
 from trainer.rundir import writing
 from trainer.runtime import PeerFailed
 
 COMPLETE = "COMPLETE"
+STATE = "state.pt"
+NAME = re.compile(r"ckpt-(\d+)")  # the whole folder name
+MAX_MARKER_BYTES = 1 << 20
 
 
 class CheckpointError(UserError):
@@ -65,20 +76,24 @@ def save(
             tmp.mkdir()
 
     state, own = parts
+    files: dict[str, dict] = {}
 
     def write_parts() -> None:
         _write(tmp / f"rank{rank}.pt", own)
         if rank == 0:
-            _write(tmp / "state.pt", state)
+            files[STATE] = _write(tmp / STATE, state)
 
     def complete() -> None:
         if rank != 0:
             return
         if failpoints.ACTIVE and step >= failpoints.step("pause-checkpoint") > 0:
             failpoints.wait_for_release("paused", note=str(step))
+        for part in sorted(tmp.glob("rank*.pt")):  # every rank's, written before the barrier
+            files[part.name] = _digest(part.read_bytes())
         shutil.rmtree(final, ignore_errors=True)  # same step saved twice (end of epoch == every N)
+        marker = {"step": step, "epoch": state["epoch"], "time": time.time(), "files": files}
         with writing(tmp / COMPLETE):
-            (tmp / COMPLETE).write_text(json.dumps({"step": step, "epoch": state["epoch"], "time": time.time()}))
+            (tmp / COMPLETE).write_text(json.dumps(marker))
         _fsync_dir(tmp)
         os.replace(tmp, final)
         _fsync_dir(root)
@@ -90,7 +105,8 @@ def save(
     return final if rank == 0 else None
 
 
-def _write(path: Path, obj: dict) -> None:
+def _write(path: Path, obj: dict) -> dict:
+    """-> the file's size and sha256, as COMPLETE records them."""
     # Serialised in memory first: torch.save's own writer turns a full disk into an opaque RuntimeError.
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -98,6 +114,11 @@ def _write(path: Path, obj: dict) -> None:
         f.write(buffer.getbuffer())
         f.flush()
         os.fsync(f.fileno())
+    return _digest(buffer.getbuffer())
+
+
+def _digest(data) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,11 +130,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (`ckpt-<digits>` with their marker), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if NAME.fullmatch(p.name) and p.is_dir() and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
 
 
 def prune(root: Path, keep: int) -> None:
@@ -121,16 +142,48 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_newest(root: Path, rank: int) -> tuple[Path, dict, dict | None] | None:
-    """The newest checkpoint that loads: (path, shared state, this rank's RNG or None). Broken ones are skipped."""
-    for path in reversed(complete_checkpoints(root)):
-        try:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-            rank_file = path / f"rank{rank}.pt"
-            rank_state = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.exists() else None
-            return path, state, rank_state
-        except Exception as e:  # a torn or corrupted file: fall back to the one before
-            warnings.warn(
-                f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); trying the previous one", stacklevel=2
-            )
-    return None
+def read(path: Path, rank: int | None = None) -> tuple[dict, dict | None]:
+    """(shared state, this rank's own state or None) of one checkpoint, each file checked against
+    the size and sha256 its marker recorded before it is loaded. CheckpointError says why not."""
+    files = _recorded(path)
+    state = _load(path, STATE, files)
+    own = f"rank{rank}.pt"
+    # A rank the checkpoint's job did not have (the world grew) starts its RNG from the seed.
+    return state, _load(path, own, files) if rank is not None and own in files else None
+
+
+def _recorded(path: Path) -> dict[str, dict]:
+    try:
+        with open(path / COMPLETE, "rb") as f:
+            marker = json.loads(f.read(MAX_MARKER_BYTES))
+        files = marker["files"]
+        assert isinstance(files, dict) and STATE in files
+        return files
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        reason = (
+            "it records no checksums (written by an older version)"
+            if isinstance(e, KeyError)
+            else "its COMPLETE marker is unreadable"
+        )
+        raise CheckpointError(f"{path.name}: {reason}") from e
+
+
+def _load(path: Path, name: str, files: dict[str, dict]):
+    expected = files.get(name)
+    if not isinstance(expected, dict) or not isinstance(expected.get("size"), int):
+        raise CheckpointError(f"{path.name}: {name} is not recorded in its COMPLETE marker")
+    try:
+        with open(path / name, "rb") as f:
+            data = f.read(expected["size"] + 1)  # never more than was written, whatever is there now
+    except OSError as e:
+        raise CheckpointError(f"{path.name}: {name} cannot be read ({e.strerror})") from e
+    if len(data) < expected["size"]:
+        raise CheckpointError(f"{path.name}: {name} is truncated ({len(data)} of {expected['size']} bytes)")
+    if len(data) > expected["size"] or _digest(data)["sha256"] != expected.get("sha256"):
+        raise CheckpointError(f"{path.name}: {name} changed after it was written (its sha256 differs)")
+    try:
+        with warnings.catch_warnings():  # torch's advice is about pickles; our line says what happened
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a file that matches its checksum but holds more than tensors and containers
+        raise CheckpointError(f"{path.name}: {name} cannot be loaded as data ({first_line(e)[:160]})") from e

@@ -289,7 +289,17 @@ def _exit_if_closing(signum, frame) -> None:
 PREFETCH_FACTOR = 4
 
 
+def loader_workers(asked: int) -> tuple[int, str | None]:
+    """data.workers, at most the cores this process may run on: more cannot decode faster, and a slip
+    like 1000 would fork hundreds of processes. -> (workers, a note when it was lowered)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked <= cores:
+        return asked, None
+    return cores, f"note: {asked} loader workers asked for, but this process can use {cores} cores — starting {cores}"
+
+
 def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory: bool) -> DataLoader:
+    workers, _ = loader_workers(workers)
     if isinstance(order, TrainOrder):
         order.lookahead = workers * PREFETCH_FACTOR
     return DataLoader(

@@ -26,7 +26,7 @@ import torch
 from shards.errors import UserError
 from shards.format import MANIFEST
 from shards.store import is_url, redact
-from trainer.data import EvalOrder, ShardDataset, make_loader, open_shards, split_reader
+from trainer.data import EvalOrder, ShardDataset, loader_workers, make_loader, open_shards, split_reader
 from trainer.inference import LabelledImages, Trained, add_debug_flag, labelled_images, load_trained, run_cli
 from trainer.loop import evaluate
 from trainer.metrics import format_table, summarize
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     batch_size = args.batch_size or config.train.batch_size
     workers = config.data.workers if args.workers is None else args.workers
+    if accelerator.is_main_process and (note := loader_workers(workers)[1]):
+        print(note, file=sys.stderr)
     loader = make_loader(
         dataset, EvalOrder(len(dataset), batch_size, rank, world), workers, accelerator.device.type == "cuda"
     )

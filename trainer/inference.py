@@ -146,22 +146,41 @@ def resolve_weights(run_dir: Path, which: str) -> tuple[Path, str]:
             raise UserError(f"{run_dir} has no {WEIGHTS[which]} ({hint}) — train further, or pass --checkpoint last")
         return path, which
     if which == "last":
-        found = checkpoint.complete_checkpoints(run_dir / CHECKPOINTS)
-        if not found:
-            raise UserError(
-                f"{run_dir} has no complete checkpoint in checkpoints/ — train first, or pass --checkpoint best|final"
-            )
-        return found[-1] / "state.pt", "last"
+        return newest_usable(run_dir) / checkpoint.STATE, "last"
     path = Path(which)
-    if path.is_dir() and (path / "state.pt").is_file():
-        path = path / "state.pt"
+    if path.is_dir() and (path / checkpoint.STATE).is_file():
+        path = path / checkpoint.STATE
     if not path.is_file():
         raise UserError(f"checkpoint {which} not found — pass best, last, final or the path of a weights file")
-    return path, path.parent.name if path.name == "state.pt" else path.stem
+    return path, path.parent.name if path.name == checkpoint.STATE else path.stem
+
+
+def newest_usable(run_dir: Path) -> Path:
+    """The newest checkpoint whose files match their checksums; each damaged one is a note line."""
+    found = checkpoint.complete_checkpoints(run_dir / CHECKPOINTS)
+    if not found:
+        raise UserError(
+            f"{run_dir} has no complete checkpoint in checkpoints/ — train first, or pass --checkpoint best|final"
+        )
+    skipped = []
+    for path in reversed(found):
+        try:
+            checkpoint.read(path)
+        except checkpoint.CheckpointError as e:
+            skipped.append(first_line(e))
+            continue
+        for why in skipped:
+            print(f"note: checkpoint {why} — skipped; using {path.name} instead", file=sys.stderr)
+        return path
+    raise UserError(
+        f"no checkpoint in {run_dir / CHECKPOINTS} can be used ({'; '.join(skipped)}) — pass --checkpoint best|final"
+    )
 
 
 def read_weights(path: Path) -> tuple[dict, str | None, list[str] | None]:
     """(state dict, fingerprint, classes); the last two None when the file does not record them."""
+    if path.name == checkpoint.STATE and (path.parent / checkpoint.COMPLETE).is_file():
+        return checkpoint_weights(checkpoint.read(path.parent)[0])  # checked against its checksums
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:
@@ -180,7 +199,11 @@ def read_weights(path: Path) -> tuple[dict, str | None, list[str] | None]:
         raise UserError(f"{path} is not a state dict — pass a .safetensors, .pt or checkpoint folder")
     if "fingerprint" not in state:
         return state, None, None
-    # A training checkpoint: with EMA on, the averaged weights are the ones the trainer evaluated.
+    return checkpoint_weights(state)
+
+
+def checkpoint_weights(state: dict) -> tuple[dict, str | None, list[str] | None]:
+    """A training checkpoint's weights: with EMA on, the averaged ones, which the trainer evaluated."""
     weights = state.get("ema") or state["model"]
     weights = {k: v for k, v in weights.items() if k != "n_averaged"}
     return weights, state["fingerprint"], state.get("classes")

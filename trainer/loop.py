@@ -21,7 +21,7 @@ from shards import failpoints
 from shards.errors import UserError
 from trainer import checkpoint
 from trainer.config import Config, to_dict, to_yaml
-from trainer.data import Loaders, build_loaders, mix_seed, open_shards
+from trainer.data import Loaders, build_loaders, loader_workers, mix_seed, open_shards
 from trainer.meters import STARTUP, TrainWindow, best_eval, images_per_second, mean_throughput
 from trainer.metrics import EvalSums, ShownSamples, summarize
 from trainer.nonfinite import assert_finite, update_ema
@@ -94,7 +94,7 @@ def fit(job: Job) -> str:
 
 
 def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
-    """Shards -> run dir files -> loaders -> model and its state (resumed) -> tracker."""
+    """Shards -> loaders -> model and its state (resumed) -> run dir files -> tracker."""
     config, accelerator = job.config, job.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(mix_seed(config.train.seed, rank))
@@ -104,17 +104,9 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
     manifest = source.manifest
     job.classes = manifest.classes
     mean, std = normalization(config.data, manifest.mean, manifest.std)
-    if accelerator.is_main_process:
-        preprocessing = {
-            "mean": mean,
-            "std": std,
-            "image_size": config.data.image_size,
-            "crop_pct": config.data.crop_pct,
-        }
-        job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume)
-        job.run.set_status("running")
-    accelerator.wait_for_everyone()
     loaders = build_loaders(config, source, mean, std, rank, world, accelerator.device.type == "cuda")
+    if accelerator.is_main_process and (note := loader_workers(config.data.workers)[1]):
+        print(note, flush=True)
     if accelerator.is_main_process and not loaders.train.dataset.reader.has_index:
         print(
             f"note: the shards at {source.shown} have no sample index, so every loader process scans their tar "
@@ -126,8 +118,20 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
         config, build_model(config, len(job.classes)), accelerator, inputs.batches // config.train.grad_accum
     )
     resumed = state.resume(job.run.file(CHECKPOINTS), job.classes, inputs.batches) if config.train.resume else None
-    if resumed is not None and accelerator.is_main_process:
-        print(f"resuming from {resumed} (epoch {state.progress.epoch + 1}, step {state.progress.step})", flush=True)
+    # Only now, with the resume accepted, does anything in the run dir change: a refused one leaves
+    # a finished run's config.yaml and status.json as they were.
+    if accelerator.is_main_process:
+        if resumed is not None:
+            print(f"resuming from {resumed} (epoch {state.progress.epoch + 1}, step {state.progress.step})", flush=True)
+        preprocessing = {
+            "mean": mean,
+            "std": std,
+            "image_size": config.data.image_size,
+            "crop_pct": config.data.crop_pct,
+        }
+        job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume)
+        job.run.set_status("running")
+    accelerator.wait_for_everyone()
     state.prepare()
     step = state.progress.step if state.progress.step or state.progress.epoch else None
     job.tracker = Tracker(config, job.classes, accelerator.is_main_process, step, source)

@@ -103,7 +103,7 @@ def train(config: Config) -> int:
             # launcher) before status.json is written, and the main process alone says why.
             accelerator.wait_for_everyone()
             if not accelerator.is_main_process:
-                raise PeerFailed() from None
+                raise PeerFailed(explained[0] if explained else EXIT_FAILURE) from None
         raise
     run.set_status(state)
     accelerator.wait_for_everyone()  # no rank leaves while the main one still writes

@@ -97,6 +97,7 @@ class RunDir:
         self.path = path
         self.fd: int | None = None
         self.owned = False
+        self.started = False  # status.json says running: from here on it says how the run ended
 
     def lock(self) -> str | None:
         """Takes the lock before anything is written; returns a note when the file system has no locks."""
@@ -193,8 +194,9 @@ class RunDir:
     def set_status(self, state: str, reason: str | None = None) -> None:
         """completed | preempted | failed (with the one-line reason) | running. Best effort when the
         disk is full: the padded file is then rewritten in place, which needs no new block."""
-        if not self.owned:
-            return
+        if not self.owned or (state != "running" and not self.started):
+            return  # a run that never started leaves the status of the one before (a finished run stays so)
+        self.started = True
         status = {"state": state, "time": time.time(), **({"reason": reason[:1000]} if reason else {})}
         if state == "running":
             status.update(host=socket.gethostname(), pid=os.getpid())

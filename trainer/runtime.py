@@ -230,6 +230,15 @@ def gather_to_main(items: list, accelerator: Accelerator) -> list:
     return [item for part in parts or [] for item in part]
 
 
+def share_from_main(value, accelerator: Accelerator):
+    """The main process's value on every rank (a small picklable object)."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value if accelerator.is_main_process else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def close_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

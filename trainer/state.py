@@ -4,6 +4,7 @@ the run stands. One object, saved and restored through state_dict / load_state_d
 
 from __future__ import annotations
 
+import pickle
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,13 +13,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from shards.errors import UserError
+from shards.errors import UserError, first_line
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, to_dict
 from trainer.model import load_weights, se_densenet
 from trainer.nonfinite import StepGuard
 from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups, scaled_lr
+from trainer.runtime import any_rank, gather_to_main, share_from_main
 
 
 @dataclass
@@ -70,7 +72,14 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
 
 
 def _load_pretrained(model: torch.nn.Module, path: str) -> None:
-    report = load_weights(model, path, strict=False)
+    try:
+        report = load_weights(model, path, strict=False)
+    except Exception as e:  # missing, torn, another format, or a pickle holding more than tensors
+        unpickling = isinstance(e, pickle.UnpicklingError)  # torch's advice is to trust the file: no
+        reason = "not a weights file, or one holding more than tensors" if unpickling else first_line(e)
+        raise UserError(
+            f"model.pretrained {path} cannot be used ({reason}) — give a .pth or .safetensors DenseNet weights file"
+        ) from e
     expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
     loaded = len(expected) - len(report.missing)
     if loaded == 0:  # nothing matched: a wrong file, not a starting point
@@ -161,16 +170,40 @@ class TrainState:
         use_new_lr(self.optimizer, self.scheduler, wanted, self.accelerator.is_main_process)
 
     def resume(self, root: Path, classes: list[str], batches: int) -> Path | None:
-        """Loads the newest complete checkpoint under root, if any; returns its path."""
-        found = checkpoint.load_newest(root, self.accelerator.process_index)
-        if found is None:
-            return None
-        path, state, own = found
-        check_compatible(state, self.model.fingerprint(), classes, path)
-        self.load_state_dict(state, batches)
-        if own is not None:
-            set_rng_state(own["rng"])
-        return path
+        """Loads the newest checkpoint under root that every rank can read and verify; returns its
+        path (None: there is none yet). The ranks agree on each candidate before any loads it, so
+        one damaged rank file moves them all back together; each one skipped is one line."""
+        a = self.accelerator
+        candidates = share_from_main([p.name for p in reversed(checkpoint.complete_checkpoints(root))], a)
+        skipped = []
+        for name in candidates:
+            path, reason = root / name, None
+            try:
+                state, own = checkpoint.read(path, a.process_index)
+            except CheckpointError as e:
+                reason = first_line(e)
+            reasons = gather_to_main([reason] if reason else [], a)
+            if any_rank(reason is not None, a):
+                skipped.append(reasons[0] if reasons else name)
+                continue
+            try:
+                check_compatible(state, self.model.fingerprint(), classes, path)
+            except CheckpointError as e:
+                e.agreed = True  # every rank read the same verified file: the main process alone says so
+                raise
+            self.load_state_dict(state, batches)
+            if own is not None:
+                set_rng_state(own["rng"])
+            if a.is_main_process:
+                for why in skipped:
+                    print(f"note: checkpoint {why} — skipped; resuming from {path.name} instead", flush=True)
+            return path
+        if skipped:  # checkpoints there, none usable: starting over silently would bury them
+            raise CheckpointError(
+                f"no checkpoint in {root} can be used ({'; '.join(skipped)}) — restore one from a copy, "
+                "or set train.resume=false to start over (they are moved aside, not deleted)"
+            )
+        return None
 
 
 def use_new_lr(optimizer, scheduler, wanted: list[float], verbose: bool) -> None:
@@ -200,8 +233,11 @@ def check_compatible(state: dict, fingerprint: str, classes: list[str], path: Pa
 
 
 def rng_state() -> dict:
-    """This process's random number generators: what each rank saves beside the shared state."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's random number generators: what each rank saves beside the shared state, as
+    tensors and plain containers (a checkpoint loads with weights_only=True)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    numpy = [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]
+    state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -209,7 +245,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -109,6 +109,7 @@ class WandbRun:
 
 
 TRAINING_HINT = "use wandb.mode=offline and `wandb sync` later, or wandb.mode=disabled"
+INIT_TIMEOUT_S = 90.0  # wandb's own default, now said out loud
 
 
 def start(mode: str, run_dir: Path, hint: str = TRAINING_HINT, **init):
@@ -118,8 +119,12 @@ def start(mode: str, run_dir: Path, hint: str = TRAINING_HINT, **init):
     os.environ.setdefault("WANDB_DATA_DIR", str(run_dir.resolve() / WANDB))  # staging: see the module docstring
     argv = sys.argv
     sys.argv = [redact_text(arg) for arg in argv]  # wandb records the command line: no URL token goes with it
+    settings = wandb.Settings(init_timeout=INIT_TIMEOUT_S)
+    if mode == "online":  # without a network wandb waits silently for its timeout: say what for, first
+        server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        print(f"wandb: connecting to {server} (up to {INIT_TIMEOUT_S:.0f} s; {hint})", flush=True)
     try:
-        return wandb.init(dir=str(run_dir), mode=mode, resume="allow", **init)
+        return wandb.init(dir=str(run_dir), mode=mode, resume="allow", settings=settings, **init)
     except Exception as e:  # no login, no network, a bad entity: say so before any training
         raise UserError(f"wandb ({mode}) could not start: {first_line(e)} — {hint}") from e
     finally:

@@ -1,0 +1,76 @@
+"""A run dir's checkpoints as a hostile or unlucky user leaves them: 2 real gloo processes each."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import EXACT, REPO, cpu_env, run_training
+
+pytestmark = pytest.mark.e2e
+
+
+def copy_of(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("wandb", ".lock"))
+    return copy
+
+
+def errors(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+def test_a_damaged_rank_file_moves_every_rank_back_to_the_same_checkpoint(digits_shards, uninterrupted, tmp_path):
+    run_dir = copy_of(uninterrupted, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "ckpt-000000050")  # the newest is now 49: damage its rank 1 file
+    rank1 = run_dir / "checkpoints" / "ckpt-000000049" / "rank1.pt"
+    rank1.write_bytes(rank1.read_bytes()[:100])
+    (run_dir / "final.safetensors").unlink()
+    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT])
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: checkpoint")]
+    assert len(notes) == 1 and notes[0].startswith("note: checkpoint ckpt-000000049: rank1.pt is truncated (100 of ")
+    assert notes[0].endswith(" — skipped; resuming from ckpt-000000042 instead"), notes
+    assert "resuming from" in result.stdout and "ckpt-000000042 (epoch 2, step 42)" in result.stdout
+    expected, got = load_file(uninterrupted / "final.safetensors"), load_file(run_dir / "final.safetensors")
+    assert all(expected[name].equal(got[name]) for name in expected)  # both ranks went back together
+
+
+def test_a_refused_resume_leaves_the_finished_run_as_it_was(digits_shards, uninterrupted, tmp_path):
+    run_dir = copy_of(uninterrupted, tmp_path)
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "status.json", "metrics.jsonl")}
+    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT, "model.growth_rate=16"])
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr, result.stderr[-3000:]  # the launcher says 1
+    lines = errors(result.stderr)
+    assert len(lines) == 1 and " is of another model " in lines[0] and "use a new run.dir" in lines[0], lines
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    evaluate = subprocess.run(
+        [sys.executable, "-m", "trainer.evaluate", str(run_dir), "--workers", "0"],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]  # its own best weights still fit its config
+
+
+def test_evaluate_last_skips_a_checkpoint_changed_after_it_was_written(uninterrupted, tmp_path):
+    run_dir = copy_of(uninterrupted, tmp_path)
+    state = run_dir / "checkpoints" / "ckpt-000000050" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the zip: it still opens, the numbers are wrong
+    state.write_bytes(bytes(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.evaluate", str(run_dir), "--checkpoint", "last", "--workers", "0"],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "note: checkpoint ckpt-000000050: state.pt changed after it was written (its sha256 differs) — skipped; "
+        "using ckpt-000000049 instead"
+    ) in result.stderr
