@@ -24,6 +24,8 @@ POINTS = {
     "marker (writes its step to RELEASE.paused); without `release` it sleeps 600 s",
     "release": "FILE: whose existence ends a hold or a pause",
     "make-shards-pause": "FILE: make_shards touches FILE after its first shard is written, then sleeps 600 s",
+    "pause-outputs": "FILE: evaluate and predict touch FILE while their output is still a .tmp file (predict: "
+    "after its first batch's rows), then sleep 600 s, so a test interrupts them there",
 }
 WAIT_S = 600.0  # a test that forgets to release never hangs a process for longer
 
@@ -49,6 +51,14 @@ def steps(name: str) -> set[int]:
 
 def step(name: str) -> int:
     return int(ACTIVE.get(name) or 0)
+
+
+def pause(name: str) -> None:
+    """A point whose value is a FILE: touch it, then sleep WAIT_S (the test signals the process meanwhile)."""
+    flag = ACTIVE.get(name)
+    if flag:
+        Path(flag).touch()
+        time.sleep(WAIT_S)
 
 
 def wait_for_release(mark: str, give_up: Callable[[], bool] = lambda: False, note: str = "") -> None:

@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shards.errors import DataError, first_line
 from shards.format import MANIFEST, TIMM_INFO
+from shards.index import RECORD
 
 FORMAT_VERSION = 1
 MAKE_CMD = "python -m launch.make_shards SRC OUT"
+# A bound read before parsing: make_shards writes ~200 bytes a shard, so 64 MB is some 300,000
+# shards; a hostile or wrong file never costs more memory than this before it is refused.
+MAX_BYTES = 64 << 20
+MAX_INDEX_HEADER = 4096  # an index.npy is a .npy header (~200 bytes) and 16 bytes a sample
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass
@@ -98,18 +106,22 @@ class Manifest:
         if not path.is_file():
             raise DataError(f"{path} not found — make shards first with `{MAKE_CMD}`")
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read(MAX_BYTES + 1)  # never more, whatever the file is or becomes
         except OSError as e:
             raise DataError(f"{path} cannot be read ({e.strerror}) — check its permissions") from e
         return cls.parse(raw, str(path), root)
 
     @classmethod
     def parse(cls, raw: bytes, where: str, root: Path | None = None) -> Manifest:
-        """The manifest in ``raw`` (read from ``where``, named in errors); ``root`` is OUT when it
-        is a local folder."""
+        """The manifest in ``raw`` (read from ``where``, named in errors), checked like a config:
+        every name stays inside the dataset and every count adds up. ``root`` is OUT when it is a
+        local folder."""
+        if len(raw) > MAX_BYTES:
+            raise DataError(too_large(where))
         try:
             manifest = cls.from_dict(json.loads(raw.decode("utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
             reason = f"missing field {e}" if isinstance(e, KeyError) else first_line(e)
             raise DataError(f"{where} is not a valid manifest ({reason}) — re-run `{MAKE_CMD}`") from e
         manifest.root, manifest.sha256 = root, hashlib.sha256(raw).hexdigest()
@@ -117,36 +129,28 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
+        """The manifest in ``d``; ValueError (or KeyError: a missing field) naming the field that is wrong."""
         if not isinstance(d, dict):
             raise ValueError("top level is not an object")
-        if d.get("version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"format version {d['version']} is newer than this code reads ({FORMAT_VERSION})")
-        splits = {}
-        for name, s in d["splits"].items():
-            shards = [_shard_info(x) for x in s["shards"]]
-            index = _shard_info(s["index"]) if s.get("index") else None
-            split = SplitInfo(
-                int(s["num_samples"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards, index
-            )
-            if sum(x.samples for x in shards) != split.num_samples:
-                raise ValueError(f"split {name!r}: shard sample counts do not add up to num_samples")
-            splits[str(name)] = split
-        classes = [str(c) for c in d["classes"]]
-        mean, std = [float(x) for x in d["mean"]], [float(x) for x in d["std"]]
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError("mean and std must have 3 values (RGB)")
+        version = _count(d.get("version", FORMAT_VERSION), "version")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"format version {version} is newer than this code reads ({FORMAT_VERSION})")
+        splits = _typed(d["splits"], dict, "splits")
+        classes = [_typed(c, str, f"classes[{i}]") for i, c in enumerate(_typed(d["classes"], list, "classes"))]
+        if len(set(classes)) != len(classes):
+            raise ValueError("classes: a class is listed twice")
         return cls(
             classes=classes,
-            splits=splits,
-            mean=mean,
-            std=std,
-            options=dict(d.get("options", {})),
-            skipped=list(d.get("skipped", [])),
-            duplicates=list(d.get("duplicates", [])),
-            source=str(d.get("source", "")),
-            created=str(d.get("created", "")),
-            version=int(d.get("version", FORMAT_VERSION)),
-            prefix=str(d.get("prefix", "")),
+            splits={_plain_name(name, "splits"): _split(s, f"splits.{name}", classes) for name, s in splits.items()},
+            mean=_rgb(d["mean"], "mean"),
+            std=_rgb(d["std"], "std", positive=True),
+            options=_typed(d.get("options", {}), dict, "options"),
+            skipped=_typed(d.get("skipped", []), list, "skipped"),
+            duplicates=_typed(d.get("duplicates", []), list, "duplicates"),
+            source=_typed(d.get("source", ""), str, "source"),
+            created=_typed(d.get("created", ""), str, "created"),
+            version=version,
+            prefix=_prefix(d.get("prefix", "")),
         )
 
     def verify(self, split: str | None = None, checksum: bool = False) -> None:
@@ -161,8 +165,89 @@ class Manifest:
                     raise DataError(f"shard {path} is corrupted ({what}) — re-run `{MAKE_CMD}` with --overwrite")
 
 
-def _shard_info(x: dict) -> ShardInfo:
-    return ShardInfo(str(x["name"]), int(x["samples"]), int(x["bytes"]), str(x["sha256"]))
+def too_large(where: str) -> str:
+    return (
+        f"{where} is larger than a manifest can be ({MAX_BYTES >> 20} MB) — it is not make_shards' manifest.json: "
+        f"re-run `{MAKE_CMD}`"
+    )
+
+
+# Checks of one field each: the field's name goes into the message, the caller adds the manifest's.
+
+
+def _typed(value, kind: type, where: str):
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{where} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def _count(value, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{where} is {_short(value)}, not a count (a whole number, 0 or more)")
+    return value
+
+
+def _short(value) -> str:
+    """A value as a message shows it: a hostile manifest's 2 GB string is not printed whole."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _plain_name(name, where: str) -> str:
+    """A file or folder name that stays where it is put: no path, no '..', no URL scheme or drive."""
+    bad = not isinstance(name, str) or name in ("", ".", "..") or len(name) > 255
+    if bad or any(c in name for c in "/\\:\0"):
+        raise ValueError(f"{where} has {_short(name)}, which is not a plain file name inside the dataset")
+    return name
+
+
+def _prefix(value) -> str:
+    """'' or relative folders ending in '/' ('build-<id>/'), below the dataset's location."""
+    prefix = _typed(value, str, "prefix")
+    if prefix and (not prefix.endswith("/") or prefix.startswith("/")):
+        raise ValueError(f"prefix {_short(prefix)} is not a relative folder like 'build-<id>/' below the dataset")
+    for part in prefix.split("/")[:-1]:
+        _plain_name(part, "prefix")
+    return prefix
+
+
+def _rgb(value, where: str, positive: bool = False) -> list[float]:
+    values = _typed(value, list, where)
+    ok = len(values) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not ok or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        raise ValueError(f"{where} is {_short(values)}, not 3 {'positive ' if positive else ''}numbers (RGB)")
+    return [float(v) for v in values]
+
+
+def _shard_info(x: dict, where: str) -> ShardInfo:
+    _typed(x, dict, where)
+    _plain_name(x["name"], f"{where}.name")
+    sha = _typed(x["sha256"], str, f"{where}.sha256")
+    if not _SHA256.fullmatch(sha):  # it names the file in the node cache
+        raise ValueError(f"{where}.sha256 is {_short(sha)}, not 64 hex digits")
+    return ShardInfo(x["name"], _count(x["samples"], f"{where}.samples"), _count(x["bytes"], f"{where}.bytes"), sha)
+
+
+def _split(s: dict, where: str, classes: list[str]) -> SplitInfo:
+    _typed(s, dict, where)
+    shards = [
+        _shard_info(x, f"{where}.shards[{i}]") for i, x in enumerate(_typed(s["shards"], list, f"{where}.shards"))
+    ]
+    n = _count(s["num_samples"], f"{where}.num_samples")
+    if sum(x.samples for x in shards) != n:
+        raise ValueError(f"{where}.num_samples is {n} but its shards hold {sum(x.samples for x in shards)} samples")
+    counts = {
+        str(k): _count(v, f"{where}.class_counts.{k}")
+        for k, v in _typed(s["class_counts"], dict, f"{where}.class_counts").items()
+    }
+    if set(counts) - set(classes) or (counts and sum(counts.values()) != n):
+        raise ValueError(f"{where}.class_counts do not add up to num_samples ({n}) over the manifest's classes")
+    index = _shard_info(s["index"], f"{where}.index") if s.get("index") else None
+    if index is not None:
+        header = index.bytes - RECORD.itemsize * n  # the .npy header: the rest is one record per sample
+        if index.samples != n or not 0 < header <= MAX_INDEX_HEADER:
+            raise ValueError(f"{where}.index is {index.samples} samples in {index.bytes} bytes, not the split's {n}")
+    return SplitInfo(n, counts, shards, index)
 
 
 def _sha256_file(path: Path) -> str:

@@ -30,6 +30,8 @@ class SplitReader:
         for n in self.counts:
             self.starts.append(self.starts[-1] + n)
         self._scanned: dict[int, np.ndarray] = {}  # shards without a sample index
+        if files.cache is None:  # a local index is mapped, not read: its length is checked now, before any work
+            files.index()
 
     def __len__(self) -> int:
         return self.starts[-1]

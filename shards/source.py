@@ -24,7 +24,7 @@ from shards.cache import SUBDIR, Entry, ShardCache, default_dir
 from shards.errors import DataError
 from shards.format import INDEX_NAME, MANIFEST
 from shards.index import load_index
-from shards.manifest import Manifest
+from shards.manifest import MAX_BYTES, Manifest
 from shards.store import Store
 
 MIN_LIMIT_SHARDS = 4  # a cache_limit below this many of the largest shard cannot overlap fetching and reading
@@ -51,7 +51,8 @@ class ShardSource:
         if self.store.local is not None:
             self.manifest = Manifest.load(self.store.local)
         else:
-            self.manifest = Manifest.parse(self.store.check(MANIFEST), self.store.show(MANIFEST))
+            raw = self.store.check(MANIFEST, limit=MAX_BYTES)  # parse refuses one that is longer
+            self.manifest = Manifest.parse(raw, self.store.show(MANIFEST))
         self.cache = None
         if self.store.local is None or options.dir is not None:
             root = Path(options.dir) / SUBDIR if options.dir else default_dir()

@@ -136,11 +136,15 @@ class Store:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def read_bytes(self, rel: str, retries: int | None = None) -> bytes:
+    def read_bytes(self, rel: str, retries: int | None = None, limit: int | None = None) -> bytes:
+        """The whole file; with a limit, at most limit + 1 bytes, whatever the server sends (the
+        caller tells a file that is too large by its length)."""
+
         def attempt() -> bytes:
-            if self.scheme == "pipe":
-                return self._pipe_bytes(rel)
-            return self.fs().cat_file(self._fs_path(rel))
+            if limit is None and self.scheme != "pipe":
+                return self.fs().cat_file(self._fs_path(rel))
+            with self._open(rel) as f:
+                return f.read() if limit is None else _read_up_to(f, limit + 1)
 
         return self._retried(rel, attempt, retries)
 
@@ -170,10 +174,6 @@ class Store:
         block = {"block_size": 0} if self.scheme in ("http", "https") else {}
         return self.fs().open(self._fs_path(rel), "rb", **block)
 
-    def _pipe_bytes(self, rel: str) -> bytes:
-        with self._open(rel) as f:
-            return f.read()
-
     def _fs_path(self, rel: str) -> str:
         url = self.url(rel)
         return url if self.scheme in ("http", "https") else self.fs()._strip_protocol(url)
@@ -196,10 +196,10 @@ class Store:
                     ) from None
                 time.sleep(min(30.0, BACKOFF_S * 2**tries))
 
-    def check(self, rel: str) -> bytes:
+    def check(self, rel: str, limit: int | None = None) -> bytes:
         """``rel`` (the manifest), read before any work, with one line for each way it can fail."""
         try:
-            return self.read_bytes(rel)
+            return self.read_bytes(rel, limit=limit)
         except DataError as e:
             if self.local is not None or self.scheme == "pipe":
                 raise
@@ -248,6 +248,15 @@ class Store:
         fs = self.fs()
         for rel in rels:
             self._retried(rel, lambda rel=rel: fs.rm_file(self._fs_path(rel)))
+
+
+def _read_up_to(f: BinaryIO, size: int) -> bytes:
+    """A stream may return less than asked for before its end (HTTP does): read on until size or EOF."""
+    parts, got = [], 0
+    while got < size and (chunk := f.read(min(CHUNK, size - got))):
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 # Exception class names (from botocore, aiohttp, google-auth, fsspec) by what they mean.

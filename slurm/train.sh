@@ -2,7 +2,7 @@
 # Train on N nodes x G GPUs: one srun task per node runs `accelerate launch` (slurm/node.sh).
 #
 #   sbatch [--nodes 4 --gpus-per-node 8 --cpus-per-task 32 --partition gpu --time 1-00:00:00] \
-#       slurm/train.sh configs/X.yaml [section.key=value ...]
+#       slurm/train.sh configs/X.yaml [section.key=value | --section.key=value | --section.key value ...]
 #
 # Knobs. sbatch flags override the #SBATCH lines below (so do SBATCH_PARTITION, SBATCH_TIMELIMIT,
 # SBATCH_GPUS_PER_NODE, SBATCH_SIGNAL, ...); these environment variables, set when you submit, are
@@ -41,9 +41,15 @@
 #SBATCH --output=%x-%j.out
 set -uo pipefail
 
-usage="usage: sbatch [sbatch options] slurm/train.sh configs/X.yaml [section.key=value ...]"
+usage="usage: sbatch [sbatch options] slurm/train.sh [--config] configs/X.yaml [section.key=value ...]"
 [ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
-CONFIG=$1; shift
+# Overrides pass through as given: section.key=value, --section.key=value or --section.key value
+# (trainer.config.normalize_overrides reads all three, here and in every trainer).
+case $1 in
+  --config) [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }; CONFIG=$2; shift 2 ;;
+  --config=*) CONFIG=${1#--config=}; shift ;;
+  *) CONFIG=$1; shift ;;
+esac
 JOB=${SLURM_JOB_ID:?not inside a Slurm job — $usage}
 
 find_repo() {  # sbatch runs a copy of this script from the spool: its own path is useless

@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
+from shards import failpoints
 from shards.format import image_field
 from shards.manifest import Manifest
-from tests.conftest import REPO, cpu_env, run_training
+from tests.conftest import REPO, cpu_env, run_training, wait_for
 from tests.harness import accelerate_launch
 from trainer import export
 from trainer.config import config_from_dict, to_dict
@@ -334,3 +337,105 @@ def test_bad_input_in_process(run_dir, bad, capsys, command, args, message):
     argv = [a.replace("RUN", str(run_dir)).replace("BAD", str(bad["root"])) for a in args]
     code = {"evaluate": evaluate, "predict": predict, "export": export}[command].main(argv)
     assert_one_line(code, capsys.readouterr().err, message)
+
+
+# Hostile inputs to predict: nothing that is not a regular file is opened, nothing above the limit
+# is read, any file name has its row; run in a subprocess, so that a hang is a failure, not a stuck suite.
+@pytest.fixture(scope="module")
+def hostile(folders, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("hostile")
+    folder = root / "inputs"
+    folder.mkdir()
+    good = sorted(folders["classes"].rglob("*.png"))[0]
+    shutil.copy(good, folder / "good.png")
+    shutil.copy(good, os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png"))  # not UTF-8
+    (folder / "big.png").write_bytes(good.read_bytes() + b"\0")  # one byte over --max-file-size
+    os.mkfifo(folder / "fifo.jpg")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "loop").symlink_to(".")  # a link to its own folder: walked once
+    os.mkfifo(root / "named.jpg")
+    return {"folder": folder, "fifo": root / "named.jpg", "limit": good.stat().st_size, "root": root}
+
+
+def test_predict_gives_hostile_files_an_error_row_and_never_hangs(run_dir, hostile):
+    out = hostile["root"] / "pred.csv"
+    args = [run_dir, hostile["folder"], hostile["fifo"], "--out", out, "--max-file-size", hostile["limit"]]
+    result = subprocess.run(
+        cli("predict", *args, "--checkpoint", "final", "--workers", "1"),
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "2 images predicted, 4 unreadable" in ok(result).stdout
+    _, rows = read_csv(out)
+    folder = str(hostile["folder"])
+    by_path = {row["path"]: row for row in rows}
+    assert list(by_path) == [f"{folder}/big.png", f"{folder}/caf\\xe9.png", f"{folder}/fifo.jpg"] + [
+        f"{folder}/good.png",
+        f"{folder}/zero.png",
+        str(hostile["fifo"]),
+    ]
+    assert by_path[f"{folder}/caf\\xe9.png"]["class"] == by_path[f"{folder}/good.png"]["class"] != ""
+    assert by_path[f"{folder}/caf\\xe9.png"]["error"] == ""
+    assert by_path[f"{folder}/big.png"]["error"].startswith("is larger than the file size limit")
+    assert by_path[f"{folder}/fifo.jpg"]["error"].startswith("is a FIFO (named pipe), not a regular file")
+    assert by_path[str(hostile["fifo"])]["error"].startswith("is a FIFO")
+    assert by_path[f"{folder}/zero.png"]["error"].startswith("is a character device, not a regular file")
+    assert all(row["class"] == "" for row in rows if row["error"])
+    assert not list(hostile["root"].glob("*.tmp"))
+
+
+def test_read_image_never_reads_past_the_limit_of_a_growing_file(tmp_path, monkeypatch):
+    from shards.errors import DataError
+
+    path = tmp_path / "growing.png"
+    path.write_bytes(b"x" * 10)
+    real_fstat = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 5, *real_fstat(fd)[7:])))
+    with pytest.raises(DataError, match="is larger than the file size limit of 8 bytes"):
+        read_image(path, max_bytes=8)  # stat said 5 bytes; 9 were read, and no more
+
+
+def interrupt(command: list, flag: Path) -> subprocess.CompletedProcess:
+    """Run ``command`` until it pauses with its output a .tmp file, then press Ctrl-C (SIGINT to its group)."""
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=cpu_env(**failpoints.env(pause_outputs=flag)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(flag.exists, 180, process)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def assert_interrupted(result: subprocess.CompletedProcess) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert lines == ["error: interrupted — no output was left half-written; run the command again"], result.stderr
+
+
+def test_ctrl_c_in_predict_is_one_line_and_keeps_the_old_csv(run_dir, folders, tmp_path):
+    out = tmp_path / "pred.csv"
+    out.write_text("the old predictions\n")
+    args = [run_dir, folders["classes"], "--out", out, "--batch-size", "4", "--workers", "1", "--checkpoint", "final"]
+    assert_interrupted(interrupt(cli("predict", *args), tmp_path / "paused"))
+    assert out.read_text() == "the old predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paused", "pred.csv"]
+
+
+def test_ctrl_c_in_evaluate_is_one_line_and_writes_nothing(run_dir, tmp_path):
+    before = sorted(p.name for p in (run_dir / "eval").iterdir()) if (run_dir / "eval").is_dir() else []
+    result = interrupt(cli("evaluate", run_dir, "--name", "ctrl-c", "--workers", "1"), tmp_path / "paused")
+    assert_interrupted(result)
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == before

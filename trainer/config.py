@@ -1,4 +1,5 @@
-"""The one typed training config: dataclass defaults <- YAML file <- `section.key=value` overrides.
+"""The one typed training config: dataclass defaults <- YAML file <- `section.key=value` overrides
+(also written `--section.key=value` or `--section.key value`, as a wandb sweep agent passes them).
 
 OmegaConf does the merging and type checking (unknown keys and wrong types are its errors);
 `validate` adds the value ranges. Every problem becomes a `ConfigError` whose message is one line
@@ -10,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -200,8 +202,9 @@ RANGES = {
 }
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, validated. Raises ConfigError (one line)."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides (any form `normalize_overrides` takes), validated.
+    Raises ConfigError (one line)."""
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if path is not None:
@@ -245,11 +248,38 @@ def _load_yaml(path: Path):
     return loaded
 
 
-def _parse_overrides(overrides: list[str]):
+# wandb's own config key: a requeued sweep run is started with `--_wandb={...}` (wandb#4237)
+WANDB_OWN_KEY = "_wandb"
+
+
+def normalize_overrides(args: Sequence[str]) -> list[str]:
+    """`section.key=value`, `--section.key=value` and `--section.key value` -> `section.key=value`,
+    in order, so a wandb sweep's `${args}`, `${args_no_hyphens}` and `${args_no_equals}` all work;
+    wandb's own `_wandb` key is dropped. Anything else is left for `_parse_overrides` to reject."""
+    args, out = list(args), []
+    while args:
+        item = args.pop(0)
+        if item.startswith("--"):
+            key, sep, _ = item[2:].partition("=")
+            if sep:
+                item = item[2:]
+            # the next word is the value even if it starts with "-" (-0.1), unless it is a flag itself
+            elif ("." in key or key == WANDB_OWN_KEY) and args and not args[0].startswith("--"):
+                item = f"{key}={args.pop(0)}"
+        if item.lstrip("-").partition("=")[0].split(".")[0] != WANDB_OWN_KEY:
+            out.append(item)
+    return out
+
+
+def _parse_overrides(overrides: Sequence[str]):
+    overrides = normalize_overrides(overrides)
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. optim.lr=0.1")
+            raise ConfigError(
+                f"override '{item}' must look like section.key=value (or --section.key=value, --section.key value), "
+                "e.g. optim.lr=0.1"
+            )
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as e:

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/e
 
 import torch
 
+from shards import failpoints
 from shards.errors import UserError
 from shards.format import MANIFEST
 from shards.store import is_url, redact
@@ -110,12 +111,20 @@ def eval_dataset(
 
 
 def write_outputs(out_dir: Path, name: str, record: dict, classes: list[str]) -> tuple[Path, Path]:
+    """<name>.json and <name>.png, each written as a .tmp and renamed, the record last: an
+    interrupted evaluation leaves neither a .tmp nor a half file behind."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, json_path)
-    plot_confusion(record["confusion"], classes, png_path)
+    json_tmp, png_tmp = out_dir / f"{name}.json.tmp", out_dir / f"{name}.tmp.png"  # savefig goes by the suffix
+    try:
+        json_tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        failpoints.pause("pause-outputs")
+        plot_confusion(record["confusion"], classes, png_tmp)
+        os.replace(png_tmp, png_path)
+        os.replace(json_tmp, json_path)
+    finally:
+        json_tmp.unlink(missing_ok=True)
+        png_tmp.unlink(missing_ok=True)
     return json_path, png_path
 
 

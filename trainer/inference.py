@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import sys
 import traceback
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from shards.errors import EXIT_USAGE, DataError, UserError, debugging, first_line, report
+from shards.errors import EXIT_INTERRUPTED, EXIT_USAGE, DataError, UserError, debugging, first_line, report
 from shards.format import SOURCE_EXTS, decode_rgb
 from trainer import checkpoint
 from trainer.config import Config, config_from_dict
@@ -56,6 +57,11 @@ def run_cli(run, args) -> int:
             traceback.print_exception(e, file=sys.stderr)
         print(f"error: {disk_error_line(e, None, 'it writes its outputs again')}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt as e:  # Ctrl-C: each command has removed its unfinished .tmp files on the way out
+        if debug:
+            traceback.print_exception(e, file=sys.stderr)
+        print("error: interrupted — no output was left half-written; run the command again", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         close_loaders()  # loader workers obey SIGTERM again, so the exit can stop them
 
@@ -219,12 +225,19 @@ def run_normalization(config: Config, run_dir: Path) -> tuple[list[float], list[
     return saved["mean"], saved["std"]
 
 
-def read_image(path: Path):
+MAX_FILE_BYTES = 256 * 10**6  # an image larger than this is refused unread (predict: --max-file-size)
+KINDS = {  # what a path is when it is not a regular file, as a row's error says it
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def read_image(path: Path, max_bytes: int = MAX_FILE_BYTES):
     """An 8-bit RGB image, or DataError naming the file and why it cannot be read."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path} cannot be read ({e.strerror or e})") from e
+    data = read_file(path, max_bytes)
     try:
         return decode_rgb(data)
     except Exception as e:  # any decoder failure means the same to the user: this file is not usable
@@ -237,10 +250,44 @@ def read_image(path: Path):
         raise DataError(f"{path} cannot be read as an image ({reason})") from e
 
 
+def read_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file (a symlink is followed) of at most ``max_bytes``. A FIFO, a
+    device or a socket is refused before it is opened: reading one would hang or never end."""
+    try:
+        kind = special(os.stat(path).st_mode)
+        if kind is None:  # a regular file, as far as stat saw; opened without blocking should it have changed since
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                info = os.fstat(f.fileno())
+                kind = special(info.st_mode)
+                data = f.read(max_bytes + 1) if kind is None and info.st_size <= max_bytes else b""
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or e})") from e
+    if kind is not None:
+        raise DataError(f"{path} is {kind}, not a regular file: not read")
+    if info.st_size > max_bytes or len(data) > max_bytes:
+        raise DataError(f"{path} is larger than the file size limit of {max_bytes:,} bytes: not read")
+    return data
+
+
+def special(mode: int) -> str | None:
+    """None for a regular file, else what it is."""
+    return None if stat.S_ISREG(mode) else KINDS.get(stat.S_IFMT(mode), "a special file")
+
+
 def image_files(root: Path) -> list[Path]:
-    """Image files under `root` by extension (any case), symlinks followed, in a stable order."""
-    found = []
+    """Image files under `root` by extension (any case), symlinks followed (each folder once, so
+    a link to a parent is no endless walk), in a stable order."""
+    found, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(folder)
+        except OSError:  # gone since it was listed: as os.walk skips what it cannot list
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(folder) / f for f in sorted(files) if f.rsplit(".", 1)[-1].lower() in SOURCE_EXTS]
     return found

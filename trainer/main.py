@@ -2,6 +2,8 @@
 
     accelerate launch trainer/main.py --config configs/demo.yaml [section.key=value ...]
 
+An override may also be written --section.key=value or --section.key value (a wandb sweep's ${args}).
+
 The entry point: arguments -> config -> accelerator -> the run dir claimed -> trainer.loop.fit, and
 how each way a run ends becomes an exit code, a line and status.json. Nothing imports this file.
 Add --debug (or set SE_DENSENET_DEBUG=1) to see the full traceback behind an error's line.
@@ -30,14 +32,10 @@ from trainer.runtime import PeerFailed, StopFlag, any_rank, make_accelerator, se
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file in configs/")
-    parser.add_argument("--debug", action="store_true", help="print the full traceback behind an error's line")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.1")
-    args = parser.parse_args(argv)
+    args, overrides = parse_args(argv)
     config = None
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
         return train(config)
     except BaseException as e:
         explained = explain(e, Path(config.run.dir) if config else None)
@@ -51,6 +49,22 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         close_loaders()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """--config and --debug; the rest, in order, are the overrides in any form load_config takes
+    (a wandb sweep agent's `--optim.lr=0.1`; its own `--_wandb=...` is ignored there). They come
+    from the command line, which `accelerate launch` gives every rank alike, so no rank depends on
+    wandb.config, which only rank 0's wandb run would see."""
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [-h] [--config YAML] [--debug] [section.key=value | --section.key=value | --section.key value ...]",
+        allow_abbrev=False,  # --de is not --debug: every word but these two is an override
+    )
+    parser.add_argument("--config", help="YAML file in configs/")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback behind an error's line")
+    return parser.parse_known_args(argv)
 
 
 def explain(e: BaseException, run_dir: Path | None) -> tuple[int, str] | None:

@@ -4,7 +4,10 @@
                               [--checkpoint best|last|final|PATH]
 
 Columns: path, class, probability (the top-1), top2_class, top2_probability, ... up to topK, error.
-A file that cannot be read gets a row with only its path and the error, and the run goes on.
+A file that cannot be read gets a row with only its path and the error, and the run goes on: so
+does one that is not a regular file (a FIFO, a device, a socket; a symlink to one), which is never
+opened, and one above --max-file-size, which is not read. A path that is not UTF-8 is written
+with its other bytes as \\xNN.
 Images are resized and centre-cropped as in validation, or with --letterbox padded to a square
 first so that nothing is cropped away. Needs only the run's config, classes and weights.
 """
@@ -20,8 +23,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shards import failpoints
 from shards.errors import DataError, UserError
-from trainer.inference import add_debug_flag, image_files, load_trained, read_image, run_cli
+from shards.source import parse_size
+from trainer.inference import Trained, add_debug_flag, image_files, load_trained, read_image, run_cli
 from trainer.rundir import PREDICTIONS
 
 
@@ -38,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--max-file-size",
+        default="256MB",
+        help="files larger than this get an error row and are not read (default: 256MB)",
+    )
     add_debug_flag(parser)
     return run_cli(run, parser.parse_args(argv))
 
@@ -45,13 +55,16 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.topk < 1 or args.batch_size < 1 or args.workers < 0:
         raise UserError("--topk and --batch-size must be at least 1 and --workers at least 0 — fix the option")
+    try:
+        max_bytes = parse_size(args.max_file_size)
+    except ValueError as e:
+        raise UserError(f"--max-file-size: {e}") from e
     device = pick_device(args.device)
     trained = load_trained(args.run_dir, args.checkpoint)
     files = list_inputs(args.images)
     k = min(args.topk, len(trained.classes))
-    model = trained.model.to(device)
     loader = DataLoader(
-        Images(files, trained.preset(args.letterbox)),
+        Images(files, trained.preset(args.letterbox), max_bytes),
         batch_size=args.batch_size,
         num_workers=args.workers,
         collate_fn=collate,
@@ -59,26 +72,49 @@ def run(args: argparse.Namespace) -> int:
     )
     out = args.out or args.run_dir / PREDICTIONS
     ranks = [f"top{i}_{field}" for i in range(2, k + 1) for field in ("class", "probability")]
-    header = ["path", "class", "probability", *ranks, "error"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")  # renamed when complete: an interrupted run leaves the old CSV as it was
-    failed = 0
-    with open(tmp, "w", newline="", encoding="utf-8") as f, torch.no_grad():
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for images, indices, errors in loader:  # batches come in file order; rows too, errors in place
-            rows = {i: [str(files[i])] + [""] * (2 * k) + [error] for i, error in errors}
+    failed = write_csv(out, ["path", "class", "probability", *ranks, "error"], rows(trained, loader, files, k, device))
+    print(f"{len(files) - failed} images predicted, {failed} unreadable; wrote {out}")
+    return 0
+
+
+def rows(trained: Trained, loader: DataLoader, files: list[Path], k: int, device: torch.device):
+    """Each batch's rows, in file order (errors in place), with how many of them are errors."""
+    model = trained.model.to(device)
+    with torch.no_grad():
+        for images, indices, errors in loader:
+            batch = {i: [shown(files[i])] + [""] * (2 * k) + [error] for i, error in errors}
             if len(images):
                 top = model(images.to(device, non_blocking=True)).float().softmax(1).topk(k, dim=1)
                 for i, p, c in zip(indices, top.values.tolist(), top.indices.tolist()):
-                    rows[i] = (
-                        [str(files[i])] + [v for j in range(k) for v in (trained.classes[c[j]], f"{p[j]:.6f}")] + [""]
-                    )
-            writer.writerows(rows[i] for i in sorted(rows))
-            failed += len(errors)
-    os.replace(tmp, out)
-    print(f"{len(files) - failed} images predicted, {failed} unreadable; wrote {out}")
-    return 0
+                    labels = [v for j in range(k) for v in (trained.classes[c[j]], f"{p[j]:.6f}")]
+                    batch[i] = [shown(files[i]), *labels, ""]
+            yield [batch[i] for i in sorted(batch)], len(errors)
+
+
+def write_csv(out: Path, header: list[str], batches) -> int:
+    """The CSV written to OUT.tmp and renamed when complete: however the run ends (an error,
+    Ctrl-C), an older OUT stays as it was and no .tmp is left. -> the number of error rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    failed = 0
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for n, (batch, errors) in enumerate(batches):
+                writer.writerows(batch)
+                failed += errors
+                if n == 0:
+                    failpoints.pause("pause-outputs")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return failed
+
+
+def shown(path: Path) -> str:
+    """A path as the CSV holds it: a name that is not UTF-8 keeps its other bytes as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,7 +132,7 @@ def list_inputs(paths: list[Path]) -> list[Path]:
             if not found:
                 raise UserError(f"folder {path} holds no image files — pass a folder with .jpg/.png/... files")
             files += found
-        elif path.is_file():
+        elif path.exists():  # a FIFO or a device too: its row says it is not a regular file
             files.append(path)
         else:
             raise UserError(f"{path} not found — pass existing image files or folders")
@@ -106,15 +142,15 @@ def list_inputs(paths: list[Path]) -> list[Path]:
 class Images(Dataset):
     """File i -> (tensor, i, None), or (None, i, why it cannot be read)."""
 
-    def __init__(self, files: list[Path], transform):
-        self.files, self.transform = files, transform
+    def __init__(self, files: list[Path], transform, max_bytes: int):
+        self.files, self.transform, self.max_bytes = files, transform, max_bytes
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(read_image(self.files[i])), i, None
+            return self.transform(read_image(self.files[i], self.max_bytes)), i, None
         except DataError as e:
             return None, i, str(e).removeprefix(f"{self.files[i]} ")
 
