@@ -15,8 +15,8 @@ prints the error's whole chained traceback before that line).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from launch import demo, report
+from launch import demo, outdir, report
 from launch.pack import Entry, ShardJob, write_shard
 from launch.parallel import Workers, default_workers
 from launch.publish import RemoteOut
-from launch.scan import SPLITS, Inspection, Listing, inspect_all, list_source
+from launch.scan import DEFAULT_MAX_FILE_BYTES, SPLITS, Inspection, Listing, inspect_all, list_source, printable
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
 from shards import errors, failpoints
 from shards.errors import UserError
@@ -43,6 +43,7 @@ DEFAULT_MIN_SHARDS = 16
 DEMO_MIN_SHARDS = 8  # 1,797 images: 8 shards still give 2 per loader worker for 2 ranks x 2 workers
 DEFAULT_SHARD_MB = 256.0
 PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, spelled out so --help can show it
+UNITS = {"": 1e6, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9}  # a bare number is MB
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,6 +87,24 @@ def _parser() -> _Parser:
         metavar="N",
         help=f"at least this many shards per split (default {DEFAULT_MIN_SHARDS}, demo {DEMO_MIN_SHARDS})",
     )
+    _add_filters(p)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty OUT (only once the new output is complete)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=default_workers(), metavar="N", help="processes (default: all cores available)"
+    )
+    p.add_argument(
+        "--resize-short", type=int, metavar="PX", help="re-encode images whose shorter side is above PX down to PX"
+    )
+    p.add_argument(
+        "--debug", action="store_true", help="on an error, print its full chained traceback before the one line"
+    )
+    return p
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    """The options that decide which files become samples."""
     p.add_argument("--min-side", type=int, metavar="PX", help="skip images whose shorter side is below PX")
     p.add_argument("--max-aspect", type=float, metavar="R", help="skip images whose long/short side ratio is above R")
     p.add_argument(
@@ -102,21 +121,27 @@ def _parser() -> _Parser:
         help="decompression-bomb limit (default Pillow's, 89478485)",
     )
     p.add_argument(
+        "--max-file-size",
+        type=file_size,
+        default=DEFAULT_MAX_FILE_BYTES,
+        metavar="SIZE",
+        help=f"skip files larger than this, unread, e.g. 64MB or 2GB (default {DEFAULT_MAX_FILE_BYTES // 10**6}MB)",
+    )
+    p.add_argument(
         "--skip-empty-classes", action="store_true", help="drop classes with no valid image instead of stopping"
     )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty OUT (only once the new output is complete)"
-    )
-    p.add_argument(
-        "--workers", type=int, default=default_workers(), metavar="N", help="processes (default: all cores available)"
-    )
-    p.add_argument(
-        "--resize-short", type=int, metavar="PX", help="re-encode images whose shorter side is above PX down to PX"
-    )
-    p.add_argument(
-        "--debug", action="store_true", help="on an error, print its full chained traceback before the one line"
-    )
-    return p
+
+
+def file_size(text: str) -> int:
+    """'256MB', '2GB', '500k', '1e9b' or a bare number of MB -> bytes."""
+    found = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    try:
+        size = int(float(found[1]) * UNITS[found[2]])
+    except (TypeError, KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size, e.g. 256MB or 2GB") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte, e.g. 256MB")
+    return size
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
@@ -155,6 +180,7 @@ def recorded_options(args: argparse.Namespace, layout: str) -> dict:
         "max_aspect": args.max_aspect,
         "max_per_class": args.max_per_class,
         "max_pixels": args.max_pixels,
+        "max_file_size": args.max_file_size,
         "skip_empty_classes": args.skip_empty_classes,
         "resize_short": args.resize_short,
     }
@@ -188,7 +214,7 @@ class Plan:
 
 def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     listing = list_source(src)
-    scan = inspect_all(listing, args.max_pixels, workers, _progress("scanning", "files", len))
+    scan = inspect_all(listing, args.max_pixels, args.max_file_size, workers, _progress("scanning", "files", len))
     reasons = dict(scan.reasons)
     for i in np.flatnonzero(scan.field >= 0).tolist():
         reason = _filter_reason(int(scan.width[i]), int(scan.height[i]), args)
@@ -203,7 +229,8 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     empty = [c for c, n in zip(listing.classes, counts) if n == 0]
     if empty and not args.skip_empty_classes:
         where = "training folder has" if listing.layout == "presplit" else "folder has"
-        names = ", ".join(repr(c) for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        names = ", ".join(f"'{printable(c)}'" for c in empty[:5]) + more
         raise UserError(
             f"class {names}: {where} no valid image — add images, remove the folder, or pass --skip-empty-classes"
         )
@@ -230,7 +257,8 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     for i in capped.tolist():
         reasons[i] = f"over --max-per-class {args.max_per_class}"
     skipped = [
-        {"path": listing.relpaths[i], "reason": reasons[i]} for i in sorted(reasons, key=lambda i: listing.relpaths[i])
+        {"path": printable(listing.relpaths[i]), "reason": reasons[i]}
+        for i in sorted(reasons, key=lambda i: listing.relpaths[i])
     ]
     kept = [c for c, n in zip(listing.classes, counts) if n > 0]
     duplicates = _duplicates(listing, scan, group, split)
@@ -269,9 +297,7 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
     """The shards and each split's sample index into ``stage`` (on every core); -> their manifest."""
     _check_keys(plan)
     splits, jobs = _lay_out(plan, stage, args)
-    results = workers.map(
-        write_shard, (_shard_job(plan, path, shard, args.resize_short) for path, shard in jobs), ahead=2
-    )
+    results = workers.map(write_shard, (_shard_job(plan, path, shard, args) for path, shard in jobs), ahead=2)
     total = sum(split.num_samples for split in splits.values())
     written = _progress("writing", "samples", lambda done: done[0].samples)(results, total)
     records = {name: [] for name in SPLITS}
@@ -329,7 +355,7 @@ def _lay_out(plan: Plan, stage: Path, args: argparse.Namespace) -> tuple[dict[st
     return splits, jobs
 
 
-def _shard_job(plan: Plan, path: str, shard: list[int], resize_short: int | None) -> ShardJob:
+def _shard_job(plan: Plan, path: str, shard: list[int], args: argparse.Namespace) -> ShardJob:
     listing, scan = plan.listing, plan.scan
     entries = [
         Entry(
@@ -345,7 +371,7 @@ def _shard_job(plan: Plan, path: str, shard: list[int], resize_short: int | None
         )
         for i in shard
     ]
-    return ShardJob(path, entries, resize_short)
+    return ShardJob(path, entries, args.resize_short, args.max_file_size)
 
 
 def _progress(desc: str, unit: str, weight=lambda item: 1):
@@ -368,31 +394,45 @@ def _progress(desc: str, unit: str, weight=lambda item: 1):
 
 def run(args: argparse.Namespace) -> str:
     src = None if args.demo else Path(args.paths[0])
-    if is_url(args.paths[-1]):  # object storage: checked now, built in a local temp folder, then uploaded
-        remote = RemoteOut(args.paths[-1], args.overwrite)
-        with tempfile.TemporaryDirectory(prefix="make_shards-") as tmp:
-            return build(args, src, Path(tmp) / "out", remote)
+    if is_url(args.paths[-1]):  # object storage: checked now, built in a local folder, then uploaded
+        work = outdir.scratch(args.paths[-1])
+        with outdir.claim(work / "out") as notes:  # before RemoteOut looks at what OUT holds, as below
+            remote = RemoteOut(args.paths[-1], args.overwrite)
+            _say(notes)
+            try:
+                return build(args, src, work / "out", remote)
+            finally:
+                outdir.clear(work)
     out = Path(args.paths[-1])
-    check_out(out, src, args.overwrite)
-    return build(args, src, out, None)
+    with outdir.claim(out) as notes:  # before check_out: a run that finished meanwhile is seen
+        _say(notes)
+        check_out(out, src, args.overwrite)
+        return build(args, src, out, None)
+
+
+def _say(notes: list[str]) -> None:
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
 
 
 def build(args: argparse.Namespace, src: Path | None, out: Path, remote: RemoteOut | None) -> str:
     """Scan, split and write into a staging folder beside ``out``, which then becomes OUT (or,
     with ``remote``, is uploaded to it)."""
-    shown = remote.shown if remote is not None else str(out)
+    shown = remote.shown if remote is not None else printable(str(out))
     with Workers(args.workers) as workers:
         if src is not None:
             plan = prepare(src, args, workers)  # every input error surfaces here, before anything is written
         with staging(out) as stage:
+            outdir.mark(stage)
             if src is None:  # the digits are written as an image folder: into OUT itself when it is local
                 images = (stage if remote is None else out.parent) / "images"
                 plan = prepare(demo.write_digits(images), args, workers)
                 src = out / "images" if remote is None else images
-            manifest = write(plan, stage, args, str(src.absolute()), workers)
+            manifest = write(plan, stage, args, printable(str(src.absolute())), workers)
             if remote is not None:
                 remote.place(manifest)
             text = finish(manifest, plan, stage, shown, args.min_shards)
+            outdir.unmark(stage)
             if remote is None:
                 publish(stage, out)
             else:

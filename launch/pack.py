@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from launch.scan import DEFAULT_MAX_FILE_BYTES, NotRead, read_source
 from shards.errors import DataError
 from shards.format import IMAGE_EXTS, encode_cls, encode_meta, to_rgb
 from shards.manifest import ShardInfo
 from shards.writer import ShardWriter
 
 PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
+RERUN = "re-run once nothing writes to SRC"
 SAVE_ARGS = {"jpg": ("JPEG", {"quality": 90}), "png": ("PNG", {}), "webp": ("WEBP", {"quality": 90})}
 
 
@@ -43,6 +45,7 @@ class ShardJob:
     path: str
     entries: list[Entry]
     resize_short: int | None = None
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES  # --max-file-size, again: a file swapped since the scan
 
 
 def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray]:
@@ -51,10 +54,12 @@ def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray]:
     with warnings.catch_warnings(), ShardWriter(Path(job.path)) as writer:
         warnings.simplefilter("ignore")
         for e in job.entries:
-            with open(e.path, "rb") as f:
-                data = f.read()
+            try:
+                data = read_source(e.path, job.max_bytes)
+            except NotRead as why:  # a FIFO or /dev/zero put in its place since the scan
+                raise DataError(f"{e.relpath} changed while it was being sharded ({why}) — {RERUN}") from why
             if hashlib.sha256(data).digest() != e.sha256:  # its shard would not match the manifest
-                raise DataError(f"{e.relpath} changed while it was being sharded — re-run once nothing writes to SRC")
+                raise DataError(f"{e.relpath} changed while it was being sharded — {RERUN}")
             ext, data = encode_image(data, e.field, job.resize_short)
             meta = encode_meta(e.label_name, e.relpath, e.width, e.height)
             writer.add(e.key, {ext: data, "cls": encode_cls(e.label), "json": meta})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +27,21 @@ from shards.format import IMAGE_EXTS, KEEP_FORMATS, SOURCE_EXTS, to_rgb
 SPLITS = ("train", "val")
 TRANSCODE = len(IMAGE_EXTS)  # field code of images that are re-encoded as png
 CHUNK = 32  # files per task: big enough to hide the IPC, small enough to spread the work evenly
+# Above any image the default --max-pixels lets through even uncompressed (89.5 M pixels x 4 bytes
+# = 358 MB of RGBA BMP/TIFF/PPM); bigger files are videos, archives or dumps with an image's name,
+# and every worker holds one file whole, so this bounds the memory a scan can take.
+DEFAULT_MAX_FILE_BYTES = 512_000_000
+# A name that is not UTF-8 is skipped, not kept as bytes: its path goes into the manifest and each
+# sample's json (UTF-8 JSON, which cannot hold it), and into the sample key's hash; an escaped
+# stand-in would name a file that does not exist in every report, evaluate and predict output.
+NOT_UTF8 = "name not UTF-8 (rename it, e.g. `convmv -f latin1 -t utf-8 -r --notest SRC`)"
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
 
 
 @dataclass
@@ -131,7 +147,11 @@ def _list_class(listing: Listing, class_dir: Path, label: int, split: int) -> No
 
 
 def inspect_all(
-    listing: Listing, max_pixels: int, workers: Workers, progress: Callable[[Iterable, int], Iterable] | None = None
+    listing: Listing,
+    max_pixels: int,
+    max_bytes: int,
+    workers: Workers,
+    progress: Callable[[Iterable, int], Iterable] | None = None,
 ) -> Inspection:
     n = len(listing.relpaths)
     out = Inspection(
@@ -144,7 +164,7 @@ def inspect_all(
         reasons={},
     )
     root = str(listing.root)
-    chunks = ((root, listing.relpaths[i : i + CHUNK], max_pixels) for i in range(0, n, CHUNK))
+    chunks = ((root, listing.relpaths[i : i + CHUNK], max_pixels, max_bytes) for i in range(0, n, CHUNK))
     results = workers.map(inspect_chunk, chunks)
     if progress is not None:
         results = progress(results, n)
@@ -161,19 +181,25 @@ def inspect_all(
     return out
 
 
-def inspect_chunk(task: tuple[str, list[str], int]) -> list[tuple]:
-    root, relpaths, max_pixels = task
+def inspect_chunk(task: tuple[str, list[str], int, int]) -> list[tuple]:
+    root, relpaths, max_pixels, max_bytes = task
     Image.MAX_IMAGE_PIXELS = None  # the limit is checked below, with the user's value and a clear reason
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # odd-but-valid files (bad EXIF, palette notes) are not news
-        return [inspect_file(os.path.join(root, rel), max_pixels) for rel in relpaths]
+        return [
+            inspect_file(os.path.join(root, rel), max_pixels, max_bytes)
+            if is_utf8(rel)
+            else (b"", 0, 0, 0, -1, None, NOT_UTF8)
+            for rel in relpaths
+        ]
 
 
-def inspect_file(path: str, max_pixels: int) -> tuple:
+def inspect_file(path: str, max_pixels: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple:
     """(sha256, size, width, height, field, stats, reason): reason is None for a usable image."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_source(path, max_bytes)
+    except NotRead as e:
+        return b"", 0, 0, 0, -1, None, str(e)
     except OSError as e:
         return b"", 0, 0, 0, -1, None, f"unreadable ({e.strerror or e})"
     sha = hashlib.sha256(data).digest()
@@ -211,6 +237,56 @@ def inspect_file(path: str, max_pixels: int) -> tuple:
         detail = first_line(e)[:80]
         return sha, len(data), 0, 0, -1, None, f"truncated or corrupt ({detail})"
     return sha, len(data), w, h, fld, stats, None
+
+
+class NotRead(Exception):
+    """A source file that is not read at all; ``str(e)`` is the reason it is skipped."""
+
+
+def read_source(path: str, max_bytes: int) -> bytes:
+    """The bytes of the regular file at ``path`` (a symlink to one is followed), or NotRead when it
+    is anything else (a FIFO, device, socket) or over ``max_bytes``: checked before it is opened,
+    again on what was opened, and while reading, which never goes past ``max_bytes`` + 1 bytes."""
+    _check(os.stat(path), path, max_bytes)  # nothing but a regular file is ever opened...
+    # ...and O_NONBLOCK: should a FIFO be swapped in since, opening it does not wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    with open(fd, "rb") as f:
+        size = _check(os.fstat(fd), path, max_bytes)
+        data = f.read(size + 1)  # one byte more than stat said: a file that grew since is caught
+        if len(data) > size:
+            data += f.read(max_bytes + 1 - len(data))
+    if len(data) > max_bytes:
+        raise NotRead(f"too large (grew past --max-file-size {_mb(max_bytes)} while read)")
+    return data
+
+
+def _check(st: os.stat_result, path: str, max_bytes: int) -> int:
+    """-> the size of a regular file of at most ``max_bytes``; else NotRead."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a file")
+        via = ", via a symlink" if os.path.islink(path) else ""
+        raise NotRead(f"not a regular file ({kind}{via})")
+    if st.st_size > max_bytes:
+        raise NotRead(f"too large ({_mb(st.st_size)} > --max-file-size {_mb(max_bytes)})")
+    return st.st_size
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from the OS (undecodable bytes are lone surrogates in it) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """A name from the OS as text that any UTF-8 output can hold: undecodable bytes as \\xNN."""
+    return name if is_utf8(name) else os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 # How the formats we read begin, to tell a damaged image from a file that never was one.

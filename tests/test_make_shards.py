@@ -8,25 +8,59 @@ import io
 import json
 import os
 import random
+import signal
+import socket
+import subprocess
 import tarfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from launch import outdir
 from launch.pack import encode_image
 from launch.scan import TRANSCODE, inspect_file
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
-from shards.errors import DataError
+from shards.errors import DataError, UserError
 from shards.format import IMAGE_EXTS, decode_rgb, image_field, sample_key, to_rgb
 from shards.manifest import Manifest, ShardInfo, SplitInfo
 from shards.writer import ShardWriter, publish, staging
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- helpers
+
+
+@contextmanager
+def read_only_folder(tmp_path: Path):
+    """A folder this process cannot write: chmod 555, or as root (whom modes do not stop) a
+    read-only tmpfs; the test is skipped where neither can be had."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]).returncode:
+        pytest.skip("a read-only folder for root needs mount")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    with read_only_folder(tmp_path) as folder:
+        yield folder
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -294,3 +328,99 @@ def test_manifest_round_trip_and_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"classes": []}))
     with pytest.raises(DataError, match="missing field 'splits'"):
         Manifest.load(tmp_path)
+
+
+# ---------------------------------------------------------------- OUT's lock, stale partial builds, writability
+
+
+def dead_pid() -> int:
+    """A pid that just ended (not reused within the test, as pids count up)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_second_claim_on_out_names_the_holder_and_a_finished_one_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with outdir.claim(out) as notes:
+        assert notes == [] and outdir.lock_path(out).exists()
+        with pytest.raises(UserError) as e, outdir.claim(out):
+            pass
+        line = str(e.value)
+        assert f"host {socket.gethostname()}, pid {os.getpid()}, since " in line and " — wait for it" in line
+        assert "\n" not in line
+    assert os.listdir(tmp_path) == []  # the lock file goes with its holder
+    with outdir.claim(out):  # and is free again
+        pass
+
+
+def test_the_lock_is_not_kept_by_a_process_forked_while_it_is_held(tmp_path):
+    out, forked = tmp_path / "out", tmp_path / "forked"
+    holder = os.fork()
+    if holder == 0:  # a make_shards that forks a worker, then is killed: no release, no unlink
+        try:
+            with outdir.claim(out):
+                if os.fork() == 0:
+                    forked.write_text(str(os.getpid()))
+                    time.sleep(30)
+                    os._exit(0)
+                wait_for(forked.exists, timeout=30)
+                os._exit(0)  # inside the claim: as SIGKILL ends it
+        finally:
+            os._exit(1)
+    assert os.waitpid(holder, 0)[1] == 0
+    worker = int(forked.read_text())
+    try:
+        assert outdir.lock_path(out).exists()  # left by the killed holder, its orphaned worker alive
+        with outdir.claim(out):
+            pass
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
+def test_stale_partial_builds_are_swept_and_live_or_foreign_ones_left(tmp_path):
+    out = tmp_path / "out"
+    gone, other = dead_pid(), dead_pid()
+    partial = lambda pid: tmp_path / f".out.partial-{pid}"  # noqa: E731
+    for pid in (gone, other, os.getppid()):
+        partial(pid).mkdir()
+        (partial(pid) / "train-000000.tar").write_bytes(b"x" * 1000)
+    (partial(other) / outdir.BUILDER).write_text(json.dumps({"host": "elsewhere", "pid": other}))
+    (tmp_path / ".other.partial-1").mkdir()  # another OUT's, whatever its pid
+    with outdir.claim(out) as notes:
+        assert not partial(gone).exists() and partial(other).exists() and partial(os.getppid()).exists()
+        assert (tmp_path / ".other.partial-1").exists()
+    assert len(notes) == 3
+    assert f"note: deleted {partial(gone)}, the partial build of an earlier run (pid {gone}, gone)" in notes
+    assert any(f"left {partial(other)} alone, a partial build by host elsewhere, pid {other}" in n for n in notes)
+    assert any(f"left {partial(os.getppid())} alone, a partial build by pid {os.getppid()} on this" in n for n in notes)
+
+
+def test_a_partial_build_names_its_builder_until_it_is_published(tmp_path):
+    out = tmp_path / "out"
+    with staging(out) as stage:
+        outdir.mark(stage)
+        who = json.loads((stage / outdir.BUILDER).read_text())
+        assert (who["host"], who["pid"]) == (socket.gethostname(), os.getpid())
+        outdir.unmark(stage)
+        publish(stage, out)
+    assert os.listdir(out) == []
+
+
+def test_an_out_whose_folder_cannot_be_written_is_one_line_before_any_work(read_only_dir):
+    out = read_only_dir / "out"
+    with pytest.raises(UserError) as e, outdir.claim(out):
+        pytest.fail("claimed a read-only folder")
+    assert str(e.value).startswith(f"cannot write OUT {out}: its folder {read_only_dir} is not writable (")
+    assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_folders_made_for_the_lock_go_again_when_the_run_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError), outdir.claim(tmp_path / "new" / "deeper" / "out"):
+        raise RuntimeError("bad SRC")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_remote_out_is_built_in_a_local_folder_of_its_own():
+    a, b = outdir.scratch("s3://data/digits"), outdir.scratch("s3://data/other")
+    assert a == outdir.scratch("s3://data/digits") and a != b and str(os.getuid()) in a.name

@@ -4,10 +4,12 @@ same bytes whatever --workers is, stock webdataset reads it, and every error lea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import tarfile
@@ -21,7 +23,7 @@ from PIL import Image
 from shards.format import decode_rgb
 from shards.manifest import Manifest
 from tests.conftest import wait_for
-from tests.test_make_shards import bomb_png, encode, noise, with_orientation
+from tests.test_make_shards import bomb_png, encode, noise, read_only_folder, with_orientation
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -411,3 +413,92 @@ def test_ctrl_c_leaves_out_untouched(tmp_path):
         "error: interrupted — OUT was left as it was; run the command again"
     ]
     assert os.listdir(out) == ["old.txt"] and sorted(os.listdir(work)) == ["out"]
+
+
+# ---------------------------------------------------------------- hostile input: skipped, one line each, never a hang
+
+
+def test_fifo_device_oversized_and_undecodable_names_are_each_one_skip_reason(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for i in range(3):
+            (src / cls / f"{i}.png").write_bytes(encode(noise((8, 8), seed=i), "PNG"))
+    os.mkfifo(src / "a" / "x.jpg")  # read whole, it hung make_shards for good
+    (src / "a" / "zero.png").symlink_to("/dev/zero")  # read whole, it took 15.8 GB
+    (src / "b" / "big.png").write_bytes(encode(noise((300, 300)), "PNG"))
+    (src / "b" / os.fsdecode(b"caf\xe9.png")).write_bytes(encode(noise((8, 8)), "PNG"))
+    latin1_class = src / os.fsdecode(b"\xe9t\xe9")
+    latin1_class.mkdir()
+    (latin1_class / "0.png").write_bytes(encode(noise((8, 8)), "PNG"))
+    # Bounded, so that a regression fails here instead of taking the machine's memory or hanging.
+    cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # noqa: E731
+    cmd = [sys.executable, "-m", "launch.make_shards", src, out, "--max-file-size", "10KB", "--skip-empty-classes"]
+    res = subprocess.run(
+        [*cmd, "--min-shards", "1"], cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=cap
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "skipped: " in res.stdout
+    m = Manifest.load(out)
+    assert m.classes == ["a", "b"] and m.splits["train"].num_samples + m.splits["val"].num_samples == 6
+    assert m.options["max_file_size"] == 10_000
+    reasons = {s["path"]: s["reason"] for s in m.skipped}
+    assert reasons.pop("a/x.jpg") == "not a regular file (a FIFO)"
+    assert reasons.pop("a/zero.png") == "not a regular file (a character device, via a symlink)"
+    too_large = reasons.pop("b/big.png")
+    assert too_large.startswith("too large (") and too_large.endswith(" MB > --max-file-size 10000 bytes)")
+    assert reasons.pop("b/caf\\xe9.png").startswith("name not UTF-8 (rename it")
+    assert reasons.pop("\\xe9t\\xe9/0.png").startswith("name not UTF-8")
+    assert reasons == {}
+
+
+def test_a_class_folder_whose_name_is_not_utf8_stops_in_one_line_naming_it(tmp_path):
+    src = tmp_path / "src"
+    for name in ("good", os.fsdecode(b"\xe9t\xe9")):
+        (src / name).mkdir(parents=True)
+        (src / name / "0.png").write_bytes(encode(noise((8, 8)), "PNG"))
+    assert_one_line_error(make_shards(src, tmp_path / "out", check=False), "'\\xe9t\\xe9'", "--skip-empty-classes")
+
+
+# ---------------------------------------------------------------- OUT: one writer, stale partial builds, writable
+
+
+def test_a_second_make_shards_on_out_exits_2_naming_the_first_and_a_killed_ones_partial_is_swept(tmp_path):
+    import signal
+
+    from shards import failpoints
+
+    work, paused = tmp_path / "work", tmp_path / "paused"
+    out = work / "out"
+    cmd = [sys.executable, "-m", "launch.make_shards", "--demo", str(out), "--workers", "2"]
+    env = dict(os.environ, **failpoints.env(make_shards_pause=paused))  # holds OUT after its first shard
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        wait_for(paused.exists, timeout=300, process=first)
+        second = make_shards("--demo", out, "--val-fraction", "0.3", check=False)
+        assert_one_line_error(second, f"OUT {out} is being written by another make_shards", f"pid {first.pid}, since ")
+        os.kill(first.pid, signal.SIGKILL)  # only the main process: its orphaned workers must not keep the lock
+        first.communicate(timeout=60)
+        (partial,) = work.glob(".out.partial-*")
+        assert partial.name == f".out.partial-{first.pid}"
+        third = make_shards("--demo", out, "--val-fraction", "0.3")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    assert f"note: deleted {partial}, the partial build of an earlier run (pid {first.pid}, gone)" in third.stderr
+    assert sorted(os.listdir(work)) == ["out"] and Manifest.load(out).options["val_fraction"] == 0.3
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    with read_only_folder(tmp_path) as folder:
+        yield folder
+
+
+def test_an_out_in_a_folder_that_cannot_be_written_is_refused_before_the_scan(corpus, read_only_dir):
+    res = make_shards(corpus[0], read_only_dir / "out", check=False)
+    assert_one_line_error(res, f"cannot write OUT {read_only_dir / 'out'}", "not writable")
+    assert res.stdout == "" and os.listdir(read_only_dir) == []

@@ -11,7 +11,6 @@ note saying so.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from shards import lock
 from shards.errors import UserError
 
 # Every file of a run directory, named once: training writes them, evaluate/predict/export, wandb
@@ -44,7 +44,6 @@ RUN_FILES = (CONFIG, CLASSES, PREPROCESSING)  # what the after-training commands
 LOCK = ".lock"
 STATUS_BYTES = 4096  # status.json is padded to one block, so that rewriting it in place needs no new one
 MIN_FREE_MB = 256
-NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 DISK_ERRORS = {  # errno -> (what happened, what to do)
     errno.ENOSPC: ("no space left on the device", "free space"),
     errno.EDQUOT: ("the disk quota is exceeded", "free space or raise the quota"),
@@ -78,18 +77,6 @@ def writing(path: Path):
         raise
 
 
-def holder() -> dict:
-    who = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    if os.environ.get("SLURM_JOB_ID"):
-        who["slurm_job"] = os.environ["SLURM_JOB_ID"]
-    return who
-
-
-def describe(who: dict) -> str:
-    job = f", Slurm job {who['slurm_job']}" if who.get("slurm_job") else ""
-    return f"host {who.get('host', '?')}, pid {who.get('pid', '?')}{job}, since {who.get('since', '?')}"
-
-
 class RunDir:
     """Held by the main process only; on other ranks `owned` stays False and status writes are no-ops."""
 
@@ -107,27 +94,27 @@ class RunDir:
         except OSError as e:
             raise RunDirError(f"cannot write to run.dir {self.path} ({e.strerror}) — choose a writable run.dir") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            who = _read_holder(fd)
-            os.close(fd)
-            raise RunDirError(
-                f"run.dir {self.path} is in use by another trainer ({describe(who)}) — wait for it to end, "
-                "stop it, or choose another run.dir"
-            ) from e
+            who = lock.flock(fd)
         except OSError as e:
-            if e.errno not in NO_LOCKS:
+            if e.errno not in lock.NO_LOCKS:
                 raise
-            note = (
-                f"note: the file system of {self.path} does not support locks ({e.strerror}), so nothing stops "
-                "a second trainer from using this run.dir at the same time"
+            who, note = (
+                None,
+                (
+                    f"note: the file system of {self.path} does not support locks ({e.strerror}), so nothing stops "
+                    "a second trainer from using this run.dir at the same time"
+                ),
             )
         else:
             note = None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder()).encode(), 0)
+        if who is not None:
+            os.close(fd)
+            raise RunDirError(
+                f"run.dir {self.path} is in use by another trainer ({lock.describe(who)}) — wait for it to end, "
+                "stop it, or choose another run.dir"
+            )
+        lock.hold(fd)
         self.fd, self.owned = fd, True
-        _HELD.add(fd)
         return note
 
     def file(self, name: str) -> Path:
@@ -219,26 +206,3 @@ def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _read_holder(fd: int) -> dict:
-    try:
-        return json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):  # being written at this moment
-        return {}
-
-
-_HELD: set[int] = set()
-
-
-def _drop_inherited_lock() -> None:
-    """A forked loader worker would keep the lock alive past the trainer: its copy points at /dev/null."""
-    if _HELD:
-        null = os.open(os.devnull, os.O_RDONLY)
-        for fd in _HELD:
-            os.dup2(null, fd)
-        os.close(null)
-        _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_drop_inherited_lock)
