@@ -144,7 +144,7 @@ def sweep(out: Path, locked: bool) -> list[str]:
         pid = int(found[1])
         who = _read_marker(Path(entry.path))
         host = who.get("host", HOST if locked else None)
-        if host == HOST and not _alive(pid):
+        if host == HOST and not lock.alive(pid):
             shutil.rmtree(entry.path, ignore_errors=True)
             notes.append(f"note: deleted {entry.path}, the partial build of an earlier run (pid {pid}, gone)")
         else:
@@ -158,16 +158,6 @@ def _read_marker(stage: Path) -> dict:
         return json.loads((stage / BUILDER).read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def clear(folder: Path) -> None:

@@ -39,6 +39,17 @@ def let_go(fd: int) -> None:
     _HELD.discard(fd)
 
 
+def alive(pid: int) -> bool:
+    """Whether a process of this host with that pid exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def holder() -> dict:
     who = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     if os.environ.get("SLURM_JOB_ID"):

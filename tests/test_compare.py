@@ -1,0 +1,214 @@
+"""trainer.compare over run dirs written as the trainer writes them: RunDir's own writers
+(config.yaml, metrics.jsonl, summary.json, a padded status.json), run_summary's summary and the
+loop's record shapes. No training; the errors go through the real CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from trainer import compare
+from trainer.config import load_config, to_yaml
+from trainer.loop import run_summary
+from trainer.rundir import CONFIG, METRICS, STATUS, SUMMARY, RunDir
+from trainer.state import Progress
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ["a", "b", "c"]
+
+
+def train_record(epoch: int, step: int, img_per_s: float) -> dict:
+    """The fields trainer/loop.py log_train writes."""
+    return {
+        "kind": "train",
+        "epoch": epoch,
+        "step": step,
+        "loss": 1.0 / step,
+        "acc": 0.5,
+        "lr": 0.01,
+        "img_per_s": img_per_s,
+        "epoch_time": 1.0,
+        "world_size": 1,
+    }
+
+
+def eval_record(epoch: int, step: int, top1: float, loss: float) -> dict:
+    """The fields of trainer/loop.py evaluate_and_log's record (trainer/metrics.py summarize)."""
+    scores = {"precision": top1, "recall": top1, "specificity": top1, "f1": top1}
+    return {
+        "kind": "eval",
+        "epoch": epoch,
+        "step": step,
+        "num_samples": 30,
+        "top1": top1,
+        "top5": 1.0,
+        "loss": loss,
+        "per_class": {name: {**scores, "support": 10} for name in CLASSES},
+        "macro": scores,
+        "confusion": [[10, 0, 0], [0, 10, 0], [0, 0, 10]],
+    }
+
+
+def make_run(path: Path, overrides: list[str], evals: list[tuple[float, float]], state: str | None, **how) -> RunDir:
+    """A run dir after len(evals) epochs of (top1, loss); `state` None leaves no status.json, and a
+    run that did not complete gets no summary.json, as finish_run writes it only at the end."""
+    config = load_config(REPO / "configs/demo.yaml", [f"run.dir={path}", *overrides])
+    run = RunDir(path)
+    run.prepare(to_yaml(config), CLASSES, {"image_size": 16}, resume=False)
+    progress = Progress()
+    for epoch, (top1, loss) in enumerate(evals, 1):
+        for step in (2 * epoch - 1, 2 * epoch):
+            run.append_record(train_record(epoch, step, how.get("img_per_s", 100.0)))
+        record = eval_record(epoch, 2 * epoch, top1, loss)
+        run.append_record(record)
+        progress.record_eval(record)
+        progress.epoch, progress.step = epoch, 2 * epoch
+    if state is not None:
+        run.owned = True  # RunDir writes status.json only for the lock holder; none is needed here
+        run.set_status("running")
+        if state != "running":
+            run.set_status(state, how.get("reason"))
+    if state == "completed":
+        fake = SimpleNamespace(progress=progress, eval_net=torch.nn.Linear(10, 3))
+        job = SimpleNamespace(
+            accelerator=SimpleNamespace(num_processes=1, device=torch.device("cpu")),
+            config=config,
+        )
+        run.write_json(SUMMARY, run_summary(fake, job, run.records()))
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """Four runs at different depths: two completed, one running (no summary), one failed."""
+    root = tmp_path / "sweep"
+    make_run(root / "lr" / "a", ["optim.lr=0.01"], [(0.80, 0.5), (0.90, 0.4), (0.85, 0.45)], "completed")
+    make_run(root / "lr" / "b", ["optim.lr=0.001", "model.growth_rate=24"], [(0.95, 0.6), (0.93, 0.3)], "completed")
+    make_run(root / "c", ["optim.lr=0.1"], [(0.70, 0.2), (0.60, 0.9)], "running")
+    make_run(root / "deep" / "er" / "d", ["optim.lr=1.0"], [(0.20, 2.0)], "failed", reason="NonFiniteError: loss")
+    wandb_copy = root / "lr" / "a" / "wandb" / "offline-run-x" / "files"  # wandb's own config.yaml: not a run
+    wandb_copy.mkdir(parents=True)
+    (wandb_copy / CONFIG).write_text("wandb_version: 1\n")
+    return root
+
+
+def compare_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.compare", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def pick(row: dict, *keys: str) -> list[str]:
+    return [row[k] for k in keys]
+
+
+def test_ranks_runs_best_first_with_the_differing_keys(sweep, capsys):
+    assert compare.main([str(sweep)]) == 0
+    rows = read_csv(sweep / compare.CSV_NAME)
+    assert [r["run"] for r in rows] == ["lr/b", "lr/a", "c", "deep/er/d"]
+    header = list(rows[0])
+    assert header == ["run", "model.growth_rate", "optim.lr", *compare.COLUMNS]  # no run.dir, no wandb.id
+    b, a, c, d = rows
+    assert [pick(r, "model.growth_rate", "optim.lr") for r in (b, a)] == [["24", "0.001"], ["12", "0.01"]]
+    shown = ("best_top1", "best_epoch", "final_top1", "parameters", "state")
+    assert pick(a, *shown) == ["0.9", "2", "0.85", "33", "completed"]  # summary.json's (run_summary's) values
+    assert float(a["img_per_s"]) == pytest.approx(100.0)
+    # Running: no summary.json, so best and final come from its eval records; parameters not known yet.
+    assert pick(c, *shown) == ["0.7", "1", "0.6", "", "running"]
+    assert (d["state"], d["note"]) == ("failed", "NonFiniteError: loss")
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == header
+    assert [line.split()[0] for line in table[1:5]] == ["lr/b", "lr/a", "c", "deep/er/d"]
+    assert len({line.index("completed") for line in table[1:3]}) == 1  # aligned columns
+
+
+def test_metric_series_and_sweep_file_choose_the_order(sweep, tmp_path):
+    assert compare.main([str(sweep), "--metric", "eval/loss"]) == 0  # min over evals, minimized
+    rows = read_csv(sweep / compare.CSV_NAME)
+    assert [r["run"] for r in rows] == ["c", "lr/b", "lr/a", "deep/er/d"]
+    assert [float(r["eval/loss"]) for r in rows] == [0.2, 0.3, 0.4, 2.0]
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("program: trainer/main.py\nmethod: grid\nmetric: {name: final_top1, goal: minimize}\n")
+    assert compare.main([str(sweep), "--sweep", str(spec), "--out", str(tmp_path / "out")]) == 0
+    rows = read_csv(tmp_path / "out" / compare.CSV_NAME)
+    assert [r["run"] for r in rows] == ["deep/er/d", "c", "lr/a", "lr/b"]
+
+
+def test_plot_is_a_png_and_nothing_half_written_is_left(sweep):
+    assert compare.main([str(sweep)]) == 0
+    assert (sweep / compare.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in sweep.iterdir()) == sorted(["lr", "c", "deep", compare.CSV_NAME, compare.PLOT_NAME])
+
+
+def test_numeric_keys_spanning_more_than_10x_are_on_a_log_axis():
+    axes = Figure().subplots(1, 3)
+    ys, states = [0.1, 0.2, 0.3], ["completed"] * 3
+    compare.draw_panel(axes[0], [0.001, 0.01, 0.1], ys, states)
+    compare.draw_panel(axes[1], [12, 24, 12], ys, states)
+    compare.draw_panel(axes[2], ["sgd", "adamw", None], ys, states)
+    assert [ax.get_xscale() for ax in axes] == ["log", "linear", "linear"]
+    assert [t.get_text() for t in axes[2].get_xticklabels()] == ["sgd", "adamw", "-"]
+
+
+def test_a_damaged_metrics_line_is_noted_in_its_row_only(sweep):
+    path = sweep / "lr" / "a" / METRICS
+    lines = path.read_text().splitlines()
+    lines.insert(3, '{"kind": "eval", "top1": 0.99, "ep')  # a torn line in the middle
+    path.write_text("\n".join(lines) + "\n" + '{"kind": "train", "ste')  # and one still being written
+    (sweep / "lr" / "a" / SUMMARY).unlink()
+    assert compare.main([str(sweep)]) == 0
+    rows = {r["run"]: r for r in read_csv(sweep / compare.CSV_NAME)}
+    assert rows["lr/a"]["note"] == f"{METRICS} line 4 damaged (skipped)"
+    assert rows["lr/a"]["best_top1"] == "0.9"
+    assert [rows[name]["note"] for name in ("lr/b", "c")] == ["", ""]
+
+
+def test_a_running_status_whose_process_is_gone_is_not_called_running(sweep):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    status = sweep / "c" / STATUS
+    value = json.loads(status.read_text())
+    status.write_text(json.dumps({**value, "pid": int(gone.stdout)}))
+    (sweep / "lr" / "b" / STATUS).unlink()
+    assert compare.main([str(sweep)]) == 0
+    rows = {r["run"]: r for r in read_csv(sweep / compare.CSV_NAME)}
+    assert rows["c"]["state"] == "running?"
+    assert f"pid {int(gone.stdout)}" in rows["c"]["note"]
+    assert pick(rows["lr/b"], "state", "note") == ["unknown", f"no {STATUS} ({SUMMARY} says training finished)"]
+
+
+def test_bad_input_is_one_line_and_exit_code_2(sweep, tmp_path):
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken" / "r1"
+    broken.mkdir(parents=True)
+    (broken / CONFIG).write_text("model: [unclosed\n")
+    cases = {
+        "no run dirs under": [tmp_path / "empty"],
+        "unknown metric 'eval/topp1'": [sweep, "--metric", "eval/topp1"],
+        f"cannot read {broken / CONFIG}": [tmp_path / "broken"],
+    }
+    for expected, args in cases.items():
+        result = compare_cli(*args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), result.stderr
+        assert " — " in lines[0]
+    assert not (sweep / compare.CSV_NAME).exists()
