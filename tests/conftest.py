@@ -42,6 +42,18 @@ def train_command(config: str, overrides: list[str], processes: int = 2) -> list
     return accelerate_launch(REPO / "trainer/main.py", args, processes)
 
 
+def run_module(module: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repo, on the CPU, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_training(overrides: list[str], processes: int = 2, timeout: int = 600, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         train_command("configs/demo.yaml", TINY + overrides, processes),

@@ -1,13 +1,11 @@
 """A run dir's checkpoints as a hostile or unlucky user leaves them: 2 real gloo processes each."""
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import EXACT, REPO, cpu_env, run_training
+from tests.conftest import EXACT, run_module, run_training
 
 pytestmark = pytest.mark.e2e
 
@@ -46,13 +44,7 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(digits_shards, unint
     lines = errors(result.stderr)
     assert len(lines) == 1 and " is of another model " in lines[0] and "use a new run.dir" in lines[0], lines
     assert {name: (run_dir / name).read_bytes() for name in before} == before
-    evaluate = subprocess.run(
-        [sys.executable, "-m", "trainer.evaluate", str(run_dir), "--workers", "0"],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-    )
+    evaluate = run_module("trainer.evaluate", run_dir, "--workers", "0")
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]  # its own best weights still fit its config
 
 
@@ -62,13 +54,7 @@ def test_evaluate_last_skips_a_checkpoint_changed_after_it_was_written(uninterru
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF  # inside the zip: it still opens, the numbers are wrong
     state.write_bytes(bytes(data))
-    result = subprocess.run(
-        [sys.executable, "-m", "trainer.evaluate", str(run_dir), "--checkpoint", "last", "--workers", "0"],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-    )
+    result = run_module("trainer.evaluate", run_dir, "--checkpoint", "last", "--workers", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         "note: checkpoint ckpt-000000050: state.pt changed after it was written (its sha256 differs) — skipped; "

@@ -2,14 +2,12 @@
 run, every model version once, and the export attached to it; read back with wandb's reader."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from safetensors import safe_open
 
 from tests import wandb_log
-from tests.conftest import REPO, cpu_env, run_training
+from tests.conftest import run_module, run_training
 from trainer.config import wandb_id
 from trainer.inference import load_trained
 
@@ -24,14 +22,7 @@ def test_a_resumed_run_and_its_export_add_to_one_wandb_run_without_repeats(digit
     resumed = run_training(base + ["train.epochs=2"], processes=1)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
-    export = subprocess.run(
-        [sys.executable, "-m", "trainer.export", str(run_dir), "--format", "onnx"],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    export = run_module("trainer.export", run_dir, "--format", "onnx", timeout=300)
     assert export.returncode == 0, export.stderr[-2000:]
     assert f"wandb: exported-model-{wandb_id(run_dir)} attached to the training run (offline" in export.stdout
 

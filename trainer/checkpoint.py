@@ -142,6 +142,27 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def newest_usable(
+    paths: list[Path],
+    read: Callable[[Path], object],
+    agree: Callable[[Path, str | None], str | None] = lambda _, why: why,
+) -> tuple[Path | None, object, list[str]]:
+    """The first of `paths` (newest first) that read() takes: (its path, what read returned, why each
+    one before it was skipped). agree(path, reason or None) is the processes' verdict on a candidate:
+    a reason when any of them could not read it, None when all could."""
+    skipped = []
+    for path in paths:
+        try:
+            value, why = read(path), None
+        except CheckpointError as e:
+            value, why = None, first_line(e)
+        why = agree(path, why)
+        if why is None:
+            return path, value, skipped
+        skipped.append(why)
+    return None, None, skipped
+
+
 def read(path: Path, rank: int | None = None) -> tuple[dict, dict | None]:
     """(shared state, this rank's own state or None) of one checkpoint, each file checked against
     the size and sha256 its marker recorded before it is loaded. CheckpointError says why not."""
@@ -157,9 +178,10 @@ def _recorded(path: Path) -> dict[str, dict]:
         with open(path / COMPLETE, "rb") as f:
             marker = json.loads(f.read(MAX_MARKER_BYTES))
         files = marker["files"]
-        assert isinstance(files, dict) and STATE in files
+        if not isinstance(files, dict) or STATE not in files:
+            raise ValueError("no state.pt recorded")
         return files
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         reason = (
             "it records no checksums (written by an older version)"
             if isinstance(e, KeyError)

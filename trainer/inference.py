@@ -168,13 +168,8 @@ def newest_usable(run_dir: Path) -> Path:
         raise UserError(
             f"{run_dir} has no complete checkpoint in checkpoints/ — train first, or pass --checkpoint best|final"
         )
-    skipped = []
-    for path in reversed(found):
-        try:
-            checkpoint.read(path)
-        except checkpoint.CheckpointError as e:
-            skipped.append(first_line(e))
-            continue
+    path, _, skipped = checkpoint.newest_usable(list(reversed(found)), checkpoint.read)
+    if path is not None:
         for why in skipped:
             print(f"note: checkpoint {why} — skipped; using {path.name} instead", file=sys.stderr)
         return path

@@ -8,7 +8,6 @@ trainer/rundir.py, and what is recorded through the Tracker (enabled on the main
 from __future__ import annotations
 
 import json
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +198,6 @@ def train_one_epoch(state: TrainState, inputs: TrainInputs, job: Job) -> bool:
         state.net.features.eval()
     accum = config.train.grad_accum
     window = TrainWindow(accelerator.device, inputs.loader.dataset.fetched_bytes())
-    epoch_start = time.perf_counter()
     bar = job.tracker.bar(inputs.loader, total=inputs.batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
     for images, labels, _, bad in bar:
         micro = progress.batch % accum
@@ -221,7 +219,7 @@ def train_one_epoch(state: TrainState, inputs: TrainInputs, job: Job) -> bool:
         if not sync:
             continue
         optimizer_step(state, state.guard.check(loss))  # clips; a non-finite step is skipped on the device
-        if not after_step(state, inputs, job, window, time.perf_counter() - epoch_start):
+        if not after_step(state, inputs, job, window):
             return False
     return True
 
@@ -235,7 +233,7 @@ def optimizer_step(state: TrainState, good: torch.Tensor) -> None:
     state.progress.step += 1
 
 
-def after_step(state: TrainState, inputs: TrainInputs, job: Job, window: TrainWindow, epoch_time: float) -> bool:
+def after_step(state: TrainState, inputs: TrainInputs, job: Job, window: TrainWindow) -> bool:
     """Records, mid-epoch checkpoints and the ranks' stop agreement; False when the epoch stops here."""
     config, accelerator, progress = job.config, job.accelerator, state.progress
     STARTUP.step_done(accelerator.device)
@@ -243,7 +241,7 @@ def after_step(state: TrainState, inputs: TrainInputs, job: Job, window: TrainWi
         failpoints.wait_for_release("held", lambda: job.stop.requested)
     ends_epoch = progress.batch == inputs.batches
     if progress.step % config.train.log_every == 0 or ends_epoch:
-        log_train(state, job, window, inputs.loader.dataset.fetched_bytes(), epoch_time)
+        log_train(state, job, window, inputs.loader.dataset.fetched_bytes())
     every = config.train.checkpoint_every
     if every and progress.step % every == 0 and not ends_epoch:
         save_checkpoint(state, job)
@@ -255,7 +253,7 @@ def after_step(state: TrainState, inputs: TrainInputs, job: Job, window: TrainWi
     return True
 
 
-def log_train(state: TrainState, job: Job, window: TrainWindow, fetched: int, epoch_time: float) -> None:
+def log_train(state: TrainState, job: Job, window: TrainWindow, fetched: int) -> None:
     accelerator, progress = job.accelerator, state.progress
     skipped = state.guard.take_skipped().double().reshape(1) / accelerator.num_processes  # the same on every rank
     totals = accelerator.reduce(torch.cat([window.counts(fetched), skipped]), "sum").tolist()
@@ -268,7 +266,7 @@ def log_train(state: TrainState, job: Job, window: TrainWindow, fetched: int, ep
         "acc": correct / max(seen, 1),
         "lr": state.scheduler.get_last_lr()[0],
         "img_per_s": images_per_second(seen, window.seconds()),
-        "epoch_time": epoch_time,
+        "epoch_time": window.epoch_seconds(),
         "world_size": accelerator.num_processes,
     }
     if bad:

@@ -17,6 +17,7 @@ class TrainWindow:
 
     def __init__(self, device: torch.device, fetched_bytes: int):
         self.device = device
+        self.epoch_start = time.perf_counter()  # one window per epoch; restarted at each record
         self.restart(fetched_bytes)
 
     def restart(self, fetched_bytes: int) -> None:
@@ -38,6 +39,9 @@ class TrainWindow:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+    def epoch_seconds(self) -> float:
+        return time.perf_counter() - self.epoch_start
 
 
 class StartupClock:

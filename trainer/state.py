@@ -152,7 +152,7 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scheduler.base_lrs != wanted:
-            self.use_new_lr(wanted)
+            use_new_lr(self.optimizer, self.scheduler, wanted, self.accelerator.is_main_process)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if self.accelerator.scaler is not None and state.get("scaler") is not None:  # fp16 loss scale
@@ -164,49 +164,44 @@ class TrainState:
             batch = min(batches, consumed // (world * batch_size))
             self.progress.batch = batch // self.config.train.grad_accum * self.config.train.grad_accum
 
-    def use_new_lr(self, wanted: list[float]) -> None:
-        """The lr changed since the checkpoint (a new optim.lr, or a new global batch with
-        optim.lr_base_size): the schedule goes on from where it was, at the new rate."""
-        use_new_lr(self.optimizer, self.scheduler, wanted, self.accelerator.is_main_process)
-
     def resume(self, root: Path, classes: list[str], batches: int) -> Path | None:
         """Loads the newest checkpoint under root that every rank can read and verify; returns its
         path (None: there is none yet). The ranks agree on each candidate before any loads it, so
         one damaged rank file moves them all back together; each one skipped is one line."""
         a = self.accelerator
-        candidates = share_from_main([p.name for p in reversed(checkpoint.complete_checkpoints(root))], a)
-        skipped = []
-        for name in candidates:
-            path, reason = root / name, None
-            try:
-                state, own = checkpoint.read(path, a.process_index)
-            except CheckpointError as e:
-                reason = first_line(e)
-            reasons = gather_to_main([reason] if reason else [], a)
-            if any_rank(reason is not None, a):
-                skipped.append(reasons[0] if reasons else name)
-                continue
-            try:
-                check_compatible(state, self.model.fingerprint(), classes, path)
-            except CheckpointError as e:
-                e.agreed = True  # every rank read the same verified file: the main process alone says so
-                raise
-            self.load_state_dict(state, batches)
-            if own is not None:
-                set_rng_state(own["rng"])
-            if a.is_main_process:
-                for why in skipped:
-                    print(f"note: checkpoint {why} — skipped; resuming from {path.name} instead", flush=True)
-            return path
-        if skipped:  # checkpoints there, none usable: starting over silently would bury them
-            raise CheckpointError(
-                f"no checkpoint in {root} can be used ({'; '.join(skipped)}) — restore one from a copy, "
-                "or set train.resume=false to start over (they are moved aside, not deleted)"
-            )
-        return None
+
+        def agree(path: Path, why: str | None) -> str | None:
+            reasons = gather_to_main([why] if why else [], a)  # the main process says why
+            return (reasons[0] if reasons else path.name) if any_rank(why is not None, a) else None
+
+        names = share_from_main([p.name for p in reversed(checkpoint.complete_checkpoints(root))], a)
+        read = lambda path: checkpoint.read(path, a.process_index)
+        path, found, skipped = checkpoint.newest_usable([root / name for name in names], read, agree)
+        if path is None:
+            if skipped:  # checkpoints there, none usable: starting over silently would bury them
+                raise CheckpointError(
+                    f"no checkpoint in {root} can be used ({'; '.join(skipped)}) — restore one from a copy, "
+                    "or set train.resume=false to start over (they are moved aside, not deleted)"
+                )
+            return None
+        state, own = found
+        try:
+            check_compatible(state, self.model.fingerprint(), classes, path)
+        except CheckpointError as e:
+            e.agreed = True  # every rank read the same verified file: the main process alone says so
+            raise
+        self.load_state_dict(state, batches)
+        if own is not None:
+            set_rng_state(own["rng"])
+        if a.is_main_process:
+            for why in skipped:
+                print(f"note: checkpoint {why} — skipped; resuming from {path.name} instead", flush=True)
+        return path
 
 
 def use_new_lr(optimizer, scheduler, wanted: list[float], verbose: bool) -> None:
+    """The lr changed since the checkpoint (a new optim.lr, or a new global batch with
+    optim.lr_base_size): the schedule goes on from where it was, at the new rate."""
     if verbose:
         print(
             f"the learning rate differs from the checkpoint's ({scheduler.base_lrs[0]:.6g}): continuing at "
