@@ -5,7 +5,8 @@ Off unless the FAILPOINTS environment variable names them, `name=value` separate
     FAILPOINTS="nan-loss=4,5;hold-after-step=3;release=/tmp/t/go" accelerate launch trainer/main.py ...
 
 Read once at import, so a failpoint that is off costs a set or dict lookup, and no other production
-module reads a test variable. Every point there is:
+module reads a test variable. Values may name environment variables ($SLURM_ARRAY_TASK_ID), so
+each task of a job array gets its own release file. Every point there is:
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ WAIT_S = 600.0  # a test that forgets to release never hangs a process for longe
 
 
 def parse(text: str) -> dict[str, str]:
-    points = dict(item.split("=", 1) if "=" in item else (item, "") for item in text.split(";") if item.strip())
+    items = (item.split("=", 1) if "=" in item else (item, "") for item in text.split(";") if item.strip())
+    points = {name: os.path.expandvars(value) for name, value in items}
     unknown = sorted(set(points) - set(POINTS))
     if unknown:  # a misspelt point would silently test nothing
         raise ValueError(f"unknown failpoint(s) {unknown} in {ENV}; known: {sorted(POINTS)}")

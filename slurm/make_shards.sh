@@ -25,13 +25,8 @@ find_repo() {  # sbatch runs a copy of this script from the spool: its own path 
   echo "cannot find the checkout (launch/make_shards.py): set REPO=/path/to/it" >&2; return 1
 }
 REPO=${REPO:-$(find_repo)}
-[ -n "${ENV_SETUP:-}" ] && eval "$ENV_SETUP"
-VENV=${VENV-$REPO/.venv}
-if [ -n "$VENV" ]; then
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"
-fi
-export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck disable=SC1091
+source "$REPO/slurm/env.sh"  # ENV_SETUP, VENV, PYTHONPATH
 workers=${SLURM_CPUS_PER_TASK:-$(nproc)}
 echo "== $(date '+%F %T') job ${SLURM_JOB_ID:-} on $(hostname -s): make_shards, --workers $workers"
 # --workers first: one given in the options comes later and wins.

@@ -61,13 +61,8 @@ find_repo() {  # sbatch runs a copy of this script from the spool: its own path 
   echo "cannot find the checkout (trainer/main.py): set REPO=/path/to/it" >&2; return 1
 }
 REPO=${REPO:-$(find_repo)} || exit 2
-[ -n "${ENV_SETUP:-}" ] && eval "$ENV_SETUP"
-VENV=${VENV-$REPO/.venv}
-if [ -n "$VENV" ]; then
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate" || { echo "cannot activate VENV=$VENV" >&2; exit 2; }
-fi
-export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck disable=SC1091
+source "$REPO/slurm/env.sh"  # ENV_SETUP, VENV, PYTHONPATH
 
 # Processes: nodes x GPUs per node; with no GPU, CPU processes over gloo.
 NODES=${SLURM_JOB_NUM_NODES:-1}

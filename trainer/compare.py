@@ -32,6 +32,7 @@ from shards.plots import setup_fonts
 from trainer.inference import add_debug_flag, run_cli
 from trainer.meters import best_eval, mean_throughput
 from trainer.rundir import CONFIG, METRICS, STATUS, SUMMARY
+from trainer.sweep import GOALS, read_metric
 from trainer.tracking.wandb_run import SUMMARIES
 
 CSV_NAME = "compare.csv"  # written into --out, by default the first folder given
@@ -47,7 +48,6 @@ RUN_VALUES = {
     "parameters": "minimize",
     "img_per_s": "maximize",
 }
-GOALS = ("maximize", "minimize")
 STALE_AFTER_S = 3600  # a running run with no record or status for this long may be dead
 COLUMNS = ("best_top1", "best_top5", "best_epoch", "final_top1", "parameters", "img_per_s", "state", "note")
 
@@ -250,7 +250,7 @@ def _last_activity(path: Path, status: dict) -> float:
 
 def resolve_metric(name: str | None, goal: str | None, sweep: Path | None, runs: list[Run]) -> Metric:
     """--metric and --goal win over the sweep file's; then the goal a name implies."""
-    sweep_metric = read_sweep(sweep) if sweep else {}
+    sweep_metric = read_metric(sweep) if sweep else {}
     name = name or sweep_metric.get("name") or "best_top1"
     goal = goal or sweep_metric.get("goal") or RUN_VALUES.get(name)
     if name not in RUN_VALUES and not any(name in scalars(r) for run in runs for r in run.records):
@@ -261,16 +261,6 @@ def resolve_metric(name: str | None, goal: str | None, sweep: Path | None, runs:
     if goal is None:
         goal = "minimize" if "loss" in name else "maximize"
     return Metric(name, goal)
-
-
-def read_sweep(path: Path) -> dict:
-    sweep = read_yaml(path, "pass a wandb sweep YAML")
-    metric = sweep.get("metric") if isinstance(sweep, dict) else None
-    if not isinstance(metric, dict) or not isinstance(metric.get("name"), str):
-        raise UserError(f"{path} has no metric.name — add `metric: {{name: best_top1, goal: maximize}}`")
-    if metric.get("goal", "maximize") not in GOALS:
-        raise UserError(f"{path}: metric.goal is {metric['goal']!r} — use maximize or minimize")
-    return metric
 
 
 def scalars(record: dict) -> dict:

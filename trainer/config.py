@@ -255,7 +255,7 @@ WANDB_OWN_KEY = "_wandb"
 def normalize_overrides(args: Sequence[str]) -> list[str]:
     """`section.key=value`, `--section.key=value` and `--section.key value` -> `section.key=value`,
     in order, so a wandb sweep's `${args}`, `${args_no_hyphens}` and `${args_no_equals}` all work;
-    wandb's own `_wandb` key is dropped. Anything else is left for `_parse_overrides` to reject."""
+    wandb's own `_wandb` key is dropped, and its `None` (a sweep value of null) read as null. Anything else is left for `_parse_overrides` to reject."""
     args, out = list(args), []
     while args:
         item = args.pop(0)
@@ -266,7 +266,10 @@ def normalize_overrides(args: Sequence[str]) -> list[str]:
             # the next word is the value even if it starts with "-" (-0.1), unless it is a flag itself
             elif ("." in key or key == WANDB_OWN_KEY) and args and not args[0].startswith("--"):
                 item = f"{key}={args.pop(0)}"
-        if item.lstrip("-").partition("=")[0].split(".")[0] != WANDB_OWN_KEY:
+        key, sep, value = item.partition("=")
+        if sep and value == "None":  # wandb writes a sweep's YAML null as Python's None
+            item = f"{key}=null"
+        if key.lstrip("-").split(".")[0] != WANDB_OWN_KEY:
             out.append(item)
     return out
 

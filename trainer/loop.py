@@ -86,7 +86,7 @@ def fit(job: Job) -> str:
                 evaluate_and_log(state, loaders.val, job)
         save_checkpoint(state, job)
         if not finished or (progress.epoch < config.train.epochs and any_rank(job.stop.requested, accelerator)):
-            job.tracker.finish()
+            job.tracker.finish(preempted=True)
             return "preempted"
     finish_run(state, job)
     return "completed"

@@ -12,6 +12,7 @@ Add --debug (or set SE_DENSENET_DEBUG=1) to see the full traceback behind an err
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -29,13 +30,16 @@ from trainer.loop import Job, fit
 from trainer.nonfinite import NonFiniteError
 from trainer.rundir import CHECKPOINTS, RunDir, disk_error_line, is_disk_error
 from trainer.runtime import PeerFailed, StopFlag, any_rank, make_accelerator, settle_launch
+from trainer.sweep import join_agent_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     config = None
     try:
-        config = load_config(args.config, overrides)
+        config, note = join_agent_sweep(load_config(args.config, overrides))
+        if note and os.environ.get("RANK", "0") == "0":  # every rank has it; the launcher's rank 0 says it
+            print(note, flush=True)
         return train(config)
     except BaseException as e:
         explained = explain(e, Path(config.run.dir) if config else None)

@@ -72,9 +72,9 @@ class Tracker:
         if evals:
             plot_confusion(evals[-1]["confusion"], self.classes, self.run.file(CONFUSION))
 
-    def finish(self) -> None:
+    def finish(self, preempted: bool = False) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(preempted)
             self.wandb = None
 
 

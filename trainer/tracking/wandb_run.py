@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shards.errors import UserError, first_line
+from shards.errors import EXIT_PREEMPTED, UserError, first_line
 from shards.store import redact_text
 from trainer.config import Config, to_dict, wandb_id
 from trainer.rundir import RUN_FILES, WANDB, WEIGHTS
@@ -45,7 +45,10 @@ class WandbRun:
             project=config.wandb.project,
             entity=config.wandb.entity,
             id=run_id,
-            name=config.wandb.name or config.run.name or self.run_dir.name,
+            # a sweep's runs keep the names wandb gives them; the run dir's name is its run id there
+            name=config.wandb.name
+            or config.run.name
+            or (None if os.environ.get("WANDB_SWEEP_ID") else self.run_dir.name),
             group=config.wandb.group,
             tags=list(config.wandb.tags),
             config={**to_dict(config), "dataset": self.dataset},
@@ -104,8 +107,12 @@ class WandbRun:
     def summarize(self, summary: dict) -> None:
         self.run.summary.update(summary)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, preempted: bool = False) -> None:
+        """A preempted run is marked so (wandb's contract: a sweep hands a preempting run that exits
+        non-zero to the next agent, which continues it; the UI shows it as preempted, not failed)."""
+        if preempted:
+            self.run.mark_preempting()
+        self.run.finish(exit_code=EXIT_PREEMPTED if preempted else 0)
 
 
 TRAINING_HINT = "use wandb.mode=offline and `wandb sync` later, or wandb.mode=disabled"
