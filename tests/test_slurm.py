@@ -6,6 +6,7 @@ The cluster (tests/slurm/start_cluster.sh) is a private munged, slurmctld and tw
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from shards import failpoints
@@ -305,3 +307,88 @@ def test_make_shards_job_writes_the_same_shards_as_the_plain_command(cluster, di
         assert (plain / name).read_bytes() == (job_out / name).read_bytes(), name
     manifest = [json.loads((out / "manifest.json").read_text()) for out in (plain, job_out)]
     assert manifest[0]["splits"] == manifest[1]["splits"] and manifest[0]["classes"] == manifest[1]["classes"]
+
+
+def test_a_sweep_runs_as_a_job_array_and_a_preempted_task_requeues_alone(cluster, digits_shards, tmp_path):
+    """A 3-point grid as `sbatch --array=0-2 slurm/sweep.sh`: every task trains its point in its own
+    run dir; task 1, held after step 9 and sent USR1, checkpoints, is requeued alone and resumes."""
+    spec = tmp_path / "grid3.yaml"
+    spec.write_text(
+        yaml.safe_dump({"name": "grid3", "method": "grid", "parameters": {"optim.lr": {"values": [0.005, 0.01, 0.02]}}})
+    )
+    for task in (0, 2):  # their release files exist: only task 1 holds
+        (tmp_path / f"release-{task}").touch()
+    runs, release = tmp_path / "runs", tmp_path / "release-1"
+    job = cluster.sbatch(
+        "slurm/sweep.sh",
+        ["--array=0-2", f"--output={tmp_path / 'task-%a.log'}"],
+        [str(spec), "configs/demo.yaml", f"data.shards={digits_shards}", *TINY, "train.epochs=1"]
+        + ["train.checkpoint_every=7", "train.log_every=1", "wandb.mode=disabled"],
+        RUNS_ROOT=str(runs),
+        # each task expands the variable: release-0, release-1, release-2
+        **failpoints.env(hold_after_step=9, release=tmp_path / "release-$SLURM_ARRAY_TASK_ID"),
+    )
+    log = tmp_path / "task-1.log"
+    wait_held(cluster, f"{job}_1", release, log)
+    assert cluster.run("scancel", "--signal=USR1", "--batch", f"{job}_1").returncode == 0
+    infos = [cluster.wait(f"{job}_{task}") for task in range(3)]
+    logs = [(tmp_path / f"task-{task}.log").read_text() for task in range(3)]
+    assert [i["JobState"] for i in infos] == ["COMPLETED"] * 3, "\n".join(text[-2000:] for text in logs)
+    assert [i["Restarts"] for i in infos] == ["0", "1", "0"]  # Slurm requeued the one task
+    run_dirs = [runs / "grid3" / name for name in ("0-lr0.005", "1-lr0.01", "2-lr0.02")]
+    assert sorted((runs / "grid3").iterdir()) == run_dirs
+    for run_dir, lr in zip(run_dirs, (0.005, 0.01, 0.02)):
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["optim"]["lr"] == lr and config["wandb"]["group"] == "grid3" and config["train"]["epochs"] == 1
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+        assert train_steps(run_dir)[-1] == 50  # 1,618 images / 32 on one process
+    first, second = logs[1].split("SLURM_RESTART_COUNT=1", 1)
+    checkpoint = run_dirs[1] / "checkpoints" / "ckpt-000000010"
+    assert saved_checkpoints(first.split("USR1", 1)[1]) == [(str(checkpoint), 10)], first[-3000:]
+    assert f"resuming from {checkpoint} (epoch 1, step 10)" in second
+
+    compared = subprocess.run(
+        [sys.executable, "-m", "trainer.compare", str(runs / "grid3")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert compared.returncode == 0, compared.stderr
+    rows = list(csv.DictReader((runs / "grid3" / "compare.csv").open()))
+    assert sorted(r["run"] for r in rows) == [d.name for d in run_dirs]
+    assert {r["state"] for r in rows} == {"completed"} and {r["optim.lr"] for r in rows} == {"0.005", "0.01", "0.02"}
+
+
+def test_a_wandb_sweep_task_requeues_and_its_agent_continues_the_run(cluster, digits_shards, tmp_path):
+    """slurm/sweep.sh wandb:E/P/ID with a stand-in `wandb` (tests/fake_wandb: wandb's own AgentProcess
+    and command building, no server): USR1 reaches the trainer through the agent and the launcher,
+    the task requeues, and the agent that asks again gets the preempted run, which resumes."""
+    release = tmp_path / "release"  # never created: the signal wakes the hold
+    values = dict(word.split("=", 1) for word in TINY)
+    values.update({"data.shards": str(digits_shards), "train.epochs": 1, "train.checkpoint_every": 7})
+    values["train.log_every"] = 1
+    log = tmp_path / "task.log"
+    job = cluster.sbatch(
+        "slurm/sweep.sh",
+        ["--array=0", f"--output={log}"],
+        ["wandb:me/se-densenet-demo/sw33p"],
+        PATH=os.pathsep.join([str(REPO / "tests/fake_wandb"), cluster.env["PATH"]]),
+        FAKE_SWEEP_YAML=str(REPO / "configs/sweeps/demo-lr.yaml"),
+        FAKE_SWEEP_VALUES=json.dumps(values),
+        RUNS_ROOT=str(tmp_path / "runs"),
+        **hold_env(release, 9),
+    )
+    wait_held(cluster, f"{job}_0", release, log)
+    assert cluster.run("scancel", "--signal=USR1", "--batch", f"{job}_0").returncode == 0
+    info = cluster.wait(f"{job}_0")
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-4000:]
+    run_dir = tmp_path / "runs" / "sw33p" / "run-0"
+    first, second = text.split("SLURM_RESTART_COUNT=1", 1)
+    assert "run run-0 checkpointed and marked preempting: requeueing job" in first, first[-3000:]
+    checkpoint = run_dir / "checkpoints" / "ckpt-000000010"
+    assert f"resuming from {checkpoint} (epoch 1, step 10)" in second, second[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["wandb"]["id"] == "run-0"
+    assert train_steps(run_dir)[-1] == 50

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from wandb.sdk.launch.sweeps import utils as sweep_utils
 
 from shards.errors import UserError
 from tests.conftest import REPO, TINY, cpu_env
+from tests.wandb_agent import agent_command, agent_env
 from trainer import sweep
 from trainer.config import load_config
 
@@ -198,29 +198,10 @@ def test_join_agent_sweep_takes_the_agents_run_id_and_its_own_run_dir(tmp_path):
         sweep.join_agent_sweep(offline, env)
 
 
-def agent_command(spec_path: Path, args: dict, mode: str) -> list[str]:
-    """The command `wandb agent` runs for a run with these parameter values: Agent._command_run's
-    substitution (wandb/wandb_agent.py), with the sweep's own `command` and wandb.mode=MODE."""
-    spec = yaml.safe_load(spec_path.read_text())
-    command = [word.replace("wandb.mode=online", f"wandb.mode={mode}") for word in spec["command"]]
-    sweep_vars = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in args.items()}})
-    sweep_vars.update(interpreter=["python"], program=[spec["program"]], env=["/usr/bin/env"])
-    words = []
-    for word in sweep_utils.create_sweep_command(command):
-        word = str(word)
-        words += sweep_vars.get(word[2:-1]) or [] if word.startswith("${") and word.endswith("}") else [word]
-    return words
-
-
-def agent_env(tmp_path: Path, run_id: str) -> dict:
+def run_env(tmp_path: Path, run_id: str) -> dict:
     bin_dir = str(Path(sys.executable).parent)  # accelerate, as the agent's PATH would have it
-    return cpu_env(
-        PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-        WANDB_SWEEP_ID="sw33p",
-        WANDB_RUN_ID=run_id,
-        WANDB_SWEEP_PARAM_PATH=str(tmp_path / "config.yaml"),
-        RUNS_ROOT=str(tmp_path / "runs"),
-    )
+    environ = cpu_env(PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]), RUNS_ROOT=str(tmp_path / "runs"))
+    return agent_env(environ, "sw33p", run_id, tmp_path)
 
 
 @pytest.mark.e2e
@@ -231,7 +212,7 @@ def test_the_command_wandb_agent_builds_starts_a_run_in_its_own_dir(digits_shard
     assert command[:6] == ["/usr/bin/env", "accelerate", "launch", "trainer/main.py", "--config", "configs/demo.yaml"]
     assert "--optim.lr=0.02" in command and "--data.cache_limit=None" in command
     result = subprocess.run(
-        command, cwd=REPO, env=agent_env(tmp_path, "r4nd0m"), capture_output=True, text=True, timeout=600
+        command, cwd=REPO, env=run_env(tmp_path, "r4nd0m"), capture_output=True, text=True, timeout=600
     )
     run_dir = tmp_path / "runs" / "sw33p" / "r4nd0m"
     assert result.returncode == 0, result.stderr[-3000:]
@@ -244,9 +225,7 @@ def test_the_command_wandb_agent_builds_starts_a_run_in_its_own_dir(digits_shard
 @pytest.mark.e2e
 def test_an_offline_run_under_the_agent_is_refused_before_anything_starts(tmp_path):
     command = agent_command(DEMO, {"optim.lr": 0.02}, "offline")
-    result = subprocess.run(
-        command, cwd=REPO, env=agent_env(tmp_path, "r1"), capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run(command, cwd=REPO, env=run_env(tmp_path, "r1"), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
