@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from shards.source import ShardSource  # noqa: E402
 from tests.harness import accelerate_launch  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config import load_config, normalize_overrides  # noqa: E402
 from trainer.data import build_loaders, open_shards  # noqa: E402
 from trainer.loop import train_inputs  # noqa: E402
 from trainer.optim import make_optimizer, param_groups  # noqa: E402
@@ -60,8 +60,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("overrides", nargs="*")
-    return parser.parse_args()
+    # the rest, in order, are overrides in any form trainer/main.py takes (--optim.lr 0.1 too)
+    args, rest = parser.parse_known_args()
+    args.overrides = normalize_overrides(rest)
+    return args
 
 
 def synthetic_shards(work: Path, n: int) -> Path:
