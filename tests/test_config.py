@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -101,3 +102,40 @@ def test_lr_base_defaults_keep_lr_as_given():
     assert config.optim.lr_base_size is None and config.optim.lr_base_scale == "auto"
     config = load_config("configs/densenet121-imagenet.yaml", ["optim.lr_base_size=null", "optim.lr_base_scale=sqrt"])
     assert config.optim.lr_base_size is None and config.optim.lr_base_scale == "sqrt"
+
+
+def test_progressive_resizing_size_is_a_function_of_the_epoch():
+    from trainer.config import train_size
+
+    config = load_config(None, [*REQUIRED, "data.image_size=224", "train.epochs=20"])
+    assert {train_size(config.data, e, 20) for e in range(20)} == {224}  # off by default
+    config = load_config(None, [*REQUIRED, "data.min_size=160", "data.image_size=224", "train.epochs=20"])
+    # ramp [0, 16] by default (80% of the epochs), steps of 32, the rest at full size
+    assert [train_size(config.data, e, 20) for e in range(20)] == [160] * 4 + [192] * 9 + [224] * 7
+    ramp = [*REQUIRED, "data.min_size=160", "data.image_size=192", "train.epochs=88", "data.ramp_epochs=[65,76]"]
+    config = load_config(None, ramp)  # FFCV's rn50_88_epochs resolution schedule
+    sizes = [train_size(config.data, e, 88) for e in range(88)]
+    assert sizes[:71] == [160] * 71 and sizes[71:] == [192] * 17
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.min_size=256"], "data.min_size=256 is above data.image_size=224"),
+        (["data.min_size=128", "data.ramp_epochs=[5,2]"], "data.ramp_epochs must be [start, end]"),
+        (["data.min_size=128", "data.ramp_epochs=[0,30]"], "ends at epoch 30, after the run's 10 epochs"),
+        (["data.min_size=4"], "data.min_size=4 is out of range"),
+        (["data.aug_repeats=0"], "data.aug_repeats=0 is out of range"),
+        (["train.eval_tta=hflip"], "train.eval_tta='hflip' is not one of none, flip"),
+    ],
+)
+def test_time_to_accuracy_settings_are_checked_up_front(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*REQUIRED, *overrides])
+
+
+def test_val_size_defaults_to_image_size():
+    from trainer.config import eval_size
+
+    assert eval_size(load_config(None, [*REQUIRED, "data.image_size=160"]).data) == 160
+    assert eval_size(load_config(None, [*REQUIRED, "data.image_size=160", "data.val_size=224"]).data) == 224

@@ -18,7 +18,7 @@ def test_train_ranks_read_disjoint_samples_in_equal_batches(world, batch):
         batches = list(order)
         assert len(batches) == len(order) == 103 // (world * batch)
         assert all(len(b) == batch for b in batches)
-        seen += [i for b in batches for i, _ in b]
+        seen += [i for b in batches for i, *_ in b]
     assert len(seen) == len(set(seen))  # disjoint across ranks
 
 
@@ -43,7 +43,7 @@ def test_balanced_order_draws_classes_evenly():
 
 @pytest.mark.parametrize("num, world, batch", [(101, 2, 8), (7, 3, 2), (2, 4, 3)])
 def test_eval_order_counts_every_sample_exactly_once(num, world, batch):
-    seen = [i for rank in range(world) for b in EvalOrder(num, batch, rank, world) for i, _ in b]
+    seen = [i for rank in range(world) for b in EvalOrder(num, batch, rank, world) for i, *_ in b]
     assert sorted(seen) == list(range(num))
     for rank in range(world):
         assert len(list(EvalOrder(num, batch, rank, world))) == len(EvalOrder(num, batch, rank, world))
@@ -107,3 +107,42 @@ def test_train_batches_stay_uint8_until_normalised_on_the_device():
     expected = v2.Normalize(mean, std)(uint8.float()[None] / 255)
     assert torch.allclose(batch, expected, atol=1e-5)
     assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def epoch_items(num: int, batch: int, world: int, repeats: int, epoch: int = 1, start: int = 0) -> list[list]:
+    """Every rank's batches of (sample, seed, size) for one epoch."""
+    ranks = []
+    for rank in range(world):
+        order = TrainOrder(num, batch, rank, world, seed=3, sizes=[8, 12, 16], repeats=repeats)
+        order.set_epoch(epoch, start)
+        ranks.append(list(order))
+    return ranks
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_aug_repeats_put_a_samples_copies_on_different_ranks_and_keep_the_epoch_length(world):
+    ranks = epoch_items(120, 4, world, repeats=world)
+    steps = 120 // (world * 4)
+    assert [len(batches) for batches in ranks] == [steps] * world  # the epoch keeps its length
+    for step in range(steps):
+        copies = {}
+        for rank, batches in enumerate(ranks):
+            for sample, _, size in batches[step]:
+                copies.setdefault(sample, []).append(rank)
+                assert size == 12  # epoch 1's side
+        assert all(len(set(r)) == len(r) for r in copies.values()), copies  # never twice on one rank
+        assert all(len(r) == world for r in copies.values())  # each sample shown `repeats` times
+    seeds = [seed for batches in ranks for batch in batches for _, seed, _ in batch]
+    assert len(set(seeds)) == len(seeds)  # every copy its own augmentation
+
+
+def test_aug_repeats_are_independent_of_the_world_size_and_resume_mid_epoch():
+    def pairs(world: int) -> set:
+        return {(s, seed) for batches in epoch_items(96, 4, world, repeats=2) for b in batches for s, seed, _ in b}
+
+    assert pairs(1) == pairs(2) == pairs(4)  # the same (sample, augmentation) pairs for any number of ranks
+    full, resumed = epoch_items(96, 4, 2, repeats=2), epoch_items(96, 4, 2, repeats=2, start=5)
+    assert [batches[5:] for batches in full] == resumed
+    plain = TrainOrder(96, 4, 0, 2, seed=3)
+    plain.set_epoch(1)
+    assert [[(s, seed) for s, seed, _ in b] for b in plain] != [[(s, seed) for s, seed, _ in b] for b in full[0]]

@@ -67,7 +67,7 @@ def data_config(**overrides) -> DataConfig:
     return DataConfig(**{"shards": "unused", "image_size": 32, "scale_min": 0.3, **overrides})
 
 
-def on_device(index: SplitReader, items: list[tuple[int, int]], skip_bad: bool = False):
+def on_device(index: SplitReader, items: list[tuple[int, int, int | None]], skip_bad: bool = False):
     dataset = ShardDataset(index, None, skip_bad)
     batch, labels, _, bad = collate([dataset[item] for item in items])
     decode = DeviceDecode(TrainPreset(data_config(), MEAN, STD).augment, torch.device("cpu"), skip_bad)
@@ -84,10 +84,20 @@ def test_jpegs_go_to_the_device_encoded_and_the_rest_decoded():
             assert ready.shape[0] == 3
 
 
-@pytest.mark.parametrize("config", [{}, {"color_jitter": 0.4, "rotation": 10.0}, {"auto_augment": "trivialaugment"}])
-def test_device_decode_gives_the_workers_crops_from_the_same_seeds(tmp_path, config):
+@pytest.mark.parametrize(
+    "config, size",
+    [
+        ({}, None),
+        ({"color_jitter": 0.4, "rotation": 10.0}, None),
+        ({"auto_augment": "trivialaugment"}, None),
+        ({"jpeg_draft": False}, 16),
+    ],
+)
+def test_device_decode_gives_the_workers_crops_from_the_same_seeds(tmp_path, config, size):
+    """size: an epoch's crop side under progressive resizing, below data.image_size (32); jpeg_draft off
+    there, as the draft decode at 1/2 scale would differ from the full decode by more than the resampler."""
     index = write_shard(tmp_path / "s.tar", [(field, data) for field, data, _ in SAMPLES])
-    items = list(zip(range(len(SAMPLES)), SEEDS))
+    items = [(i, seed, size) for i, seed in zip(range(len(SAMPLES)), SEEDS)]
     workers = ShardDataset(index, TrainPreset(data_config(**config), MEAN, STD))
     expected = torch.stack([workers[item][0] for item in items])
     labels_expected = torch.tensor([workers[item][1] for item in items])
@@ -98,13 +108,13 @@ def test_device_decode_gives_the_workers_crops_from_the_same_seeds(tmp_path, con
     images, labels, dropped = decode(batch, labels)
 
     assert dropped == 0 and torch.equal(labels, labels_expected)
-    assert images.dtype == torch.uint8 and images.shape == expected.shape == (len(SAMPLES), 3, 32, 32)
+    assert images.dtype == torch.uint8 and images.shape == expected.shape == (len(SAMPLES), 3, size or 32, size or 32)
     # Same decode (libjpeg-turbo both), resampling by torch instead of PIL: a few levels apart.
     error = (images.float() - expected.float()).abs().mean((1, 2, 3))
     print(f"mean abs difference per image: {error.tolist()}")
     assert error.max() < 2, error
     # Other seeds give other crops: far more apart, so the test above does see the crop.
-    shuffled = EncodedBatch(batch.images, [s + 100 for s in batch.seeds], batch.names)
+    shuffled = EncodedBatch(batch.images, [s + 100 for s in batch.seeds], batch.names, batch.size)
     other, _, _ = decode(shuffled, labels)
     assert (other.float() - expected.float()).abs().mean((1, 2, 3)).min() > 3 * error.max()
 
@@ -115,7 +125,7 @@ def test_unreadable_jpeg_is_dropped_with_its_label_or_named(tmp_path, monkeypatc
     good = SAMPLES[0][1]
     truncated = good[: len(good) // 2]  # the header parses; decoding fails
     index = write_shard(tmp_path / "s.tar", [("jpg", good), ("png", SAMPLES[4][1]), ("jpg", truncated), ("jpg", good)])
-    items = [(0, 1), (1, 2), (2, 3), (3, 4)]
+    items = [(0, 1, None), (1, 2, None), (2, 3, None), (3, 4, None)]
 
     images, labels, bad = on_device(index, items, skip_bad=True)
     assert bad == 1 and images.shape[0] == 3 and labels.tolist() == [0, 1, 0]
@@ -126,10 +136,10 @@ def test_unreadable_jpeg_is_dropped_with_its_label_or_named(tmp_path, monkeypatc
 
 def test_not_an_image_is_caught_in_the_worker(tmp_path):
     index = write_shard(tmp_path / "s.tar", [("jpg", b"not a jpeg at all"), ("jpg", SAMPLES[0][1])])
-    images, labels, bad = on_device(index, [(0, 1), (1, 2)], skip_bad=True)
+    images, labels, bad = on_device(index, [(0, 1, None), (1, 2, None)], skip_bad=True)
     assert bad == 1 and images.shape[0] == 1 and labels.tolist() == [1]
     with pytest.raises(DataError, match="s000"):
-        ShardDataset(index, None)[(0, 1)]
+        ShardDataset(index, None)[(0, 1, None)]
 
 
 def big_photo(width: int, height: int, orientation: int = 1) -> bytes:

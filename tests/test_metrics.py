@@ -45,3 +45,17 @@ def test_confusion_plot_renders_chinese_class_names(tmp_path):
         plot_confusion([[3, 1], [0, 4]], ["猫 cat", "狗 dog"], tmp_path / "cm.png")
     assert not [w for w in caught if "missing from" in str(w.message)]  # matplotlib's tofu warning
     assert (tmp_path / "cm.png").stat().st_size > 1000
+
+
+def test_flip_tta_averages_the_softmax_of_an_image_and_its_mirror():
+    from trainer.metrics import predict_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)).eval()
+    images = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(predict_logits(model, images), model(images))
+        flip = predict_logits(model, images, "flip")
+        expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)) / 2
+        assert torch.allclose(flip.softmax(1), expected, atol=1e-6) and torch.allclose(flip.exp().sum(1), torch.ones(3))
+        assert torch.allclose(predict_logits(model, images.flip(-1), "flip"), flip, atol=1e-6)  # mirror-invariant

@@ -53,8 +53,15 @@ class DataConfig:
     cache_limit: Optional[str] = None  # e.g. 500MB, 40GB; None: no limit (at least 4x the largest shard)
     fetch_retries: int = 5  # attempts after a transient store error, with backoff (1 s, 2 s, 4 s, ... 30 s)
     allow_pipe: bool = False  # data.shards=pipe:CMD runs a shell command per file; off unless set
-    image_size: int = 224  # train crop and val crop side
-    crop_pct: float = 0.875  # val: resize to image_size / crop_pct, then centre crop
+    image_size: int = 224  # train crop side (the val crop's too, unless val_size is set)
+    val_size: Optional[int] = None  # val crop side: evaluations, evaluate, predict, export; None: image_size
+    crop_pct: float = 0.875  # val: resize to val_size / crop_pct, then centre crop
+    # Progressive resizing (FFCV's ramp): the train crop grows from min_size to image_size between
+    # epochs ramp_epochs[0] and ramp_epochs[1] (0-based), in steps of size_step; None: off.
+    min_size: Optional[int] = None
+    ramp_epochs: Optional[list[int]] = None  # [start, end]; None: [0, 80% of train.epochs]
+    size_step: int = 32
+    aug_repeats: int = 1  # each epoch shows every sample this many times, differently augmented (DeiT)
     normalize: str = "manifest"  # manifest (the train split's mean/std) | imagenet
     workers: int = 4  # loader processes per rank
     decode: str = "workers"  # workers (PIL, in the loader processes) | device (JPEGs in batches on the GPU)
@@ -108,6 +115,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: Optional[str] = None  # none | default | reduce-overhead | max-autotune (inductor); None: as above
     eval_every: int = 1  # epochs
+    eval_tta: str = "none"  # none | flip (each val image and its mirror, softmax averaged)
     log_every: int = 50  # optimizer steps between train records
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch end only
     keep_checkpoints: int = 3
@@ -156,6 +164,7 @@ CHOICES = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.compile": ("none", "default", "reduce-overhead", "max-autotune"),
+    "train.eval_tta": ("none", "flip"),
     "wandb.mode": ("offline", "online", "disabled"),
 }
 LAUNCHER_DEFERRED = ("train.mixed_precision", "train.compile")  # None: `accelerate launch` decides (resolve_launch)
@@ -170,6 +179,10 @@ RANGES = {
     "model.drop_rate": (0.0, 1.0, True),
     "model.se_reduction": (1, math.inf, True),
     "data.image_size": (8, math.inf, True),
+    "data.val_size": (8, math.inf, True),
+    "data.min_size": (8, math.inf, True),
+    "data.size_step": (1, math.inf, True),
+    "data.aug_repeats": (1, math.inf, True),
     "data.crop_pct": (0.0, 1.0, False),
     "data.workers": (0, math.inf, True),
     "data.fetch_retries": (0, math.inf, True),
@@ -355,6 +368,7 @@ def validate(config: Config) -> None:
         raise ConfigError("model.block_config must list positive layer counts, e.g. [6,12,24,16]")
     if len(config.optim.betas) != 2 or not all(0 <= b < 1 for b in config.optim.betas):
         raise ConfigError("optim.betas must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    _validate_ramp(config)
     if config.data.cache_limit is not None:
         from shards.source import parse_size
 
@@ -366,6 +380,48 @@ def validate(config: Config) -> None:
         raise ConfigError("model.freeze_features needs model.pretrained=PATH (a weights file to start from)")
     if config.model.pretrained and not Path(config.model.pretrained).is_file():
         raise ConfigError(f"model.pretrained file {config.model.pretrained} not found — give a local weights file")
+
+
+def _validate_ramp(config: Config) -> None:
+    data, epochs = config.data, config.train.epochs
+    if data.min_size is None:
+        return
+    if data.min_size > data.image_size:
+        raise ConfigError(
+            f"data.min_size={data.min_size} is above data.image_size={data.image_size} — the ramp grows to image_size"
+        )
+    ramp = ramp_epochs(data, epochs)
+    if len(ramp) != 2 or not 0 <= ramp[0] <= ramp[1]:
+        raise ConfigError(f"data.ramp_epochs must be [start, end] with 0 <= start <= end (epochs, 0-based), not {ramp}")
+    if ramp[1] > epochs:
+        raise ConfigError(
+            f"data.ramp_epochs ends at epoch {ramp[1]}, after the run's {epochs} epochs — end it by train.epochs"
+        )
+
+
+def ramp_epochs(data: DataConfig, epochs: int) -> list[int]:
+    """data.ramp_epochs, or its default: from the first epoch to 80% of the run (the rest at full size)."""
+    return list(data.ramp_epochs) if data.ramp_epochs is not None else [0, int(0.8 * epochs)]
+
+
+def train_size(data: DataConfig, epoch: int, epochs: int) -> int:
+    """The train crop side in epoch `epoch` (0-based), a function of the epoch alone: min_size up to
+    the ramp's start, image_size from its end, between them linear, rounded to a multiple of
+    size_step (FFCV's get_resolution)."""
+    if data.min_size is None:
+        return data.image_size
+    start, end = ramp_epochs(data, epochs)
+    if epoch <= start:
+        return data.min_size
+    if epoch >= end:
+        return data.image_size
+    size = data.min_size + (data.image_size - data.min_size) * (epoch - start) / (end - start)
+    return min(max(round(size / data.size_step) * data.size_step, data.min_size), data.image_size)
+
+
+def eval_size(data: DataConfig) -> int:
+    """The val crop side: data.val_size, else data.image_size."""
+    return data.val_size or data.image_size
 
 
 def _get(config: Config, key: str) -> Any:

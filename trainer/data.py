@@ -29,6 +29,7 @@ from shards.errors import DataError
 from shards.format import finish_rgb, image_field, open_image, plain_jpeg
 from shards.reader import SplitReader
 from shards.source import CacheOptions, Prefetcher, ShardSource, parse_size
+from trainer.config import eval_size, train_size
 
 MASK64 = (1 << 64) - 1
 
@@ -107,8 +108,8 @@ class ShardDataset(torch.utils.data.Dataset):
         """Bytes of shards this rank's processes downloaded into the node's cache so far."""
         return self.reader.files.fetched.value
 
-    def __getitem__(self, item: tuple[int, int]):
-        i, seed = item
+    def __getitem__(self, item: tuple[int, int, int | None]):
+        i, seed, size = item  # size: the epoch's train crop side (progressive resizing); None for val
         sample = self.reader.read(i)
         with torch.random.fork_rng(devices=[]):  # keep the caller's stream when workers=0
             torch.default_generator.manual_seed(seed)  # the train preset draws its crop while decoding
@@ -116,8 +117,8 @@ class ShardDataset(torch.utils.data.Dataset):
                 data, label = sample[image_field(sample)], int(sample["cls"])
                 if self.transform is None:
                     name = f"{sample['__key__']} in shard {sample['__shard__']}"
-                    return device_ready(data), label, i, seed, name
-                image = self.transform.decode(data)
+                    return device_ready(data), label, i, seed, name, size
+                image = self.transform.decode(data) if size is None else self.transform.decode(data, size)
             except Exception as e:  # any decoder failure means the same thing to the user
                 if self.skip_bad:
                     return None
@@ -140,11 +141,12 @@ def device_ready(data: bytes) -> torch.Tensor:
 @dataclass
 class EncodedBatch:
     """A training batch before device decoding: per sample, the `device_ready` image, its
-    augmentation seed and its name for error messages."""
+    augmentation seed and its name for error messages; the epoch's train crop side."""
 
     images: list[torch.Tensor]
     seeds: list[int]
     names: list[str]
+    size: int
 
 
 def collate(batch: list) -> tuple[torch.Tensor | EncodedBatch, torch.Tensor, torch.Tensor, int]:
@@ -152,16 +154,23 @@ def collate(batch: list) -> tuple[torch.Tensor | EncodedBatch, torch.Tensor, tor
     bad = len(batch) - len(good)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad
-    if len(good[0]) == 5:  # encoded, for the device
-        images, labels, indices, seeds, names = zip(*good)
-        return EncodedBatch(list(images), list(seeds), list(names)), torch.tensor(labels), torch.tensor(indices), bad
+    if len(good[0]) == 6:  # encoded, for the device
+        images, labels, indices, seeds, names, sizes = zip(*good)
+        encoded = EncodedBatch(list(images), list(seeds), list(names), sizes[0])
+        return encoded, torch.tensor(labels), torch.tensor(indices), bad
     images, labels, indices = default_collate(good)
     return images, labels, indices, bad
 
 
 @dataclass
 class TrainOrder(Sampler):
-    """This rank's batches of (sample of the split, augmentation seed) for one epoch, from any batch on."""
+    """This rank's batches of (sample of the split, augmentation seed, crop side) for one epoch,
+    from any batch on.
+
+    With `repeats` N > 1 the epoch order shows each sample N times in a row (the epoch keeps its
+    length, so it covers 1/N of the split), and the order is dealt out so that a sample's copies
+    land on different ranks (timm's RepeatAugSampler): each copy has its own augmentation seed.
+    """
 
     num_samples: int
     batch_size: int
@@ -172,6 +181,8 @@ class TrainOrder(Sampler):
     blocks: ShardBlocks | None = None  # given: the shard-block order (the cache cannot hold every shard)
     prefetch: Prefetcher | None = None  # told which shards the coming batches read
     lookahead: int = 0  # batches the loader asks for before the first one is consumed (set by make_loader)
+    sizes: Sequence[int] = ()  # the train crop side of each epoch (progressive resizing); () : the preset's
+    repeats: int = 1  # data.aug_repeats
     epoch: int = 0
     start_batch: int = 0
 
@@ -192,12 +203,10 @@ class TrainOrder(Sampler):
             weights = 1.0 / torch.bincount(labels).double()[labels]
         if self.blocks is None:
             if weights is None:
-                return torch.randperm(self.num_samples, generator=generator), [], [self.num_samples]
-            return (
-                torch.multinomial(weights, self.num_samples, replacement=True, generator=generator),
-                [],
-                [self.num_samples],
-            )
+                order = torch.randperm(self.num_samples, generator=generator)
+            else:
+                order = torch.multinomial(weights, self.num_samples, replacement=True, generator=generator)
+            return self._repeated(order), [], [self.num_samples]
         shards, samples = self.blocks.epoch(generator)
         if weights is None:
             parts = [block[torch.randperm(len(block), generator=generator)] for block in samples]
@@ -207,12 +216,32 @@ class TrainOrder(Sampler):
                 for block in samples
             ]
         ends = torch.tensor([len(p) for p in parts]).cumsum(0).tolist()
-        return torch.cat(parts), shards, ends
+        return torch.cat([self._repeated(p) for p in parts]), shards, ends
+
+    def _repeated(self, order: torch.Tensor) -> torch.Tensor:
+        """Each sample `repeats` times in a row, cut to the order's length (one block's, or the epoch's)."""
+        return order if self.repeats == 1 else order.repeat_interleave(self.repeats)[: len(order)]
+
+    def _dealt(self, count: int) -> torch.Tensor:
+        """Which epoch-order position each of `count` slots takes: with repeats, rearranged within
+        each step so that the k-th position goes to rank k % world (a sample's copies, one
+        position apart, to different ranks); in order otherwise."""
+        positions = torch.arange(count)
+        if self.repeats == 1 or self.world == 1:
+            return positions
+        return positions.view(-1, self.batch_size, self.world).transpose(1, 2).reshape(-1)
+
+    @property
+    def size(self) -> int | None:
+        return self.sizes[self.epoch] if self.epoch < len(self.sizes) else None
 
     def __iter__(self):
         step = self.world * self.batch_size
         order, shards, ends = self.epoch_plan()
-        order = order[: self.steps_per_epoch * step].tolist()
+        # A sample's augmentation seed comes from its epoch-order position, wherever it is dealt:
+        # the same (sample, seed) pairs for any number of ranks.
+        positions = self._dealt(self.steps_per_epoch * step)
+        order, positions = order[positions].tolist(), positions.tolist()
         if self.prefetch is not None and not shards:  # global order: the cache holds every shard
             self.prefetch.want_samples(order[self.start_batch * step :])
         span = None
@@ -220,7 +249,9 @@ class TrainOrder(Sampler):
             first = (batch * self.world + self.rank) * self.batch_size
             if self.prefetch is not None and shards:
                 span = self._fetch_ahead(batch, shards, ends, span)
-            yield [(order[p], mix_seed(self.seed, self.epoch, p)) for p in range(first, first + self.batch_size)]
+            size = self.size
+            slots = range(first, first + self.batch_size)
+            yield [(order[p], mix_seed(self.seed, self.epoch, positions[p]), size) for p in slots]
 
     def _fetch_ahead(self, batch: int, shards: list[list[int]], ends: list[int], span):
         """Fetch the blocks the loaders are reading (from the oldest batch not yet consumed to this
@@ -255,7 +286,7 @@ class EvalOrder(Sampler):
     def __iter__(self):
         mine = list(range(self.rank, self.num_samples, self.world))
         for start in range(0, len(mine), self.batch_size):
-            yield [(i, 0) for i in mine[start : start + self.batch_size]]
+            yield [(i, 0, None) for i in mine[start : start + self.batch_size]]
 
     def __len__(self) -> int:
         mine = len(range(self.rank, self.num_samples, self.world))
@@ -336,9 +367,11 @@ def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int,
     order = TrainOrder(
         len(train_reader), config.train.batch_size, rank, world, config.train.seed, labels, blocks, files.prefetcher()
     )
+    order.sizes = [train_size(config.data, epoch, config.train.epochs) for epoch in range(config.train.epochs)]
+    order.repeats = config.data.aug_repeats
     train_preset = TrainPreset(config.data, mean, std) if config.data.decode == "workers" else None
     train_set = ShardDataset(train_reader, train_preset, config.data.skip_bad_samples)
-    val_set = ShardDataset(val_reader, EvalPreset(config.data.image_size, config.data.crop_pct, mean, std))
+    val_set = ShardDataset(val_reader, EvalPreset(eval_size(config.data), config.data.crop_pct, mean, std))
     val_order = EvalOrder(len(val_reader), config.train.batch_size, rank, world)
     workers = config.data.workers
     return Loaders(make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin), order)

@@ -1,7 +1,7 @@
 """Evaluate a trained run on a shard split or an image folder.
 
     python -m trainer.evaluate RUN_DIR [--checkpoint best|last|final|PATH] [--split val|train]
-                               [--data SHARDS_OR_IMAGE_FOLDER] [--name NAME]
+                               [--data SHARDS_OR_IMAGE_FOLDER] [--name NAME] [--tta none|flip]
     accelerate launch [--multi_gpu --num_processes N] -m trainer.evaluate RUN_DIR ...
 
 Writes RUN_DIR/eval/<name>.json (the fields of metrics.jsonl's eval records) and <name>.png (the
@@ -30,7 +30,7 @@ from shards.store import is_url, redact
 from trainer.data import EvalOrder, ShardDataset, loader_workers, make_loader, open_shards, split_reader
 from trainer.inference import LabelledImages, Trained, add_debug_flag, labelled_images, load_trained, run_cli
 from trainer.loop import evaluate
-from trainer.metrics import format_table, summarize
+from trainer.metrics import TTA, format_table, summarize
 from trainer.rundir import EVAL
 from trainer.runtime import close_process_group, make_accelerator
 from trainer.tracking.plots import plot_confusion
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="per process (default: the run's train.batch_size)")
     parser.add_argument("--workers", type=int, help="loader processes per process (default: the run's data.workers)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--tta",
+        choices=TTA,
+        help="flip: average each image's softmax with its mirror's (default: the run's train.eval_tta)",
+    )
     add_debug_flag(parser)
     return run_cli(run, parser.parse_args(argv))
 
@@ -72,12 +77,15 @@ def run(args: argparse.Namespace) -> int:
         dataset, EvalOrder(len(dataset), batch_size, rank, world), workers, accelerator.device.type == "cuda"
     )
     model = trained.model.to(accelerator.device)
-    sums, _ = evaluate(model, loader, len(trained.classes), accelerator)
+    tta = args.tta or config.train.eval_tta
+    sums, _ = evaluate(model, loader, len(trained.classes), accelerator, tta=tta)
     if accelerator.is_main_process:
         record = {
             "kind": "eval",
             "checkpoint": str(trained.weights),
             "data": data_name,
+            "image_size": trained.preprocessing()["image_size"],
+            "tta": tta,
             **summarize(sums, trained.classes),
         }
         name = args.name or f"{trained.name}-{data_name}"

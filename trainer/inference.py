@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from shards.errors import EXIT_INTERRUPTED, EXIT_USAGE, DataError, UserError, debugging, first_line, report
 from shards.format import SOURCE_EXTS, decode_rgb
 from trainer import checkpoint
-from trainer.config import Config, config_from_dict
+from trainer.config import Config, config_from_dict, eval_size
 from trainer.data import close_loaders
 from trainer.model import load_weights
 from trainer.rundir import CHECKPOINTS, CLASSES, CONFIG, PREPROCESSING, WEIGHTS, disk_error_line, is_disk_error
@@ -78,14 +78,14 @@ class Trained:
 
     def preset(self, letterbox: bool = False) -> EvalPreset:
         data = self.config.data
-        return EvalPreset(data.image_size, data.crop_pct, self.mean, self.std, letterbox)
+        return EvalPreset(eval_size(data), data.crop_pct, self.mean, self.std, letterbox)
 
     def preprocessing(self, letterbox: bool = False) -> dict:
         """What a deployment must do to an image before the model (export writes it next to the model)."""
-        data = self.config.data
+        data, size = self.config.data, eval_size(self.config.data)
         return {
-            "image_size": data.image_size,
-            "resize_short_side": None if letterbox else round(data.image_size / data.crop_pct),
+            "image_size": size,
+            "resize_short_side": None if letterbox else round(size / data.crop_pct),
             "crop_pct": data.crop_pct,
             "letterbox": letterbox,
             "steps": (
@@ -320,7 +320,7 @@ def subfolders(root: Path) -> list[str]:
 
 
 class LabelledImages(Dataset):
-    """Image files as ShardDataset's samples: (index, seed) -> (tensor, label, index), for EvalOrder."""
+    """Image files as ShardDataset's samples: (index, seed, size) -> (tensor, label, index), for EvalOrder."""
 
     def __init__(self, items: list[tuple[Path, int]], transform):
         self.items, self.transform = items, transform
@@ -328,8 +328,8 @@ class LabelledImages(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, item: tuple[int, int]):
-        index, _ = item
+    def __getitem__(self, item: tuple[int, int, None]):
+        index = item[0]
         path, label = self.items[index]
         try:
             image = read_image(path)

@@ -7,6 +7,7 @@ trainer/rundir.py, and what is recorded through the Tracker (enabled on the main
 
 from __future__ import annotations
 
+import itertools
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ from accelerate import Accelerator
 from shards import failpoints
 from shards.errors import UserError
 from trainer import checkpoint
-from trainer.config import Config, to_dict, to_yaml
+from trainer.config import Config, eval_size, to_dict, to_yaml, train_size
 from trainer.data import Loaders, build_loaders, loader_workers, mix_seed, open_shards
 from trainer.meters import STARTUP, TrainWindow, best_eval, images_per_second, mean_throughput
-from trainer.metrics import EvalSums, ShownSamples, summarize
+from trainer.metrics import EvalSums, ShownSamples, predict_logits, summarize
 from trainer.nonfinite import assert_finite, update_ema
 from trainer.optim import describe_lr
 from trainer.rundir import CHECKPOINTS, PREPROCESSING, RunDir
@@ -125,8 +126,9 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
         preprocessing = {
             "mean": mean,
             "std": std,
-            "image_size": config.data.image_size,
+            "image_size": eval_size(config.data),  # what evaluate, predict and export resize to
             "crop_pct": config.data.crop_pct,
+            "train_image_size": config.data.image_size,
         }
         job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume)
         job.run.set_status("running")
@@ -181,6 +183,8 @@ def announce(job: Job, state: TrainState, source, order) -> None:
         f"{job.accelerator.device.type}, {sum(p.numel() for p in state.model.parameters()):,} parameters, "
         f"{steps} steps/epoch, global batch {state.global_batch}, {describe_lr(config.optim, state.global_batch)}"
     )
+    if config.data.min_size is not None:
+        tracker.print(describe_ramp(config, compiled=config.train.compile not in (None, "none")))
     if source.cache is not None:
         tracker.print(f"shards from {source.shown} through the node cache {source.describe_cache()}")
         if order.blocks is not None and order.blocks.samples_per_block() < order.read_ahead:
@@ -188,6 +192,19 @@ def announce(job: Job, state: TrainState, source, order) -> None:
                 f"note: a cache block holds ~{order.blocks.samples_per_block()} samples but the loaders read "
                 f"{order.read_ahead} ahead, so shards will be fetched more than once an epoch — raise data.cache_limit"
             )
+
+
+def describe_ramp(config: Config, compiled: bool) -> str:
+    """Progressive resizing's start-up line: the train crop side for each run of epochs (1-based)."""
+    sizes = [train_size(config.data, epoch, config.train.epochs) for epoch in range(config.train.epochs)]
+    spans = []
+    for size, epochs in itertools.groupby(range(1, len(sizes) + 1), key=lambda epoch: sizes[epoch - 1]):
+        first, *rest = epochs
+        spans.append(f"epochs {first}-{rest[-1]}: {size}" if rest else f"epoch {first}: {size}")
+    line = f"progressive resizing: train crop {', '.join(spans)}; validation at {eval_size(config.data)}"
+    if compiled:
+        line += f" (compiled: one graph per train size, {len(set(sizes))} compiles, each at its first step)"
+    return line
 
 
 def train_one_epoch(state: TrainState, inputs: TrainInputs, job: Job) -> bool:
@@ -268,6 +285,7 @@ def log_train(state: TrainState, job: Job, window: TrainWindow, fetched: int) ->
         "img_per_s": images_per_second(seen, window.seconds()),
         "epoch_time": window.epoch_seconds(),
         "world_size": accelerator.num_processes,
+        "image_size": train_size(job.config.data, progress.epoch, job.config.train.epochs),
     }
     if bad:
         record["skipped_bad_samples"] = int(bad)
@@ -284,8 +302,9 @@ def log_train(state: TrainState, job: Job, window: TrainWindow, fetched: int) ->
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_classes: int, accelerator: Accelerator, sample_rows: int = 0):
-    """Sums over this rank's share of the split, all-reduced: every sample counted exactly once."""
+def evaluate(model, loader, num_classes: int, accelerator: Accelerator, sample_rows: int = 0, tta: str = "none"):
+    """Sums over this rank's share of the split, all-reduced: every sample counted exactly once.
+    tta=flip: each image's softmax averaged with its mirror's."""
     model.eval()
     sums = EvalSums.zeros(num_classes, accelerator.device)
     shown = ShownSamples(sample_rows)
@@ -293,9 +312,9 @@ def evaluate(model, loader, num_classes: int, accelerator: Accelerator, sample_r
         images = images.to(accelerator.device, non_blocking=True)
         labels = labels.to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
-            logits = model(images)
-        sums.add(logits.float(), labels)
-        shown.add(images, logits.float().softmax(1), labels)
+            logits = predict_logits(model, images, tta)
+        sums.add(logits, labels)
+        shown.add(images, logits.softmax(1), labels)
     return EvalSums(*[sum_across(t, accelerator) for t in sums.tensors()]), shown
 
 
@@ -305,8 +324,9 @@ def evaluate_and_log(state: TrainState, loader, job: Job) -> None:
     assert_finite(net.state_dict(), "weights", progress.step)  # on every rank alike, before any is written
     average_buffers(net, accelerator)
     rows = config.wandb.sample_predictions if config.wandb.mode != "disabled" else 0
-    sums, shown = evaluate(net, loader, len(job.classes), accelerator, rows)
+    sums, shown = evaluate(net, loader, len(job.classes), accelerator, rows, config.train.eval_tta)
     record = {"kind": "eval", "epoch": progress.epoch, "step": progress.step, **summarize(sums, job.classes)}
+    record["image_size"], record["tta"] = eval_size(config.data), config.train.eval_tta
     if config.train.ema:
         record["weights"] = "ema"
     improved = progress.record_eval(record)

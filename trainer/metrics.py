@@ -6,9 +6,23 @@ are then derived once from the confusion matrix, so N processes give exactly 1 p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+TTA = ("none", "flip")  # test-time augmentation: none, or each image with its mirror
+
+
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's float32 logits for a batch. tta=flip: log of the mean of the image's and its
+    mirror's softmax, so the softmax, the argmax and the loss of the averaged prediction all
+    follow from it as from plain logits."""
+    logits = model(images).float()
+    if tta == "none":
+        return logits
+    mirrored = model(images.flip(-1)).float()
+    return torch.logaddexp(logits.log_softmax(1), mirrored.log_softmax(1)) - math.log(2)
 
 
 @dataclass

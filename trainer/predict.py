@@ -27,6 +27,7 @@ from shards import failpoints
 from shards.errors import DataError, UserError
 from shards.source import parse_size
 from trainer.inference import Trained, add_debug_flag, image_files, load_trained, read_image, run_cli
+from trainer.metrics import TTA, predict_logits
 from trainer.rundir import PREDICTIONS
 
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--tta", choices=TTA, default="none", help="flip: average each image's softmax with its mirror's"
+    )
     parser.add_argument(
         "--max-file-size",
         default="256MB",
@@ -72,19 +76,20 @@ def run(args: argparse.Namespace) -> int:
     )
     out = args.out or args.run_dir / PREDICTIONS
     ranks = [f"top{i}_{field}" for i in range(2, k + 1) for field in ("class", "probability")]
-    failed = write_csv(out, ["path", "class", "probability", *ranks, "error"], rows(trained, loader, files, k, device))
+    predicted = rows(trained, loader, files, k, device, args.tta)
+    failed = write_csv(out, ["path", "class", "probability", *ranks, "error"], predicted)
     print(f"{len(files) - failed} images predicted, {failed} unreadable; wrote {out}")
     return 0
 
 
-def rows(trained: Trained, loader: DataLoader, files: list[Path], k: int, device: torch.device):
+def rows(trained: Trained, loader: DataLoader, files: list[Path], k: int, device: torch.device, tta: str = "none"):
     """Each batch's rows, in file order (errors in place), with how many of them are errors."""
     model = trained.model.to(device)
     with torch.no_grad():
         for images, indices, errors in loader:
             batch = {i: [shown(files[i])] + [""] * (2 * k) + [error] for i, error in errors}
             if len(images):
-                top = model(images.to(device, non_blocking=True)).float().softmax(1).topk(k, dim=1)
+                top = predict_logits(model, images.to(device, non_blocking=True), tta).softmax(1).topk(k, dim=1)
                 for i, p, c in zip(indices, top.values.tolist(), top.indices.tolist()):
                     labels = [v for j in range(k) for v in (trained.classes[c[j]], f"{p[j]:.6f}")]
                     batch[i] = [shown(files[i]), *labels, ""]

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
 from shards.errors import EXIT_FAILURE, UserError
-from trainer.config import CHOICES, Config, ConfigError, TrainConfig
+from trainer.config import CHOICES, Config, ConfigError, TrainConfig, train_size
 
 # `accelerate launch` hands its choices (its flags, else the `accelerate config` file) to every
 # process in these variables. It fills in "no" for what nobody chose, so "no" reads as "not chosen".
@@ -100,6 +100,21 @@ def settle_launch(config: Config) -> tuple[Config, Launch]:
     return replace(config, train=train), launch
 
 
+def compile_dynamic(config: Config) -> bool | None:
+    """torch.compile's `dynamic` for this run. Progressive resizing: False, one static graph per
+    train size, each compiled at the first step at that size and reused (torch's automatic dynamic
+    shapes would recompile the second size as a graph of any size; with torch 2.14 on the CPU that
+    graph failed a stride check at the third size). Otherwise None, torch's default."""
+    if config.data.min_size is None:
+        return None
+    import torch._dynamo.config
+
+    sizes = {train_size(config.data, epoch, config.train.epochs) for epoch in range(config.train.epochs)}
+    # train sizes, the eval batch and its last partial one, and the same again for EMA weights
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * (len(sizes) + 2))
+    return False
+
+
 def make_accelerator(config: Config, launch: Launch | None = None) -> Accelerator:
     """The Accelerator for train.device, precision and compile as settled; prints what it runs with."""
     if launch is None:
@@ -114,7 +129,7 @@ def make_accelerator(config: Config, launch: Launch | None = None) -> Accelerato
     # Always a plugin of our own: with none, Accelerate would compile whatever the launcher asked for.
     dynamo = TorchDynamoPlugin(backend="no")
     if launch.backend != "no":
-        dynamo = TorchDynamoPlugin(backend=launch.backend, mode=launch.compile)
+        dynamo = TorchDynamoPlugin(backend=launch.backend, mode=launch.compile, dynamic=compile_dynamic(config))
         use_run_dir_compile_cache(Path(config.run.dir))
         # torch reminds whoever passes a checkpoint policy not to mutate tensors inside the region;
         # the efficient dense layer keeps its ReLUs out of place, so the reminder is only noise.

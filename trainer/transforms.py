@@ -33,7 +33,9 @@ class TrainPreset:
     from the image's size before decoding, so a seed picks the same region either way.
     Training batches stay uint8 until they are on the device (`DeviceNormalize`): a quarter of
     the bytes through shared memory, the pin-memory copy and the host-to-device transfer.
-    `augment` takes a CHW uint8 tensor on any device (`DeviceDecode`).
+    `augment` takes a CHW uint8 tensor on any device (`DeviceDecode`). Both take the crop's
+    output side, which progressive resizing changes per epoch (the crop's random draws do not
+    depend on it).
     """
 
     def __init__(self, data: DataConfig, mean: list[float], std: list[float]):
@@ -51,12 +53,20 @@ class TrainPreset:
         elif data.auto_augment == "trivialaugment":
             steps.append(v2.TrivialAugmentWide())
         self.rest = v2.Compose([*steps, v2.PILToTensor()])
-        self.augment = v2.Compose([self.crop, *steps])
+        self.steps = v2.Compose(steps)
 
-    def decode(self, data: bytes) -> Image.Image | torch.Tensor:
-        """Encoded bytes -> the randomly cropped and resized image: a uint8 CHW tensor when the
-        JPEG is decoded at full size (torchvision's decoder and uint8 resampler, faster than
-        PIL's), else an RGB PIL image."""
+    def resized_crop(self, image, drawn: dict, size: int):
+        return v2.functional.resized_crop(image, **drawn, size=[size, size], antialias=True)
+
+    def augment(self, image: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """A decoded CHW uint8 image -> the random crop at `size` (default image_size), then the rest."""
+        return self.steps(self.resized_crop(image, self.crop.make_params([image]), size or self.size))
+
+    def decode(self, data: bytes, size: int | None = None) -> Image.Image | torch.Tensor:
+        """Encoded bytes -> the randomly cropped image resized to `size` (default image_size): a
+        uint8 CHW tensor when the JPEG is decoded at full size (torchvision's decoder and uint8
+        resampler, faster than PIL's), else an RGB PIL image."""
+        size = size or self.size
         drawn: dict = {}
 
         def shrink(width: int, height: int) -> tuple[int, int]:
@@ -64,16 +74,16 @@ class TrainPreset:
             drawn.update(self.crop.make_params([placeholder]), full=(width, height))
             if not self.draft:
                 return width, height
-            return math.ceil(width * self.size / drawn["width"]), math.ceil(height * self.size / drawn["height"])
+            return math.ceil(width * size / drawn["width"]), math.ceil(height * size / drawn["height"])
 
         image = open_image(data, shrink)
         if not drawn:  # not a JPEG: the crop is drawn from the decoded size
             image = finish_rgb(image)
-            return self.crop.transform(image, self.crop.make_params([image]))
+            return self.resized_crop(image, self.crop.make_params([image]), size)
         full = drawn.pop("full")
         if plain_jpeg(image) and image.size == full:
             encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return self.crop.transform(decode_jpeg(encoded, mode=ImageReadMode.RGB), drawn)
+            return self.resized_crop(decode_jpeg(encoded, mode=ImageReadMode.RGB), drawn, size)
         image = finish_rgb(image)
         if image.size != full:  # decoded smaller: the same region in its pixels
             sx, sy = image.width / full[0], image.height / full[1]
@@ -83,7 +93,7 @@ class TrainPreset:
                 "height": max(1, round(drawn["height"] * sy)),
                 "width": max(1, round(drawn["width"] * sx)),
             }
-        return self.crop.transform(image, drawn)
+        return self.resized_crop(image, drawn, size)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """The cropped image from `decode` -> flip and the other augmentations -> uint8 CHW."""
@@ -110,16 +120,16 @@ class DeviceDecode:
         for start in range(0, len(batch.images), self.CHUNK):
             positions = range(start, min(start + self.CHUNK, len(batch.images)))
             for i, image in zip(positions, self.decode(batch, positions)):
-                augmented.append(None if image is None else self.augment_one(image, batch.seeds[i]))
+                augmented.append(None if image is None else self.augment_one(image, batch.seeds[i], batch.size))
         keep = [i for i, image in enumerate(augmented) if image is not None]
         if not keep:
             return torch.empty(0, 3, 0, 0, dtype=torch.uint8, device=self.device), labels[:0], len(augmented)
         return torch.stack([augmented[i] for i in keep]), labels[keep], len(augmented) - len(keep)
 
-    def augment_one(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+    def augment_one(self, image: torch.Tensor, seed: int, size: int | None) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            return self.augment(image)
+            return self.augment(image, size)
 
     def decode(self, batch: EncodedBatch, positions: range) -> list[torch.Tensor | None]:
         images = {
