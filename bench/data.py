@@ -229,7 +229,7 @@ class BytesOnly:
     def __getitem__(self, item):
         import torch
 
-        i, _seed = item
+        i = item[0]  # (sample, augmentation seed, crop side)
         sample = self.index.read(i)
         return torch.tensor(sum(len(v) for k, v in sample.items() if not k.startswith("__"))), int(sample["cls"]), i
 

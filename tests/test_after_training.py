@@ -105,6 +105,19 @@ def outputs(run_dir, folders) -> dict[str, subprocess.CompletedProcess]:
         {
             "eval1": cli("evaluate", run_dir, "--name", "one"),
             "eval2": launch_two("trainer/evaluate.py", run_dir, "--name", "two"),
+            "eval1_flip": cli("evaluate", run_dir, "--name", "one-flip", "--tta", "flip"),
+            "eval2_flip": launch_two("trainer/evaluate.py", run_dir, "--name", "two-flip", "--tta", "flip"),
+            "predict_flip": cli(
+                "predict",
+                run_dir,
+                folders["classes"],
+                "--checkpoint",
+                "final",
+                "--out",
+                out / "flip.csv",
+                "--tta",
+                "flip",
+            ),
             "eval_folder": cli("evaluate", run_dir, "--data", folders["classes"], "--checkpoint", "final"),
             "predict": cli(
                 "predict",
@@ -168,6 +181,23 @@ def test_evaluate_loss_is_exact_across_processes(outputs, run_dir):
     one = json.loads((run_dir / "eval" / "one.json").read_text())
     two = json.loads((run_dir / "eval" / "two.json").read_text())
     assert one["loss"] == two["loss"]
+
+
+def test_flip_tta_two_processes_equal_one_and_the_record_says_so(outputs, run_dir, folders):
+    ok(outputs["eval1_flip"]), ok(outputs["eval2_flip"]), ok(outputs["predict_flip"]), ok(outputs["predict"])
+    one, two, plain = (
+        json.loads((run_dir / "eval" / f"{n}.json").read_text()) for n in ("one-flip", "two-flip", "one")
+    )
+    for key in ["top1", "top5", "per_class", "macro", "confusion", "num_samples", "loss", "tta", "image_size"]:
+        assert one[key] == two[key], key
+    assert (one["tta"], plain["tta"], one["image_size"]) == ("flip", "none", 8)
+    assert one["loss"] != plain["loss"]  # the flips changed the predictions' probabilities
+    _, flipped = read_csv(folders["root"] / "flip.csv")
+    _, unflipped = read_csv(folders["root"] / "pred.csv")
+    flips = {r["path"]: float(r["probability"]) for r in flipped}
+    assert len(flips) == 10 * PER_CLASS and any(
+        flips[r["path"]] != float(r["probability"]) for r in unflipped if r["path"] in flips
+    )
 
 
 def test_evaluate_image_folder_and_predict_agree(outputs, run_dir, folders):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from shards import failpoints
 from shards.errors import EXIT_PREEMPTED
-from tests.conftest import EXACT, kill_group, run_training, start_training, wait_for, worker_pids
+from tests.conftest import EXACT, kill_group, run_module, run_training, start_training, wait_for, worker_pids
 from trainer import checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -127,3 +127,61 @@ def test_resumed_run_continues_the_same_wandb_run(digits_shards, tmp_path):
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     ids = {path.name.rsplit("-", 1)[1] for path in runs}
     assert len(runs) == 2 and len(ids) == 1  # one wandb run, two offline segments that `wandb sync` joins
+
+
+# Progressive resizing (8 px in epoch 1, 12 in epoch 2), validation at 16 with flips, each sample
+# twice per epoch: every schedule here is a function of the epoch, so a resume is still exact.
+FASTER = [
+    "data.image_size=12",
+    "data.min_size=8",
+    "data.size_step=4",
+    "data.ramp_epochs=[0,1]",
+    "data.val_size=16",
+    "data.aug_repeats=2",
+    "train.eval_tta=flip",
+]
+
+
+@pytest.fixture(scope="module")
+def faster(digits_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("faster") / "run"
+    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT, *FASTER])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result.stdout
+
+
+def test_progressive_resizing_and_aug_repeats_resume_bitwise(digits_shards, faster, tmp_path):
+    run_dir, release = tmp_path / "run", tmp_path / "release"
+    overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT, *FASTER]
+    process = start_training(overrides, **hold_env(release, 30))  # mid-epoch 2, at the second size
+    try:
+        wait_for(lambda: (tmp_path / "release.held").exists(), timeout=300, process=process)
+    finally:
+        kill_group(process, signal.SIGKILL)
+        process.wait(timeout=60)
+    resumed = run_training(overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / 'ckpt-000000028'} (epoch 2, step 28)" in resumed.stdout
+    expected, got = load_file(faster[0] / "final.safetensors"), load_file(run_dir / "final.safetensors")
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert records(run_dir) == records(faster[0])
+
+
+def test_the_records_and_preprocessing_say_which_sizes_and_tta_ran(faster):
+    run_dir, stdout = faster
+    assert "progressive resizing: train crop epoch 1: 8, epoch 2: 12; validation at 16" in stdout
+    logged = records(run_dir)
+    train = [r for r in logged if r["kind"] == "train"]
+    assert {r["image_size"] for r in train if r["epoch"] == 1} == {8} and {
+        r["image_size"] for r in train if r["epoch"] == 2
+    } == {12}
+    evals = [r for r in logged if r["kind"] == "eval"]
+    assert [(r["image_size"], r["tta"], r["num_samples"]) for r in evals] == [(16, "flip", 179)] * 2
+    preprocessing = json.loads((run_dir / "preprocessing.json").read_text())
+    assert preprocessing["image_size"] == 16 and preprocessing["train_image_size"] == 12
+    # evaluate reads the size and the flips back from the run: the last evaluation, exactly
+    result = run_module("trainer.evaluate", run_dir, "--checkpoint", "final", "--name", "again")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((run_dir / "eval" / "again.json").read_text())
+    assert (again["image_size"], again["tta"]) == (16, "flip")
+    assert again["confusion"] == evals[-1]["confusion"] and again["loss"] == pytest.approx(evals[-1]["loss"], rel=1e-6)

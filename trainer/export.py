@@ -105,7 +105,7 @@ def parity_inputs(trained: Trained, data: Path | None, split: str, samples: int,
     """The first `samples` evaluation images, preprocessed as a deployment would."""
     dataset, _ = eval_dataset(trained, data, split, letterbox)
     count = min(samples, len(dataset))
-    return torch.stack([dataset[(i, 0)][0] for i in range(count)])
+    return torch.stack([dataset[(i, 0, None)][0] for i in range(count)])
 
 
 def describe(trained: Trained, inputs: torch.Tensor, letterbox: bool) -> dict:

@@ -53,7 +53,7 @@ class TrainPreset:
         elif data.auto_augment == "trivialaugment":
             steps.append(v2.TrivialAugmentWide())
         self.rest = v2.Compose([*steps, v2.PILToTensor()])
-        self.steps = v2.Compose(steps)
+        self.steps = v2.Compose(steps or [v2.Identity()])
 
     def resized_crop(self, image, drawn: dict, size: int):
         return v2.functional.resized_crop(image, **drawn, size=[size, size], antialias=True)
