@@ -25,6 +25,8 @@
 #     cand   ours-se-sharedbn, cand-se-sumfc at batch 128 (against ours-se of `model`)
 #     b256   tv, ours-se at batch 256
 #     eager  tv, ours-se, ours-se-eff eager at batch 128 (no compile)
+#     ramp   bench/resize.py: the trainer eager, 3 epochs at a fixed 224 px, then 160 -> 224 (progressive
+#            resizing): train seconds per epoch and their ratio; runs only on what the budget has left
 #   report   bench/gpu_report.py merges everything into one JSON and Markdown tables with the targets.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ REPO=$PWD
 PY=${PYTHON:-python3}
 SMOKE=0
 PARTS=all
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case $1 in
     --smoke) SMOKE=1 ;;
@@ -45,7 +47,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-ALL_PARTS="loaders model e2e cand b256 eager"
+ALL_PARTS="loaders model e2e cand b256 eager ramp"
 [ "$PARTS" = all ] && PARTS=${ALL_PARTS// /,}
 for p in ${PARTS//,/ }; do
   case " $ALL_PARTS " in *" $p "*) ;; *) echo "bench/gpu.sh: unknown part $p (choose from $ALL_PARTS)" >&2; exit 2 ;; esac
@@ -72,6 +74,7 @@ sys.argv = ["bench/model.py", *sys.argv[1:]]
 m.main()'); NOCHECK=(--no-check)
   TRAIN_ARGS=(model.block_config=[2,2] data.image_size=64 train.batch_size=16 data.workers=$W
               train.mixed_precision=no train.channels_last=false train.log_every=2)
+  RAMP=(--min-size 32 --size 64)
   export ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=
 else
   BUDGET=${GPU_BENCH_BUDGET:-465}; COMPILE_S=${GPU_BENCH_COMPILE_S:-240}; RESERVE=15
@@ -80,6 +83,7 @@ else
   MODEL_ARGS=()
   MODEL=($PY bench/model.py); NOCHECK=()
   TRAIN_ARGS=(data.workers=$W train.log_every=10)
+  RAMP=(--min-size 160 --size 224)
 fi
 CONFIG=configs/densenet121-imagenet.yaml
 THREADS=${GPU_BENCH_COMPILE_THREADS:-4}  # inductor compile workers per phase-A process (several compile at once)
@@ -205,7 +209,7 @@ if sys.argv[2] == "0":
 EOF
 PREFLIGHT=$!
 
-if want loaders || want e2e; then  # bench/train.py's synthetic_shards, with a val split (the trainer needs one)
+if want loaders || want e2e || want ramp; then  # bench/train.py's synthetic_shards, with a val split (the trainer needs one)
   run_step shards 240 20 $PY - "$SHARDS" "$IMAGES" "$VAL" "$CLASSES" <<'EOF'
 import subprocess, sys
 from pathlib import Path
@@ -330,9 +334,17 @@ if want eager; then
   run_step model-eager 90 25 "${MODEL[@]}" "${MODEL_ARGS[@]}" --compile none --batch $B1 \
     --variants tv,ours-se,ours-se-eff --json "$RES/model-eager.json"
 fi
+if want ramp; then
+  if deps_ok shards; then
+    run_step ramp 150 60 $PY bench/resize.py --device $DEVICE --shards "$SHARDS" --work "$RES/resize" --epochs 3 \
+      "${RAMP[@]}" --workers $W --config $CONFIG --json "$RES/ramp.json" "${TRAIN_ARGS[@]}" train.compile=none
+  else
+    skip ramp "no shards"
+  fi
+fi
 
 # ------------------------------------------------------------------------------------ report
-rm -rf "$RUN"/checkpoints*  # the trainer's checkpoints: nothing reads them
+rm -rf "$RUN"/checkpoints* "$RES"/resize/*/checkpoints  # the trainers' checkpoints: nothing reads them
 say "report"
 timeout 60 $PY bench/gpu_report.py --res "$RES" --out "$OUTDIR" --batches $B1,$B2 --compile $COMPILE \
   --workers $WORKERS --parts "$PARTS" $([ $SMOKE = 1 ] && echo --smoke) --budget "$BUDGET" --elapsed "$(elapsed)" \

@@ -13,7 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
-PARTS = ("loaders", "model", "e2e", "cand", "b256", "eager")
+PARTS = ("loaders", "model", "e2e", "cand", "b256", "eager", "ramp")
 
 
 def parse_args() -> argparse.Namespace:
@@ -267,6 +267,21 @@ def e2e_rows(args: argparse.Namespace, steps: dict, e2e: dict, ref_rate: float |
     return rows
 
 
+def ramp_rows(args: argparse.Namespace, steps: dict) -> list[dict]:
+    """bench/resize.py's epochs, fixed size beside progressive resizing, and the total."""
+    if "ramp" not in args.parts:
+        return []
+    data = load_json(args.res / "ramp.json")
+    if not data:
+        return [{"epoch": "all", "status": step_status(steps, "ramp")}]
+    rows = [
+        {"epoch": a["epoch"], "fixed": a, "ramp": b, "ratio": ratio(b["seconds"], a["seconds"])}
+        for a, b in zip(data["fixed"], data["ramp"])
+    ]
+    total = {k: sum(e["seconds"] for e in data[k]) for k in ("fixed", "ramp")}
+    return rows + [{"epoch": "all", "total": total, "ratio": data["ratio"], "status": "ok"}]
+
+
 def target(name: str, value, goal: str, met: bool | None, note: str = "") -> dict:
     return {"target": name, "value": value, "goal": goal, "met": met, "note": note}
 
@@ -382,7 +397,13 @@ def build(args: argparse.Namespace) -> dict:
     }
     return {
         "meta": meta,
-        "rows": {"model": models, "loader": loaders, "end_to_end": end_to_end, "startup": startup},
+        "rows": {
+            "model": models,
+            "loader": loaders,
+            "end_to_end": end_to_end,
+            "startup": startup,
+            "ramp": ramp_rows(args, steps),
+        },
         "targets": model_targets(args, by_key) + pipeline_targets(loaders, end_to_end, startup, ref_name),
         "steps": list(steps.values()),
     }
@@ -490,6 +511,7 @@ PART_OF_STEP = {
     "e2e-warm": "e2e",
     "model-cand": "cand",
     "model-eager": "eager",
+    "ramp": "ramp",
 }
 
 
@@ -542,6 +564,26 @@ def steps_table(steps: list[dict]) -> list[str]:
     return section("Steps", [], ["step", "status", "s", "started at s", "jobs running", "note"], cells)
 
 
+def ramp_table(rows: list[dict]) -> list[str]:
+    cells = []
+    for r in rows:
+        if "total" in r:
+            cells.append(f"| all | | {r['total']['fixed']:.1f} | | {r['total']['ramp']:.1f} | {fmt(r['ratio'], 'x')} |")
+        elif "fixed" in r:
+            a, b = r["fixed"], r["ramp"]
+            cells.append(
+                f"| {r['epoch']} | {a['image_size']} | {a['seconds']:.1f} | {b['image_size']} | {b['seconds']:.1f} "
+                f"| {fmt(r['ratio'], 'x')} |"
+            )
+        else:
+            cells.append(f"| all | | {r['status']} | | | |")
+    intro = [
+        "The trainer eager, the same shards: train seconds per epoch at a fixed size and with the ramp (bench/resize.py)."
+    ]
+    columns = ["epoch", "fixed px", "fixed s", "ramp px", "ramp s", "ramp / fixed"]
+    return section("Progressive resizing", intro, columns, cells) if rows else []
+
+
 def markdown(report: dict) -> str:
     """The report's sections, a blank line between them; a section without rows is left out."""
     m, rows = report["meta"], report["rows"]
@@ -551,6 +593,7 @@ def markdown(report: dict) -> str:
         loader_table(rows["loader"], m["model_only_reference"]),
         e2e_table(rows["end_to_end"]),
         startup_table(rows["startup"]),
+        ramp_table(rows.get("ramp", [])),
         unfinished_note(report["steps"], m["batches"]),
         targets_table(report["targets"]),
         steps_table(report["steps"]),

@@ -19,7 +19,7 @@ def test_defaults_yaml_and_overrides_layer(tmp_path):
     assert config.model.block_config == [2, 3]
 
 
-@pytest.mark.parametrize("configs", ["demo", "densenet121-imagenet", "cifar-style"])
+@pytest.mark.parametrize("configs", ["demo", "densenet121-imagenet", "densenet121-imagenet-fast", "cifar-style"])
 def test_shipped_configs_load(configs):
     load_config(f"configs/{configs}.yaml")
 
