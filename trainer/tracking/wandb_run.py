@@ -39,16 +39,15 @@ class WandbRun:
         # Versions earlier starts logged, so that work redone after a resume logs none twice;
         # train.resume=false starts a new timeline, whose steps owe nothing to the old one's.
         self.logged = logged_versions(self.run_dir, run_id) if config.train.resume and config.wandb.log_model else set()
+        # Under `wandb agent` the sweep decides project, entity and id (wandb ignores ours, with a
+        # warning each), and its runs keep the names wandb gives them.
+        sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+        where = {} if sweep else {"project": config.wandb.project, "entity": config.wandb.entity, "id": run_id}
         self.run = start(
             config.wandb.mode,
             self.run_dir,
-            project=config.wandb.project,
-            entity=config.wandb.entity,
-            id=run_id,
-            # a sweep's runs keep the names wandb gives them; the run dir's name is its run id there
-            name=config.wandb.name
-            or config.run.name
-            or (None if os.environ.get("WANDB_SWEEP_ID") else self.run_dir.name),
+            **where,
+            name=config.wandb.name or config.run.name or (None if sweep else self.run_dir.name),
             group=config.wandb.group,
             tags=list(config.wandb.tags),
             config={**to_dict(config), "dataset": self.dataset},
