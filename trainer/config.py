@@ -268,7 +268,8 @@ WANDB_OWN_KEY = "_wandb"
 def normalize_overrides(args: Sequence[str]) -> list[str]:
     """`section.key=value`, `--section.key=value` and `--section.key value` -> `section.key=value`,
     in order, so a wandb sweep's `${args}`, `${args_no_hyphens}` and `${args_no_equals}` all work;
-    wandb's own `_wandb` key is dropped, and its `None` (a sweep value of null) read as null. Anything else is left for `_parse_overrides` to reject."""
+    wandb's own `_wandb` key is dropped, and its `None` (a sweep value of null) read as null.
+    Anything else is left for `_parse_overrides` to reject."""
     args, out = list(args), []
     while args:
         item = args.pop(0)

@@ -308,12 +308,16 @@ def _short(value) -> str:
     return str(value)
 
 
-def task(sweep: Sweep, index: int, runs_root: Path) -> tuple[Path, list[str]]:
-    """Array task `index`: its run dir and every override it adds (its point, the run dir, the
-    sweep as wandb group)."""
+def task(sweep: Sweep, index: int, runs_root: Path) -> tuple[list[str], Path]:
+    """Array task `index`: its point as overrides, and its run dir."""
     values = point(sweep, index)
-    run_dir = runs_root / sweep.name / describe(sweep, index, values)
-    return run_dir, [*overrides(values), f"run.dir={run_dir}", f"wandb.group={sweep.name}"]
+    return overrides(values), runs_root / sweep.name / describe(sweep, index, values)
+
+
+def task_overrides(sweep: Sweep, index: int, runs_root: Path) -> list[str]:
+    """Everything task `index` adds to the command line: its point, its run dir, the sweep as wandb group."""
+    words, run_dir = task(sweep, index, runs_root)
+    return [*words, f"run.dir={run_dir}", f"wandb.group={sweep.name}"]
 
 
 def join_agent_sweep(config: Config, environ=os.environ) -> tuple[Config, str | None]:
@@ -358,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def show_task(args) -> int:
     sweep = read_sweep(args.sweep)
-    run_dir, words = task(sweep, args.task, Path(os.environ.get(RUNS_ROOT) or "runs").resolve())
+    words = task_overrides(sweep, args.task, Path(os.environ.get(RUNS_ROOT) or "runs").resolve())
     load_config(args.config, [*args.overrides, *words])  # a bad point stops the task before any node starts
     last = os.environ.get("SLURM_ARRAY_TASK_MAX")
     if args.task == 0 and sweep.size and last and last.isdigit() and int(last) < sweep.size - 1:
@@ -376,12 +380,12 @@ def show_plan(args) -> int:
     count = sweep.size or args.tasks or 10
     root = Path(os.environ.get(RUNS_ROOT) or "runs")
     for index in range(count):
-        run_dir, words = task(sweep, index, root)
+        words, run_dir = task(sweep, index, root)
         try:
-            load_config(args.config, [*args.overrides, *words])
+            load_config(args.config, [*args.overrides, *task_overrides(sweep, index, root)])
         except UserError as e:
-            raise UserError(f"task {index} ({' '.join(words[:-2])}): {e}") from e
-        print(f"{index:>4}  {run_dir}  {' '.join(words[:-2])}")
+            raise UserError(f"task {index} ({' '.join(words)}): {e}") from e
+        print(f"{index:>4}  {run_dir}  {' '.join(words)}")
     extra = " ".join(shlex.quote(w) for w in args.overrides)
     total = f"{count} points" if sweep.method == "grid" else f"{count} draws" + ("" if sweep.size else " (no run_cap)")
     print(f"{total}; submit: sbatch --array=0-{count - 1} slurm/sweep.sh {args.sweep} {args.config} {extra}".rstrip())
