@@ -163,3 +163,14 @@ def test_a_sigterm_echo_is_not_a_second_sigterm(monkeypatch):
     with pytest.raises(Exited) as exited:
         stop._handle(signal.SIGTERM, None)  # deliberate
     assert exited.value.args == (128 + signal.SIGTERM,) and said == ["status written"]
+
+
+def test_a_ramped_run_compiles_one_static_graph_per_size(monkeypatch):
+    import torch._dynamo.config
+
+    assert runtime.compile_dynamic(load_config(None, REQUIRED)) is None  # torch's default otherwise
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    ramped = load_config(None, [*REQUIRED, "data.min_size=96", "data.image_size=224", "data.size_step=16"])
+    assert runtime.compile_dynamic(ramped) is False
+    # 96 -> 224 in steps of 16 over 10 epochs: 9 train sizes; they and the eval shapes fit the limit
+    assert torch._dynamo.config.recompile_limit >= 2 * (9 + 2)

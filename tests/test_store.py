@@ -189,6 +189,27 @@ def test_block_order_is_the_same_for_any_world_size_and_resumes_mid_epoch():
     assert block_order(1, 0, epoch=2).epoch_plan()[0].tolist() != one
 
 
+def test_aug_repeats_in_the_block_order_keep_each_copy_in_its_block():
+    order = block_order(1, 0)
+    order.repeats = 2
+    samples, blocks, ends = order.epoch_plan()
+    starts = np.cumsum([0, 10, 7, 12, 9, 11, 8])
+    shard_of = np.searchsorted(starts, samples.numpy(), side="right") - 1
+    begin = 0
+    for shards, end in zip(blocks, ends):  # the cache's blocks hold as they did without repeats
+        assert set(shard_of[begin:end].tolist()) <= set(shards)
+        begin = end
+    order = samples.tolist()
+    # the copies fill the epoch positions 2k, 2k + 1, except where a block's edge cuts a pair
+    split = [k for k in range(0, len(order) - 1, 2) if order[k] != order[k + 1]]
+    assert len(split) <= len(ends) - 1 and all(any(k < e <= k + 1 for e in ends) for k in split)
+    two = [block_order(2, rank) for rank in (0, 1)]
+    for order in two:
+        order.repeats = 2
+    unpaired = sum(len(set(s for s, _, _ in b0) ^ set(s for s, _, _ in b1)) for b0, b1 in zip(*map(list, two)))
+    assert unpaired <= 2 * len(split)  # dealt: a pair's two copies on the two ranks, in the same step
+
+
 def test_blocks_fit_the_budget_and_samples_stay_within_their_block():
     order = block_order(1, 0)
     samples, blocks, ends = order.epoch_plan()

@@ -216,11 +216,17 @@ class TrainOrder(Sampler):
                 for block in samples
             ]
         ends = torch.tensor([len(p) for p in parts]).cumsum(0).tolist()
-        return torch.cat([self._repeated(p) for p in parts]), shards, ends
+        return torch.cat([self._repeated(p, end - len(p)) for p, end in zip(parts, ends)]), shards, ends
 
-    def _repeated(self, order: torch.Tensor) -> torch.Tensor:
-        """Each sample `repeats` times in a row, cut to the order's length (one block's, or the epoch's)."""
-        return order if self.repeats == 1 else order.repeat_interleave(self.repeats)[: len(order)]
+    def _repeated(self, order: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Each sample `repeats` times in a row, cut to the order's length (one block's, or the
+        epoch's). The copies fill the epoch positions [k * repeats, (k + 1) * repeats) together,
+        also in a block that starts at epoch position `start` (a block's first and last group may
+        be cut short by the block's edge), so dealing puts them on different ranks."""
+        if self.repeats == 1:
+            return order
+        positions = torch.arange(start, start + len(order))
+        return order[positions // self.repeats - start // self.repeats]
 
     def _dealt(self, count: int) -> torch.Tensor:
         """Which epoch-order position each of `count` slots takes: with repeats, rearranged within
