@@ -15,6 +15,7 @@ import pytest
 from wandb.sdk.launch.sweeps.utils import DEFAULT_SWEEP_COMMAND, create_sweep_command_args
 
 from tests.conftest import REPO, cpu_env
+from tests.harness import accelerate_launch
 from trainer.config import ConfigError, load_config, normalize_overrides, to_dict
 from trainer.main import parse_args
 
@@ -205,3 +206,20 @@ def test_slurm_train_reports_a_typo_before_starting(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown config key 'optim.lrr' — did you mean 'optim.lr'?"
     assert not (tmp_path / "srun.args").exists()
+
+
+@pytest.mark.e2e
+def test_a_config_error_under_two_processes_is_said_once():
+    result = subprocess.run(
+        accelerate_launch(
+            REPO / "trainer/main.py", ["--config", "configs/demo.yaml", "--optim.lrr", "0.1"], processes=2
+        ),
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown config key 'optim.lrr' — did you mean 'optim.lr'?"]

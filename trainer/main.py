@@ -36,9 +36,12 @@ from trainer.sweep import join_agent_sweep
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     config = None
+    # Every rank reads the same command line and environment, so what they say about them before
+    # the ranks meet (the config, a sweep's run dir) the launcher's rank 0 says once for all.
+    first_rank = os.environ.get("RANK", "0") == "0"
     try:
         config, note = join_agent_sweep(load_config(args.config, overrides))
-        if note and os.environ.get("RANK", "0") == "0":  # every rank has it; the launcher's rank 0 says it
+        if note and first_rank:
             print(note, flush=True)
         return train(config)
     except BaseException as e:
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if explained is None:  # a bug: its traceback is the report
             raise
         code, line = explained
+        if isinstance(e, UserError) and config is None and not first_rank:
+            return code
         if debugging(args.debug):  # the cause of a one-line error stays chained to it
             traceback.print_exception(e, file=sys.stderr)
         if line:
