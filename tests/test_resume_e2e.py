@@ -170,6 +170,9 @@ def test_progressive_resizing_and_aug_repeats_resume_bitwise(digits_shards, fast
 def test_the_records_and_preprocessing_say_which_sizes_and_tta_ran(faster):
     run_dir, stdout = faster
     assert "progressive resizing: train crop epoch 1: 8, epoch 2: 12; validation at 16" in stdout
+    assert (
+        "aug repeats 2: every sample 2 times per epoch, differently augmented (each copy on another process)" in stdout
+    )
     logged = records(run_dir)
     train = [r for r in logged if r["kind"] == "train"]
     assert {r["image_size"] for r in train if r["epoch"] == 1} == {8} and {

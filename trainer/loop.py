@@ -185,6 +185,13 @@ def announce(job: Job, state: TrainState, source, order) -> None:
     )
     if config.data.min_size is not None:
         tracker.print(describe_ramp(config, compiled=config.train.compile not in (None, "none")))
+    if (repeats := config.data.aug_repeats) > 1:
+        world = job.accelerator.num_processes
+        spread = "each copy on another process" if repeats <= world else f"more copies than the {world} process(es)"
+        tracker.print(
+            f"aug repeats {repeats}: every sample {repeats} times per epoch, differently augmented ({spread}); "
+            f"an epoch keeps its {steps} steps and so covers 1/{repeats} of the split"
+        )
     if source.cache is not None:
         tracker.print(f"shards from {source.shown} through the node cache {source.describe_cache()}")
         if order.blocks is not None and order.blocks.samples_per_block() < order.read_ahead:
