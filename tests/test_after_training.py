@@ -355,6 +355,8 @@ def test_bad_input_is_one_clear_line(errors, case, message):
         ("evaluate", ["RUN", "--data", "BAD/empty-class"], "has no images"),
         ("evaluate", ["RUN", "--data", "BAD/no-images"], "has no class folders"),
         ("evaluate", ["RUN", "--data", "BAD/nowhere"], "not found"),
+        ("evaluate", ["RUN", "--name", "../outside"], "must be a plain name"),
+        ("evaluate", ["RUN", "--name", ".."], "must be a plain name"),
         ("predict", ["BAD", "BAD/broken-image"], "is not a run directory"),
         ("predict", ["RUN", "BAD/nowhere"], "not found"),
         ("predict", ["RUN", "BAD/no-images"], "holds no image files"),

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.name is not None and (Path(args.name).name != args.name or args.name in ("", ".", "..")):
+        raise UserError(
+            f"--name {args.name!r} must be a plain name (no '/', not '..') — it names RUN_DIR/eval/<name>.json"
+        )
     trained = load_trained(args.run_dir, args.checkpoint)
     dataset, data_name = eval_dataset(trained, args.data, args.split)
     config = trained.config
