@@ -420,6 +420,11 @@ def train_size(data: DataConfig, epoch: int, epochs: int) -> int:
     return min(max(round(size / data.size_step) * data.size_step, data.min_size), data.image_size)
 
 
+def train_sizes(config: Config) -> list[int]:
+    """The train crop side of every epoch of the run, in order."""
+    return [train_size(config.data, epoch, config.train.epochs) for epoch in range(config.train.epochs)]
+
+
 def eval_size(data: DataConfig) -> int:
     """The val crop side: data.val_size, else data.image_size."""
     return data.val_size or data.image_size

@@ -29,7 +29,7 @@ from shards.errors import DataError
 from shards.format import finish_rgb, image_field, open_image, plain_jpeg
 from shards.reader import SplitReader
 from shards.source import CacheOptions, Prefetcher, ShardSource, parse_size
-from trainer.config import eval_size, train_size
+from trainer.config import eval_size, train_sizes
 
 MASK64 = (1 << 64) - 1
 
@@ -373,7 +373,7 @@ def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int,
     order = TrainOrder(
         len(train_reader), config.train.batch_size, rank, world, config.train.seed, labels, blocks, files.prefetcher()
     )
-    order.sizes = [train_size(config.data, epoch, config.train.epochs) for epoch in range(config.train.epochs)]
+    order.sizes = train_sizes(config)
     order.repeats = config.data.aug_repeats
     train_preset = TrainPreset(config.data, mean, std) if config.data.decode == "workers" else None
     train_set = ShardDataset(train_reader, train_preset, config.data.skip_bad_samples)

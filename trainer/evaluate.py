@@ -27,6 +27,7 @@ from shards import failpoints
 from shards.errors import UserError
 from shards.format import MANIFEST
 from shards.store import is_url, redact
+from trainer.config import eval_size
 from trainer.data import EvalOrder, ShardDataset, loader_workers, make_loader, open_shards, split_reader
 from trainer.inference import LabelledImages, Trained, add_debug_flag, labelled_images, load_trained, run_cli
 from trainer.loop import evaluate
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             "kind": "eval",
             "checkpoint": str(trained.weights),
             "data": data_name,
-            "image_size": trained.preprocessing()["image_size"],
+            "image_size": eval_size(config.data),
             "tta": tta,
             **summarize(sums, trained.classes),
         }

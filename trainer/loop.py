@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from shards import failpoints
 from shards.errors import UserError
 from trainer import checkpoint
-from trainer.config import Config, eval_size, to_dict, to_yaml, train_size
+from trainer.config import Config, eval_size, to_dict, to_yaml, train_size, train_sizes
 from trainer.data import Loaders, build_loaders, loader_workers, mix_seed, open_shards
 from trainer.meters import STARTUP, TrainWindow, best_eval, images_per_second, mean_throughput
 from trainer.metrics import EvalSums, ShownSamples, predict_logits, summarize
@@ -203,7 +203,7 @@ def announce(job: Job, state: TrainState, source, order) -> None:
 
 def describe_ramp(config: Config, compiled: bool) -> str:
     """Progressive resizing's start-up line: the train crop side for each run of epochs (1-based)."""
-    sizes = [train_size(config.data, epoch, config.train.epochs) for epoch in range(config.train.epochs)]
+    sizes = train_sizes(config)
     spans = []
     for size, epochs in itertools.groupby(range(1, len(sizes) + 1), key=lambda epoch: sizes[epoch - 1]):
         first, *rest = epochs

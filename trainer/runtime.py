@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
 from shards.errors import EXIT_FAILURE, UserError
-from trainer.config import CHOICES, Config, ConfigError, TrainConfig, train_size
+from trainer.config import CHOICES, Config, ConfigError, TrainConfig, train_sizes
 
 # `accelerate launch` hands its choices (its flags, else the `accelerate config` file) to every
 # process in these variables. It fills in "no" for what nobody chose, so "no" reads as "not chosen".
@@ -109,7 +109,7 @@ def compile_dynamic(config: Config) -> bool | None:
         return None
     import torch._dynamo.config
 
-    sizes = {train_size(config.data, epoch, config.train.epochs) for epoch in range(config.train.epochs)}
+    sizes = set(train_sizes(config))
     # train sizes, the eval batch and its last partial one, and the same again for EMA weights
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * (len(sizes) + 2))
     return False

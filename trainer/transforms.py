@@ -52,8 +52,8 @@ class TrainPreset:
             steps.append(v2.RandAugment())
         elif data.auto_augment == "trivialaugment":
             steps.append(v2.TrivialAugmentWide())
-        self.rest = v2.Compose([*steps, v2.PILToTensor()])
         self.steps = v2.Compose(steps or [v2.Identity()])
+        self.rest = v2.Compose([self.steps, v2.PILToTensor()])
 
     def resized_crop(self, image, drawn: dict, size: int):
         return v2.functional.resized_crop(image, **drawn, size=[size, size], antialias=True)
