@@ -170,7 +170,7 @@ def make_images(root: Path, n: int, size: int) -> Path:
 SERVER = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from tests.harness import s3_server
+from toolbox.testing import s3_server
 with s3_server() as (server, env):
     print(json.dumps(env), flush=True)
     sys.stdin.read()  # until the bench closes our stdin
@@ -238,8 +238,8 @@ def bytes_loader(location: str, cache_dir: Path | None, limit: int | None, args)
     """The trainer's own train order (build_loaders, from a real Config) over the split at
     ``location``, read by a loader of BytesOnly instead of the trainer's decoding dataset.
     -> (loader, order, the split's files)."""
-    from trainer.config import Config, DataConfig, TrainConfig
-    from trainer.data import build_loaders, make_loader, open_shards
+    from trainer.training.config import Config, DataConfig, TrainConfig
+    from trainer.training.data import build_loaders, make_loader, open_shards
 
     data = DataConfig(
         shards=location,
@@ -347,7 +347,7 @@ def plain_download(location: str, rels: list[str], work: Path, processes: int = 
 
 
 def part_a(args, work: Path) -> dict:
-    from tests.harness import s3_fs
+    from toolbox.testing import s3_fs
 
     print(f"A. loader rate: {args.images} images, {args.workers} workers, batch {args.batch}", flush=True)
     src = make_images(work, args.images, args.image_size)
@@ -571,7 +571,7 @@ def child_before(args) -> dict:
 
 def child_after(args) -> dict:
     """The sample index, one process: the first sample of every shard, then every record."""
-    from trainer.data import open_shards, split_reader
+    from trainer.training.data import open_shards, split_reader
 
     gc.collect()
     base = memory()
@@ -597,7 +597,7 @@ def child_after(args) -> dict:
 
 def child_after_workers(args) -> dict:
     """after4: the rank opens the data and forks the workers, which read it (`forked_readers`)."""
-    from trainer.data import open_shards, split_reader
+    from trainer.training.data import open_shards, split_reader
 
     t = time.perf_counter()
     index = split_reader(open_shards(str(args.shards)), "train")

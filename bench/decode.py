@@ -26,8 +26,8 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shards.format import decode_rgb  # noqa: E402
-from trainer.config import DataConfig  # noqa: E402
-from trainer.transforms import TrainPreset  # noqa: E402
+from trainer.training.config import DataConfig  # noqa: E402
+from trainer.training.transforms import TrainPreset  # noqa: E402
 
 
 def photo(width: int, height: int, seed: int) -> bytes:

@@ -204,7 +204,7 @@ env["commit"] = run("git", "rev-parse", "--short", "HEAD") or "?"
 json.dump(env, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(env), flush=True)
 if sys.argv[2] == "0":
-    import torch, trainer.main, trainer.model  # noqa: E401,F401 -- fail here, once, if they cannot
+    import torch, trainer.main, trainer.training.model  # noqa: E401,F401 -- fail here, once, if they cannot
     print("cuda:", torch.cuda.is_available(), torch.version.cuda)
 EOF
 PREFLIGHT=$!

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 bench/model.py` from anywhere
-from trainer.model import SqueezeExcite, se_densenet  # noqa: E402
+from trainer.training.model import SqueezeExcite, se_densenet  # noqa: E402
 
 VARIANTS: dict[str, Callable[[int], nn.Module]] = {
     "tv": lambda nc: torchvision.models.densenet121(weights=None, num_classes=nc),

@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from train import synthetic_shards  # noqa: E402  bench/train.py
 
-from tests.harness import accelerate_launch  # noqa: E402
-from trainer.config import normalize_overrides  # noqa: E402
+from toolbox.testing import accelerate_launch  # noqa: E402
 from trainer.rundir import RunDir  # noqa: E402
+from trainer.training.config import normalize_overrides  # noqa: E402
 
 CPU_MODEL = [  # a small SE-DenseNet with the ImageNet stem: CPU-sized, the same data path
     "model.block_config=[2,2,2]",

@@ -32,15 +32,15 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from shards.source import ShardSource  # noqa: E402
-from tests.harness import accelerate_launch  # noqa: E402
-from trainer.config import load_config, normalize_overrides  # noqa: E402
-from trainer.data import build_loaders, open_shards  # noqa: E402
-from trainer.loop import train_inputs  # noqa: E402
-from trainer.optim import make_optimizer, param_groups  # noqa: E402
+from toolbox.testing import accelerate_launch  # noqa: E402
 from trainer.rundir import RunDir  # noqa: E402
-from trainer.runtime import resolve_launch  # noqa: E402
-from trainer.state import build_model  # noqa: E402
-from trainer.transforms import normalization  # noqa: E402
+from trainer.training.config import load_config, normalize_overrides  # noqa: E402
+from trainer.training.data import build_loaders, open_shards  # noqa: E402
+from trainer.training.loop import train_inputs  # noqa: E402
+from trainer.training.optim import make_optimizer, param_groups  # noqa: E402
+from trainer.training.runtime import resolve_launch  # noqa: E402
+from trainer.training.state import build_model  # noqa: E402
+from trainer.training.transforms import normalization  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -18,7 +18,6 @@ import argparse
 import re
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,13 +30,14 @@ from launch.parallel import Workers, default_workers
 from launch.publish import RemoteOut
 from launch.scan import DEFAULT_MAX_FILE_BYTES, SPLITS, Inspection, Listing, inspect_all, list_source, printable
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
-from shards import errors, failpoints
-from shards.errors import UserError
 from shards.format import INDEX_NAME, SUMMARY, key_hash, sample_key, shard_name
 from shards.index import write_index
 from shards.manifest import Manifest, ShardInfo, SplitInfo
 from shards.store import is_url
 from shards.writer import publish, staging
+from toolbox import errors, failpoints
+from toolbox.cli import is_disk_error, run_command
+from toolbox.errors import UserError
 
 DEFAULT_MIN_SHARDS = 16
 DEMO_MIN_SHARDS = 8  # 1,797 images: 8 shards still give 2 per loader worker for 2 ranks x 2 workers
@@ -457,22 +457,20 @@ def finish(manifest: Manifest, plan: Plan, stage: Path, out: str, min_shards: in
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv  # known before parsing, which can fail too
-    try:
-        print(run(parse_args(argv)))
-        return 0
-    except UserError as e:
-        errors.report(e, debug)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted — OUT was left as it was; run the command again", file=sys.stderr)
-        return 130
-    except OSError as e:
-        if errors.debugging(debug):
-            traceback.print_exception(e, file=sys.stderr)
+    return run_command(
+        lambda: print(run(parse_args(argv))) or 0,
+        "--debug" in argv,  # known before parsing, which can fail too
+        kept="OUT was left as it was",
+        explain=file_error,
+    )
+
+
+def file_error(e: BaseException) -> tuple[int, str] | None:
+    """Any other error of the file system (a path, a permission): one line too."""
+    if isinstance(e, OSError) and not is_disk_error(e):
         where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where} — check the paths, permissions and free disk space", file=sys.stderr)
-    return errors.EXIT_USAGE
+        return errors.EXIT_USAGE, f"{e.strerror or e}{where} — check the paths, permissions and free disk space"
+    return None
 
 
 if __name__ == "__main__":

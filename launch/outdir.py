@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from shards import lock
-from shards.errors import UserError
+from toolbox import lock
+from toolbox.errors import UserError
 
 BUILDER = ".builder.json"  # in a partial build only
 HOST = socket.gethostname()

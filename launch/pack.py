@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from launch.scan import DEFAULT_MAX_FILE_BYTES, NotRead, read_source
-from shards.errors import DataError
 from shards.format import IMAGE_EXTS, encode_cls, encode_meta, to_rgb
 from shards.manifest import ShardInfo
 from shards.writer import ShardWriter
+from toolbox.errors import DataError
 
 PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
 RERUN = "re-run once nothing writes to SRC"

@@ -14,10 +14,10 @@ import hashlib
 from pathlib import Path
 
 from launch.scan import SPLITS
-from shards.errors import UserError
 from shards.format import MANIFEST, TIMM_INFO
 from shards.manifest import Manifest
 from shards.store import Store
+from toolbox.errors import UserError
 
 
 class RemoteOut:

@@ -11,7 +11,7 @@ import numpy as np
 
 from shards.format import CLASS_PLOT, MANIFEST, SIZE_PLOT, SUMMARY
 from shards.manifest import Manifest
-from shards.plots import setup_fonts
+from toolbox.fonts import setup_fonts
 
 MAX_SCATTER = 20000  # points in the size plot; more only blots it out and slows it down
 MAX_LABELLED = 60  # classes beyond this get no tick labels (ImageNet's 1000 would be a black smear)

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 
 from launch.parallel import Workers
-from shards.errors import UserError, first_line
 from shards.format import IMAGE_EXTS, KEEP_FORMATS, SOURCE_EXTS, to_rgb
+from toolbox.errors import UserError, first_line
 
 SPLITS = ("train", "val")
 TRANSCODE = len(IMAGE_EXTS)  # field code of images that are re-encoded as png

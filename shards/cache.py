@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from shards.errors import DataError
+from toolbox import lock
+from toolbox.errors import DataError
 
 SUBDIR = "se-densenet-shards"
 WAIT_FOR_SPACE_S = 1800.0  # a full cache of files in use this long is a stuck reader, not a busy one
@@ -121,7 +122,7 @@ class ShardCache:
             with _flock(self.root / ".space.lock", fcntl.LOCK_EX):
                 if self._make_room(entry.size, protect | {entry.name}):
                     out = open(part, "w+b")
-                    _HELD.add(out.fileno())
+                    lock.not_inherited(out.fileno())
                     fcntl.flock(out, fcntl.LOCK_EX)  # a live download: not stale
                     _allocate(out, entry.size)
                     break
@@ -137,7 +138,7 @@ class ShardCache:
         try:
             yield part, out
         finally:
-            _HELD.discard(out.fileno())
+            lock.let_go(out.fileno())
             out.close()
             part.unlink(missing_ok=True)
 
@@ -213,7 +214,7 @@ def _evict(path: Path) -> bool:
     except FileNotFoundError:
         return True
     try:
-        with _held(fd):
+        with lock.held(fd):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -244,36 +245,8 @@ def _allocate(f: BinaryIO, size: int) -> None:
 def _flock(path: Path, how: int):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        with _held(fd):
+        with lock.held(fd):
             fcntl.flock(fd, how)
             yield
     finally:
         os.close(fd)
-
-
-# Descriptors that hold a lock for a moment. A loader worker forked while another thread (the
-# prefetcher) holds one would inherit it, and the lock would live as long as the worker: point
-# the child's copies at /dev/null (not closed: the number stays taken, so no later close can
-# hit a reused descriptor).
-_HELD: set[int] = set()
-
-
-@contextmanager
-def _held(fd: int):
-    _HELD.add(fd)
-    try:
-        yield fd
-    finally:
-        _HELD.discard(fd)
-
-
-def _drop_inherited_locks() -> None:
-    if _HELD:
-        null = os.open(os.devnull, os.O_RDONLY)
-        for fd in list(_HELD):
-            os.dup2(null, fd)
-        os.close(null)
-        _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_drop_inherited_locks)

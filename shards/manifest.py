@@ -14,9 +14,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shards.errors import DataError, first_line
 from shards.format import MANIFEST, TIMM_INFO
 from shards.index import RECORD
+from toolbox.errors import DataError, first_line
 
 FORMAT_VERSION = 1
 MAKE_CMD = "python -m launch.make_shards SRC OUT"

@@ -15,9 +15,9 @@ import tarfile
 
 import numpy as np
 
-from shards.errors import DataError
 from shards.index import parse_sample, scan_tar
 from shards.source import SplitFiles
+from toolbox.errors import DataError
 
 
 class SplitReader:

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from shards.cache import SUBDIR, Entry, ShardCache, default_dir
-from shards.errors import DataError
 from shards.format import INDEX_NAME, MANIFEST
 from shards.index import load_index
 from shards.manifest import MAX_BYTES, Manifest
 from shards.store import Store
+from toolbox.errors import DataError
+from toolbox.sizes import human
 
 MIN_LIMIT_SHARDS = 4  # a cache_limit below this many of the largest shard cannot overlap fetching and reading
 
@@ -321,38 +322,3 @@ class Prefetcher:
                     if wish == self._wish:
                         self._todo.appendleft(shard)
                     self._wake.wait(self.RETRY_S)
-
-
-def human(size: float) -> str:
-    """Bytes as the user would write them for data.cache_limit."""
-    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
-
-
-def parse_size(text: str) -> int:
-    """'500MB', '40GB', '1.5TB', '123' (bytes) -> bytes (decimal units, as disks are sold; KiB/MiB/GiB too)."""
-    units = {
-        "": 1,
-        "b": 1,
-        "kb": 10**3,
-        "mb": 10**6,
-        "gb": 10**9,
-        "tb": 10**12,
-        "kib": 2**10,
-        "mib": 2**20,
-        "gib": 2**30,
-        "tib": 2**40,
-        "k": 10**3,
-        "m": 10**6,
-        "g": 10**9,
-        "t": 10**12,
-    }
-    s = str(text).strip().lower().replace(" ", "")
-    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(number) :]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or value <= 0:
-        raise ValueError(f"{text!r} is not a size — write it like 500MB, 40GB or 1.5TB")
-    return int(value * units[unit])

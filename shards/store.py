@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
-from shards.errors import DataError, first_line
+from toolbox.errors import DataError, first_line
+from toolbox.redact import redact, redact_text
 
 SCHEMES = ("s3", "gs", "gcs", "http", "https")
 CHUNK = 8 << 20
@@ -37,20 +38,6 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def is_url(location: str) -> bool:
     return bool(_URL.match(location)) or location.startswith("pipe:")
-
-
-def redact(location: str) -> str:
-    """``location`` without what may be a secret: a URL's user info and query string, a pipe's
-    command line after its first word."""
-    if location.startswith("pipe:"):
-        words = location[5:].split()
-        return f"pipe:{words[0]} ..." if words else "pipe:"
-    if not _URL.match(location):
-        return location
-    parts = urlsplit(location)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def hint(location: str) -> str:
@@ -301,10 +288,3 @@ def classify(e: BaseException, scheme: str = "") -> tuple[bool, str]:
     if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
         return False, f"HTTP {status}"
     return True, f"{type(e).__name__}: {redact_text(first_line(e))}"
-
-
-def redact_text(text: str) -> str:
-    """Text that may quote URLs or a pipe: command (a message, a command-line argument), with
-    their secrets removed."""
-    text = re.sub(r"pipe:.*", lambda m: redact(m.group(0)), text)
-    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: redact(m.group(0)), text)

@@ -44,7 +44,7 @@ set -uo pipefail
 usage="usage: sbatch [sbatch options] slurm/train.sh [--config] configs/X.yaml [section.key=value ...]"
 [ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
 # Overrides pass through as given: section.key=value, --section.key=value or --section.key value
-# (trainer.config.normalize_overrides reads all three, here and in every trainer).
+# (trainer.training.config.normalize_overrides reads all three, here and in every trainer).
 case $1 in
   --config) [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }; CONFIG=$2; shift 2 ;;
   --config=*) CONFIG=${1#--config=}; shift ;;
@@ -97,7 +97,7 @@ else
   derived+=("run.dir=$(realpath -m "${RUNS_ROOT:-runs}")/$name-$JOB")
 fi
 check='import sys
-from trainer.config import ConfigError, load_config
+from trainer.training.config import ConfigError, load_config
 try:
     c = load_config(sys.argv[1], sys.argv[2:])
 except ConfigError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import accelerate_launch
+from toolbox.testing import accelerate_launch
 
 REPO = Path(__file__).resolve().parent.parent
 # A model small enough that a 2-process CPU epoch over the 1,618 digits takes seconds.

@@ -21,17 +21,17 @@ import pytest
 import torch
 from PIL import Image
 
-from shards import failpoints
 from shards.format import image_field
 from shards.manifest import Manifest
 from tests.conftest import REPO, cpu_env, run_training, wait_for
-from tests.harness import accelerate_launch
-from trainer import export
-from trainer.config import config_from_dict, to_dict
-from trainer.data import open_shards, split_reader
-from trainer.inference import load_trained, read_image
-from trainer.loop import weights_file
-from trainer.state import build_model
+from toolbox import failpoints
+from toolbox.testing import accelerate_launch
+from trainer.trained import export
+from trainer.trained.load import load_trained, read_image
+from trainer.training.config import config_from_dict, to_dict
+from trainer.training.data import open_shards, split_reader
+from trainer.training.loop import weights_file
+from trainer.training.state import build_model
 
 pytestmark = pytest.mark.e2e
 PER_CLASS = 3  # images per class in the image-folder copy of the val split
@@ -364,7 +364,7 @@ def test_bad_input_is_one_clear_line(errors, case, message):
     ],
 )
 def test_bad_input_in_process(run_dir, bad, capsys, command, args, message):
-    from trainer import evaluate, predict
+    from trainer.trained import evaluate, predict
 
     argv = [a.replace("RUN", str(run_dir)).replace("BAD", str(bad["root"])) for a in args]
     code = {"evaluate": evaluate, "predict": predict, "export": export}[command].main(argv)
@@ -420,7 +420,7 @@ def test_predict_gives_hostile_files_an_error_row_and_never_hangs(run_dir, hosti
 
 
 def test_read_image_never_reads_past_the_limit_of_a_growing_file(tmp_path, monkeypatch):
-    from shards.errors import DataError
+    from toolbox.errors import DataError
 
     path = tmp_path / "growing.png"
     path.write_bytes(b"x" * 10)

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError
-from trainer.state import rng_state
+from trainer.training import checkpoint
+from trainer.training.checkpoint import CheckpointError
+from trainer.training.randomness import rng_state
 
 
 def _state(step):

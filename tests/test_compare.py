@@ -16,11 +16,11 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from trainer import compare
-from trainer.config import load_config, to_yaml
-from trainer.loop import run_summary
 from trainer.rundir import CONFIG, METRICS, STATUS, SUMMARY, RunDir
-from trainer.state import Progress
+from trainer.runs import compare
+from trainer.training.config import load_config, to_yaml
+from trainer.training.loop import run_summary
+from trainer.training.state import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["a", "b", "c"]

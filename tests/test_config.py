@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from trainer.config import ConfigError, config_from_dict, load_config, to_dict
+from trainer.training.config import ConfigError, config_from_dict, load_config, to_dict
 
 REQUIRED = ["data.shards=s", "run.dir=r"]
 
@@ -105,7 +105,7 @@ def test_lr_base_defaults_keep_lr_as_given():
 
 
 def test_progressive_resizing_size_is_a_function_of_the_epoch():
-    from trainer.config import train_size
+    from trainer.training.config import train_size
 
     config = load_config(None, [*REQUIRED, "data.image_size=224", "train.epochs=20"])
     assert {train_size(config.data, e, 20) for e in range(20)} == {224}  # off by default
@@ -135,7 +135,7 @@ def test_time_to_accuracy_settings_are_checked_up_front(overrides, message):
 
 
 def test_val_size_defaults_to_image_size():
-    from trainer.config import eval_size
+    from trainer.training.config import eval_size
 
     assert eval_size(load_config(None, [*REQUIRED, "data.image_size=160"]).data) == 160
     assert eval_size(load_config(None, [*REQUIRED, "data.image_size=160", "data.val_size=224"]).data) == 224

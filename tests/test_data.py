@@ -3,10 +3,11 @@ import tarfile
 
 import pytest
 
-from shards.errors import DataError
 from shards.reader import SplitReader
 from shards.source import SplitFiles
-from trainer.data import EvalOrder, TrainOrder, mix_seed
+from toolbox.errors import DataError
+from trainer.training.data import EvalOrder, TrainOrder
+from trainer.training.randomness import mix_seed
 
 
 @pytest.mark.parametrize("world, batch", [(1, 4), (2, 4), (3, 5)])
@@ -93,8 +94,8 @@ def test_train_batches_stay_uint8_until_normalised_on_the_device():
     from PIL import Image
     from torchvision.transforms import v2
 
-    from trainer.config import DataConfig
-    from trainer.transforms import DeviceNormalize, TrainPreset
+    from trainer.training.config import DataConfig
+    from trainer.training.transforms import DeviceNormalize, TrainPreset
 
     mean, std = [0.2, 0.4, 0.6], [0.5, 0.25, 0.125]
     png = io.BytesIO()

@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from shards.errors import DataError
 from shards.format import EXIF_ORIENTATION, decode_rgb, finish_rgb, open_image
 from shards.reader import SplitReader
 from shards.source import SplitFiles
-from trainer.config import DataConfig
-from trainer.data import EncodedBatch, ShardDataset, collate, device_ready
-from trainer.transforms import DeviceDecode, TrainPreset
+from toolbox.errors import DataError
+from trainer.training.config import DataConfig
+from trainer.training.data import ShardDataset, device_ready
+from trainer.training.samples import EncodedBatch, collate
+from trainer.training.transforms import DeviceDecode, TrainPreset
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 SEEDS = [11, 12, 13, 14, 15, 16]

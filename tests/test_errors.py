@@ -2,7 +2,7 @@
 
 import pytest
 
-from shards.errors import EXIT_USAGE, DataError, UserError, first_line, report
+from toolbox.errors import EXIT_USAGE, DataError, UserError, first_line, report
 
 
 def test_a_user_error_carries_its_exit_code_and_line():

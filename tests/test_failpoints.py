@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from shards import failpoints
+from toolbox import failpoints
 
 
 def test_points_parse_and_an_unknown_one_is_refused():
@@ -23,8 +23,8 @@ def test_env_builds_one_variable_for_all_points():
 def test_every_point_is_read_where_the_product_reads_it():
     """Each listed point is used by some module, and the module reads nothing but this one."""
     code = (
-        "from shards import failpoints; import trainer.loop, trainer.checkpoint;"
-        "print(sorted(trainer.loop.NAN_STEPS), trainer.loop.HOLD_STEP, failpoints.step('pause-checkpoint'))"
+        "from toolbox import failpoints; import trainer.training.loop, trainer.training.checkpoint;"
+        "print(sorted(trainer.training.loop.NAN_STEPS), trainer.training.loop.HOLD_STEP, failpoints.step('pause-checkpoint'))"
     )
     env = {"FAILPOINTS": "nan-loss=4,5;hold-after-step=3;pause-checkpoint=7", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout

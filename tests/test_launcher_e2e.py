@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO, TINY, cpu_env
-from tests.harness import accelerate_launch
+from toolbox.testing import accelerate_launch
 
 pytestmark = pytest.mark.e2e
 

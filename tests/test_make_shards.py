@@ -24,11 +24,11 @@ from launch import outdir
 from launch.pack import encode_image
 from launch.scan import TRANSCODE, inspect_file
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
-from shards.errors import DataError, UserError
 from shards.format import IMAGE_EXTS, decode_rgb, image_field, sample_key, to_rgb
 from shards.manifest import Manifest, ShardInfo, SplitInfo
 from shards.writer import ShardWriter, publish, staging
 from tests.conftest import wait_for
+from toolbox.errors import DataError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -386,7 +386,7 @@ def test_out_inside_src_is_refused(corpus, tmp_path):
 def test_ctrl_c_leaves_out_untouched(tmp_path):
     import signal
 
-    from shards import failpoints
+    from toolbox import failpoints
 
     work, paused = tmp_path / "work", tmp_path / "paused"
     out = work / "out"
@@ -466,7 +466,7 @@ def test_a_class_folder_whose_name_is_not_utf8_stops_in_one_line_naming_it(tmp_p
 def test_a_second_make_shards_on_out_exits_2_naming_the_first_and_a_killed_ones_partial_is_swept(tmp_path):
     import signal
 
-    from shards import failpoints
+    from toolbox import failpoints
 
     work, paused = tmp_path / "work", tmp_path / "paused"
     out = work / "out"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from shards.errors import DataError
 from shards.manifest import MAX_BYTES, Manifest
 from shards.source import CacheOptions, ShardSource
 from tests.conftest import http_server
-from trainer.data import open_shards, split_reader
+from toolbox.errors import DataError
+from trainer.training.data import open_shards, split_reader
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
-from trainer.metrics import EvalSums, summarize
+from trainer.training.metrics import EvalSums, summarize
 
 
 def test_metrics_match_scikit_learn():
@@ -38,7 +38,7 @@ def test_metrics_match_scikit_learn():
 def test_confusion_plot_renders_chinese_class_names(tmp_path):
     import warnings
 
-    from trainer.tracking.plots import plot_confusion
+    from trainer.training.tracking.plots import plot_confusion
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -48,7 +48,7 @@ def test_confusion_plot_renders_chinese_class_names(tmp_path):
 
 
 def test_flip_tta_averages_the_softmax_of_an_image_and_its_mirror():
-    from trainer.metrics import predict_logits
+    from trainer.training.metrics import predict_logits
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)).eval()

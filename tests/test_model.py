@@ -15,7 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from trainer.model import (
+from trainer.training.model import (
     IMAGENET_DEPTHS,
     SEDenseNet,
     data_defaults,

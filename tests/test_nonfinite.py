@@ -6,10 +6,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from trainer.config import OptimConfig
-from trainer.model import se_densenet
-from trainer.nonfinite import NonFiniteError, StepGuard, assert_finite, nonfinite_names, update_ema
-from trainer.optim import make_ema, make_optimizer, param_groups
+from trainer.training.config import OptimConfig
+from trainer.training.model import se_densenet
+from trainer.training.nonfinite import NonFiniteError, StepGuard, assert_finite, nonfinite_names, update_ema
+from trainer.training.optim import make_ema, make_optimizer, param_groups
 
 
 def tiny():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from trainer.config import OptimConfig, ScheduleConfig, load_config
-from trainer.optim import describe_lr, lr_factor, make_optimizer, make_scheduler, param_groups, scaled_lr
+from trainer.training.config import OptimConfig, ScheduleConfig, load_config
+from trainer.training.optim import describe_lr, lr_factor, make_optimizer, make_scheduler, param_groups, scaled_lr
 
 
 def test_warmup_then_cosine_to_final_factor():

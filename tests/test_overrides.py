@@ -15,9 +15,9 @@ import pytest
 from wandb.sdk.launch.sweeps.utils import DEFAULT_SWEEP_COMMAND, create_sweep_command_args
 
 from tests.conftest import REPO, cpu_env
-from tests.harness import accelerate_launch
-from trainer.config import ConfigError, load_config, normalize_overrides, to_dict
+from toolbox.testing import accelerate_launch
 from trainer.main import parse_args
+from trainer.training.config import ConfigError, load_config, normalize_overrides, to_dict
 
 REQUIRED = ["data.shards=s", "run.dir=r"]
 # A requeued sweep run's parameters include the run's own `_wandb` config (wandb#4237).

@@ -9,10 +9,10 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from shards import failpoints
-from shards.errors import EXIT_PREEMPTED
 from tests.conftest import EXACT, kill_group, run_module, run_training, start_training, wait_for, worker_pids
-from trainer import checkpoint
+from toolbox import failpoints
+from toolbox.errors import EXIT_PREEMPTED
+from trainer.training import checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shards import failpoints
 from tests.conftest import EXACT, REPO, kill_group, run_training, start_training, wait_for, worker_pids
-from trainer import checkpoint
+from toolbox import failpoints
+from trainer.training import checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shards.errors import UserError
-from trainer import runtime
-from trainer.config import ConfigError, load_config
-from trainer.runtime import StopFlag, any_rank, gather_to_main, make_accelerator, resolve_launch, settle_launch
+from toolbox.errors import UserError
+from trainer.training import runtime
+from trainer.training.config import ConfigError, load_config
+from trainer.training.runtime import StopFlag, any_rank, gather_to_main, make_accelerator, resolve_launch, settle_launch
 
 REQUIRED = ["data.shards=s", "run.dir=r"]
 

@@ -24,9 +24,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from shards import failpoints
 from tests.conftest import REPO, TINY, cpu_env
-from trainer.config import wandb_id
+from toolbox import failpoints
+from trainer.training.config import wandb_id
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
 

@@ -4,11 +4,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError
-from trainer.config import OptimConfig, ScheduleConfig, load_config
-from trainer.optim import make_optimizer, make_scheduler, param_groups
-from trainer.state import TrainState, build_model, rng_state, set_rng_state, use_new_lr
+from toolbox.cli import Console
+from trainer.training import checkpoint
+from trainer.training.checkpoint import CheckpointError
+from trainer.training.config import OptimConfig, ScheduleConfig, load_config
+from trainer.training.optim import make_optimizer, make_scheduler, param_groups
+from trainer.training.randomness import rng_state, set_rng_state
+from trainer.training.state import TrainState, build_model, use_new_lr
 
 TINY = [
     "data.shards=s",
@@ -83,7 +85,7 @@ def test_a_changed_lr_applies_from_the_checkpoint_on():
     wanted = [group["initial_lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    use_new_lr(optimizer, scheduler, wanted, verbose=False)
+    use_new_lr(optimizer, scheduler, wanted, Console(speaks=False))
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.01 * factor] * len(wanted))
     assert scheduler.get_last_lr() == [group["lr"] for group in optimizer.param_groups]
     scheduler.step()

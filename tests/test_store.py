@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from shards.cache import Entry, ShardCache
-from shards.errors import DataError
 from shards.index import RECORD, load_index, parse_sample, scan_tar
-from shards.source import ShardSource, parse_size
-from shards.store import Store, redact
+from shards.source import ShardSource
+from shards.store import Store
 from shards.writer import ShardWriter
-from trainer.data import ShardBlocks, TrainOrder, open_shards, split_reader
+from toolbox.errors import DataError
+from toolbox.redact import redact
+from toolbox.sizes import parse_size
+from trainer.training.data import ShardBlocks, TrainOrder, open_shards, split_reader
 
 
 def test_the_index_costs_16_bytes_a_sample_and_matches_a_header_scan(tmp_path):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from shards import failpoints
 from shards.cache import ShardCache
 from tests.conftest import (
     EXACT,
@@ -24,8 +23,9 @@ from tests.conftest import (
     start_training,
     wait_for,
 )
-from tests.harness import s3_fs, s3_server
-from trainer import checkpoint
+from toolbox import failpoints
+from toolbox.testing import s3_fs, s3_server
+from trainer.training import checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -277,8 +277,8 @@ def test_credentials_never_land_in_the_run(s3, digits_shards, tmp_path):
 
 
 def test_each_way_a_location_fails_is_one_line_before_any_work(s3, monkeypatch):
-    from shards.errors import DataError
     from shards.source import CacheOptions, ShardSource
+    from toolbox.errors import DataError
 
     for key, value in s3.items():
         monkeypatch.setenv(key, value)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shards.errors import UserError
 from tests.conftest import REPO, TINY, cpu_env
 from tests.wandb_agent import agent_command, agent_env
-from trainer import sweep
-from trainer.config import load_config
+from toolbox.errors import UserError
+from trainer.runs import sweep
+from trainer.training.config import join_agent_sweep, load_config
 
 DEMO = REPO / "configs/sweeps/demo-lr.yaml"
 
@@ -187,15 +187,15 @@ def test_task_prints_its_words_and_notes_an_array_too_small(tmp_path):
 
 def test_join_agent_sweep_takes_the_agents_run_id_and_its_own_run_dir(tmp_path):
     config = load_config(REPO / "configs/demo.yaml", ["wandb.mode=online"])
-    assert sweep.join_agent_sweep(config, {}) == (config, None)
+    assert join_agent_sweep(config, {}) == (config, None)
     env = {"WANDB_SWEEP_ID": "sw33p", "WANDB_RUN_ID": "r4nd0m", "RUNS_ROOT": str(tmp_path)}
-    joined, note = sweep.join_agent_sweep(config, env)
+    joined, note = join_agent_sweep(config, env)
     assert joined.run.dir == str(tmp_path / "sw33p" / "r4nd0m") and joined.wandb.id == "r4nd0m"
     assert dataclasses.replace(joined, run=config.run, wandb=config.wandb) == config  # nothing else changes
     assert note == f"wandb sweep sw33p, run r4nd0m: run.dir {tmp_path / 'sw33p' / 'r4nd0m'}"
     offline = load_config(REPO / "configs/demo.yaml")
     with pytest.raises(UserError, match="wandb.mode=offline cannot join wandb sweep sw33p"):
-        sweep.join_agent_sweep(offline, env)
+        join_agent_sweep(offline, env)
 
 
 def run_env(tmp_path: Path, run_id: str) -> dict:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shards.errors import UserError
-from trainer.config import load_config
-from trainer.optim import make_optimizer, param_groups
-from trainer.state import build_model
+from toolbox.errors import UserError
+from trainer.training.config import load_config
+from trainer.training.optim import make_optimizer, param_groups
+from trainer.training.state import build_model
 
 SMALL = [
     "data.shards=s",

@@ -12,9 +12,9 @@ from PIL import Image
 
 from shards.manifest import Manifest, SplitInfo
 from tests.wandb_log import history, model_versions, records, segments, step_of, summary, table
-from trainer.config import ConfigError, load_config, wandb_id
-from trainer.metrics import ShownSamples
-from trainer.tracking.wandb_run import WandbRun, versions
+from trainer.training.config import ConfigError, load_config, wandb_id
+from trainer.training.metrics import ShownSamples
+from trainer.training.tracking.wandb_run import WandbRun, versions
 
 CLASSES = ["猫", "犬", "ねずみ"]  # class names as given, in any script
 
@@ -134,8 +134,8 @@ def test_offline_segments_log_tables_data_and_each_model_version_once(tmp_path, 
 
 
 def test_online_without_a_server_says_first_what_it_waits_for(tmp_path, monkeypatch, capsys):
-    from shards.errors import UserError
-    from trainer.tracking import wandb_run
+    from toolbox.errors import UserError
+    from trainer.training.tracking import wandb_run
 
     monkeypatch.setattr(wandb_run, "INIT_TIMEOUT_S", 5.0)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing answers

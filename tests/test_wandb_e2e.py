@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 from tests import wandb_log
 from tests.conftest import run_module, run_training
-from trainer.config import wandb_id
-from trainer.inference import load_trained
+from trainer.trained.load import load_trained
+from trainer.training.config import wandb_id
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@
 
 An override may also be written --section.key=value or --section.key value (a wandb sweep's ${args}).
 
-The entry point: arguments -> config -> accelerator -> the run dir claimed -> trainer.loop.fit, and
+The entry point: arguments -> config -> accelerator -> the run dir claimed -> trainer.training.loop.fit, and
 how each way a run ends becomes an exit code, a line and status.json. Nothing imports this file.
 Add --debug (or set SE_DENSENET_DEBUG=1) to see the full traceback behind an error's line.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/main.py`
@@ -22,42 +21,37 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch trainer/m
 
 import torch
 
-from shards.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, UserError, debugging, first_line
-from trainer.checkpoint import complete_checkpoints
-from trainer.config import Config, load_config
-from trainer.data import close_loaders
-from trainer.loop import Job, fit
-from trainer.nonfinite import NonFiniteError
-from trainer.rundir import CHECKPOINTS, RunDir, disk_error_line, is_disk_error
-from trainer.runtime import PeerFailed, StopFlag, any_rank, make_accelerator, settle_launch
-from trainer.sweep import join_agent_sweep
+from toolbox.cli import Console, add_debug_flag, disk_error_line, is_disk_error, run_command
+from toolbox.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, UserError, first_line
+from trainer.rundir import CHECKPOINTS, RunDir
+from trainer.training.checkpoint import complete_checkpoints
+from trainer.training.config import Config, join_agent_sweep, load_config
+from trainer.training.data import close_loaders
+from trainer.training.loop import Job, fit
+from trainer.training.nonfinite import NonFiniteError
+from trainer.training.runtime import PeerFailed, StopFlag, any_rank, launch_lines, make_accelerator, settle_launch
 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    config = None
     # Every rank reads the same command line and environment, so what they say about them before
     # the ranks meet (the config, a sweep's run dir) the launcher's rank 0 says once for all.
     first_rank = os.environ.get("RANK", "0") == "0"
-    try:
+    settled: list[Config] = []
+
+    def body() -> int:
         config, note = join_agent_sweep(load_config(args.config, overrides))
-        if note and first_rank:
-            print(note, flush=True)
+        settled.append(config)
+        if note:
+            Console(first_rank).say(note)
         return train(config)
-    except BaseException as e:
-        explained = explain(e, Path(config.run.dir) if config else None)
-        if explained is None:  # a bug: its traceback is the report
-            raise
-        code, line = explained
-        if isinstance(e, UserError) and config is None and not first_rank:
-            return code
-        if debugging(args.debug):  # the cause of a one-line error stays chained to it
-            traceback.print_exception(e, file=sys.stderr)
-        if line:
-            print(f"error: {line}", file=sys.stderr, flush=True)
-        return code
-    finally:
-        close_loaders()
+
+    def explain_here(e: BaseException) -> tuple[int, str] | None:
+        if isinstance(e, UserError) and not settled and not first_rank:
+            return e.exit_code, ""  # rank 0 says it
+        return explain(e, Path(settled[0].run.dir) if settled else None)
+
+    return run_command(body, args.debug, explain=explain_here, cleanup=close_loaders)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -72,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         allow_abbrev=False,  # --de is not --debug: every word but these two is an override
     )
     parser.add_argument("--config", help="YAML file in configs/")
-    parser.add_argument("--debug", action="store_true", help="print the full traceback behind an error's line")
+    add_debug_flag(parser)
     return parser.parse_known_args(argv)
 
 
@@ -86,7 +80,7 @@ def explain(e: BaseException, run_dir: Path | None) -> tuple[int, str] | None:
     if isinstance(e, UserError):
         return e.exit_code, first_line(e)
     if is_disk_error(e):
-        return EXIT_FAILURE, disk_error_line(e, run_dir, then)
+        return EXIT_FAILURE, disk_error_line(e, f"start the same command: {then}", run_dir)
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED, f"interrupted — start the same command again: {then}"
     if isinstance(e, RuntimeError) and torch.distributed.is_initialized():  # a collective failed
@@ -113,10 +107,13 @@ def train(config: Config) -> int:
     stop = StopFlag()  # first: a preemption warning during setup must not kill the process
     config, launch = settle_launch(config)  # config.yaml and wandb record what the run used
     accelerator = make_accelerator(config, launch)
-    run = claim_run_dir(Path(config.run.dir), accelerator)
+    console = Console(accelerator.is_main_process)
+    for line in launch_lines(launch, accelerator):
+        console.say(line)
+    run = claim_run_dir(Path(config.run.dir), accelerator, console)
     stop.before_exit = lambda: run.set_status("failed", "killed by a second SIGTERM before its checkpoint was written")
     try:
-        state = fit(Job(config, accelerator, run, stop))
+        state = fit(Job(config, accelerator, run, stop, console))
     except BaseException as e:
         explained = explain(e, run.path)
         line = explained[1] if explained and explained[1] else first_line(e)
@@ -133,15 +130,14 @@ def train(config: Config) -> int:
     return 0 if state == "completed" else EXIT_PREEMPTED
 
 
-def claim_run_dir(run_dir: Path, accelerator) -> RunDir:
+def claim_run_dir(run_dir: Path, accelerator, console: Console) -> RunDir:
     """One trainer per run dir: the main process locks it before anything is written, and every
     rank learns whether it did."""
     run, error = RunDir(run_dir), None
     if accelerator.is_main_process:
         try:
-            note = run.lock()
-            if note:
-                print(note, flush=True)
+            if note := run.lock():
+                console.say(note)
         except (UserError, OSError) as e:
             error = e
     if any_rank(error is not None, accelerator):

@@ -19,8 +19,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from shards import lock
-from shards.errors import UserError
+from toolbox import lock
+from toolbox.errors import UserError
 
 # Every file of a run directory, named once: training writes them, evaluate/predict/export, wandb
 # and the report read them.
@@ -40,6 +40,8 @@ EVAL = "eval"  # evaluate's outputs
 EXPORT = "export"
 PREDICTIONS = "predictions.csv"
 WANDB = "wandb"
+# How each series of metrics.jsonl is best: wandb summarizes it so, and compare ranks by it.
+SUMMARIES = {"eval/top1": "max", "eval/top5": "max", "eval/loss": "min", "train/loss": "min"}
 RUN_FILES = (CONFIG, CLASSES, PREPROCESSING)  # what the after-training commands read besides weights
 LOCK = ".lock"
 STATUS_BYTES = 4096  # status.json is padded to one block, so that rewriting it in place needs no new one
@@ -206,3 +208,15 @@ def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mean_throughput(records: list[dict]) -> float | None:
+    """The run's images/s: the mean over its train records but the first, which holds start-up."""
+    rates = [r["img_per_s"] for r in records if r["kind"] == "train"][1:]
+    return sum(rates) / len(rates) if rates else None
+
+
+def best_eval(records: list[dict]) -> dict:
+    """The best evaluation so far: the first with the highest top-1, whose weights are best.safetensors."""
+    evals = [r for r in records if r["kind"] == "eval"]
+    return max(evals, key=lambda r: r["top1"]) if evals else {}  # max keeps the first of equals

@@ -9,10 +9,10 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from shards.errors import DataError
 from shards.format import decode_rgb, finish_rgb, open_image, plain_jpeg
-from trainer.config import DataConfig
-from trainer.data import EncodedBatch
+from toolbox.errors import DataError
+from trainer.training.config import DataConfig
+from trainer.training.samples import EncodedBatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,14 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shards.errors import EXIT_PREEMPTED, UserError, first_line
-from shards.store import redact_text
-from trainer.config import Config, to_dict, wandb_id
-from trainer.rundir import RUN_FILES, WANDB, WEIGHTS
+from toolbox.errors import EXIT_PREEMPTED, UserError, first_line
+from toolbox.redact import redact_text
+from trainer.rundir import RUN_FILES, SUMMARIES, WANDB, WEIGHTS
+from trainer.training.config import Config, to_dict, wandb_id
 
 STEP = "step"  # every series' x-axis: the optimizer step
 SERIES = ("train", "eval", "val", "data")  # the prefixes of everything logged
-SUMMARIES = {"eval/top1": "max", "eval/top5": "max", "eval/loss": "min", "train/loss": "min"}
 PER_CLASS = ("precision", "recall", "specificity", "f1", "support")
 PREDICTIONS = ("image", "true", "predicted", "probability", "correct")
 

@@ -15,7 +15,6 @@ import os
 import pickle
 import stat
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,44 +25,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from shards.errors import EXIT_INTERRUPTED, EXIT_USAGE, DataError, UserError, debugging, first_line, report
 from shards.format import SOURCE_EXTS, decode_rgb
-from trainer import checkpoint
-from trainer.config import Config, config_from_dict, eval_size
-from trainer.data import close_loaders
-from trainer.model import load_weights
-from trainer.rundir import CHECKPOINTS, CLASSES, CONFIG, PREPROCESSING, WEIGHTS, disk_error_line, is_disk_error
-from trainer.state import build_model
-from trainer.transforms import EvalPreset
-
-
-def add_debug_flag(parser) -> None:
-    parser.add_argument("--debug", action="store_true", help="print the full traceback behind an error's line")
-
-
-def run_cli(run, args) -> int:
-    """A command's body with the user's errors as one line and exit code 2 (every error a user can
-    cause is a UserError; anything else is a bug and keeps its traceback)."""
-    debug = debugging(getattr(args, "debug", False))
-    try:
-        return run(args)
-    except UserError as e:
-        report(e, debug)
-        return EXIT_USAGE
-    except OSError as e:  # a full disk, a quota, a read-only run dir
-        if not is_disk_error(e):
-            raise
-        if debug:
-            traceback.print_exception(e, file=sys.stderr)
-        print(f"error: {disk_error_line(e, None, 'it writes its outputs again')}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt as e:  # Ctrl-C: each command has removed its unfinished .tmp files on the way out
-        if debug:
-            traceback.print_exception(e, file=sys.stderr)
-        print("error: interrupted — no output was left half-written; run the command again", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        close_loaders()  # loader workers obey SIGTERM again, so the exit can stop them
+from toolbox.errors import DataError, UserError, first_line
+from trainer.rundir import CHECKPOINTS, CLASSES, CONFIG, PREPROCESSING, WEIGHTS
+from trainer.training import checkpoint
+from trainer.training.config import Config, config_from_dict, eval_size
+from trainer.training.model import load_weights
+from trainer.training.samples import Sample
+from trainer.training.state import build_model
+from trainer.training.transforms import EvalPreset
 
 
 @dataclass
@@ -335,4 +305,4 @@ class LabelledImages(Dataset):
             image = read_image(path)
         except DataError as e:
             raise DataError(f"{e} — remove or replace it (make_shards drops such files for you)") from e
-        return self.transform(image), label, index
+        return Sample(self.transform(image), label, index)

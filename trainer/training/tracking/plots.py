@@ -6,7 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # not pyplot: no GUI backend or global figure state
 
-from shards.plots import setup_fonts
+from toolbox.fonts import setup_fonts
 
 
 def plot_curves(records: list[dict], out: Path) -> None:

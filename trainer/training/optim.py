@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from trainer.config import OptimConfig, ScheduleConfig
+from trainer.training.config import OptimConfig, ScheduleConfig
 
 
 def resolved_scale(optim: OptimConfig) -> str:

@@ -8,18 +8,22 @@ naming the key and the fix, raised before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from shards.errors import UserError, first_line
+from toolbox.errors import UserError, first_line
+
+RUNS_ROOT = "RUNS_ROOT"  # the environment variable slurm/train.sh and sweep.sh also read (default: runs)
 
 
 class ConfigError(UserError):
@@ -29,9 +33,9 @@ class ConfigError(UserError):
 @dataclass
 class ModelConfig:
     depth: int = 121
-    growth_rate: Optional[int] = None  # None: the depth's default (32; 48 for 161)
-    num_init_features: Optional[int] = None
-    block_config: Optional[list[int]] = None  # overrides depth
+    growth_rate: int | None = None  # None: the depth's default (32; 48 for 161)
+    num_init_features: int | None = None
+    block_config: list[int] | None = None  # overrides depth
     bn_size: int = 4
     compression: float = 0.5
     drop_rate: float = 0.0
@@ -41,25 +45,25 @@ class ModelConfig:
     shared_bn: bool = False  # compiled training: normalise each feature map once for all later layers
     # (the same function with less memory traffic; its GPU speed-up is not measured yet)
     small_inputs: bool = False  # CIFAR-style stem: conv3x3 stride 1, no maxpool
-    pretrained: Optional[str] = None  # local weights file (torchvision's or ours) to start from
+    pretrained: str | None = None  # local weights file (torchvision's or ours) to start from
     freeze_features: bool = False  # train only the classifier (with `pretrained`)
 
 
 @dataclass
 class DataConfig:
     shards: str = MISSING  # make_shards OUT: a folder, or s3://bucket/prefix, gs://..., http(s)://..., pipe:CMD
-    cache_dir: Optional[str] = None  # node-local folder for fetched shards (default: $SLURM_TMPDIR, else $TMPDIR,
+    cache_dir: str | None = None  # node-local folder for fetched shards (default: $SLURM_TMPDIR, else $TMPDIR,
     # else the system's temp dir); set it for a local OUT too to stage shards off a slow NFS
-    cache_limit: Optional[str] = None  # e.g. 500MB, 40GB; None: no limit (at least 4x the largest shard)
+    cache_limit: str | None = None  # e.g. 500MB, 40GB; None: no limit (at least 4x the largest shard)
     fetch_retries: int = 5  # attempts after a transient store error, with backoff (1 s, 2 s, 4 s, ... 30 s)
     allow_pipe: bool = False  # data.shards=pipe:CMD runs a shell command per file; off unless set
     image_size: int = 224  # train crop side (the val crop's too, unless val_size is set)
-    val_size: Optional[int] = None  # val crop side: evaluations, evaluate, predict, export; None: image_size
+    val_size: int | None = None  # val crop side: evaluations, evaluate, predict, export; None: image_size
     crop_pct: float = 0.875  # val: resize to val_size / crop_pct, then centre crop
     # Progressive resizing (FFCV's ramp): the train crop grows from min_size to image_size between
     # epochs ramp_epochs[0] and ramp_epochs[1] (0-based), in steps of size_step; None: off.
-    min_size: Optional[int] = None
-    ramp_epochs: Optional[list[int]] = None  # [start, end]; None: [0, 80% of train.epochs]
+    min_size: int | None = None
+    ramp_epochs: list[int] | None = None  # [start, end]; None: [0, 80% of train.epochs]
     size_step: int = 32
     aug_repeats: int = 1  # each epoch shows every sample this many times, differently augmented (DeiT)
     normalize: str = "manifest"  # manifest (the train split's mean/std) | imagenet
@@ -81,7 +85,7 @@ class DataConfig:
 class OptimConfig:
     name: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3  # with lr_base_size None: the lr for whatever global batch results
-    lr_base_size: Optional[int] = None  # N: lr is the rate for N images per optimizer step, scaled to the
+    lr_base_size: int | None = None  # N: lr is the rate for N images per optimizer step, scaled to the
     # global batch (train.batch_size x processes x grad_accum); None: lr is used as given
     lr_base_scale: str = "auto"  # auto (sqrt for adam/adamw, linear for sgd) | linear | sqrt
     weight_decay: float = 0.05  # never applied to BN weights and biases
@@ -106,14 +110,14 @@ class TrainConfig:
     grad_accum: int = 1
     # None: what `accelerate launch` chose (its --mixed_precision / --dynamo_backend, or `accelerate
     # config`), else no / none; a value set here wins over the launcher. config.yaml keeps what ran.
-    mixed_precision: Optional[str] = None  # no | bf16 | fp16
+    mixed_precision: str | None = None  # no | bf16 | fp16
     device: str = "auto"  # auto (GPU if there is one) | cpu | cuda (fail if there is none)
     seed: int = 0
     deterministic: bool = False  # torch deterministic algorithms (bitwise resume on CPU)
     ema: bool = False
     ema_decay: float = 0.9998
     channels_last: bool = False
-    compile: Optional[str] = None  # none | default | reduce-overhead | max-autotune (inductor); None: as above
+    compile: str | None = None  # none | default | reduce-overhead | max-autotune (inductor); None: as above
     eval_every: int = 1  # epochs
     eval_tta: str = "none"  # none | flip (each val image and its mirror, softmax averaged)
     log_every: int = 50  # optimizer steps between train records
@@ -127,17 +131,17 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     dir: str = MISSING  # everything the run writes goes here
-    name: Optional[str] = None  # defaults to the run dir's name
+    name: str | None = None  # defaults to the run dir's name
 
 
 @dataclass
 class WandbConfig:
     mode: str = "offline"  # offline (sync later with `wandb sync`) | online | disabled
     project: str = "se-densenet"
-    entity: Optional[str] = None
-    name: Optional[str] = None  # defaults to run.name
-    group: Optional[str] = None
-    id: Optional[str] = None  # defaults to one derived from run.dir, so a resume is one run (config.yaml has it)
+    entity: str | None = None
+    name: str | None = None  # defaults to run.name
+    group: str | None = None
+    id: str | None = None  # defaults to one derived from run.dir, so a resume is one run (config.yaml has it)
     tags: list[str] = field(default_factory=list)
     sample_predictions: int = 32  # rows of the validation predictions table
     log_model: bool = True  # best and final weights (and the export) as wandb model artifacts
@@ -371,7 +375,7 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.betas must be two numbers in [0, 1), e.g. [0.9,0.999]")
     _validate_ramp(config)
     if config.data.cache_limit is not None:
-        from shards.source import parse_size
+        from toolbox.sizes import parse_size
 
         try:
             parse_size(config.data.cache_limit)
@@ -442,8 +446,30 @@ def to_yaml(config: Config) -> str:
 def to_dict(config: Config) -> dict:
     """The config as saved with the run (config.yaml, checkpoints, weights, wandb): a data
     location's secrets (a URL's query string or user info) are left out."""
-    from shards.store import redact
+    from toolbox.redact import redact
 
     values = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     values["data"]["shards"] = redact(values["data"]["shards"])
     return values
+
+
+def join_agent_sweep(config: Config, environ=os.environ) -> tuple[Config, str | None]:
+    """The config of a run `wandb agent` started (WANDB_SWEEP_ID and WANDB_RUN_ID set), with a
+    note to print; the config as it is otherwise. The agent's run id wins over the one derived
+    from run.dir, and the run gets RUNS_ROOT/<sweep id>/<run id> as its dir: every run the agent
+    starts has the same command line, so the config's run.dir would be shared by all of them."""
+    sweep_id, run_id = environ.get("WANDB_SWEEP_ID"), environ.get("WANDB_RUN_ID")
+    if not sweep_id or not run_id:
+        return config, None
+    if config.wandb.mode == "offline":
+        raise UserError(
+            f"wandb.mode=offline cannot join wandb sweep {sweep_id}: an offline run reaches no sweep — use "
+            "wandb.mode=online under `wandb agent`, or run the sweep without a server as a Slurm array (slurm/sweep.sh)"
+        )
+    run_dir = Path(environ.get(RUNS_ROOT) or "runs").resolve() / sweep_id / run_id
+    wandb = dataclasses.replace(config.wandb, id=run_id)
+    run = dataclasses.replace(config.run, dir=str(run_dir))
+    note = f"wandb sweep {sweep_id}, run {run_id}: run.dir {run_dir}"
+    if config.wandb.mode == "disabled":
+        note += " (wandb.mode=disabled: the results go to the run dir only, not to the sweep)"
+    return dataclasses.replace(config, wandb=wandb, run=run), note

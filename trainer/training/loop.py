@@ -17,21 +17,23 @@ import safetensors.torch
 import torch
 from accelerate import Accelerator
 
-from shards import failpoints
-from shards.errors import UserError
-from trainer import checkpoint
-from trainer.config import Config, eval_size, to_dict, to_yaml, train_size, train_sizes
-from trainer.data import Loaders, build_loaders, loader_workers, mix_seed, open_shards
-from trainer.meters import STARTUP, TrainWindow, best_eval, images_per_second, mean_throughput
-from trainer.metrics import EvalSums, ShownSamples, predict_logits, summarize
-from trainer.nonfinite import assert_finite, update_ema
-from trainer.optim import describe_lr
-from trainer.rundir import CHECKPOINTS, PREPROCESSING, RunDir
-from trainer.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main, sum_across
-from trainer.state import TrainState, build_model, rng_state
-from trainer.tracking.report import write_report
-from trainer.tracking.tracker import Tracker, progress_bar
-from trainer.transforms import DeviceDecode, DeviceNormalize, TrainPreset, batch_mixer, normalization
+from toolbox import failpoints
+from toolbox.cli import Console
+from toolbox.errors import UserError
+from trainer.rundir import CHECKPOINTS, PREPROCESSING, RunDir, best_eval, mean_throughput
+from trainer.training import checkpoint
+from trainer.training.config import Config, eval_size, to_dict, to_yaml, train_size, train_sizes
+from trainer.training.data import Loaders, build_loaders, loader_workers, open_shards
+from trainer.training.meters import STARTUP, TrainWindow, images_per_second
+from trainer.training.metrics import EvalSums, ShownSamples, predict_logits, summarize
+from trainer.training.nonfinite import assert_finite, update_ema
+from trainer.training.optim import describe_lr
+from trainer.training.randomness import mix_seed, rng_state
+from trainer.training.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main, sum_across
+from trainer.training.state import TrainState, build_model
+from trainer.training.tracking.report import write_report
+from trainer.training.tracking.tracker import Tracker, progress_bar
+from trainer.training.transforms import DeviceDecode, DeviceNormalize, TrainPreset, batch_mixer, normalization
 
 STOP_CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a stop signal (one all-reduce)
 NAN_STEPS = failpoints.steps("nan-loss")  # empty unless a test turns the failpoint on
@@ -46,6 +48,7 @@ class Job:
     accelerator: Accelerator
     run: RunDir
     stop: StopFlag
+    console: Console  # says a line once, from the main process
     tracker: Tracker | None = None
     classes: list[str] | None = None
 
@@ -105,24 +108,27 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
     job.classes = manifest.classes
     mean, std = normalization(config.data, manifest.mean, manifest.std)
     loaders = build_loaders(config, source, mean, std, rank, world, accelerator.device.type == "cuda")
-    if accelerator.is_main_process and (note := loader_workers(config.data.workers)[1]):
-        print(note, flush=True)
-    if accelerator.is_main_process and not loaders.train.dataset.reader.has_index:
-        print(
+    if note := loader_workers(config.data.workers)[1]:
+        job.console.say(note)
+    if not loaders.train.dataset.reader.has_index:
+        job.console.say(
             f"note: the shards at {source.shown} have no sample index, so every loader process scans their tar "
-            "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one",
-            flush=True,
+            "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one"
         )
     inputs = train_inputs(config, loaders, manifest, (mean, std), accelerator.device, world)
     state = TrainState(
-        config, build_model(config, len(job.classes)), accelerator, inputs.batches // config.train.grad_accum
+        config,
+        build_model(config, len(job.classes), job.console),
+        accelerator,
+        inputs.batches // config.train.grad_accum,
+        job.console,
     )
     resumed = state.resume(job.run.file(CHECKPOINTS), job.classes, inputs.batches) if config.train.resume else None
     # Only now, with the resume accepted, does anything in the run dir change: a refused one leaves
     # a finished run's config.yaml and status.json as they were.
+    if resumed is not None:
+        job.console.say(f"resuming from {resumed} (epoch {state.progress.epoch + 1}, step {state.progress.step})")
     if accelerator.is_main_process:
-        if resumed is not None:
-            print(f"resuming from {resumed} (epoch {state.progress.epoch + 1}, step {state.progress.step})", flush=True)
         preprocessing = {
             "mean": mean,
             "std": std,
@@ -135,7 +141,7 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
     accelerator.wait_for_everyone()
     state.prepare()
     step = state.progress.step if state.progress.step or state.progress.epoch else None
-    job.tracker = Tracker(config, job.classes, accelerator.is_main_process, step, source)
+    job.tracker = Tracker(config, job.run, job.classes, job.console, step, source)
     announce(job, state, source, loaders.order)
     return state, inputs, loaders
 
@@ -178,24 +184,24 @@ def announce(job: Job, state: TrainState, source, order) -> None:
     """The start-up lines: what trains, on what, at which rate, and where the shards come from."""
     config, tracker = job.config, job.tracker
     steps = order.steps_per_epoch // config.train.grad_accum
-    tracker.print(
+    tracker.say(
         f"training {config.run.name or Path(config.run.dir).name}: {job.accelerator.num_processes} process(es) on "
         f"{job.accelerator.device.type}, {sum(p.numel() for p in state.model.parameters()):,} parameters, "
         f"{steps} steps/epoch, global batch {state.global_batch}, {describe_lr(config.optim, state.global_batch)}"
     )
     if config.data.min_size is not None:
-        tracker.print(describe_ramp(config, compiled=config.train.compile not in (None, "none")))
+        tracker.say(describe_ramp(config, compiled=config.train.compile not in (None, "none")))
     if (repeats := config.data.aug_repeats) > 1:
         world = job.accelerator.num_processes
         spread = "each copy on another process" if repeats <= world else f"more copies than the {world} process(es)"
-        tracker.print(
+        tracker.say(
             f"aug repeats {repeats}: every sample {repeats} times per epoch, differently augmented ({spread}); "
             f"an epoch keeps its {steps} steps and so covers 1/{repeats} of the split"
         )
     if source.cache is not None:
-        tracker.print(f"shards from {source.shown} through the node cache {source.describe_cache()}")
+        tracker.say(f"shards from {source.shown} through the node cache {source.describe_cache()}")
         if order.blocks is not None and order.blocks.samples_per_block() < order.read_ahead:
-            tracker.print(
+            tracker.say(
                 f"note: a cache block holds ~{order.blocks.samples_per_block()} samples but the loaders read "
                 f"{order.read_ahead} ahead, so shards will be fetched more than once an epoch — raise data.cache_limit"
             )
@@ -344,7 +350,7 @@ def evaluate_and_log(state: TrainState, loader, job: Job) -> None:
             export_weights(net, config, job.classes, job.run, "best", record)
         if progress.epoch < config.train.epochs:  # the last evaluation's best goes with the final weights
             tracker.log_model(progress.step, ["best"], record)
-    tracker.print(
+    tracker.say(
         f"epoch {progress.epoch}/{config.train.epochs}  step {progress.step}  val top-1 {record['top1']:.4f}  "
         f"top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  ({record['num_samples']} samples)"
         + ("  best" if improved else "")
@@ -383,7 +389,7 @@ def save_checkpoint(state: TrainState, job: Job) -> None:
         job.config.train.keep_checkpoints,
     )
     if path is not None:
-        job.tracker.print(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
+        job.tracker.say(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
 
 
 def export_weights(net: torch.nn.Module, config: Config, classes: list[str], run: RunDir, alias: str, record) -> Path:
@@ -423,7 +429,7 @@ def finish_run(state: TrainState, job: Job) -> None:
     tracker.plots()
     if accelerator.is_main_process:
         write_report(job.run, config, job.classes, summary)
-    tracker.print(
+    tracker.say(
         f"done: best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch}); run dir {config.run.dir}"
     )
     tracker.finish()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from shards.store import redact
-from trainer.config import Config
-from trainer.metrics import table_rows
+from toolbox.redact import redact
 from trainer.rundir import CONFUSION, CURVES, REPORT, RunDir
+from trainer.training.config import Config
+from trainer.training.metrics import table_rows
 
 
 def write_report(run: RunDir, config: Config, classes: list[str], summary: dict) -> None:

@@ -70,15 +70,3 @@ STARTUP = StartupClock()
 
 def images_per_second(images: float, seconds: float) -> float:
     return images / max(seconds, 1e-9)
-
-
-def mean_throughput(records: list[dict]) -> float | None:
-    """The run's images/s: the mean over its train records but the first, which holds start-up."""
-    rates = [r["img_per_s"] for r in records if r["kind"] == "train"][1:]
-    return sum(rates) / len(rates) if rates else None
-
-
-def best_eval(records: list[dict]) -> dict:
-    """The best evaluation so far: the first with the highest top-1, whose weights are best.safetensors."""
-    evals = [r for r in records if r["kind"] == "eval"]
-    return max(evals, key=lambda r: r["top1"]) if evals else {}  # max keeps the first of equals

@@ -2,30 +2,31 @@
 
 The loop builds one Tracker per process; only the main process's is enabled, so other ranks
 stay quiet without `if rank == 0` scattered through the loop. What goes to wandb, and how it
-looks there, is trainer/tracking/wandb_run.py's business.
+looks there, is trainer/training/tracking/wandb_run.py's business.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tqdm import tqdm
 
-from trainer.config import Config
-from trainer.meters import best_eval
-from trainer.rundir import CONFUSION, CURVES, SUMMARY, RunDir
-from trainer.tracking.plots import plot_confusion, plot_curves
-from trainer.tracking.wandb_run import WandbRun
+from toolbox.cli import Console
+from trainer.rundir import CONFUSION, CURVES, SUMMARY, RunDir, best_eval
+from trainer.training.config import Config
+from trainer.training.tracking.plots import plot_confusion, plot_curves
+from trainer.training.tracking.wandb_run import WandbRun
 
 
 class Tracker:
-    def __init__(self, config: Config, classes: list[str], enabled: bool, resume_step: int | None, dataset):
-        self.enabled = enabled
-        self.run = RunDir(Path(config.run.dir))
+    def __init__(
+        self, config: Config, run: RunDir, classes: list[str], console: Console, resume_step: int | None, dataset
+    ):
+        self.enabled = console.speaks
+        self.console = console
+        self.run = run
         self.classes = classes
         self.config = config
         self.wandb = None
-        if not enabled:
+        if not self.enabled:
             return
         self.run.keep_records(resume_step)
         if config.wandb.mode != "disabled":
@@ -34,9 +35,8 @@ class Tracker:
     def bar(self, iterable, total: int, desc: str):
         return progress_bar(iterable, total, desc, self.enabled)
 
-    def print(self, line: str) -> None:
-        if self.enabled:
-            tqdm.write(line)
+    def say(self, line: str) -> None:
+        self.console.say(line)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

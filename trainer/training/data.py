@@ -22,27 +22,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Sampler, default_collate
+from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from shards.errors import DataError
 from shards.format import finish_rgb, image_field, open_image, plain_jpeg
 from shards.reader import SplitReader
-from shards.source import CacheOptions, Prefetcher, ShardSource, parse_size
-from trainer.config import eval_size, train_sizes
-
-MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """A well-spread 63-bit seed from several integers (splitmix64 over each in turn)."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value & MASK64)) + 0x9E3779B97F4A7C15 & MASK64
-        state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
-        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & MASK64
-        state ^= state >> 31
-    return state >> 1
+from shards.source import CacheOptions, Prefetcher, ShardSource
+from toolbox.errors import DataError
+from toolbox.sizes import parse_size
+from trainer.training.config import eval_size, train_sizes
+from trainer.training.randomness import mix_seed
+from trainer.training.samples import EncodedSample, Sample, collate
+from trainer.training.transforms import EvalPreset, TrainPreset
 
 
 def open_shards(location: str, data=None) -> ShardSource:
@@ -117,7 +108,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 data, label = sample[image_field(sample)], int(sample["cls"])
                 if self.transform is None:
                     name = f"{sample['__key__']} in shard {sample['__shard__']}"
-                    return device_ready(data), label, i, seed, name, size
+                    return EncodedSample(device_ready(data), label, i, seed, name, size)
                 image = self.transform.decode(data) if size is None else self.transform.decode(data, size)
             except Exception as e:  # any decoder failure means the same thing to the user
                 if self.skip_bad:
@@ -126,7 +117,7 @@ class ShardDataset(torch.utils.data.Dataset):
                     f"sample {sample['__key__']} in shard {sample['__shard__']} cannot be read ({type(e).__name__}: {e}) — "
                     "re-run make_shards, or set data.skip_bad_samples=true to skip such samples"
                 ) from e
-            return self.transform(image), label, i
+            return Sample(self.transform(image), label, i)
 
 
 def device_ready(data: bytes) -> torch.Tensor:
@@ -136,30 +127,6 @@ def device_ready(data: bytes) -> torch.Tensor:
     if plain_jpeg(image):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return pil_to_tensor(finish_rgb(image))
-
-
-@dataclass
-class EncodedBatch:
-    """A training batch before device decoding: per sample, the `device_ready` image, its
-    augmentation seed and its name for error messages; the epoch's train crop side."""
-
-    images: list[torch.Tensor]
-    seeds: list[int]
-    names: list[str]
-    size: int
-
-
-def collate(batch: list) -> tuple[torch.Tensor | EncodedBatch, torch.Tensor, torch.Tensor, int]:
-    good = [item for item in batch if item is not None]
-    bad = len(batch) - len(good)
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), bad
-    if len(good[0]) == 6:  # encoded, for the device
-        images, labels, indices, seeds, names, sizes = zip(*good)
-        encoded = EncodedBatch(list(images), list(seeds), list(names), sizes[0])
-        return encoded, torch.tensor(labels), torch.tensor(indices), bad
-    images, labels, indices = default_collate(good)
-    return images, labels, indices, bad
 
 
 @dataclass
@@ -361,9 +328,7 @@ class Loaders:
 
 
 def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int, world: int, pin: bool) -> Loaders:
-    """config: a trainer.config.Config. data.decode=device hands the train batches over encoded."""
-    from trainer.transforms import EvalPreset, TrainPreset  # here: transforms imports this module
-
+    """config: a trainer.training.config.Config. data.decode=device hands the train batches over encoded."""
     train_reader, val_reader = split_reader(source, "train"), split_reader(source, "val")
     labels = train_reader.labels() if config.data.balance == "sampler" else None
     files = train_reader.files

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from shards import failpoints
-from shards.errors import UserError, first_line
+from toolbox import failpoints
+from toolbox.errors import UserError, first_line
 from trainer.rundir import writing
-from trainer.runtime import PeerFailed
+from trainer.training.runtime import PeerFailed
 
 COMPLETE = "COMPLETE"
 STATE = "state.pt"

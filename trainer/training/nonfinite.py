@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from shards.errors import EXIT_FAILURE, UserError
+from toolbox.errors import EXIT_FAILURE, UserError
 
 
 class NonFiniteError(UserError):

@@ -20,8 +20,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
-from shards.errors import EXIT_FAILURE, UserError
-from trainer.config import CHOICES, Config, ConfigError, TrainConfig, train_sizes
+from toolbox.errors import EXIT_FAILURE, UserError
+from trainer.training.config import CHOICES, Config, ConfigError, TrainConfig, train_sizes
 
 # `accelerate launch` hands its choices (its flags, else the `accelerate config` file) to every
 # process in these variables. It fills in "no" for what nobody chose, so "no" reads as "not chosen".
@@ -149,21 +149,17 @@ def make_accelerator(config: Config, launch: Launch | None = None) -> Accelerato
             f"{launched} processes were launched but they formed a group of {accelerator.num_processes} — "
             "on machines without a GPU set ACCELERATE_USE_CPU=true (or train.device=cpu)"
         )
-    if accelerator.is_main_process:
-        print_launch(launch, accelerator)
     return accelerator
 
 
-def print_launch(launch: Launch, accelerator: Accelerator) -> None:
+def launch_lines(launch: Launch, accelerator: Accelerator) -> list[str]:
     """The conflict notes, then what Accelerate itself will do (its state, not the config)."""
-    for note in launch.notes:
-        print(note, flush=True)
     backend = accelerator.state.dynamo_plugin.backend.value.lower()
     compiled = "none" if backend == "no" else launch.compile + ("" if backend == "inductor" else f" ({backend})")
-    print(
+    return [
+        *launch.notes,
         f"precision {accelerator.mixed_precision} ({launch.precision_from}), compile {compiled} ({launch.compile_from})",
-        flush=True,
-    )
+    ]
 
 
 def use_run_dir_compile_cache(run_dir: Path) -> None:

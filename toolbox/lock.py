@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import time
+from contextlib import contextmanager
 
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -32,11 +33,26 @@ def hold(fd: int) -> None:
     """This process holds fd: it says so in the file, and forked children drop their copy."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder()).encode(), 0)
+    not_inherited(fd)
+
+
+def not_inherited(fd: int) -> None:
+    """A child forked from now on gets /dev/null in fd's place, so only this process holds its lock."""
     _HELD.add(fd)
 
 
 def let_go(fd: int) -> None:
     _HELD.discard(fd)
+
+
+@contextmanager
+def held(fd: int):
+    """fd is not inherited while the block runs (a lock held for a moment)."""
+    not_inherited(fd)
+    try:
+        yield fd
+    finally:
+        let_go(fd)
 
 
 def alive(pid: int) -> bool:
@@ -69,13 +85,17 @@ def _read_holder(fd: int) -> dict:
         return {}
 
 
+# Descriptors whose lock is this process's alone. A loader worker forked while another thread (the
+# cache's prefetcher) holds one would inherit it, and the lock would live as long as the worker:
+# the child's copies point at /dev/null instead (not closed: the number stays taken, so no later
+# close can hit a reused descriptor).
 _HELD: set[int] = set()
 
 
 def _drop_inherited_locks() -> None:
     if _HELD:
         null = os.open(os.devnull, os.O_RDONLY)
-        for fd in _HELD:
+        for fd in list(_HELD):
             os.dup2(null, fd)
         os.close(null)
         _HELD.clear()

@@ -5,22 +5,22 @@ the run stands. One object, saved and restored through state_dict / load_state_d
 from __future__ import annotations
 
 import pickle
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
-from shards.errors import UserError, first_line
-from trainer import checkpoint
-from trainer.checkpoint import CheckpointError
-from trainer.config import Config, to_dict
-from trainer.model import load_weights, se_densenet
-from trainer.nonfinite import StepGuard
-from trainer.optim import make_ema, make_optimizer, make_scheduler, param_groups, scaled_lr
-from trainer.runtime import any_rank, gather_to_main, share_from_main
+from toolbox.cli import Console
+from toolbox.errors import UserError, first_line
+from trainer.training import checkpoint
+from trainer.training.checkpoint import CheckpointError
+from trainer.training.config import Config, to_dict
+from trainer.training.model import load_weights, se_densenet
+from trainer.training.nonfinite import StepGuard
+from trainer.training.optim import make_ema, make_optimizer, make_scheduler, param_groups, scaled_lr
+from trainer.training.randomness import set_rng_state
+from trainer.training.runtime import any_rank, gather_to_main, share_from_main
 
 
 @dataclass
@@ -44,8 +44,8 @@ class Progress:
         return improved
 
 
-def build_model(config: Config, num_classes: int) -> torch.nn.Module:
-    """The configured SE-DenseNet, initialised from model.pretrained when given."""
+def build_model(config: Config, num_classes: int, console: Console | None = None) -> torch.nn.Module:
+    """The configured SE-DenseNet, initialised from model.pretrained when given (console says how)."""
     m = config.model
     model = se_densenet(
         m.depth,
@@ -63,7 +63,7 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
         shared_bn=m.shared_bn,
     )
     if m.pretrained:
-        _load_pretrained(model, m.pretrained)
+        _load_pretrained(model, m.pretrained, console or Console())
     if m.freeze_features:
         model.features.requires_grad_(False)
     if config.train.channels_last:
@@ -71,7 +71,7 @@ def build_model(config: Config, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def _load_pretrained(model: torch.nn.Module, path: str) -> None:
+def _load_pretrained(model: torch.nn.Module, path: str, console: Console) -> None:
     try:
         report = load_weights(model, path, strict=False)
     except Exception as e:  # missing, torn, another format, or a pickle holding more than tensors
@@ -84,10 +84,9 @@ def _load_pretrained(model: torch.nn.Module, path: str) -> None:
     loaded = len(expected) - len(report.missing)
     if loaded == 0:  # nothing matched: a wrong file, not a starting point
         raise UserError(f"model.pretrained {path} shares no weights with this model — give a DenseNet weights file")
-    print(
+    console.say(
         f"initialised from {path}: {loaded} tensors loaded, {len(report.missing)} left at init "
-        f"(new head or SE), {len(report.unexpected)} ignored",
-        flush=True,
+        f"(new head or SE), {len(report.unexpected)} ignored"
     )
 
 
@@ -95,8 +94,16 @@ class TrainState:
     """Built unprepared (plain model and optimizer, so a checkpoint loads into them), then prepare()d
     for the accelerator; the loop reads and steps its parts."""
 
-    def __init__(self, config: Config, model: torch.nn.Module, accelerator: Accelerator, steps_per_epoch: int):
+    def __init__(
+        self,
+        config: Config,
+        model: torch.nn.Module,
+        accelerator: Accelerator,
+        steps_per_epoch: int,
+        console: Console | None = None,
+    ):
         self.config, self.accelerator = config, accelerator
+        self.console = console or Console(accelerator.is_main_process)
         self.global_batch = config.train.batch_size * accelerator.num_processes * config.train.grad_accum
         lr = scaled_lr(config.optim, self.global_batch)  # optim.lr per optim.lr_base_size images, if set
         self.model = model
@@ -152,7 +159,7 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scheduler.base_lrs != wanted:
-            use_new_lr(self.optimizer, self.scheduler, wanted, self.accelerator.is_main_process)
+            use_new_lr(self.optimizer, self.scheduler, wanted, self.console)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if self.accelerator.scaler is not None and state.get("scaler") is not None:  # fp16 loss scale
@@ -193,21 +200,17 @@ class TrainState:
         self.load_state_dict(state, batches)
         if own is not None:
             set_rng_state(own["rng"])
-        if a.is_main_process:
-            for why in skipped:
-                print(f"note: checkpoint {why} — skipped; resuming from {path.name} instead", flush=True)
+        for why in skipped:
+            self.console.say(f"note: checkpoint {why} — skipped; resuming from {path.name} instead")
         return path
 
 
-def use_new_lr(optimizer, scheduler, wanted: list[float], verbose: bool) -> None:
+def use_new_lr(optimizer, scheduler, wanted: list[float], console: Console) -> None:
     """The lr changed since the checkpoint (a new optim.lr, or a new global batch with
     optim.lr_base_size): the schedule goes on from where it was, at the new rate."""
-    if verbose:
-        print(
-            f"the learning rate differs from the checkpoint's ({scheduler.base_lrs[0]:.6g}): continuing at "
-            f"{wanted[0]:.6g}",
-            flush=True,
-        )
+    console.say(
+        f"the learning rate differs from the checkpoint's ({scheduler.base_lrs[0]:.6g}): continuing at {wanted[0]:.6g}"
+    )
     scheduler.base_lrs = list(wanted)
     for group, lr, factor in zip(optimizer.param_groups, wanted, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
@@ -225,23 +228,3 @@ def check_compatible(state: dict, fingerprint: str, classes: list[str], path: Pa
             f"checkpoint {path} was trained on other classes ({len(state.get('classes') or [])} vs {len(classes)} now) — "
             "use a new run.dir for this dataset"
         )
-
-
-def rng_state() -> dict:
-    """This process's random number generators: what each rank saves beside the shared state, as
-    tensors and plain containers (a checkpoint loads with weights_only=True)."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    numpy = [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]
-    state = {"torch": torch.get_rng_state(), "numpy": numpy, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,1 @@
+"""Run management for a login node: sweeps planned as Slurm arrays, runs compared. No torch."""

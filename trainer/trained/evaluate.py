@@ -1,0 +1,153 @@
+"""Evaluate a trained run on a shard split or an image folder.
+
+    python -m trainer.evaluate RUN_DIR [--checkpoint best|last|final|PATH] [--split val|train]
+                               [--data SHARDS_OR_IMAGE_FOLDER] [--name NAME] [--tta none|flip]
+    accelerate launch [--multi_gpu --num_processes N] -m trainer.evaluate RUN_DIR ...
+
+Writes RUN_DIR/eval/<name>.json (the fields of metrics.jsonl's eval records) and <name>.png (the
+confusion matrix) and prints the per-class table. Under `accelerate launch` rank r evaluates
+samples r, r + N, ... and the sums are all-reduced, so N processes give exactly one's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from shards.format import MANIFEST
+from shards.store import is_url
+from toolbox import failpoints
+from toolbox.cli import add_debug_flag, run_command
+from toolbox.errors import UserError
+from toolbox.redact import redact
+from trainer.rundir import EVAL
+from trainer.trained.load import LabelledImages, Trained, labelled_images, load_trained
+from trainer.training.config import eval_size
+from trainer.training.data import (
+    EvalOrder,
+    ShardDataset,
+    close_loaders,
+    loader_workers,
+    make_loader,
+    open_shards,
+    split_reader,
+)
+from trainer.training.loop import evaluate
+from trainer.training.metrics import TTA, format_table, summarize
+from trainer.training.runtime import close_process_group, make_accelerator
+from trainer.training.tracking.plots import plot_confusion
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the run.dir of a training run")
+    parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
+    parser.add_argument(
+        "--split", default="val", help="shard split, or sub-folder of a pre-split image folder (default: val)"
+    )
+    parser.add_argument(
+        "--data",
+        help="make_shards output (a folder or s3://, gs://, http(s):// URL) or a "
+        "ROOT/<class>/<image> folder (default: the run's shards)",
+    )
+    parser.add_argument("--name", help="output name in RUN_DIR/eval/ (default: <checkpoint>-<data>)")
+    parser.add_argument("--batch-size", type=int, help="per process (default: the run's train.batch_size)")
+    parser.add_argument("--workers", type=int, help="loader processes per process (default: the run's data.workers)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--tta",
+        choices=TTA,
+        help="flip: average each image's softmax with its mirror's (default: the run's train.eval_tta)",
+    )
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return run_command(lambda: run(args), args.debug, cleanup=close_loaders)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.name is not None and (Path(args.name).name != args.name or args.name in ("", ".", "..")):
+        raise UserError(
+            f"--name {args.name!r} must be a plain name (no '/', not '..') — it names RUN_DIR/eval/<name>.json"
+        )
+    trained = load_trained(args.run_dir, args.checkpoint)
+    dataset, data_name = eval_dataset(trained, args.data, args.split)
+    config = trained.config
+    # Full precision and no compilation: the numbers should not depend on how training ran.
+    train = replace(config.train, device=args.device, mixed_precision="no", compile="none")
+    accelerator = make_accelerator(replace(config, train=train))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batch_size = args.batch_size or config.train.batch_size
+    workers = config.data.workers if args.workers is None else args.workers
+    if accelerator.is_main_process and (note := loader_workers(workers)[1]):
+        print(note, file=sys.stderr)
+    loader = make_loader(
+        dataset, EvalOrder(len(dataset), batch_size, rank, world), workers, accelerator.device.type == "cuda"
+    )
+    model = trained.model.to(accelerator.device)
+    tta = args.tta or config.train.eval_tta
+    sums, _ = evaluate(model, loader, len(trained.classes), accelerator, tta=tta)
+    if accelerator.is_main_process:
+        record = {
+            "kind": "eval",
+            "checkpoint": str(trained.weights),
+            "data": data_name,
+            "image_size": eval_size(config.data),
+            "tta": tta,
+            **summarize(sums, trained.classes),
+        }
+        name = args.name or f"{trained.name}-{data_name}"
+        json_path, png_path = write_outputs(args.run_dir / EVAL, name, record, trained.classes)
+        print(format_table(record))
+        print(f"wrote {json_path} and {png_path}")
+    accelerator.wait_for_everyone()
+    close_process_group()
+    return 0
+
+
+def eval_dataset(
+    trained: Trained, data: str | Path | None, split: str, letterbox: bool = False
+) -> tuple[torch.utils.data.Dataset, str]:
+    """The samples to evaluate and a short name for them (the split, or the folder's name)."""
+    source = str(trained.config.data.shards if data is None else data)
+    preset = trained.preset(letterbox)
+    if is_url(source) or (Path(source) / MANIFEST).is_file():
+        dataset = open_shards(source, trained.config.data)
+        if dataset.manifest.classes != trained.classes:
+            raise UserError(
+                f"the shards {dataset.shown} have other classes than the run ({len(dataset.manifest.classes)} vs "
+                f"{len(trained.classes)}) — evaluate on shards made from the same class folders"
+            )
+        folder = redact(source).rstrip("/").rsplit("/", 1)[-1]
+        name = split if data is None else f"{folder}-{split}"
+        return ShardDataset(split_reader(dataset, split), preset), name
+    if data is None:
+        raise UserError(f"the run's shards {source} are not there — pass --data SHARDS_OR_IMAGE_FOLDER")
+    return LabelledImages(labelled_images(Path(source), trained.classes, split), preset), Path(source).name
+
+
+def write_outputs(out_dir: Path, name: str, record: dict, classes: list[str]) -> tuple[Path, Path]:
+    """<name>.json and <name>.png, each written as a .tmp and renamed, the record last: an
+    interrupted evaluation leaves neither a .tmp nor a half file behind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
+    json_tmp, png_tmp = out_dir / f"{name}.json.tmp", out_dir / f"{name}.tmp.png"  # savefig goes by the suffix
+    try:
+        json_tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        failpoints.pause("pause-outputs")
+        plot_confusion(record["confusion"], classes, png_tmp)
+        os.replace(png_tmp, png_path)
+        os.replace(json_tmp, json_path)
+    finally:
+        json_tmp.unlink(missing_ok=True)
+        png_tmp.unlink(missing_ok=True)
+    return json_path, png_path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
