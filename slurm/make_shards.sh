@@ -16,17 +16,12 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
-find_repo() {  # sbatch runs a copy of this script from the spool: its own path is useless
-  local script cand
-  script=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
-  for cand in "${script%/*}/.." "${SLURM_SUBMIT_DIR:-.}" "${BASH_SOURCE[0]%/*}/.."; do
-    [ -f "$cand/launch/make_shards.py" ] && { (cd "$cand" && pwd); return; }
-  done
-  echo "cannot find the checkout (launch/make_shards.py): set REPO=/path/to/it" >&2; return 1
-}
-REPO=${REPO:-$(find_repo)}
-# shellcheck disable=SC1091
-source "$REPO/slurm/env.sh"  # ENV_SETUP, VENV, PYTHONPATH
+# sbatch runs a copy of this script from the spool: slurm/env.sh is found through REPO, the submitted path or dir
+job_script=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p') || true
+for env_sh in ${REPO:+"$REPO/slurm/env.sh"} "${job_script%/*}/env.sh" "${SLURM_SUBMIT_DIR:-.}/slurm/env.sh" ""; do
+  [ -f "$env_sh" ] && break
+done
+source "${env_sh:?cannot find the checkout (slurm/env.sh): set REPO=/path/to/it}"  # REPO, ENV_SETUP, VENV, PYTHONPATH
 workers=${SLURM_CPUS_PER_TASK:-$(nproc)}
 echo "== $(date '+%F %T') job ${SLURM_JOB_ID:-} on $(hostname -s): make_shards, --workers $workers"
 # --workers first: one given in the options comes later and wins.

@@ -33,17 +33,12 @@ usage="usage: sbatch --array=0-N slurm/sweep.sh SWEEP.yaml CONFIG [section.key=v
 JOB=${SLURM_JOB_ID:?not inside a Slurm job — $usage}
 TASK=${SLURM_ARRAY_TASK_ID:?not an array task — submit with sbatch --array=0-N (python -m trainer.sweep lists N)}
 
-find_repo() {  # sbatch runs a copy of this script from the spool: its own path is useless
-  local script cand
-  script=$(scontrol show job "$JOB" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
-  for cand in "${script%/*}/.." "${SLURM_SUBMIT_DIR:-.}" "${BASH_SOURCE[0]%/*}/.."; do
-    [ -f "$cand/trainer/main.py" ] && { (cd "$cand" && pwd); return; }
-  done
-  echo "cannot find the checkout (trainer/main.py): set REPO=/path/to/it" >&2; return 1
-}
-REPO=${REPO:-$(find_repo)} || exit 2
-# shellcheck disable=SC1091
-source "$REPO/slurm/env.sh"  # ENV_SETUP, VENV, PYTHONPATH
+# sbatch runs a copy of this script from the spool: slurm/env.sh is found through REPO, the submitted path or dir
+job_script=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p') || true
+for env_sh in ${REPO:+"$REPO/slurm/env.sh"} "${job_script%/*}/env.sh" "${SLURM_SUBMIT_DIR:-.}/slurm/env.sh" ""; do
+  [ -f "$env_sh" ] && break
+done
+source "${env_sh:?cannot find the checkout (slurm/env.sh): set REPO=/path/to/it}"  # REPO, ENV_SETUP, VENV, PYTHONPATH
 
 if [[ $1 != wandb:* ]]; then
   [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }

@@ -26,12 +26,13 @@ from shards.manifest import Manifest
 from tests.conftest import REPO, cpu_env, run_training, wait_for
 from toolbox import failpoints
 from toolbox.testing import accelerate_launch
+from trainer.rundir import RunDir, WeightsInfo, weights_bytes
 from trainer.trained import export
-from trainer.trained.load import load_trained, read_image
+from trainer.trained.images import read_image
+from trainer.trained.load import load_trained
+from trainer.training.build import build_model
 from trainer.training.config import config_from_dict, to_dict
 from trainer.training.data import open_shards, split_reader
-from trainer.training.loop import weights_file
-from trainer.training.state import build_model
 
 pytestmark = pytest.mark.e2e
 PER_CLASS = 3  # images per class in the image-folder copy of the val split
@@ -297,10 +298,10 @@ def bad(run_dir, folders, tmp_path_factory) -> dict[str, Path]:
     config = config_from_dict(to_dict(load_trained(run_dir).config))
     config.model.growth_rate = 6  # a wider network, saved as the trainer saves its own
     other = build_model(config, 10)
-    preprocessing = (run_dir / "preprocessing.json").read_text()
-    (root / "other.safetensors").write_bytes(
-        weights_file(other, config, [str(d) for d in range(10)], preprocessing, None)
+    info = WeightsInfo(
+        to_dict(config), [str(d) for d in range(10)], other.fingerprint(), RunDir(run_dir).preprocessing()
     )
+    (root / "other.safetensors").write_bytes(weights_bytes(other.state_dict(), info))
     torch.save(other.state_dict(), root / "other.pth")  # no fingerprint: the shapes must tell
     shutil.copytree(folders["classes"], root / "wrong-classes")
     shutil.copytree(folders["classes"] / "0", root / "wrong-classes" / "zero")

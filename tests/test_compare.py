@@ -16,7 +16,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from trainer.rundir import CONFIG, METRICS, STATUS, SUMMARY, RunDir
+from trainer.rundir import CONFIG, METRICS, STATUS, SUMMARY, Preprocessing, RunDir
 from trainer.runs import compare
 from trainer.training.config import load_config, to_yaml
 from trainer.training.loop import run_summary
@@ -63,7 +63,7 @@ def make_run(path: Path, overrides: list[str], evals: list[tuple[float, float]],
     run that did not complete gets no summary.json, as finish_run writes it only at the end."""
     config = load_config(REPO / "configs/demo.yaml", [f"run.dir={path}", *overrides])
     run = RunDir(path)
-    run.prepare(to_yaml(config), CLASSES, {"image_size": 16}, resume=False)
+    run.prepare(to_yaml(config), CLASSES, Preprocessing([0.5] * 3, [0.25] * 3, 16, 0.875, 16), resume=False)
     progress = Progress()
     for epoch, (top1, loss) in enumerate(evals, 1):
         for step in (2 * epoch - 1, 2 * epoch):

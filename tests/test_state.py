@@ -6,11 +6,12 @@ from accelerate import Accelerator
 
 from toolbox.cli import Console
 from trainer.training import checkpoint
+from trainer.training.build import build_model
 from trainer.training.checkpoint import CheckpointError
 from trainer.training.config import OptimConfig, ScheduleConfig, load_config
 from trainer.training.optim import make_optimizer, make_scheduler, param_groups
 from trainer.training.randomness import rng_state, set_rng_state
-from trainer.training.state import TrainState, build_model, use_new_lr
+from trainer.training.state import TrainState, use_new_lr
 
 TINY = [
     "data.shards=s",

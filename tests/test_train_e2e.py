@@ -12,11 +12,11 @@ from shards.manifest import Manifest
 from tests import wandb_log
 from tests.conftest import run_training
 from trainer.trained.load import load_trained
+from trainer.training.build import build_model
 from trainer.training.config import config_from_dict
 from trainer.training.data import EvalOrder, ShardDataset, make_loader, open_shards, split_reader
 from trainer.training.metrics import EvalSums, summarize
 from trainer.training.model import load_weights
-from trainer.training.state import build_model
 from trainer.training.transforms import EvalPreset, normalization
 
 pytestmark = pytest.mark.e2e

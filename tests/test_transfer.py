@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from toolbox.errors import UserError
+from trainer.training.build import build_model
 from trainer.training.config import load_config
 from trainer.training.optim import make_optimizer, param_groups
-from trainer.training.state import build_model
 
 SMALL = [
     "data.shards=s",

@@ -99,3 +99,8 @@ class Console:
         if self.speaks:
             tqdm.write(line, file=sys.stdout)  # above a progress bar, not through it
             sys.stdout.flush()  # a log file sees the line now
+
+
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """A tqdm bar on the main process; none elsewhere, nor when stderr is not a terminal (log files)."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if enabled else True)

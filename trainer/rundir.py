@@ -1,5 +1,8 @@
-"""The run directory's one owner: the name of every file in it, reading and writing them, one trainer
-per run dir, a truthful status.json, one-line disk errors.
+"""The run directory's one owner: the name of every file in it, reading and writing them (the config
+and classes, the preprocessing, the weights and their metadata, metrics, status, summary, eval
+outputs), one trainer per run dir, a truthful status.json. Training writes through here, the
+after-training commands, wandb, the report and `trainer.compare` read through here. Imports no
+torch until weights are read or written, so run management stays light.
 
 The main process holds an exclusive `flock` on `run.dir/.lock` for the whole run. The kernel
 drops it when the process dies, so a killed or requeued trainer leaves no stale lock; on NFSv4
@@ -12,12 +15,17 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import yaml
 
 from toolbox import lock
 from toolbox.errors import UserError
@@ -56,6 +64,114 @@ DISK_ERRORS = {  # errno -> (what happened, what to do)
 
 class RunDirError(UserError):
     """The run directory cannot be created, written or locked, or another trainer holds it."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What an image goes through before the model, as validation did in training: resize the short
+    side to image_size / crop_pct, centre-crop image_size, normalise with mean and std. Written to
+    preprocessing.json and into every weights file's metadata, so weights carry it wherever they go."""
+
+    mean: list[float]
+    std: list[float]
+    image_size: int  # what evaluate, predict and export resize to
+    crop_pct: float
+    train_image_size: int  # the train crop (the last one, with progressive resizing)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Preprocessing:
+        try:
+            values = json.loads(text)
+            found = cls(**{k: values[k] for k in ("mean", "std", "image_size", "crop_pct")}, train_image_size=0)
+            found = cls(**{**asdict(found), "train_image_size": values.get("train_image_size", found.image_size)})
+            numbers = [*found.mean, *found.std, found.image_size, found.crop_pct]
+            usable = len(found.mean) == len(found.std) == 3 and all(math.isfinite(float(x)) for x in numbers)
+        except (ValueError, TypeError, KeyError) as e:
+            raise RunDirError(f"{where} is damaged ({type(e).__name__}) — restore it from a copy of the run") from e
+        if not usable or min(found.std) <= 0 or found.image_size <= 0 or not 0 < found.crop_pct <= 1:
+            raise RunDirError(
+                f"{where} holds no usable preprocessing (mean {found.mean}, std {found.std}, image_size "
+                f"{found.image_size}, crop_pct {found.crop_pct}) — restore it from a copy of the run"
+            )
+        return found
+
+    def deployment(self, letterbox: bool = False) -> dict:
+        """What a deployment must do to an image before the model (export writes it next to the model)."""
+        steps = (
+            "pad to a square with black, resize to image_size"
+            if letterbox
+            else "resize the short side to resize_short_side (bilinear, antialias), centre-crop image_size"
+        )
+        return {
+            "image_size": self.image_size,
+            "resize_short_side": None if letterbox else round(self.image_size / self.crop_pct),
+            "crop_pct": self.crop_pct,
+            "letterbox": letterbox,
+            "steps": steps + "; RGB scaled to [0, 1]; subtract mean, divide by std; NCHW float32",
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+
+@dataclass
+class WeightsInfo:
+    """What a weights file says of itself (its safetensors metadata): how to build the model
+    (config, classes, fingerprint), how to preprocess for it, and the evaluation it scored. Each
+    part is None in a file that does not record it (a plain .pth, an older run's file)."""
+
+    config: dict | None = None
+    classes: list[str] | None = None
+    fingerprint: str | None = None
+    preprocessing: Preprocessing | None = None
+    evaluation: dict | None = None  # epoch, step, top1, top5, num_samples
+
+    def metadata(self) -> dict[str, str]:
+        parts = {
+            "config": self.config,
+            "classes": self.classes,
+            "fingerprint": self.fingerprint,
+            "eval": self.evaluation,
+        }
+        found = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in parts.items() if v}
+        if self.preprocessing is not None:
+            found["preprocessing"] = self.preprocessing.to_json()
+        return found
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], where: str) -> WeightsInfo:
+        def part(key: str):
+            return json.loads(metadata[key]) if key in metadata else None
+
+        preprocessing = metadata.get("preprocessing")
+        return cls(
+            config=part("config"),
+            classes=part("classes"),
+            fingerprint=metadata.get("fingerprint"),
+            preprocessing=Preprocessing.from_json(preprocessing, f"the preprocessing in {where}")
+            if preprocessing
+            else None,
+            evaluation=part("eval"),
+        )
+
+
+def weights_bytes(tensors: dict, info: WeightsInfo) -> bytes:
+    """A safetensors file: plain weights that load with the model API alone, and what they are."""
+    import safetensors.torch  # here: reading the run dir's other files needs no torch
+
+    return safetensors.torch.save(tensors, metadata=info.metadata())
+
+
+def read_weights_file(path: Path) -> tuple[dict, WeightsInfo]:
+    """A .safetensors file's tensors and what it says of itself; safetensors' own errors pass on."""
+    import safetensors
+    import safetensors.torch
+
+    with safetensors.safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    return safetensors.torch.load_file(str(path)), WeightsInfo.from_metadata(metadata, str(path))
 
 
 def is_disk_error(e: BaseException) -> bool:
@@ -122,7 +238,7 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def prepare(self, config_yaml: str, classes: list[str], preprocessing: dict, resume: bool) -> None:
+    def prepare(self, config_yaml: str, classes: list[str], preprocessing: Preprocessing, resume: bool) -> None:
         """The files a run starts with. Fails now, not after an epoch, when the run dir cannot take
         checkpoints; starting over (resume false) sets the old checkpoints aside, never deletes them."""
         try:
@@ -142,7 +258,7 @@ class RunDir:
             os.replace(old, self.path / f"{CHECKPOINTS}-replaced-{int(time.time())}")
         (self.path / CONFIG).write_text(config_yaml)
         (self.path / CLASSES).write_text(json.dumps(classes, ensure_ascii=False, indent=1))
-        (self.path / PREPROCESSING).write_text(json.dumps(preprocessing, indent=1))
+        (self.path / PREPROCESSING).write_text(preprocessing.to_json())
 
     def records(self) -> list[dict]:
         """metrics.jsonl: the train and eval records, in order."""
@@ -168,8 +284,9 @@ class RunDir:
     def write_json(self, name: str, value: dict) -> None:
         (self.path / name).write_text(json.dumps(value, indent=2))
 
-    def write_weights(self, alias: str, data: bytes) -> Path:
+    def write_weights(self, alias: str, tensors: dict, info: WeightsInfo) -> Path:
         """best/final weights, atomically: a full disk leaves the previous file, never a partial one."""
+        data = weights_bytes(tensors, info)
         path = self.path / WEIGHTS[alias]
         tmp = path.with_suffix(".tmp")
         try:
@@ -179,6 +296,52 @@ class RunDir:
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+    def read_config(self) -> tuple[dict, list[str]]:
+        """config.yaml's values and classes.json: what the after-training commands build the model from."""
+        if not self.path.is_dir():
+            raise RunDirError(f"run directory {self.path} not found — pass the run.dir of a training run")
+        config_path, classes_path = self.path / CONFIG, self.path / CLASSES
+        if not config_path.is_file() or not classes_path.is_file():
+            raise RunDirError(
+                f"{self.path} is not a run directory (no config.yaml or classes.json) — pass the run.dir of a training run"
+            )
+        try:
+            values = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+            classes = json.loads(classes_path.read_text(encoding="utf-8"))
+            if not isinstance(values, dict) or not isinstance(classes, list):
+                raise ValueError("not a mapping and a list")
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise RunDirError(
+                f"{self.path}/config.yaml or classes.json is damaged ({type(e).__name__}) — restore it from a copy of the run"
+            ) from e
+        return values, classes
+
+    def preprocessing(self) -> Preprocessing:
+        """preprocessing.json: for weights that do not carry their own (a training checkpoint, a .pth)."""
+        path = self.path / PREPROCESSING
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise RunDirError(f"{path} is missing or unreadable — is {self.path} a training run directory?") from e
+        return Preprocessing.from_json(text, str(path))
+
+    def write_eval(self, name: str, record: dict, draw: Callable[[Path], None]) -> tuple[Path, Path]:
+        """eval/<name>.json and <name>.png (drawn by ``draw``), each written as a .tmp and renamed, the
+        record last: an interrupted evaluation leaves neither a .tmp nor a half file behind."""
+        out = self.path / EVAL
+        out.mkdir(parents=True, exist_ok=True)
+        json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+        json_tmp, png_tmp = out / f"{name}.json.tmp", out / f"{name}.tmp.png"  # savefig goes by the suffix
+        try:
+            json_tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+            draw(png_tmp)
+            os.replace(png_tmp, png_path)
+            os.replace(json_tmp, json_path)
+        finally:
+            json_tmp.unlink(missing_ok=True)
+            png_tmp.unlink(missing_ok=True)
+        return json_path, png_path
 
     def set_status(self, state: str, reason: str | None = None) -> None:
         """completed | preempted | failed (with the one-line reason) | running. Best effort when the

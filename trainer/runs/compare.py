@@ -401,7 +401,3 @@ def draw_panel(ax, xs: list, ys: list, states: list[str]) -> None:
         done = state == "completed"
         ax.scatter([at], [y], s=30, edgecolors="C0", facecolors="C0" if done else "none")
     ax.grid(alpha=0.3)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

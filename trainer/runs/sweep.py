@@ -364,7 +364,3 @@ def show_plan(args) -> int:
     total = f"{count} points" if sweep.method == "grid" else f"{count} draws" + ("" if sweep.size else " (no run_cap)")
     print(f"{total}; submit: sbatch --array=0-{count - 1} slurm/sweep.sh {args.sweep} {args.config} {extra}".rstrip())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

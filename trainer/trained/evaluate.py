@@ -12,9 +12,8 @@ samples r, r + N, ... and the sums are all-reduced, so N processes give exactly 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,9 +25,9 @@ from toolbox import failpoints
 from toolbox.cli import add_debug_flag, run_command
 from toolbox.errors import UserError
 from toolbox.redact import redact
-from trainer.rundir import EVAL
-from trainer.trained.load import LabelledImages, Trained, labelled_images, load_trained
-from trainer.training.config import eval_size
+from trainer.rundir import RunDir
+from trainer.trained.images import LabelledImages, labelled_images
+from trainer.trained.load import Trained, load_trained
 from trainer.training.data import (
     EvalOrder,
     ShardDataset,
@@ -38,7 +37,7 @@ from trainer.training.data import (
     open_shards,
     split_reader,
 )
-from trainer.training.loop import evaluate
+from trainer.training.evaluation import evaluate
 from trainer.training.metrics import TTA, format_table, summarize
 from trainer.training.runtime import close_process_group, make_accelerator
 from trainer.training.tracking.plots import plot_confusion
@@ -97,12 +96,12 @@ def run(args: argparse.Namespace) -> int:
             "kind": "eval",
             "checkpoint": str(trained.weights),
             "data": data_name,
-            "image_size": eval_size(config.data),
+            "image_size": trained.preprocessing.image_size,
             "tta": tta,
             **summarize(sums, trained.classes),
         }
         name = args.name or f"{trained.name}-{data_name}"
-        json_path, png_path = write_outputs(args.run_dir / EVAL, name, record, trained.classes)
+        json_path, png_path = RunDir(args.run_dir).write_eval(name, record, confusion_plot(record, trained.classes))
         print(format_table(record))
         print(f"wrote {json_path} and {png_path}")
     accelerator.wait_for_everyone()
@@ -131,23 +130,9 @@ def eval_dataset(
     return LabelledImages(labelled_images(Path(source), trained.classes, split), preset), Path(source).name
 
 
-def write_outputs(out_dir: Path, name: str, record: dict, classes: list[str]) -> tuple[Path, Path]:
-    """<name>.json and <name>.png, each written as a .tmp and renamed, the record last: an
-    interrupted evaluation leaves neither a .tmp nor a half file behind."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
-    json_tmp, png_tmp = out_dir / f"{name}.json.tmp", out_dir / f"{name}.tmp.png"  # savefig goes by the suffix
-    try:
-        json_tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        failpoints.pause("pause-outputs")
-        plot_confusion(record["confusion"], classes, png_tmp)
-        os.replace(png_tmp, png_path)
-        os.replace(json_tmp, json_path)
-    finally:
-        json_tmp.unlink(missing_ok=True)
-        png_tmp.unlink(missing_ok=True)
-    return json_path, png_path
+def confusion_plot(record: dict, classes: list[str]) -> Callable[[Path], None]:
+    def draw(path: Path) -> None:
+        failpoints.pause("pause-outputs")  # a test interrupts here: the record written, the plot not
+        plot_confusion(record["confusion"], classes, path)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return draw

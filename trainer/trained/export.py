@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -116,7 +115,7 @@ def describe(trained: Trained, inputs: torch.Tensor, letterbox: bool) -> dict:
         "classes": trained.classes,
         "input": {"name": "image", "shape": ["batch", *inputs.shape[1:]], "dtype": "float32"},
         "output": {"name": "logits", "shape": ["batch", len(trained.classes)], "note": "softmax gives probabilities"},
-        "preprocessing": trained.preprocessing(letterbox),
+        "preprocessing": trained.preprocessing.deployment(letterbox),
         "fingerprint": trained.model.fingerprint(),
         "weights": str(trained.weights),
     }
@@ -183,7 +182,3 @@ def check_parity(fmt: str, diff: float, tolerance: float) -> None:
             f"the {fmt} export differs from the PyTorch model by up to {diff:.3g} (tolerance {tolerance:g}); "
             "no model file written — report it with the run's config, or pass a larger --tolerance if it is acceptable"
         )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +27,8 @@ from toolbox.cli import add_debug_flag, run_command
 from toolbox.errors import DataError, UserError
 from toolbox.sizes import parse_size
 from trainer.rundir import PREDICTIONS
-from trainer.trained.load import Trained, image_files, load_trained, read_image
+from trainer.trained.images import image_files, read_image
+from trainer.trained.load import Trained, load_trained
 from trainer.training.data import close_loaders
 from trainer.training.metrics import TTA, predict_logits
 
@@ -168,7 +168,3 @@ def collate(batch: list) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]
     errors = [(i, error) for _, i, error in batch if error is not None]
     images = torch.stack([image for image, _ in good]) if good else torch.empty(0)
     return images, [i for _, i in good], errors
-
-
-if __name__ == "__main__":
-    sys.exit(main())

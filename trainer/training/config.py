@@ -22,6 +22,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from toolbox.errors import UserError, first_line
+from toolbox.redact import redact
+from toolbox.sizes import parse_size
 
 RUNS_ROOT = "RUNS_ROOT"  # the environment variable slurm/train.sh and sweep.sh also read (default: runs)
 
@@ -375,8 +377,6 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.betas must be two numbers in [0, 1), e.g. [0.9,0.999]")
     _validate_ramp(config)
     if config.data.cache_limit is not None:
-        from toolbox.sizes import parse_size
-
         try:
             parse_size(config.data.cache_limit)
         except ValueError as e:
@@ -446,8 +446,6 @@ def to_yaml(config: Config) -> str:
 def to_dict(config: Config) -> dict:
     """The config as saved with the run (config.yaml, checkpoints, weights, wandb): a data
     location's secrets (a URL's query string or user info) are left out."""
-    from toolbox.redact import redact
-
     values = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     values["data"]["shards"] = redact(values["data"]["shards"])
     return values

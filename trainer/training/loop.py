@@ -8,31 +8,31 @@ trainer/rundir.py, and what is recorded through the Tracker (enabled on the main
 from __future__ import annotations
 
 import itertools
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from accelerate import Accelerator
 
 from toolbox import failpoints
 from toolbox.cli import Console
 from toolbox.errors import UserError
-from trainer.rundir import CHECKPOINTS, PREPROCESSING, RunDir, best_eval, mean_throughput
+from trainer.rundir import CHECKPOINTS, Preprocessing, RunDir, WeightsInfo, best_eval, mean_throughput
 from trainer.training import checkpoint
+from trainer.training.build import build_model
 from trainer.training.config import Config, eval_size, to_dict, to_yaml, train_size, train_sizes
 from trainer.training.data import Loaders, build_loaders, loader_workers, open_shards
+from trainer.training.evaluation import evaluate
 from trainer.training.meters import STARTUP, TrainWindow, images_per_second
-from trainer.training.metrics import EvalSums, ShownSamples, predict_logits, summarize
+from trainer.training.metrics import ShownSamples, summarize
 from trainer.training.nonfinite import assert_finite, update_ema
 from trainer.training.optim import describe_lr
 from trainer.training.randomness import mix_seed, rng_state
-from trainer.training.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main, sum_across
-from trainer.training.state import TrainState, build_model
+from trainer.training.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main
+from trainer.training.state import TrainState
 from trainer.training.tracking.report import write_report
-from trainer.training.tracking.tracker import Tracker, progress_bar
+from trainer.training.tracking.tracker import Tracker
 from trainer.training.transforms import DeviceDecode, DeviceNormalize, TrainPreset, batch_mixer, normalization
 
 STOP_CHECK_EVERY = 5  # optimizer steps between the ranks' agreement on a stop signal (one all-reduce)
@@ -129,13 +129,7 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
     if resumed is not None:
         job.console.say(f"resuming from {resumed} (epoch {state.progress.epoch + 1}, step {state.progress.step})")
     if accelerator.is_main_process:
-        preprocessing = {
-            "mean": mean,
-            "std": std,
-            "image_size": eval_size(config.data),  # what evaluate, predict and export resize to
-            "crop_pct": config.data.crop_pct,
-            "train_image_size": config.data.image_size,
-        }
+        preprocessing = Preprocessing(mean, std, eval_size(config.data), config.data.crop_pct, config.data.image_size)
         job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume)
         job.run.set_status("running")
     accelerator.wait_for_everyone()
@@ -314,23 +308,6 @@ def log_train(state: TrainState, job: Job, window: TrainWindow, fetched: int) ->
     window.restart(fetched)
 
 
-@torch.no_grad()
-def evaluate(model, loader, num_classes: int, accelerator: Accelerator, sample_rows: int = 0, tta: str = "none"):
-    """Sums over this rank's share of the split, all-reduced: every sample counted exactly once.
-    tta=flip: each image's softmax averaged with its mirror's."""
-    model.eval()
-    sums = EvalSums.zeros(num_classes, accelerator.device)
-    shown = ShownSamples(sample_rows)
-    for images, labels, _, _ in progress_bar(loader, len(loader), "eval", accelerator.is_main_process):
-        images = images.to(accelerator.device, non_blocking=True)
-        labels = labels.to(accelerator.device, non_blocking=True)
-        with accelerator.autocast():
-            logits = predict_logits(model, images, tta)
-        sums.add(logits, labels)
-        shown.add(images, logits.softmax(1), labels)
-    return EvalSums(*[sum_across(t, accelerator) for t in sums.tensors()]), shown
-
-
 def evaluate_and_log(state: TrainState, loader, job: Job) -> None:
     config, accelerator, progress, tracker = job.config, job.accelerator, state.progress, job.tracker
     net = state.eval_net
@@ -393,26 +370,16 @@ def save_checkpoint(state: TrainState, job: Job) -> None:
 
 
 def export_weights(net: torch.nn.Module, config: Config, classes: list[str], run: RunDir, alias: str, record) -> Path:
-    """best or final weights into the run dir."""
-    return run.write_weights(alias, weights_file(net, config, classes, run.file(PREPROCESSING).read_text(), record))
-
-
-def weights_file(net: torch.nn.Module, config: Config, classes: list[str], preprocessing: str, record) -> bytes:
-    """Plain weights that load with the model API alone; the metadata says how to build it."""
+    """best or final weights into the run dir, with what they are and how to preprocess for them."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if k != "n_averaged"}
-    metadata = {
-        "config": json_dumps(to_dict(config)),
-        "classes": json_dumps(classes),
-        "fingerprint": net.fingerprint(),
-        "preprocessing": preprocessing,
-    }
-    if record:
-        metadata["eval"] = json_dumps({k: record[k] for k in ("epoch", "step", "top1", "top5", "num_samples")})
-    return safetensors.torch.save(tensors, metadata=metadata)
-
-
-def json_dumps(value) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    info = WeightsInfo(
+        config=to_dict(config),
+        classes=classes,
+        fingerprint=net.fingerprint(),
+        preprocessing=run.preprocessing(),
+        evaluation={k: record[k] for k in ("epoch", "step", "top1", "top5", "num_samples")} if record else None,
+    )
+    return run.write_weights(alias, tensors, info)
 
 
 def finish_run(state: TrainState, job: Job) -> None:

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
 from toolbox.errors import EXIT_FAILURE, UserError
+from trainer.rundir import COMPILE_CACHE
 from trainer.training.config import CHOICES, Config, ConfigError, TrainConfig, train_sizes
 
 # `accelerate launch` hands its choices (its flags, else the `accelerate config` file) to every
@@ -167,8 +168,6 @@ def use_run_dir_compile_cache(run_dir: Path) -> None:
     reuses them instead of compiling for minutes again. Importing torch._dynamo already set
     the variable to inductor's default (the node's /tmp); a value of the user's own is kept."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    from trainer.rundir import COMPILE_CACHE
 
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir.resolve() / COMPILE_CACHE)

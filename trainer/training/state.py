@@ -4,7 +4,6 @@ the run stands. One object, saved and restored through state_dict / load_state_d
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,11 +11,9 @@ import torch
 from accelerate import Accelerator
 
 from toolbox.cli import Console
-from toolbox.errors import UserError, first_line
 from trainer.training import checkpoint
 from trainer.training.checkpoint import CheckpointError
 from trainer.training.config import Config, to_dict
-from trainer.training.model import load_weights, se_densenet
 from trainer.training.nonfinite import StepGuard
 from trainer.training.optim import make_ema, make_optimizer, make_scheduler, param_groups, scaled_lr
 from trainer.training.randomness import set_rng_state
@@ -42,52 +39,6 @@ class Progress:
         if improved:
             self.best_top1, self.best_epoch = record["top1"], record["epoch"]
         return improved
-
-
-def build_model(config: Config, num_classes: int, console: Console | None = None) -> torch.nn.Module:
-    """The configured SE-DenseNet, initialised from model.pretrained when given (console says how)."""
-    m = config.model
-    model = se_densenet(
-        m.depth,
-        num_classes,
-        growth_rate=m.growth_rate,
-        num_init_features=m.num_init_features,
-        bn_size=m.bn_size,
-        compression=m.compression,
-        drop_rate=m.drop_rate,
-        se=m.se,
-        se_reduction=m.se_reduction,
-        efficient=m.efficient,
-        small_inputs=m.small_inputs,
-        block_config=tuple(m.block_config) if m.block_config else None,
-        shared_bn=m.shared_bn,
-    )
-    if m.pretrained:
-        _load_pretrained(model, m.pretrained, console or Console())
-    if m.freeze_features:
-        model.features.requires_grad_(False)
-    if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def _load_pretrained(model: torch.nn.Module, path: str, console: Console) -> None:
-    try:
-        report = load_weights(model, path, strict=False)
-    except Exception as e:  # missing, torn, another format, or a pickle holding more than tensors
-        unpickling = isinstance(e, pickle.UnpicklingError)  # torch's advice is to trust the file: no
-        reason = "not a weights file, or one holding more than tensors" if unpickling else first_line(e)
-        raise UserError(
-            f"model.pretrained {path} cannot be used ({reason}) — give a .pth or .safetensors DenseNet weights file"
-        ) from e
-    expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    loaded = len(expected) - len(report.missing)
-    if loaded == 0:  # nothing matched: a wrong file, not a starting point
-        raise UserError(f"model.pretrained {path} shares no weights with this model — give a DenseNet weights file")
-    console.say(
-        f"initialised from {path}: {loaded} tensors loaded, {len(report.missing)} left at init "
-        f"(new head or SE), {len(report.unexpected)} ignored"
-    )
 
 
 class TrainState:

@@ -7,9 +7,7 @@ looks there, is trainer/training/tracking/wandb_run.py's business.
 
 from __future__ import annotations
 
-from tqdm import tqdm
-
-from toolbox.cli import Console
+from toolbox.cli import Console, progress_bar
 from trainer.rundir import CONFUSION, CURVES, SUMMARY, RunDir, best_eval
 from trainer.training.config import Config
 from trainer.training.tracking.plots import plot_confusion, plot_curves
@@ -76,8 +74,3 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish(preempted)
             self.wandb = None
-
-
-def progress_bar(iterable, total: int, desc: str, enabled: bool):
-    """A tqdm bar on the main process; none elsewhere, nor when stderr is not a terminal (log files)."""
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if enabled else True)

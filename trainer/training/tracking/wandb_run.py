@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shards.format import CLASS_PLOT, SIZE_PLOT
 from toolbox.errors import EXIT_PREEMPTED, UserError, first_line
 from toolbox.redact import redact_text
 from trainer.rundir import RUN_FILES, SUMMARIES, WANDB, WEIGHTS
@@ -87,8 +88,6 @@ class WandbRun:
         """make_shards' plots and skipped-file count, once per run (not again on a resume)."""
         import wandb
         from PIL import Image
-
-        from shards.format import CLASS_PLOT, SIZE_PLOT
 
         media = {}
         for key, file in (("data/class_distribution", CLASS_PLOT), ("data/image_sizes", SIZE_PLOT)):

@@ -1,0 +1,29 @@
+"""One pass of a model over a split, as training's evaluations and `trainer.evaluate` both make it:
+each rank sums over its share of the samples and the sums are all-reduced, so every sample is
+counted exactly once and N processes give exactly one process's numbers."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from toolbox.cli import progress_bar
+from trainer.training.metrics import EvalSums, ShownSamples, predict_logits
+from trainer.training.runtime import sum_across
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes: int, accelerator: Accelerator, sample_rows: int = 0, tta: str = "none"):
+    """Sums over this rank's share of the split, all-reduced: every sample counted exactly once.
+    tta=flip: each image's softmax averaged with its mirror's."""
+    model.eval()
+    sums = EvalSums.zeros(num_classes, accelerator.device)
+    shown = ShownSamples(sample_rows)
+    for images, labels, _, _ in progress_bar(loader, len(loader), "eval", accelerator.is_main_process):
+        images = images.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = predict_logits(model, images, tta)
+        sums.add(logits, labels)
+        shown.add(images, logits.softmax(1), labels)
+    return EvalSums(*[sum_across(t, accelerator) for t in sums.tensors()]), shown
