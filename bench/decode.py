@@ -6,17 +6,15 @@ JPEGs of a few sizes, interleaved in one process: torchvision's reference recipe
 and on (torchvision's decoder and uint8 resampler for full-size JPEGs; DCT-scaled decoding with
 PIL where the crop allows). The ratios are what matter:
 
-    python bench/decode.py                       # 500x375 (ImageNet-like), 1600x1200, 4000x3000 (12 MP)
-    python bench/decode.py --sizes 4000x3000 --image-size 224 --seconds 5
+    python -m bench.decode                       # 500x375 (ImageNet-like), 1600x1200, 4000x3000 (12 MP)
+    python -m bench.decode --sizes 4000x3000 --image-size 224 --seconds 5
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,10 +22,9 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shards.format import decode_rgb  # noqa: E402
-from trainer.training.config import DataConfig  # noqa: E402
-from trainer.training.transforms import TrainPreset  # noqa: E402
+from shards.format import decode_rgb
+from trainer.training.config import DataConfig
+from trainer.training.transforms import TrainPreset
 
 
 def photo(width: int, height: int, seed: int) -> bytes:

@@ -11,23 +11,23 @@
 # Plan (each step under `timeout`; a step that fails or times out is recorded and the next one runs):
 #   prep     carried wheels (.whl/, from bench/gpu_wheels.sh) -> pip --target a temp dir on
 #            PYTHONPATH (the image's torch untouched); versions; synthetic JPEG shards
-#   loaders  bench/train.py --no-end-to-end: the train loader alone, decode=workers|device x
+#   loaders  bench.train --no-end-to-end: the train loader alone, decode=workers|device x
 #            15|4 workers, and its model-only step (trainer config, eager), on a quiet CPU
-#   compile  phase A, in parallel: one bench/model.py process per compiled setting (1 step) and the
+#   compile  phase A, in parallel: one bench.model process per compiled setting (1 step) and the
 #            real trainer, all with cold caches: each one's cold time to the first step, and the
 #            warm caches phase B starts from. Lower priorities run under nice. All killed at the
 #            phase deadline (--compile-s).
 #   phase B, one at a time (timed alone), highest priority first, each skipped when its phase-A
 #   compile did not finish or the budget is spent:
-#     model  bench/model.py reduce-overhead at batch 128: tv, ours-se, ours-se-eff (--max-batch);
+#     model  bench.model reduce-overhead at batch 128: tv, ours-se, ours-se-eff (--max-batch);
 #            starts as soon as its three compiles are done
 #     e2e    `accelerate launch trainer/main.py` (1 epoch) on the warm cache: end to end, warm start
 #     cand   ours-se-sharedbn, cand-se-sumfc at batch 128 (against ours-se of `model`)
 #     b256   tv, ours-se at batch 256
 #     eager  tv, ours-se, ours-se-eff eager at batch 128 (no compile)
-#     ramp   bench/resize.py: the trainer eager, 3 epochs at a fixed 224 px, then 160 -> 224 (progressive
+#     ramp   bench.resize: the trainer eager, 3 epochs at a fixed 224 px, then 160 -> 224 (progressive
 #            resizing): train seconds per epoch and their ratio; runs only on what the budget has left
-#   report   bench/gpu_report.py merges everything into one JSON and Markdown tables with the targets.
+#   report   bench.gpu_report merges everything into one JSON and Markdown tables with the targets.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -60,17 +60,15 @@ if [ $SMOKE = 1 ]; then  # tiny sizes, CPU, no compile: the same steps, in about
   WORK=${GPU_BENCH_WORK:-$REPO/bench-work/smoke}
   COLD_STEPS=1; B1=2; B2=4; COMPILE=${GPU_BENCH_SMOKE_COMPILE:-none}; DEVICE=cpu; WORKERS=2,1; W=2; IMAGES=200; CLASSES=10; VAL=0.1; LSTEPS=2
   MODEL_ARGS=(--device cpu --size 32 --warmup 1 --steps 1)
-  # bench/model.py through a shim whose CPU memory column is skipped: MemTracker's peak of one
+  # bench.model through a shim whose CPU memory column is skipped: MemTracker's peak of one
   # DenseNet-121 step takes 20-40 s on 2 cores, the rest of a variant about one.
-  MODEL=($PY -c 'import importlib.util, sys
-spec = importlib.util.spec_from_file_location("bench_model", "bench/model.py")
-m = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(m)
+  MODEL=($PY -c 'import sys
+import bench.model as m
 m.peak_bytes = lambda *args: 2**20  # 1 MiB: not measured
 if sys.argv[1] == "--no-check":  # phase A: the float64 candidate check runs once, in phase B
     m.check_candidates = lambda names: None
     del sys.argv[1]
-sys.argv = ["bench/model.py", *sys.argv[1:]]
+sys.argv = ["bench.model", *sys.argv[1:]]
 m.main()'); NOCHECK=(--no-check)
   TRAIN_ARGS=(model.block_config=[2,2] data.image_size=64 train.batch_size=16 data.workers=$W
               train.mixed_precision=no train.channels_last=false train.log_every=2)
@@ -81,7 +79,7 @@ else
   WORK=${GPU_BENCH_WORK:-$REPO/bench-work}
   COLD_STEPS=2; B1=128; B2=256; COMPILE=reduce-overhead; DEVICE=cuda; WORKERS=15,4; W=15; IMAGES=12000; CLASSES=100; VAL=0.01; LSTEPS=60
   MODEL_ARGS=()
-  MODEL=($PY bench/model.py); NOCHECK=()
+  MODEL=($PY -m bench.model); NOCHECK=()
   TRAIN_ARGS=(data.workers=$W train.log_every=10)
   RAMP=(--min-size 160 --size 224)
 fi
@@ -93,7 +91,7 @@ RES=$(mktemp -d "$WORK/run-XXXXXX") || exit 1  # this run's JSONs and logs (conc
 mkdir -p "$RES/logs"
 STEPS=$RES/steps.jsonl
 : >"$STEPS"
-CACHE=$WORK/inductor  # bench/model.py's compile cache, shared by phase A and B
+CACHE=$WORK/inductor  # bench.model's compile cache, shared by phase A and B
 RUN=$RES/e2e-run      # the trainer's run dir: its own compile cache (run.dir/compile_cache), cold at first
 SHARDS=$WORK/shards-$IMAGES-c$CLASSES-val$VAL
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_SILENT=true
@@ -150,7 +148,7 @@ start_job() {
 }
 wait_jobs() { local n; for n in "$@"; do [ -n "${PID[$n]:-}" ] && wait "${PID[$n]}" 2>/dev/null; done; return 0; }
 
-# the real trainer, 1 process, as bench/train.py's end-to-end run starts it; run.dir keeps its compile cache
+# the real trainer, 1 process, as bench.train's end-to-end run starts it; run.dir keeps its compile cache
 TRAINER=($PY -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
   trainer/main.py --config $CONFIG "data.shards=$SHARDS" "run.dir=$RUN" train.epochs=1 train.resume=false
   wandb.mode=disabled train.device=$DEVICE train.compile=$COMPILE "${TRAIN_ARGS[@]}")
@@ -209,12 +207,11 @@ if sys.argv[2] == "0":
 EOF
 PREFLIGHT=$!
 
-if want loaders || want e2e || want ramp; then  # bench/train.py's synthetic_shards, with a val split (the trainer needs one)
+if want loaders || want e2e || want ramp; then  # bench.train's synthetic_shards, with a val split (the trainer needs one)
   run_step shards 240 20 $PY - "$SHARDS" "$IMAGES" "$VAL" "$CLASSES" <<'EOF'
 import subprocess, sys
 from pathlib import Path
-sys.path.insert(0, "bench")
-import make_shards  # bench/make_shards.py
+from bench import make_shards
 out, n, val, classes = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 if not (out / "manifest.json").exists():
     make_shards.CLASSES = classes  # 100 unless the smoke run asks for fewer (a quicker confusion plot)
@@ -229,7 +226,7 @@ wait $PREFLIGHT
 # ------------------------------------------------------------------------------------ loaders (quiet CPU)
 if want loaders; then
   if deps_ok shards; then
-    run_step loaders 150 30 $PY bench/train.py --shards "$SHARDS" --work "$RES/train" --no-end-to-end --device $DEVICE \
+    run_step loaders 150 30 $PY -m bench.train --shards "$SHARDS" --work "$RES/train" --no-end-to-end --device $DEVICE \
       --loader-workers $WORKERS --steps $LSTEPS --json "$RES/loaders.json" --config $CONFIG \
       "${TRAIN_ARGS[@]}" train.compile=none
   else
@@ -336,7 +333,7 @@ if want eager; then
 fi
 if want ramp; then
   if deps_ok shards; then
-    run_step ramp 150 60 $PY bench/resize.py --device $DEVICE --shards "$SHARDS" --work "$RES/resize" --epochs 3 \
+    run_step ramp 150 60 $PY -m bench.resize --device $DEVICE --shards "$SHARDS" --work "$RES/resize" --epochs 3 \
       "${RAMP[@]}" --workers $W --config $CONFIG --json "$RES/ramp.json" "${TRAIN_ARGS[@]}" train.compile=none
   else
     skip ramp "no shards"
@@ -346,7 +343,7 @@ fi
 # ------------------------------------------------------------------------------------ report
 rm -rf "$RUN"/checkpoints* "$RES"/resize/*/checkpoints  # the trainers' checkpoints: nothing reads them
 say "report"
-timeout 60 $PY bench/gpu_report.py --res "$RES" --out "$OUTDIR" --batches $B1,$B2 --compile $COMPILE \
+timeout 60 $PY -m bench.gpu_report --res "$RES" --out "$OUTDIR" --batches $B1,$B2 --compile $COMPILE \
   --workers $WORKERS --parts "$PARTS" $([ $SMOKE = 1 ] && echo --smoke) --budget "$BUDGET" --elapsed "$(elapsed)" \
   --command "bash bench/gpu.sh$([ $SMOKE = 1 ] && echo ' --smoke')$([ "$PARTS" != "${ALL_PARTS// /,}" ] && echo " --parts $PARTS")"
 rc=$?

@@ -3,7 +3,7 @@ gpu-bench.md): model rows, loader rows, end to end, time to the first step, the 
 issue 15 and every step's status. A row whose step failed, timed out or was skipped is still
 there, with its status and no numbers.
 
-    python3 bench/gpu_report.py --res bench-work/run-XXXXXX --out $OUT   # bench/gpu.sh calls this
+    python3 -m bench.gpu_report --res bench-work/run-XXXXXX --out $OUT   # bench/gpu.sh calls this
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@
 #
 # The GPU image (Python 3.12, torch 2.11, torchvision, accelerate, timm, numpy, pillow, pyyaml,
 # matplotlib, safetensors, tqdm, fsspec, scikit-learn ...) lacks only these of what the bench imports:
-#   omegaconf + antlr4-python3-runtime  trainer/config.py imports omegaconf at module level
+#   omegaconf + antlr4-python3-runtime  trainer/training/config.py imports omegaconf at module level
 #   webdataset + braceexpand             shards/store.py, pipe: locations only (small, carried anyway)
 # Deliberately not carried (the device tool carries 64 MiB at most):
 #   wandb (20 MB wheel plus pydantic, sentry-sdk, gitpython ... it needs): the bench runs the trainer
-#     with wandb.mode=disabled, and trainer/tracking/tracker.py imports wandb only when the mode is not disabled
+#     with wandb.mode=disabled, and trainer/training/tracking/tracker.py imports wandb only when the mode is not disabled
 #   mplfonts (85 MB, a CJK font): shards/plots.py looks for it only when a class name is not ASCII;
 #     the bench's classes are class_000 ...
 # Versions come from constraints.txt; all four are pure-Python (py3-none-any) wheels.

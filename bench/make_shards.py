@@ -2,8 +2,8 @@
 loop a user writes by hand (torchvision ImageFolder + webdataset.ShardWriter, decoding every
 image to validate it), side by side on one synthetic corpus, in one run.
 
-    python bench/make_shards.py                         # 5,000 files; RSS also at 50,000
-    python bench/make_shards.py --files 2000 --rss-files 0 --workdir /tmp/b
+    python -m bench.make_shards                         # 5,000 files; RSS also at 50,000
+    python -m bench.make_shards --files 2000 --rss-files 0 --workdir /tmp/b
 
 The corpus: ImageNet-like JPEGs, about 500x375 (400..640 x 300..500), textures from smooth
 to grainy and quality 75..95, so files run from tens of KB to a few hundred KB; 100 classes.

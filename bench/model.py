@@ -1,9 +1,9 @@
 """Training-step throughput and peak memory of our SE-DenseNet-121 (SE on/off x efficient on/off)
 against torchvision's densenet121 (plain and memory_efficient=True), same settings, one run.
 
-    python3 bench/model.py                                      # GPU: 224 px, batch 128, bf16, channels_last
-    python3 bench/model.py --compile reduce-overhead --variants tv,ours-se
-    python3 bench/model.py --device cpu --batch 4 --size 64 --steps 3
+    python3 -m bench.model                                      # GPU: 224 px, batch 128, bf16, channels_last
+    python3 -m bench.model --compile reduce-overhead --variants tv,ours-se
+    python3 -m bench.model --device cpu --batch 4 --size 64 --steps 3
 
 One step = forward + cross-entropy + backward + SGD(momentum) step on a synthetic batch.
 GPU: timed with CUDA events; peak memory = torch.cuda.max_memory_allocated() counted from
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 bench/model.py` from anywhere
-from trainer.training.model import SqueezeExcite, se_densenet  # noqa: E402
+from trainer.training.model import SqueezeExcite, se_densenet
 
 VARIANTS: dict[str, Callable[[int], nn.Module]] = {
     "tv": lambda nc: torchvision.models.densenet121(weights=None, num_classes=nc),
@@ -50,7 +48,7 @@ BASELINE = "tv"
 
 
 # ----------------------------------------------------------------------------- candidates
-# Fast paths not in the model yet: measured here first, moved into trainer/model.py when they win.
+# Fast paths not in the model yet: measured here first, moved into trainer/training/model.py when they win.
 # Each must compute the model's own function; check_candidates() verifies that before timing.
 
 

@@ -1,12 +1,12 @@
 """Progressive resizing against a fixed train size: the real trainer, one run of each, same
 config, shards and machine, run one after the other in this one call.
 
-    python bench/resize.py --device cpu --images 1200 --epochs 4 --min-size 64 --size 128      # CPU
-    python bench/resize.py --device cuda --images 12000 --epochs 4 --min-size 160 --size 224 \\
+    python -m bench.resize --device cpu --images 1200 --epochs 4 --min-size 64 --size 128      # CPU
+    python -m bench.resize --device cuda --images 12000 --epochs 4 --min-size 160 --size 224 \\
         train.compile=reduce-overhead                                                             # GPU
 
 Each run is `accelerate launch trainer/main.py` (1 process) for --epochs epochs on synthetic
-ImageNet-like JPEG shards (bench/train.py's), the ramp run with data.min_size=--min-size and the
+ImageNet-like JPEG shards (bench.train's), the ramp run with data.min_size=--min-size and the
 default ramp (to full size at 80% of the epochs). Per epoch: the train crop side and the train
 time (the epoch's last train record's epoch_time, evaluation excluded; both runs validate at
 full size). The ratio is ramp / fixed of the summed epoch times: what the ramp saves in training
@@ -19,20 +19,16 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.train import synthetic_shards
+from toolbox.testing import accelerate_launch
+from trainer.rundir import RunDir
+from trainer.training.config import normalize_overrides
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from train import synthetic_shards  # noqa: E402  bench/train.py
-
-from toolbox.testing import accelerate_launch  # noqa: E402
-from trainer.rundir import RunDir  # noqa: E402
-from trainer.training.config import normalize_overrides  # noqa: E402
 
 CPU_MODEL = [  # a small SE-DenseNet with the ImageNet stem: CPU-sized, the same data path
     "model.block_config=[2,2,2]",

@@ -8,8 +8,8 @@ Three numbers from one run, same config, same machine:
 The ratios say whether the loop and the loader cost anything: end-to-end / model-only should be
 >= 0.9 when loader / model-only >= 1.
 
-    python bench/train.py --synthetic 20000 --config configs/densenet121-imagenet.yaml  # GPU
-    python bench/train.py --device cpu --synthetic 400 --config configs/densenet121-imagenet.yaml \
+    python -m bench.train --synthetic 20000 --config configs/densenet121-imagenet.yaml  # GPU
+    python -m bench.train --device cpu --synthetic 400 --config configs/densenet121-imagenet.yaml \
         model.block_config=[2,2] data.image_size=64 train.batch_size=16 data.workers=2        # CPU smoke
 """
 
@@ -26,21 +26,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
+from shards.source import ShardSource
+from toolbox.testing import accelerate_launch
+from trainer.rundir import RunDir
+from trainer.training.build import build_model
+from trainer.training.config import load_config, normalize_overrides
+from trainer.training.data import build_loaders, open_shards
+from trainer.training.loop import train_inputs
+from trainer.training.optim import make_optimizer, param_groups
+from trainer.training.runtime import resolve_launch
+from trainer.training.transforms import normalization
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from shards.source import ShardSource  # noqa: E402
-from toolbox.testing import accelerate_launch  # noqa: E402
-from trainer.rundir import RunDir  # noqa: E402
-from trainer.training.config import load_config, normalize_overrides  # noqa: E402
-from trainer.training.data import build_loaders, open_shards  # noqa: E402
-from trainer.training.loop import train_inputs  # noqa: E402
-from trainer.training.optim import make_optimizer, param_groups  # noqa: E402
-from trainer.training.runtime import resolve_launch  # noqa: E402
-from trainer.training.state import build_model  # noqa: E402
-from trainer.training.transforms import normalization  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,8 +67,7 @@ def parse_args() -> argparse.Namespace:
 
 def synthetic_shards(work: Path, n: int) -> Path:
     """ImageNet-like JPEGs (400-640 x 300-500, tens to hundreds of KB) through the real make_shards."""
-    sys.path.insert(0, str(REPO / "bench"))
-    from make_shards import make_corpus  # bench/make_shards.py
+    from bench.make_shards import make_corpus
 
     out = work / f"shards-{n}"
     if not (out / "manifest.json").exists():

@@ -7,7 +7,7 @@
 #   sbatch --array=0-N [sbatch options] slurm/sweep.sh wandb:ENTITY/PROJECT/SWEEP_ID
 #
 # SWEEP.yaml (wandb's sweep format, configs/sweeps/) needs no wandb server: task i trains the
-# sweep's i-th grid point or random draw (trainer/sweep.py says how they are numbered) in
+# sweep's i-th grid point or random draw (trainer/runs/sweep.py says how they are numbered) in
 # RUNS_ROOT/<sweep name>/<i>-<description>, with wandb group = the sweep's name; the overrides
 # apply to every task, the sweep's values win over them. A point out of range, an unknown key or
 # a bad value ends the task with one line before any node starts. Every knob of slurm/train.sh

@@ -29,7 +29,7 @@ from trainer.training.config import Config, join_agent_sweep, load_config
 from trainer.training.data import close_loaders
 from trainer.training.loop import Job, fit
 from trainer.training.nonfinite import NonFiniteError
-from trainer.training.runtime import PeerFailed, StopFlag, any_rank, launch_lines, make_accelerator, settle_launch
+from trainer.training.runtime import PeerFailed, StopFlag, any_rank, make_accelerator, settle_launch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +108,6 @@ def train(config: Config) -> int:
     config, launch = settle_launch(config)  # config.yaml and wandb record what the run used
     accelerator = make_accelerator(config, launch)
     console = Console(accelerator.is_main_process)
-    for line in launch_lines(launch, accelerator):
-        console.say(line)
     run = claim_run_dir(Path(config.run.dir), accelerator, console)
     stop.before_exit = lambda: run.set_status("failed", "killed by a second SIGTERM before its checkpoint was written")
     try:

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
+from toolbox.cli import Console
 from toolbox.errors import EXIT_FAILURE, UserError
 from trainer.rundir import COMPILE_CACHE
 from trainer.training.config import CHOICES, Config, ConfigError, TrainConfig, train_sizes
@@ -150,6 +151,9 @@ def make_accelerator(config: Config, launch: Launch | None = None) -> Accelerato
             f"{launched} processes were launched but they formed a group of {accelerator.num_processes} — "
             "on machines without a GPU set ACCELERATE_USE_CPU=true (or train.device=cpu)"
         )
+    console = Console(accelerator.is_main_process)
+    for line in launch_lines(launch, accelerator):
+        console.say(line)
     return accelerator
 
 

@@ -23,10 +23,10 @@ from PIL import Image
 from shards.format import decode_rgb
 from shards.manifest import Manifest
 from tests.conftest import wait_for
-from tests.test_make_shards import bomb_png, encode, noise, read_only_folder, with_orientation
+from tests.launch.test_make_shards import bomb_png, encode, noise, read_only_folder, with_orientation
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_shards(*args, check=True) -> subprocess.CompletedProcess:

@@ -22,12 +22,12 @@ from trainer.training.config import load_config, to_yaml
 from trainer.training.loop import run_summary
 from trainer.training.state import Progress
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["a", "b", "c"]
 
 
 def train_record(epoch: int, step: int, img_per_s: float) -> dict:
-    """The fields trainer/loop.py log_train writes."""
+    """The fields trainer/training/loop.py log_train writes."""
     return {
         "kind": "train",
         "epoch": epoch,
@@ -42,7 +42,7 @@ def train_record(epoch: int, step: int, img_per_s: float) -> dict:
 
 
 def eval_record(epoch: int, step: int, top1: float, loss: float) -> dict:
-    """The fields of trainer/loop.py evaluate_and_log's record (trainer/metrics.py summarize)."""
+    """The fields of trainer/training/loop.py evaluate_and_log's record (trainer/training/metrics.py summarize)."""
     scores = {"precision": top1, "recall": top1, "specificity": top1, "f1": top1}
     return {
         "kind": "eval",

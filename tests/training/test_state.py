@@ -1,4 +1,4 @@
-"""trainer/state.py: the training state saved and restored whole, the lr changed on resume, the RNGs."""
+"""trainer/training/state.py: the training state saved and restored whole, the lr changed on resume, the RNGs."""
 
 import pytest
 import torch

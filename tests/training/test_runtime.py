@@ -1,4 +1,4 @@
-"""trainer/runtime.py: precision and compile as settled between the config and `accelerate launch`,
+"""trainer/training/runtime.py: precision and compile as settled between the config and `accelerate launch`,
 the accelerator it makes, and the ranks' collectives on one process."""
 
 import signal

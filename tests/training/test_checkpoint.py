@@ -1,4 +1,4 @@
-"""trainer/checkpoint.py: atomic, keep-N, and a checkpoint folder read as data, never as code."""
+"""trainer/training/checkpoint.py: atomic, keep-N, and a checkpoint folder read as data, never as code."""
 
 import json
 import os

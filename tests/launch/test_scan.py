@@ -13,7 +13,7 @@ import pytest
 from launch import scan
 from launch.make_shards import file_size, parse_args
 from launch.scan import NOT_UTF8, NotRead, inspect_chunk, inspect_file, printable, read_source
-from tests.test_make_shards import encode, noise
+from tests.launch.test_make_shards import encode, noise
 from toolbox.errors import UserError
 
 PIXELS = 89_478_485

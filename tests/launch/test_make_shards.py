@@ -30,7 +30,7 @@ from shards.writer import ShardWriter, publish, staging
 from tests.conftest import wait_for
 from toolbox.errors import DataError, UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- helpers
