@@ -18,10 +18,10 @@ from accelerate import Accelerator
 from toolbox import failpoints
 from toolbox.cli import Console
 from toolbox.errors import UserError
-from trainer.rundir import CHECKPOINTS, Preprocessing, RunDir, WeightsInfo, best_eval, mean_throughput
+from trainer.rundir import CHECKPOINTS, Preprocessing, RunDir, best_eval, mean_throughput
 from trainer.training import checkpoint
 from trainer.training.build import build_model
-from trainer.training.config import Config, eval_size, to_dict, to_yaml, train_size, train_sizes
+from trainer.training.config import Config, eval_size, to_yaml, train_size, train_sizes
 from trainer.training.data import Loaders, build_loaders, loader_workers, open_shards
 from trainer.training.evaluation import evaluate
 from trainer.training.meters import STARTUP, TrainWindow, images_per_second
@@ -31,7 +31,6 @@ from trainer.training.optim import describe_lr
 from trainer.training.randomness import mix_seed, rng_state
 from trainer.training.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main
 from trainer.training.state import TrainState
-from trainer.training.tracking.report import write_report
 from trainer.training.tracking.tracker import Tracker
 from trainer.training.transforms import DeviceDecode, DeviceNormalize, TrainPreset, batch_mixer, normalization
 
@@ -323,8 +322,7 @@ def evaluate_and_log(state: TrainState, loader, job: Job) -> None:
     tracker.log(record)
     tracker.log_predictions(prediction_rows(shown, job.classes, loader.dataset.transform, accelerator), progress.step)
     if improved:
-        if accelerator.is_main_process:
-            export_weights(net, config, job.classes, job.run, "best", record)
+        tracker.save_weights("best", net, record)
         if progress.epoch < config.train.epochs:  # the last evaluation's best goes with the final weights
             tracker.log_model(progress.step, ["best"], record)
     tracker.say(
@@ -369,33 +367,18 @@ def save_checkpoint(state: TrainState, job: Job) -> None:
         job.tracker.say(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
 
 
-def export_weights(net: torch.nn.Module, config: Config, classes: list[str], run: RunDir, alias: str, record) -> Path:
-    """best or final weights into the run dir, with what they are and how to preprocess for them."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if k != "n_averaged"}
-    info = WeightsInfo(
-        config=to_dict(config),
-        classes=classes,
-        fingerprint=net.fingerprint(),
-        preprocessing=run.preprocessing(),
-        evaluation={k: record[k] for k in ("epoch", "step", "top1", "top5", "num_samples")} if record else None,
-    )
-    return run.write_weights(alias, tensors, info)
-
-
 def finish_run(state: TrainState, job: Job) -> None:
-    config, accelerator, progress, tracker = job.config, job.accelerator, state.progress, job.tracker
+    config, progress, tracker = job.config, state.progress, job.tracker
     net = state.eval_net
     assert_finite(net.state_dict(), "final weights", progress.step)
-    if accelerator.is_main_process:
-        export_weights(net, config, job.classes, job.run, "final", progress.last_eval)
+    tracker.save_weights("final", net, progress.last_eval)
     # One model version for the final step, which is the best one too when the last evaluation was.
     aliases = ["final", "best"] if progress.best_epoch == progress.last_eval.get("epoch") else ["final"]
     tracker.log_model(progress.step, aliases, progress.last_eval)
     summary = run_summary(state, job, job.run.records())
     tracker.summarize(summary)
     tracker.plots()
-    if accelerator.is_main_process:
-        write_report(job.run, config, job.classes, summary)
+    tracker.write_report(summary)
     tracker.say(
         f"done: best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch}); run dir {config.run.dir}"
     )

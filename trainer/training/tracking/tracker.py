@@ -7,10 +7,13 @@ looks there, is trainer/training/tracking/wandb_run.py's business.
 
 from __future__ import annotations
 
+import torch
+
 from toolbox.cli import Console, progress_bar
-from trainer.rundir import CONFUSION, CURVES, SUMMARY, RunDir, best_eval
-from trainer.training.config import Config
+from trainer.rundir import CONFUSION, CURVES, SUMMARY, RunDir, WeightsInfo, best_eval
+from trainer.training.config import Config, to_dict
 from trainer.training.tracking.plots import plot_confusion, plot_curves
+from trainer.training.tracking.report import write_report
 from trainer.training.tracking.wandb_run import WandbRun
 
 
@@ -54,6 +57,22 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log_model(step, aliases, evaluation)
 
+    def save_weights(self, alias: str, net: torch.nn.Module, evaluation: dict | None) -> None:
+        """best or final weights into the run dir, with what they are and how to preprocess for them."""
+        if not self.enabled:
+            return
+        tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if k != "n_averaged"}
+        info = WeightsInfo(
+            config=to_dict(self.config),
+            classes=self.classes,
+            fingerprint=net.fingerprint(),
+            preprocessing=self.run.preprocessing(),
+            evaluation={k: evaluation[k] for k in ("epoch", "step", "top1", "top5", "num_samples")}
+            if evaluation
+            else None,
+        )
+        self.run.write_weights(alias, tensors, info)
+
     def summarize(self, summary: dict) -> None:
         if not self.enabled:
             return
@@ -69,6 +88,10 @@ class Tracker:
         evals = [r for r in records if r["kind"] == "eval"]
         if evals:
             plot_confusion(evals[-1]["confusion"], self.classes, self.run.file(CONFUSION))
+
+    def write_report(self, summary: dict) -> None:
+        if self.enabled:
+            write_report(self.run, self.config, self.classes, summary)
 
     def finish(self, preempted: bool = False) -> None:
         if self.wandb is not None:
