@@ -445,7 +445,9 @@ def finish(manifest: Manifest, plan: Plan, stage: Path, out: str, min_shards: in
     manifest.write(stage)
     sel = plan.split != NONE
     width, height = plan.scan.width[sel], plan.scan.height[sel]
-    notes = [n for n in [report.write_plots(manifest, stage, width, height)] if n]
+    notes = [
+        n for n in [report.write_plots(manifest, stage, width, height), report.flat_channels_note(manifest.std)] if n
+    ]
     for name in SPLITS:
         n, k = manifest.splits[name].num_samples, len(manifest.splits[name].shards)
         if 0 < n < min_shards:

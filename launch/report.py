@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.format import CLASS_PLOT, MANIFEST, SIZE_PLOT, SUMMARY
-from shards.manifest import Manifest
+from shards.manifest import MIN_STD, Manifest
 from toolbox.fonts import setup_fonts
 
 MAX_SCATTER = 20000  # points in the size plot; more only blots it out and slows it down
@@ -25,7 +25,18 @@ def mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
     n = totals[6]
     mean = [totals[c] / n for c in range(3)]
     var = [max(totals[3 + c] / n - mean[c] ** 2, 0.0) for c in range(3)]
-    return [round(m / 255, 6) for m in mean], [round(math.sqrt(v) / 255, 6) for v in var]
+    return [round(m / 255, 6) for m in mean], [max(round(math.sqrt(v) / 255, 6), MIN_STD) for v in var]
+
+
+def flat_channels_note(std: list[float]) -> str | None:
+    """A note for channels without variance in the train split, whose std is set to MIN_STD."""
+    flat = [name for name, s in zip(("red", "green", "blue"), std) if s <= MIN_STD]
+    if not flat:
+        return None
+    return (
+        f"the {' and '.join(flat)} channel{'s' if len(flat) > 1 else ''} of the train images do not vary: "
+        f"std set to {MIN_STD} (one grey level) so that normalising is defined"
+    )
 
 
 def plot_classes(manifest: Manifest, path: Path) -> None:

@@ -43,6 +43,11 @@ class SplitInfo:
     index: ShardInfo | None = None  # <split>/index.npy (shards/index.py); None in shards made before it
 
 
+# A channel without variance (a blue channel 0 everywhere) is normalised as if it varied by one grey
+# level: make_shards writes this std for it, and the trainer floors an older manifest's 0 to it.
+MIN_STD = round(1 / 255, 6)
+
+
 @dataclass
 class Manifest:
     classes: list[str]
@@ -143,7 +148,7 @@ class Manifest:
             classes=classes,
             splits={_plain_name(name, "splits"): _split(s, f"splits.{name}", classes) for name, s in splits.items()},
             mean=_rgb(d["mean"], "mean"),
-            std=_rgb(d["std"], "std", positive=True),
+            std=_rgb(d["std"], "std"),  # 0 in manifests made before MIN_STD; normalisation floors it
             options=_typed(d.get("options", {}), dict, "options"),
             skipped=_typed(d.get("skipped", []), list, "skipped"),
             duplicates=_typed(d.get("duplicates", []), list, "duplicates"),
@@ -211,11 +216,11 @@ def _prefix(value) -> str:
     return prefix
 
 
-def _rgb(value, where: str, positive: bool = False) -> list[float]:
+def _rgb(value, where: str) -> list[float]:
     values = _typed(value, list, where)
     ok = len(values) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    if not ok or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
-        raise ValueError(f"{where} is {_short(values)}, not 3 {'positive ' if positive else ''}numbers (RGB)")
+    if not ok or not all(math.isfinite(v) and 0 <= v <= 1 for v in values):
+        raise ValueError(f"{where} is {_short(values)}, not 3 numbers from 0 to 1 (RGB)")
     return [float(v) for v in values]
 
 

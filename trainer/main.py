@@ -29,7 +29,7 @@ from trainer.training.config import Config, join_agent_sweep, load_config
 from trainer.training.data import close_loaders
 from trainer.training.loop import Job, fit
 from trainer.training.nonfinite import NonFiniteError
-from trainer.training.runtime import PeerFailed, StopFlag, any_rank, make_accelerator, settle_launch
+from trainer.training.runtime import PeerFailed, StopFlag, any_rank, make_accelerator, settle_launch, stop_with_launcher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +105,7 @@ def resume_hint(run_dir: Path | None) -> str:
 
 def train(config: Config) -> int:
     stop = StopFlag()  # first: a preemption warning during setup must not kill the process
+    stop_with_launcher()  # a launcher that dies takes its trainers with it, each through a checkpoint
     config, launch = settle_launch(config)  # config.yaml and wandb record what the run used
     accelerator = make_accelerator(config, launch)
     console = Console(accelerator.is_main_process)
@@ -123,9 +124,10 @@ def train(config: Config) -> int:
             if not accelerator.is_main_process:
                 raise PeerFailed(explained[0] if explained else EXIT_FAILURE) from None
         raise
-    run.set_status(state)
+    if state != "finished":  # a run that had completed keeps its status.json as it was
+        run.set_status(state)
     accelerator.wait_for_everyone()  # no rank leaves while the main one still writes
-    return 0 if state == "completed" else EXIT_PREEMPTED
+    return EXIT_PREEMPTED if state == "preempted" else 0
 
 
 def claim_run_dir(run_dir: Path, accelerator, console: Console) -> RunDir:

@@ -85,11 +85,17 @@ class Preprocessing:
     def from_json(cls, text: str, where: str) -> Preprocessing:
         try:
             values = json.loads(text)
-            found = cls(**{k: values[k] for k in ("mean", "std", "image_size", "crop_pct")}, train_image_size=0)
-            found = cls(**{**asdict(found), "train_image_size": values.get("train_image_size", found.image_size)})
-            numbers = [*found.mean, *found.std, found.image_size, found.crop_pct]
-            usable = len(found.mean) == len(found.std) == 3 and all(math.isfinite(float(x)) for x in numbers)
-        except (ValueError, TypeError, KeyError) as e:
+            found = cls(
+                mean=[float(x) for x in values["mean"]],
+                std=[float(x) for x in values["std"]],
+                image_size=int(values["image_size"]),
+                crop_pct=float(values["crop_pct"]),
+                train_image_size=int(values.get("train_image_size", values["image_size"])),  # older runs lack it
+            )
+            usable = len(found.mean) == len(found.std) == 3 and all(
+                map(math.isfinite, [*found.mean, *found.std, found.crop_pct])
+            )
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise RunDirError(f"{where} is damaged ({type(e).__name__}) — restore it from a copy of the run") from e
         if not usable or min(found.std) <= 0 or found.image_size <= 0 or not 0 < found.crop_pct <= 1:
             raise RunDirError(
@@ -332,7 +338,8 @@ class RunDir:
         out = self.path / EVAL
         out.mkdir(parents=True, exist_ok=True)
         json_path, png_path = out / f"{name}.json", out / f"{name}.png"
-        json_tmp, png_tmp = out / f"{name}.json.tmp", out / f"{name}.tmp.png"  # savefig goes by the suffix
+        own = f"{os.getpid()}.tmp"  # a second evaluate of the same name writes its own
+        json_tmp, png_tmp = out / f"{name}.json.{own}", out / f"{name}.{own}.png"  # savefig goes by the suffix
         try:
             json_tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
             draw(png_tmp)
@@ -342,6 +349,14 @@ class RunDir:
             json_tmp.unlink(missing_ok=True)
             png_tmp.unlink(missing_ok=True)
         return json_path, png_path
+
+    def status(self) -> dict:
+        """status.json as the last run left it ({} when there is none or it cannot be read)."""
+        try:
+            found = json.loads((self.path / STATUS).read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
 
     def set_status(self, state: str, reason: str | None = None) -> None:
         """completed | preempted | failed (with the one-line reason) | running. Best effort when the

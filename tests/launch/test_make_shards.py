@@ -424,3 +424,28 @@ def test_folders_made_for_the_lock_go_again_when_the_run_leaves_nothing(tmp_path
 def test_a_remote_out_is_built_in_a_local_folder_of_its_own():
     a, b = outdir.scratch("s3://data/digits"), outdir.scratch("s3://data/other")
     assert a == outdir.scratch("s3://data/digits") and a != b and str(os.getuid()) in a.name
+
+
+def test_a_channel_without_variance_gets_the_floor_std_and_a_note():
+    from launch.report import flat_channels_note, mean_std
+    from shards.manifest import MIN_STD
+
+    pixels = np.zeros((4, 4, 3), dtype=np.int64)
+    pixels[..., 0] = np.arange(16).reshape(4, 4) * 10  # red varies, green is flat at 0, blue flat at 0
+    stats = np.array([[*pixels.sum((0, 1)), *(pixels**2).sum((0, 1)), 16]])
+    mean, std = mean_std(stats)
+    assert std[0] > MIN_STD and std[1] == std[2] == MIN_STD
+    note = flat_channels_note(std)
+    assert note.startswith("the green and blue channels of the train images do not vary: std set to 0.003922")
+    assert flat_channels_note([0.2, 0.2, 0.2]) is None
+
+
+def test_an_older_manifests_zero_std_is_read_and_floored_by_the_trainer():
+    from shards.manifest import MIN_STD
+    from trainer.training.config import load_config
+    from trainer.training.transforms import IMAGENET_STD, normalization
+
+    data = load_config(None, ["data.shards=s", "run.dir=r"]).data
+    assert normalization(data, [0.3, 0.3, 0.0], [0.37, 0.37, 0.0])[1] == [0.37, 0.37, MIN_STD]
+    data.normalize = "imagenet"
+    assert normalization(data, [0.3, 0.3, 0.0], [0.37, 0.37, 0.0])[1] == list(IMAGENET_STD)

@@ -147,3 +147,11 @@ def test_a_remote_manifest_is_validated_too(digits_shards, tmp_path):
         (tmp_path / "data" / "manifest.json").unlink()
         with pytest.raises(DataError, match="has no manifest.json"):  # the diagnosis of a missing one still works
             ShardSource(url, CacheOptions(dir=str(tmp_path / "cache"), retries=0))
+
+
+def test_a_zero_std_is_read_but_a_negative_or_nan_one_is_refused(dataset):
+    edit(dataset, lambda m: m.update(std=[0.3, 0.3, 0.0]))  # make_shards wrote this before MIN_STD
+    assert Manifest.load(dataset).std == [0.3, 0.3, 0.0]
+    for std in ([0.3, 0.3, -0.1], [0.3, 0.3, float("nan")]):
+        edit(dataset, lambda m, std=std: m.update(std=std))
+        assert "std is" in refused(dataset)

@@ -25,6 +25,7 @@ from shards.format import image_field
 from shards.manifest import Manifest
 from tests.conftest import REPO, cpu_env, run_training, wait_for
 from toolbox import failpoints
+from toolbox.errors import UserError
 from toolbox.testing import accelerate_launch
 from trainer.rundir import RunDir, WeightsInfo, weights_bytes
 from trainer.trained import export
@@ -472,3 +473,26 @@ def test_ctrl_c_in_evaluate_is_one_line_and_writes_nothing(run_dir, tmp_path):
     result = interrupt(cli("evaluate", run_dir, "--name", "ctrl-c", "--workers", "1"), tmp_path / "paused")
     assert_interrupted(result)
     assert sorted(p.name for p in (run_dir / "eval").iterdir()) == before
+
+
+def test_weights_carry_their_preprocessing_and_a_tampered_run_is_one_line(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.yaml", "classes.json", "best.safetensors"):
+        shutil.copy(run_dir / name, copy / name)
+    trained = load_trained(copy)  # no preprocessing.json: the weights file carries its own
+    assert trained.preprocessing == RunDir(run_dir).preprocessing()
+    (copy / "config.yaml").write_text(
+        (run_dir / "config.yaml").read_text().replace("image_size: 16", "image_size: 100000")
+    )
+    with pytest.raises(UserError, match=r"config\.yaml: data\.image_size=100000 is out of range .* restore the file"):
+        load_trained(copy)
+    shutil.copy(run_dir / "config.yaml", copy / "config.yaml")
+    (copy / "classes.json").write_text('["only"]')
+    with pytest.raises(UserError, match=r"classes\.json does not list 2 or more class names"):
+        load_trained(copy)
+    (copy / "classes.json").write_text((run_dir / "classes.json").read_text())
+    (copy / "preprocessing.json").write_text('{"mean": [NaN, 0, 0], "std": [1, 1, 1], "image_size": 16, "crop_pct": 1}')
+    torch.save(load_trained(copy).model.state_dict(), copy / "plain.pth")  # weights that carry nothing
+    with pytest.raises(UserError, match=r"preprocessing\.json holds no usable preprocessing"):
+        load_trained(copy, str(copy / "plain.pth"))

@@ -1,5 +1,6 @@
 """A run dir's checkpoints as a hostile or unlucky user leaves them: 2 real gloo processes each."""
 
+import json
 import shutil
 
 import pytest
@@ -60,3 +61,28 @@ def test_evaluate_last_skips_a_checkpoint_changed_after_it_was_written(uninterru
         "note: checkpoint ckpt-000000050: state.pt changed after it was written (its sha256 differs) — skipped; "
         "using ckpt-000000049 instead"
     ) in result.stderr
+
+
+def test_a_resume_on_other_shards_is_refused_unless_allowed_and_then_recorded(digits_shards, uninterrupted, tmp_path):
+    run_dir = copy_of(uninterrupted, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "ckpt-000000050")  # unfinished: the newest is step 49
+    (run_dir / "final.safetensors").unlink()
+    other = tmp_path / "rebuilt"  # the same samples; a rebuild with another --seed would differ as much
+    shutil.copytree(digits_shards, other, ignore=shutil.ignore_patterns("images"))
+    (other / "manifest.json").write_text((other / "manifest.json").read_text() + "\n")
+    overrides = [f"data.shards={other}", f"run.dir={run_dir}", *EXACT]
+    refused = run_training(overrides)
+    lines = errors(refused.stderr)
+    assert refused.returncode != 0 and len(lines) == 1, refused.stderr[-3000:]
+    assert f"the shards at {other} are not the ones checkpoint" in lines[0]
+    assert lines[0].endswith("or set train.resume_on_new_data=true to go on anyway (recorded in metrics.jsonl)")
+    allowed = run_training([*overrides, "train.resume_on_new_data=true"])
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "note: resuming with changed settings: " in allowed.stdout and "data (manifest sha256)" in allowed.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    change = [r for r in records if r["kind"] == "config_change"]
+    assert len(change) == 1 and set(change[0]["changes"]) == {
+        "data.shards",
+        "train.resume_on_new_data",
+        "data (manifest sha256)",
+    }

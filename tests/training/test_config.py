@@ -139,3 +139,32 @@ def test_val_size_defaults_to_image_size():
 
     assert eval_size(load_config(None, [*REQUIRED, "data.image_size=160"]).data) == 160
     assert eval_size(load_config(None, [*REQUIRED, "data.image_size=160", "data.val_size=224"]).data) == 224
+
+
+def float_keys() -> list[str]:
+    defaults = to_dict(load_config(None, REQUIRED))
+    return [f"{s}.{k}" for s, values in defaults.items() for k, v in values.items() if isinstance(v, float)]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_key_refuses_nan_and_infinity(value):
+    keys = float_keys()
+    assert len(keys) >= 15 and "data.hflip" in keys and "schedule.warmup_epochs" in keys
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=-?(nan|inf) is not a finite number — "):
+            load_config(None, [*REQUIRED, f"{key}={value}"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=100000000", "train.epochs=100000000 is out of range — it must be >= 1 and <= 100000"),
+        ("data.image_size=100000", "data.image_size=100000 is out of range — it must be >= 8 and <= 4096"),
+        ("train.batch_size=10000000", "train.batch_size=10000000 is out of range"),
+        ("data.workers=100000", "data.workers=100000 is out of range"),
+        ("model.block_config=[2,100000]", "model.block_config must list 1 to 8 layer counts from 1 to 1000"),
+    ],
+)
+def test_sizes_and_counts_have_a_ceiling(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*REQUIRED, override])

@@ -201,3 +201,17 @@ def test_workers_augment_like_the_plain_pil_pipeline():
         torch.manual_seed(seed)
         plain = reference(decode_rgb(data))
         assert (fast.float() - plain.float()).abs().mean() < 3, field
+
+
+@pytest.mark.parametrize("decode_on_device", [False, True])
+def test_a_label_outside_the_classes_is_a_bad_sample_not_a_silent_one(tmp_path, decode_on_device):
+    index = write_shard(tmp_path / "s.tar", [(field, data) for field, data, _ in SAMPLES[:3]])  # labels 0, 1, 2
+    preset = None if decode_on_device else TrainPreset(data_config(), MEAN, STD)
+    dataset = ShardDataset(index, preset, num_classes=2)
+    size = 32 if decode_on_device else None
+    dataset[(1, 0, size)]  # label 1 of 2: fine
+    with pytest.raises(
+        DataError, match=r"sample s002 in shard .* cannot be read \(ValueError: label 2 is not one of the 2 classes\)"
+    ):
+        dataset[(2, 0, size)]
+    assert ShardDataset(index, preset, skip_bad=True, num_classes=2)[(2, 0, size)] is None

@@ -4,6 +4,7 @@ disk, a frozen rank. Real 2-process gloo runs; status.json is checked after each
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -226,3 +227,50 @@ def test_a_frozen_rank_makes_the_job_leave_within_the_timeout(digits_shards, tmp
     ), output[-3000:]
     assert status(run_dir)["state"] == "failed"
     assert checkpoint.complete_checkpoints(run_dir / "checkpoints")[-1].name == "ckpt-000000007"
+
+
+def test_the_same_command_on_a_completed_run_changes_nothing(digits_shards, uninterrupted, tmp_path):
+    """Even with a setting changed (a smaller size than the weights were trained at): said, not done."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir, ignore=shutil.ignore_patterns("wandb", ".lock"))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT, "data.image_size=12"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if " is complete: " in line]
+    assert len(lines) == 1 and lines[0].startswith(f"run {run_dir} is complete: 2 epochs, best val top-1 0."), lines
+    assert "nothing was changed — to train further raise train.epochs above 2" in lines[0]
+    assert "resuming from" not in result.stdout
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == {p: b for p, b in before.items() if p.name != ".lock"}
+
+
+def test_a_killed_launcher_takes_its_trainers_with_it_and_the_run_resumes(digits_shards, tmp_path):
+    """SIGKILL to `accelerate launch` alone (a user, the OOM killer): each trainer gets SIGTERM from the
+    kernel (parent-death signal), checkpoints at the next agreed step and exits, releasing the run
+    dir; the restart resumes from there, and a setting changed since is said and recorded."""
+    run_dir, release = tmp_path / "run", tmp_path / "release"
+    overrides = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *EXACT]
+    process = start_training(overrides, **failpoints.env(hold_after_step=3, release=release))
+    try:
+        wait_for(lambda: (tmp_path / "release.held").exists(), timeout=300, process=process)
+        trainers = worker_pids(process.pid)
+        assert len(trainers) == 2
+        os.kill(process.pid, signal.SIGKILL)  # the launcher only: the trainers are in sessions of their own
+        process.wait(timeout=60)
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in trainers), timeout=120)
+    finally:
+        kill_group(process, signal.SIGKILL)
+        for pid in worker_pids(process.pid):
+            os.killpg(pid, signal.SIGKILL)
+    assert status(run_dir)["state"] == "preempted"
+    assert checkpoint.complete_checkpoints(run_dir / "checkpoints")[-1].name == "ckpt-000000005"
+    resumed = run_training([*overrides, "train.log_every=2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]  # the lock went with the trainers
+    assert "resuming from" in resumed.stdout and "(epoch 1, step 5)" in resumed.stdout
+    assert "note: resuming with changed settings: train.log_every 1 -> 2" in resumed.stdout
+    changes = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    changes = [r for r in changes if r["kind"] == "config_change"]
+    assert changes == [
+        {"kind": "config_change", "epoch": 0, "step": 5, "changes": {"train.log_every": {"from": 1, "to": 2}}}
+    ]
+    assert status(run_dir)["state"] == "completed"

@@ -12,7 +12,6 @@ failed) gets its best and final accuracies from its metrics.jsonl eval records.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import math
@@ -28,6 +27,7 @@ from matplotlib.figure import Figure  # not pyplot: no GUI backend or global fig
 
 from toolbox import lock
 from toolbox.cli import add_debug_flag, run_command
+from toolbox.csv_cells import SafeWriter
 from toolbox.errors import UserError
 from toolbox.fonts import setup_fonts
 from trainer.rundir import CONFIG, METRICS, STATUS, SUMMARIES, SUMMARY, best_eval, mean_throughput
@@ -181,9 +181,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[int]]:
 
 
 def _has_fields(record: dict) -> bool:
-    """What best_eval and mean_throughput read from each kind of record."""
-    need = {"eval": ("epoch", "top1", "top5"), "train": ("img_per_s",)}.get(record.get("kind"))
-    return need is not None and all(isinstance(record.get(k), (int, float)) for k in need)
+    """What best_eval and mean_throughput read from each kind of record (other kinds, such as a
+    resume's config_change, they pass over)."""
+    need = {"eval": ("epoch", "top1", "top5"), "train": ("img_per_s",)}.get(record.get("kind"), ())
+    return isinstance(record.get("kind"), str) and all(isinstance(record.get(k), (int, float)) for k in need)
 
 
 def read_json(path: Path, notes: list[str]) -> dict | None:
@@ -347,7 +348,7 @@ def format_table(header: list[str], rows: list[list]) -> str:
 
 def csv_text(header: list[str], rows: list[list]) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = SafeWriter(buffer, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
         writer.writerow(["" if v is None else v if isinstance(v, str) or _number(v) else json.dumps(v) for v in row])

@@ -22,7 +22,7 @@ from toolbox.errors import UserError, first_line
 from trainer.rundir import CHECKPOINTS, WEIGHTS, Preprocessing, RunDir, WeightsInfo, read_weights_file
 from trainer.training import checkpoint
 from trainer.training.build import build_model
-from trainer.training.config import Config, config_from_dict
+from trainer.training.config import Config, ConfigError, config_from_dict
 from trainer.training.model import load_weights
 from trainer.training.transforms import EvalPreset
 
@@ -70,7 +70,15 @@ def read_run(run: RunDir) -> tuple[Config, list[str]]:
     values, classes = run.read_config()
     # Inference needs neither the starting weights nor the freezing, and the file may be gone by now.
     values.setdefault("model", {}).update(pretrained=None, freeze_features=False)
-    return config_from_dict(values), classes
+    try:
+        config = config_from_dict(values)
+    except ConfigError as e:
+        raise UserError(f"{run.path}/config.yaml: {e} — restore the file from a copy of the run") from e
+    if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        raise UserError(
+            f"{run.path}/classes.json does not list 2 or more class names — restore it from a copy of the run"
+        )
+    return config, classes
 
 
 def resolve_weights(run_dir: Path, which: str) -> tuple[Path, str]:

@@ -15,7 +15,6 @@ first so that nothing is cropped away. Needs only the run's config, classes and 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from toolbox import failpoints
 from toolbox.cli import add_debug_flag, run_command
+from toolbox.csv_cells import SafeWriter
 from toolbox.errors import DataError, UserError
 from toolbox.sizes import parse_size
 from trainer.rundir import PREDICTIONS
@@ -103,11 +103,11 @@ def write_csv(out: Path, header: list[str], batches) -> int:
     """The CSV written to OUT.tmp and renamed when complete: however the run ends (an error,
     Ctrl-C), an older OUT stays as it was and no .tmp is left. -> the number of error rows."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # a second predict to the same OUT writes its own
     failed = 0
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
+            writer = SafeWriter(f)
             writer.writerow(header)
             for n, (batch, errors) in enumerate(batches):
                 writer.writerows(batch)

@@ -126,6 +126,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch end only
     keep_checkpoints: int = 3
     resume: bool = True  # continue from the newest complete checkpoint in run.dir
+    resume_on_new_data: bool = False  # resume although the shards' manifest changed (recorded in metrics.jsonl)
     max_bad_steps: int = 20  # non-finite steps in a row (each skipped) before the run stops as failed
     collective_timeout_s: int = 600  # a rank that does not answer for this long stops the job (a frozen node)
 
@@ -175,23 +176,25 @@ CHOICES = {
 }
 LAUNCHER_DEFERRED = ("train.mixed_precision", "train.compile")  # None: `accelerate launch` decides (resolve_launch)
 
-# key -> (lowest, highest, whether the lowest itself is allowed)
+MAX_SIDE = 4096  # pixels: a typo's 100000 would allocate gigabytes per image
+# key -> (lowest, highest, whether the lowest itself is allowed). Sizes and counts have a ceiling, so
+# that no typo allocates in proportion to itself; every float must be finite besides (validate).
 RANGES = {
-    "model.depth": (1, math.inf, True),
-    "model.growth_rate": (1, math.inf, True),
-    "model.num_init_features": (1, math.inf, True),
-    "model.bn_size": (1, math.inf, True),
+    "model.depth": (1, 1000, True),
+    "model.growth_rate": (1, 1024, True),
+    "model.num_init_features": (1, 4096, True),
+    "model.bn_size": (1, 64, True),
     "model.compression": (0.0, 1.0, False),
     "model.drop_rate": (0.0, 1.0, True),
-    "model.se_reduction": (1, math.inf, True),
-    "data.image_size": (8, math.inf, True),
-    "data.val_size": (8, math.inf, True),
-    "data.min_size": (8, math.inf, True),
-    "data.size_step": (1, math.inf, True),
-    "data.aug_repeats": (1, math.inf, True),
+    "model.se_reduction": (1, 1024, True),
+    "data.image_size": (8, MAX_SIDE, True),
+    "data.val_size": (8, MAX_SIDE, True),
+    "data.min_size": (8, MAX_SIDE, True),
+    "data.size_step": (1, MAX_SIDE, True),
+    "data.aug_repeats": (1, 64, True),
     "data.crop_pct": (0.0, 1.0, False),
-    "data.workers": (0, math.inf, True),
-    "data.fetch_retries": (0, math.inf, True),
+    "data.workers": (0, 256, True),
+    "data.fetch_retries": (0, 100, True),
     "data.scale_min": (0.0, 1.0, False),
     "data.hflip": (0.0, 1.0, True),
     "data.color_jitter": (0.0, math.inf, True),
@@ -199,7 +202,7 @@ RANGES = {
     "data.mixup_alpha": (0.0, math.inf, True),
     "data.cutmix_alpha": (0.0, math.inf, True),
     "optim.lr": (0.0, math.inf, False),
-    "optim.lr_base_size": (1, math.inf, True),
+    "optim.lr_base_size": (1, 2**24, True),
     "optim.weight_decay": (0.0, math.inf, True),
     "optim.momentum": (0.0, 1.0, True),
     "optim.head_lr_mult": (0.0, math.inf, False),
@@ -207,17 +210,17 @@ RANGES = {
     "optim.grad_clip": (0.0, math.inf, True),
     "schedule.warmup_epochs": (0.0, math.inf, True),
     "schedule.final_lr_factor": (0.0, 1.0, True),
-    "train.epochs": (1, math.inf, True),
-    "train.batch_size": (1, math.inf, True),
-    "train.grad_accum": (1, math.inf, True),
+    "train.epochs": (1, 100_000, True),
+    "train.batch_size": (1, 2**16, True),
+    "train.grad_accum": (1, 2**12, True),
     "train.ema_decay": (0.0, 1.0, False),
-    "train.eval_every": (1, math.inf, True),
+    "train.eval_every": (1, 100_000, True),
     "train.log_every": (1, math.inf, True),
     "train.checkpoint_every": (0, math.inf, True),
-    "train.keep_checkpoints": (1, math.inf, True),
-    "train.max_bad_steps": (1, math.inf, True),
-    "train.collective_timeout_s": (1, math.inf, True),
-    "wandb.sample_predictions": (0, math.inf, True),
+    "train.keep_checkpoints": (1, 1000, True),
+    "train.max_bad_steps": (1, 10**6, True),
+    "train.collective_timeout_s": (1, 7 * 24 * 3600, True),
+    "wandb.sample_predictions": (0, 10_000, True),
 }
 
 
@@ -328,7 +331,7 @@ def _unknown_key(key: str) -> str:
     if not close and "." in key:  # a misspelt section: compare the leaf name across sections
         leaf = key.rsplit(".", 1)[1]
         close = [k for k in known if k.endswith("." + leaf)][:1]
-    hint = f"did you mean '{close[0]}'?" if close else "see configs/ or trainer/config.py for the keys"
+    hint = f"did you mean '{close[0]}'?" if close else "see configs/ or trainer/training/config.py for the keys"
     return f"unknown config key '{key}' — {hint}"
 
 
@@ -364,6 +367,12 @@ def validate(config: Config) -> None:
             continue
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key in all_keys():
+        value = _get(config, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"{key}={value} is not a finite number — give a number, e.g. the default in trainer/training/config.py"
+            )
     for key, (low, high, low_ok) in RANGES.items():
         value = _get(config, key)
         if value is None:
@@ -371,8 +380,9 @@ def validate(config: Config) -> None:
         if value < low or (value == low and not low_ok) or value > high:
             bound = f"{'>=' if low_ok else '>'} {low}" + ("" if high == math.inf else f" and <= {high}")
             raise ConfigError(f"{key}={value} is out of range — it must be {bound}")
-    if config.model.block_config is not None and not all(n >= 1 for n in config.model.block_config):
-        raise ConfigError("model.block_config must list positive layer counts, e.g. [6,12,24,16]")
+    blocks = config.model.block_config
+    if blocks is not None and not (0 < len(blocks) <= 8 and all(1 <= n <= 1000 for n in blocks)):
+        raise ConfigError("model.block_config must list 1 to 8 layer counts from 1 to 1000, e.g. [6,12,24,16]")
     if len(config.optim.betas) != 2 or not all(0 <= b < 1 for b in config.optim.betas):
         raise ConfigError("optim.betas must be two numbers in [0, 1), e.g. [0.9,0.999]")
     _validate_ramp(config)

@@ -89,8 +89,9 @@ class ShardDataset(torch.utils.data.Dataset):
     (`device_ready`) and its seed, for `DeviceDecode`.
     """
 
-    def __init__(self, reader: SplitReader, transform, skip_bad: bool = False):
+    def __init__(self, reader: SplitReader, transform, skip_bad: bool = False, num_classes: int | None = None):
         self.reader, self.transform, self.skip_bad = reader, transform, skip_bad
+        self.num_classes = num_classes  # labels are checked against it: -100 is the loss's ignore index
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -106,6 +107,8 @@ class ShardDataset(torch.utils.data.Dataset):
             torch.default_generator.manual_seed(seed)  # the train preset draws its crop while decoding
             try:
                 data, label = sample[image_field(sample)], int(sample["cls"])
+                if self.num_classes is not None and not 0 <= label < self.num_classes:
+                    raise ValueError(f"label {label} is not one of the {self.num_classes} classes")
                 if self.transform is None:
                     name = f"{sample['__key__']} in shard {sample['__shard__']}"
                     return EncodedSample(device_ready(data), label, i, seed, name, size)
@@ -341,8 +344,10 @@ def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int,
     order.sizes = train_sizes(config)
     order.repeats = config.data.aug_repeats
     train_preset = TrainPreset(config.data, mean, std) if config.data.decode == "workers" else None
-    train_set = ShardDataset(train_reader, train_preset, config.data.skip_bad_samples)
-    val_set = ShardDataset(val_reader, EvalPreset(eval_size(config.data), config.data.crop_pct, mean, std))
+    classes = len(source.manifest.classes)
+    train_set = ShardDataset(train_reader, train_preset, config.data.skip_bad_samples, classes)
+    val_preset = EvalPreset(eval_size(config.data), config.data.crop_pct, mean, std)
+    val_set = ShardDataset(val_reader, val_preset, num_classes=classes)
     val_order = EvalOrder(len(val_reader), config.train.batch_size, rank, world)
     workers = config.data.workers
     return Loaders(make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin), order)

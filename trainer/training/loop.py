@@ -8,6 +8,7 @@ trainer/rundir.py, and what is recorded through the Tracker (enabled on the main
 from __future__ import annotations
 
 import itertools
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from toolbox.errors import UserError
 from trainer.rundir import CHECKPOINTS, Preprocessing, RunDir, best_eval, mean_throughput
 from trainer.training import checkpoint
 from trainer.training.build import build_model
-from trainer.training.config import Config, eval_size, to_yaml, train_size, train_sizes
+from trainer.training.config import Config, eval_size, to_dict, to_yaml, train_size, train_sizes
 from trainer.training.data import Loaders, build_loaders, loader_workers, open_shards
 from trainer.training.evaluation import evaluate
 from trainer.training.meters import STARTUP, TrainWindow, images_per_second
@@ -76,9 +77,13 @@ class TrainInputs:
 
 
 def fit(job: Job) -> str:
-    """The whole run: 'completed', or 'preempted' when stopped by a signal after a checkpoint."""
+    """The whole run: 'completed', 'preempted' when stopped by a signal after a checkpoint, or
+    'finished' when the run had completed before and nothing was done."""
     config, accelerator = job.config, job.accelerator
-    state, inputs, loaders = setup(job)
+    started = setup(job)
+    if started is None:
+        return "finished"
+    state, inputs, loaders = started
     progress = state.progress
     while progress.epoch < config.train.epochs:
         loaders.order.set_epoch(progress.epoch, progress.batch)
@@ -95,8 +100,9 @@ def fit(job: Job) -> str:
     return "completed"
 
 
-def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
-    """Shards -> loaders -> model and its state (resumed) -> run dir files -> tracker."""
+def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
+    """Shards -> loaders -> model and its state (resumed) -> run dir files -> tracker. None for a run
+    that had completed all its epochs: it is left exactly as it was."""
     config, accelerator = job.config, job.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(mix_seed(config.train.seed, rank))
@@ -121,12 +127,23 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
         accelerator,
         inputs.batches // config.train.grad_accum,
         job.console,
+        manifest.sha256,
     )
     resumed = state.resume(job.run.file(CHECKPOINTS), job.classes, inputs.batches) if config.train.resume else None
-    # Only now, with the resume accepted, does anything in the run dir change: a refused one leaves
-    # a finished run's config.yaml and status.json as they were.
+    # Only now, with the resume accepted, does anything in the run dir change: a refused one, or
+    # the same command on a completed run, leaves its config.yaml and status.json as they were.
+    if resumed is not None and completed_before(job, state):
+        return None
+    changes = config_changes(state.resumed_config, to_dict(config)) if resumed is not None else {}
+    if resumed is not None and state.resumed_dataset not in (None, "", manifest.sha256):  # allowed by the config
+        changes["data (manifest sha256)"] = (state.resumed_dataset, manifest.sha256)
     if resumed is not None:
         job.console.say(f"resuming from {resumed} (epoch {state.progress.epoch + 1}, step {state.progress.step})")
+    if changes:
+        job.console.say(
+            "note: resuming with changed settings: "
+            + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        )
     if accelerator.is_main_process:
         preprocessing = Preprocessing(mean, std, eval_size(config.data), config.data.crop_pct, config.data.image_size)
         job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume)
@@ -135,8 +152,38 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders]:
     state.prepare()
     step = state.progress.step if state.progress.step or state.progress.epoch else None
     job.tracker = Tracker(config, job.run, job.classes, job.console, step, source)
+    if changes:
+        job.tracker.log_config_change(state.progress.epoch, state.progress.step, changes)
     announce(job, state, source, loaders.order)
     return state, inputs, loaders
+
+
+def completed_before(job: Job, state: TrainState) -> bool:
+    """The checkpoint holds every epoch and the run ended completed: nothing to do, said in a line."""
+    config, progress = job.config, state.progress
+    if progress.epoch < config.train.epochs or job.run.status().get("state") != "completed":
+        return False  # a run killed while writing its final weights goes on to write them
+    job.console.say(
+        f"run {config.run.dir} is complete: {config.train.epochs} epochs, best val top-1 {progress.best_top1:.4f} "
+        f"(epoch {progress.best_epoch}); nothing was changed — to train further raise train.epochs above "
+        f"{config.train.epochs}, to start over choose another run.dir"
+    )
+    return True
+
+
+def config_changes(before: dict | None, now: dict) -> dict[str, tuple]:
+    """section.key -> (the checkpoint's value, this start's) for every setting that differs."""
+    if before is None:  # a checkpoint from before checkpoints held the config
+        return {}
+    changes = {}
+    for section, values in now.items():
+        for key, value in values.items():
+            if key not in before.get(section, {}):  # a key newer than the checkpoint: not a change of the user's
+                continue
+            old = before[section][key]
+            if json.dumps(old, sort_keys=True) != json.dumps(value, sort_keys=True):
+                changes[f"{section}.{key}"] = (old, value)
+    return changes
 
 
 def train_inputs(

@@ -7,9 +7,11 @@ of its own.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -202,6 +204,24 @@ class StopFlag:
                 os._exit(128 + signum)
             self.first_term = self.first_term or now
         self.requested = True
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_launcher() -> None:
+    """SIGTERM to this process when the one that started it dies (a launcher SIGKILLed, the OOM
+    killer): torch's launcher starts each trainer in a session of its own, so nothing else would
+    stop it, and it would train on unwatched, holding the run dir's lock. SIGTERM is StopFlag's: a
+    checkpoint at the next agreed step, then exit. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux") or "LOCAL_RANK" not in os.environ:  # not under a launcher
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not allowed here (a seccomp profile): the run goes on as before
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def any_rank(flag: bool, accelerator: Accelerator) -> bool:

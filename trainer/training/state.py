@@ -52,6 +52,7 @@ class TrainState:
         accelerator: Accelerator,
         steps_per_epoch: int,
         console: Console | None = None,
+        dataset: str = "",
     ):
         self.config, self.accelerator = config, accelerator
         self.console = console or Console(accelerator.is_main_process)
@@ -63,6 +64,9 @@ class TrainState:
         self.ema = make_ema(model, config.train.ema_decay) if config.train.ema else None
         self.progress = Progress()
         self.guard: StepGuard | None = None
+        self.dataset = dataset  # the shards' manifest sha256: a resume on other data is refused
+        self.resumed_config: dict | None = None  # the config the resumed checkpoint was trained with
+        self.resumed_dataset: str | None = None  # the manifest the resumed checkpoint was trained on
 
     def prepare(self) -> None:
         """Wraps model and optimizer for the processes (DDP, precision, compile); after any resume."""
@@ -100,6 +104,7 @@ class TrainState:
             "fingerprint": self.net.fingerprint(),
             "classes": classes,
             "config": to_dict(self.config),
+            "dataset": self.dataset,
         }
 
     def load_state_dict(self, state: dict, batches: int) -> None:
@@ -116,6 +121,7 @@ class TrainState:
         if self.accelerator.scaler is not None and state.get("scaler") is not None:  # fp16 loss scale
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+        self.resumed_config, self.resumed_dataset = state.get("config"), state.get("dataset")
         world, batch_size = self.accelerator.num_processes, self.config.train.batch_size
         if state["world"] != world:
             consumed = self.progress.batch * state["world"] * state["batch_size"]
@@ -145,6 +151,13 @@ class TrainState:
         state, own = found
         try:
             check_compatible(state, self.model.fingerprint(), classes, path)
+            if state.get("dataset") not in (None, "", self.dataset) and not self.config.train.resume_on_new_data:
+                raise CheckpointError(
+                    f"the shards at {self.config.data.shards} are not the ones checkpoint {path} was trained on "
+                    f"(manifest sha256 {state['dataset'][:12]}..., now {self.dataset[:12]}...): its val split may "
+                    "hold samples it trained on — resume on the shards it started with, use a new run.dir, or set "
+                    "train.resume_on_new_data=true to go on anyway (recorded in metrics.jsonl)"
+                )
         except CheckpointError as e:
             e.agreed = True  # every rank read the same verified file: the main process alone says so
             raise

@@ -10,6 +10,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from shards.format import decode_rgb, finish_rgb, open_image, plain_jpeg
+from shards.manifest import MIN_STD
 from toolbox.errors import DataError
 from trainer.training.config import DataConfig
 from trainer.training.samples import EncodedBatch
@@ -21,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def normalization(data: DataConfig, manifest_mean: list[float], manifest_std: list[float]) -> tuple[list, list]:
     if data.normalize == "imagenet":
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    return list(manifest_mean), list(manifest_std)
+    return list(manifest_mean), [max(s, MIN_STD) for s in manifest_std]
 
 
 class TrainPreset:

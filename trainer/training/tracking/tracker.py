@@ -47,6 +47,16 @@ class Tracker:
             best = best_eval(self.run.records()) if record["kind"] == "eval" else {}
             self.wandb.log(record, {f"best_{k}": best[k] for k in ("top1", "top5", "epoch")} if best else {})
 
+    def log_config_change(self, epoch: int, step: int, changes: dict[str, tuple]) -> None:
+        """A resume with changed settings: a record in metrics.jsonl, and the changes in wandb's config
+        (which holds this start's values already)."""
+        if not self.enabled:
+            return
+        changed = {key: {"from": old, "to": new} for key, (old, new) in changes.items()}
+        self.run.append_record({"kind": "config_change", "epoch": epoch, "step": step, "changes": changed})
+        if self.wandb is not None:
+            self.wandb.log_config_change(step, changed)
+
     def log_predictions(self, rows: list[tuple], step: int) -> None:
         """rows: (image HWC uint8 array, true class, predicted class, probability), in the order shown."""
         if self.wandb is not None and rows:

@@ -61,6 +61,10 @@ class WandbRun:
         if best:  # the best so far, exact across resumes (a summary="max" sees one process start's values)
             self.run.summary.update(best)
 
+    def log_config_change(self, step: int, changed: dict) -> None:
+        history = list(self.run.config.get("config_changes") or [])
+        self.run.config.update({"config_changes": [*history, {"step": step, **changed}]}, allow_val_change=True)
+
     def log_predictions(self, rows: list[tuple], step: int) -> None:
         import wandb
 
