@@ -30,7 +30,7 @@ from launch.parallel import Workers, default_workers
 from launch.publish import RemoteOut
 from launch.scan import DEFAULT_MAX_FILE_BYTES, SPLITS, Inspection, Listing, inspect_all, list_source, printable
 from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
-from shards.format import INDEX_NAME, SUMMARY, key_hash, sample_key, shard_name
+from shards.format import INDEX_NAME, MAX_PIXELS, SUMMARY, key_hash, sample_key, shard_name
 from shards.index import write_index
 from shards.manifest import Manifest, ShardInfo, SplitInfo
 from shards.store import is_url
@@ -42,7 +42,6 @@ from toolbox.errors import UserError
 DEFAULT_MIN_SHARDS = 16
 DEMO_MIN_SHARDS = 8  # 1,797 images: 8 shards still give 2 per loader worker for 2 ranks x 2 workers
 DEFAULT_SHARD_MB = 256.0
-PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, spelled out so --help can show it
 UNITS = {"": 1e6, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9}  # a bare number is MB
 
 
@@ -116,7 +115,7 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-pixels",
         type=int,
-        default=PILLOW_MAX_PIXELS,
+        default=MAX_PIXELS,
         metavar="N",
         help="decompression-bomb limit (default Pillow's, 89478485)",
     )

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from launch.parallel import Workers
-from shards.format import IMAGE_EXTS, KEEP_FORMATS, SOURCE_EXTS, to_rgb
+from shards.format import IMAGE_EXTS, KEEP_FORMATS, SOURCE_EXTS, shape_problem, to_rgb
 from toolbox.errors import UserError, first_line
 
 SPLITS = ("train", "val")
@@ -212,16 +212,8 @@ def inspect_file(path: str, max_pixels: int, max_bytes: int = DEFAULT_MAX_FILE_B
             return sha, len(data), 0, 0, -1, None, "truncated or corrupt (unreadable header)"
         return sha, len(data), 0, 0, -1, None, "not an image (no known image format)"
     w, h = img.size
-    if w * h > max_pixels:
-        return (
-            sha,
-            len(data),
-            0,
-            0,
-            -1,
-            None,
-            f"decompression bomb ({w}x{h} = {w * h} pixels > --max-pixels {max_pixels})",
-        )
+    if problem := shape_problem(w, h, max_pixels):
+        return sha, len(data), 0, 0, -1, None, problem
     try:
         if img.format in ("JPEG", "MPO") and min(w, h) >= 64:
             # Decode at half size by DCT scaling: every byte of the entropy-coded data is still

@@ -85,6 +85,19 @@ def image_field(sample: dict) -> str:
     raise KeyError(f"sample {sample.get('__key__', '?')!r} has no image field (one of {', '.join(IMAGE_EXTS)})")
 
 
+MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit (make_shards: --max-pixels)
+MAX_ASPECT = 100  # longer side / shorter side: a 1 x 10,000,000 strip resized for training takes gigabytes
+
+
+def shape_problem(width: int, height: int, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why an image of this size is refused before it is decoded; None when it is not."""
+    if width * height > max_pixels:
+        return f"decompression bomb ({width}x{height} = {width * height} pixels > --max-pixels {max_pixels})"
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        return f"aspect ratio over {MAX_ASPECT}:1 ({width}x{height}): resized for the model it would fill gigabytes"
+    return None
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Encoded image bytes -> an 8-bit RGB image, upright as its EXIF orientation says."""
     return finish_rgb(open_image(data))
@@ -99,6 +112,8 @@ def open_image(data: bytes, shrink: Callable[[int, int], tuple[int, int]] | None
     (libjpeg's DCT scaling, many times faster for camera photos). Other formats ignore it.
     """
     img = Image.open(io.BytesIO(data))
+    if problem := shape_problem(*img.size):  # refused from the header, before any allocation
+        raise ValueError(problem)
     if shrink is not None and img.format == "JPEG":
         turned = orientation(img) in (5, 6, 7, 8)  # stored transposed: width and height swap
         width, height = img.size[::-1] if turned else img.size

@@ -2,8 +2,8 @@
 
 `run_command` runs a command's body and turns how it ended into an exit code: 0 or the body's own
 code; for an error the user can fix, one line on stderr that names the problem and the fix
-(`error: ...`); Ctrl-C is exit 130 with one line; a full disk, a quota or a read-only folder one
-line too. `--debug` (or SE_DENSENET_DEBUG=1, which reaches every rank of a launched job) prints the
+(`error: ...`); Ctrl-C is exit 130 and SIGTERM 143, each with one line and the command's unfinished
+files removed; a full disk, a quota or a read-only folder one line too. `--debug` (or SE_DENSENET_DEBUG=1, which reaches every rank of a launched job) prints the
 chained traceback behind the line first. Anything else is a bug and keeps its traceback.
 
 `Console` says a line once per job: every process of a launched job holds one, and only the one
@@ -13,13 +13,15 @@ that speaks for the job (the main process) prints.
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
 from tqdm import tqdm
 
-from toolbox.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError, debugging, first_line
+from toolbox.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, UserError, debugging, first_line
 
 DEBUG_HELP = "print the full traceback behind an error's line"
 DISK_ERRORS = {  # errno -> (what happened, what to do)
@@ -46,12 +48,16 @@ def run_command(
     kept: str = "no output was left half-written",
     explain: Explain | None = None,
     cleanup: Callable[[], None] | None = None,
+    stop_on_sigterm: bool = True,
 ) -> int:
     """body's exit code, or the code and one line of how it failed.
 
     again: what to do after an interruption or a full disk; kept: what an interruption left as it
     was ("OUT was left as it was"). explain: the command's own errors, asked first. cleanup: runs
-    however the body ended."""
+    however the body ended. stop_on_sigterm: SIGTERM ends the command as Ctrl-C does (the trainer
+    passes False: its StopFlag answers SIGTERM with a checkpoint)."""
+    handles_sigterm = stop_on_sigterm and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
     try:
         return body()
     except BaseException as e:
@@ -65,8 +71,19 @@ def run_command(
             print(f"error: {line}", file=sys.stderr, flush=True)
         return code
     finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous)
         if cleanup is not None:
             cleanup()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's time limit): the command stops as on Ctrl-C, its unfinished
+    files removed on the way out. A KeyboardInterrupt, so every cleanup that Ctrl-C runs runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def standard_ending(e: BaseException, again: str, kept: str = "") -> tuple[int, str] | None:
@@ -75,7 +92,8 @@ def standard_ending(e: BaseException, again: str, kept: str = "") -> tuple[int, 
     if is_disk_error(e):
         return EXIT_USAGE, disk_error_line(e, again)
     if isinstance(e, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, f"interrupted — {kept}; {again}" if kept else f"interrupted — {again}"
+        code, what = (EXIT_TERMINATED, "terminated") if isinstance(e, Terminated) else (EXIT_INTERRUPTED, "interrupted")
+        return code, f"{what} — {kept}; {again}" if kept else f"{what} — {again}"
     return None
 
 

@@ -10,13 +10,12 @@ launched job) prints the whole chain as a traceback instead.
 from __future__ import annotations
 
 import os
-import sys
-import traceback
 
 EXIT_FAILURE = 1  # a failure, not a preemption: a job script must not requeue it
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on a signal; start the same command again to resume
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15), outside training, where it means "checkpoint and stop"
 DEBUG_ENV = "SE_DENSENET_DEBUG"
 
 
@@ -50,10 +49,3 @@ def first_line(e: BaseException) -> str:
 def debugging(argv_flag: bool = False) -> bool:
     """Whether to show tracebacks: `--debug`, or SE_DENSENET_DEBUG=1 for every process of a job."""
     return argv_flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def report(e: BaseException, debug: bool = False) -> None:
-    """`error: <line>` on stderr; the whole chained traceback first when debugging."""
-    if debugging(debug):
-        traceback.print_exception(e, file=sys.stderr)
-    print(f"error: {first_line(e)}", file=sys.stderr, flush=True)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code, ""  # rank 0 says it
         return explain(e, Path(settled[0].run.dir) if settled else None)
 
-    return run_command(body, args.debug, explain=explain_here, cleanup=close_loaders)
+    return run_command(body, args.debug, explain=explain_here, cleanup=close_loaders, stop_on_sigterm=False)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -109,7 +109,7 @@ def train(config: Config) -> int:
     config, launch = settle_launch(config)  # config.yaml and wandb record what the run used
     accelerator = make_accelerator(config, launch)
     console = Console(accelerator.is_main_process)
-    run = claim_run_dir(Path(config.run.dir), accelerator, console)
+    run = claim_run_dir(Path(config.run.dir), config.run.share_dir, accelerator, console)
     stop.before_exit = lambda: run.set_status("failed", "killed by a second SIGTERM before its checkpoint was written")
     try:
         state = fit(Job(config, accelerator, run, stop, console))
@@ -130,13 +130,13 @@ def train(config: Config) -> int:
     return EXIT_PREEMPTED if state == "preempted" else 0
 
 
-def claim_run_dir(run_dir: Path, accelerator, console: Console) -> RunDir:
+def claim_run_dir(run_dir: Path, share: bool, accelerator, console: Console) -> RunDir:
     """One trainer per run dir: the main process locks it before anything is written, and every
     rank learns whether it did."""
     run, error = RunDir(run_dir), None
     if accelerator.is_main_process:
         try:
-            if note := run.lock():
+            if note := run.lock(share):
                 console.say(note)
         except (UserError, OSError) as e:
             error = e

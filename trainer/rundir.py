@@ -50,6 +50,11 @@ PREDICTIONS = "predictions.csv"
 WANDB = "wandb"
 # How each series of metrics.jsonl is best: wandb summarizes it so, and compare ranks by it.
 SUMMARIES = {"eval/top1": "max", "eval/top5": "max", "eval/loss": "min", "train/loss": "min"}
+# What train.resume=false sets aside: an earlier run's files (wandb's folder and the compile cache stay).
+EARLIER_RUN = (
+    CHECKPOINTS, CONFIG, CLASSES, PREPROCESSING, METRICS, SUMMARY, REPORT, STATUS, CURVES, CONFUSION,
+    *WEIGHTS.values(), EVAL, EXPORT, PREDICTIONS,
+)  # fmt: skip
 RUN_FILES = (CONFIG, CLASSES, PREPROCESSING)  # what the after-training commands read besides weights
 LOCK = ".lock"
 STATUS_BYTES = 4096  # status.json is padded to one block, so that rewriting it in place needs no new one
@@ -210,8 +215,16 @@ class RunDir:
         self.owned = False
         self.started = False  # status.json says running: from here on it says how the run ended
 
-    def lock(self) -> str | None:
-        """Takes the lock before anything is written; returns a note when the file system has no locks."""
+    def lock(self, share: bool = False) -> str | None:
+        """Takes the lock before anything is written; returns a note when the file system has no locks.
+        A folder that holds files but no run of ours (someone's own config.yaml, report.md, ...) is
+        refused unless ``share``: nothing of theirs is overwritten by accident."""
+        if not share and self.foreign_files():
+            shown = ", ".join(self.foreign_files()[:4])
+            raise RunDirError(
+                f"run.dir {self.path} already holds files that are not a training run's ({shown}, ...) — choose "
+                "another run.dir, or pass run.share_dir=true to use it anyway (files named as a run's are overwritten)"
+            )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -241,12 +254,19 @@ class RunDir:
         self.fd, self.owned = fd, True
         return note
 
+    def foreign_files(self) -> list[str]:
+        """The names in a non-empty folder that no run of ours started in (no .lock, no status.json)."""
+        if not self.path.is_dir() or (self.path / LOCK).exists() or (self.path / STATUS).exists():
+            return []
+        return sorted(p.name for p in self.path.iterdir())
+
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def prepare(self, config_yaml: str, classes: list[str], preprocessing: Preprocessing, resume: bool) -> None:
+    def prepare(self, config_yaml: str, classes: list[str], preprocessing: Preprocessing, resume: bool) -> Path | None:
         """The files a run starts with. Fails now, not after an epoch, when the run dir cannot take
-        checkpoints; starting over (resume false) sets the old checkpoints aside, never deletes them."""
+        checkpoints; starting over (resume false) sets an earlier run's files aside, never deletes
+        them. -> where they went (None: nothing was set aside)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-probe"
@@ -259,12 +279,23 @@ class RunDir:
             raise RunDirError(
                 f"run.dir {self.path} has only {free_mb:.0f} MB free — free space or choose another run.dir"
             )
-        old = self.path / CHECKPOINTS
-        if not resume and old.exists():
-            os.replace(old, self.path / f"{CHECKPOINTS}-replaced-{int(time.time())}")
+        aside = None if resume else self.set_aside()
         (self.path / CONFIG).write_text(config_yaml)
         (self.path / CLASSES).write_text(json.dumps(classes, ensure_ascii=False, indent=1))
         (self.path / PREPROCESSING).write_text(preprocessing.to_json())
+        return aside
+
+    def set_aside(self) -> Path | None:
+        """Starting over (train.resume=false): everything an earlier run wrote moves to
+        replaced-<time>/ in the run dir, never deleted. -> that folder (None: there was nothing)."""
+        found = [name for name in EARLIER_RUN if (self.path / name).exists()]
+        if not found:
+            return None
+        aside = self.path / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for name in found:
+            os.replace(self.path / name, aside / name)
+        return aside
 
     def records(self) -> list[dict]:
         """metrics.jsonl: the train and eval records, in order."""

@@ -121,3 +121,24 @@ def test_the_default_limit_is_above_an_uncompressed_image_at_the_default_pixel_l
     args = parse_args(["SRC", "OUT"])
     assert args.max_file_size == scan.DEFAULT_MAX_FILE_BYTES >= 4 * args.max_pixels
     assert Path(args.paths[1]) == Path("OUT")
+
+
+def test_an_absurd_aspect_ratio_is_refused_from_the_header_everywhere(tmp_path):
+    """A 1-pixel strip under every pixel limit would be resized into gigabytes: make_shards skips it,
+    and the loader, evaluate and predict (which all open images through shards.format) refuse it."""
+    from PIL import Image
+
+    from shards.format import decode_rgb
+    from toolbox.errors import DataError
+    from trainer.trained.images import read_image
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (20_000, 1)).save(path)
+    reason = inspect_file(str(path), PIXELS)[6]
+    assert reason.startswith("aspect ratio over 100:1 (20000x1)"), reason
+    with pytest.raises(ValueError, match=r"aspect ratio over 100:1"):
+        decode_rgb(path.read_bytes())
+    with pytest.raises(DataError, match=r"strip\.png cannot be read as an image \(aspect ratio over 100:1"):
+        read_image(path)
+    Image.new("RGB", (5_000, 50)).save(path)  # 100:1 itself is fine
+    assert inspect_file(str(path), PIXELS)[6] is None

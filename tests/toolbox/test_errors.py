@@ -1,8 +1,8 @@
-"""shards/errors.py: one user-error base with its exit code, the one line of any error, --debug."""
+"""toolbox/errors.py: one user-error base with its exit code, the one line of any error, --debug."""
 
 import pytest
 
-from toolbox.errors import EXIT_USAGE, DataError, UserError, first_line, report
+from toolbox.errors import EXIT_USAGE, DataError, UserError, first_line
 
 
 def test_a_user_error_carries_its_exit_code_and_line():
@@ -27,19 +27,3 @@ def test_a_user_error_carries_its_exit_code_and_line():
 )
 def test_first_line(message, line):
     assert first_line(DataError(message)) == line
-
-
-def test_report_is_one_line_unless_debugging(capsys, monkeypatch):
-    monkeypatch.delenv("SE_DENSENET_DEBUG", raising=False)
-    try:
-        try:
-            raise OSError("the cause")
-        except OSError as cause:
-            raise DataError("cannot read it — retry") from cause
-    except DataError as e:
-        report(e)
-        assert capsys.readouterr().err == "error: cannot read it — retry\n"
-        monkeypatch.setenv("SE_DENSENET_DEBUG", "1")
-        report(e)
-        err = capsys.readouterr().err
-    assert "OSError: the cause" in err and "direct cause" in err and err.endswith("error: cannot read it — retry\n")

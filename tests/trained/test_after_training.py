@@ -432,8 +432,9 @@ def test_read_image_never_reads_past_the_limit_of_a_growing_file(tmp_path, monke
         read_image(path, max_bytes=8)  # stat said 5 bytes; 9 were read, and no more
 
 
-def interrupt(command: list, flag: Path) -> subprocess.CompletedProcess:
-    """Run ``command`` until it pauses with its output a .tmp file, then press Ctrl-C (SIGINT to its group)."""
+def interrupt(command: list, flag: Path, sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
+    """Run ``command`` until it pauses with its output a .tmp file, then press Ctrl-C (SIGINT to its
+    group), or send what a scheduler or `kill` sends (SIGTERM)."""
     process = subprocess.Popen(
         command,
         cwd=REPO,
@@ -445,7 +446,7 @@ def interrupt(command: list, flag: Path) -> subprocess.CompletedProcess:
     )
     try:
         wait_for(flag.exists, 180, process)
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, sig)
         out, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
@@ -453,25 +454,31 @@ def interrupt(command: list, flag: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
-def assert_interrupted(result: subprocess.CompletedProcess) -> None:
+STOPPED = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
+
+
+def assert_interrupted(result: subprocess.CompletedProcess, sig: int = signal.SIGINT) -> None:
+    code, what = STOPPED[sig]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 130, result.stderr[-3000:]
-    assert lines == ["error: interrupted — no output was left half-written; run the command again"], result.stderr
+    assert result.returncode == code, result.stderr[-3000:]
+    assert lines == [f"error: {what} — no output was left half-written; run the command again"], result.stderr
 
 
-def test_ctrl_c_in_predict_is_one_line_and_keeps_the_old_csv(run_dir, folders, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_in_predict_is_one_line_and_keeps_the_old_csv(run_dir, folders, tmp_path, sig):
     out = tmp_path / "pred.csv"
     out.write_text("the old predictions\n")
     args = [run_dir, folders["classes"], "--out", out, "--batch-size", "4", "--workers", "1", "--checkpoint", "final"]
-    assert_interrupted(interrupt(cli("predict", *args), tmp_path / "paused"))
+    assert_interrupted(interrupt(cli("predict", *args), tmp_path / "paused", sig), sig)
     assert out.read_text() == "the old predictions\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paused", "pred.csv"]
 
 
-def test_ctrl_c_in_evaluate_is_one_line_and_writes_nothing(run_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_in_evaluate_is_one_line_and_writes_nothing(run_dir, tmp_path, sig):
     before = sorted(p.name for p in (run_dir / "eval").iterdir()) if (run_dir / "eval").is_dir() else []
-    result = interrupt(cli("evaluate", run_dir, "--name", "ctrl-c", "--workers", "1"), tmp_path / "paused")
-    assert_interrupted(result)
+    result = interrupt(cli("evaluate", run_dir, "--name", "ctrl-c", "--workers", "1"), tmp_path / "paused", sig)
+    assert_interrupted(result, sig)
     assert sorted(p.name for p in (run_dir / "eval").iterdir()) == before
 
 

@@ -274,3 +274,18 @@ def test_a_killed_launcher_takes_its_trainers_with_it_and_the_run_resumes(digits
         {"kind": "config_change", "epoch": 0, "step": 5, "changes": {"train.log_every": {"from": 1, "to": 2}}}
     ]
     assert status(run_dir)["state"] == "completed"
+
+
+def test_a_run_dir_of_someone_elses_files_is_refused_untouched(digits_shards, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "report.md", "best.safetensors"):
+        (mine / name).write_text(f"my own {name}\n")
+    result = run_training([f"data.shards={digits_shards}", f"run.dir={mine}", *EXACT])
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr, result.stderr[-3000:]
+    lines = errors(result.stderr)
+    assert len(lines) == 1 and "already holds files that are not a training run's" in lines[0], lines
+    assert lines[0].endswith("or pass run.share_dir=true to use it anyway (files named as a run's are overwritten)")
+    assert {p.name: p.read_text() for p in mine.iterdir()} == {
+        name: f"my own {name}\n" for name in ("config.yaml", "metrics.jsonl", "report.md", "best.safetensors")
+    }

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     checked, parity = {}, {}
     try:
         for fmt in dict.fromkeys(args.format):
-            tmp = checked[fmt] = out_dir / (FILES[fmt] + ".tmp")
+            tmp = checked[fmt] = out_dir / f"{FILES[fmt]}.{os.getpid()}.tmp"  # another export writes its own
             EXPORT[fmt](trained.model, inputs, tmp, metadata)
             # The whole batch and a batch of one: a batch dimension that is not really dynamic shows here.
             diff = max(
@@ -86,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
         for tmp in checked.values():
             tmp.unlink(missing_ok=True)
     described = json.dumps({**metadata, "parity": parity}, ensure_ascii=False, indent=1)
-    (out_dir / "model.json").write_text(described + "\n", encoding="utf-8")
+    tmp = out_dir / f"model.json.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(described + "\n", encoding="utf-8")
+        os.replace(tmp, out_dir / "model.json")
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"metadata: {out_dir / 'model.json'}")
     if not args.no_wandb:
         files = [out_dir / FILES[fmt] for fmt in checked] + [out_dir / "model.json"]

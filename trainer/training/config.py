@@ -135,6 +135,7 @@ class TrainConfig:
 class RunConfig:
     dir: str = MISSING  # everything the run writes goes here
     name: str | None = None  # defaults to the run dir's name
+    share_dir: bool = False  # run in a folder that holds files of something other than a run (never by default)
 
 
 @dataclass

@@ -146,7 +146,8 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
         )
     if accelerator.is_main_process:
         preprocessing = Preprocessing(mean, std, eval_size(config.data), config.data.crop_pct, config.data.image_size)
-        job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume)
+        if aside := job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume):
+            job.console.say(f"note: train.resume=false: the earlier run's files were moved to {aside}")
         job.run.set_status("running")
     accelerator.wait_for_everyone()
     state.prepare()

@@ -1,0 +1,73 @@
+"""trainer/rundir.py: a folder that is not a run is not written into; starting over sets an earlier
+run aside whole; the preprocessing and weights metadata read back as written, or one line."""
+
+import json
+
+import pytest
+import torch
+
+from trainer.rundir import (
+    Preprocessing,
+    RunDir,
+    RunDirError,
+    WeightsInfo,
+    read_weights_file,
+    weights_bytes,
+)
+
+PRE = Preprocessing([0.5, 0.4, 0.3], [0.2, 0.2, 0.2], 16, 0.875, 12)
+
+
+def test_a_folder_of_someone_elses_files_is_refused_and_left_alone(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own\n")
+    (mine / "report.md").write_text("# my report\n")
+    with pytest.raises(
+        RunDirError, match=r"already holds files that are not a training run's \(config\.yaml, report\.md"
+    ):
+        RunDir(mine).lock()
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "report.md"]
+    run = RunDir(mine)
+    run.lock(share=True)  # the user said it is fine
+    assert RunDir(tmp_path / "new").foreign_files() == []  # a folder that does not exist yet
+    (tmp_path / "empty").mkdir()
+    assert RunDir(tmp_path / "empty").foreign_files() == []
+
+
+def test_starting_over_sets_the_whole_earlier_run_aside(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.lock()
+    run.prepare("a: 1\n", ["x", "y"], PRE, resume=False)  # a first start: nothing to set aside
+    assert not list(run.path.glob("replaced-*"))
+    for name in ("metrics.jsonl", "best.safetensors", "final.safetensors", "report.md", "status.json"):
+        (run.path / name).write_text(name)
+    (run.path / "checkpoints" / "ckpt-000000005").mkdir(parents=True)
+    aside = run.prepare("a: 2\n", ["x", "y"], PRE, resume=False)
+    assert aside.name.startswith("replaced-") and aside.parent == run.path
+    assert (aside / "final.safetensors").read_text() == "final.safetensors"
+    assert (aside / "checkpoints" / "ckpt-000000005").is_dir() and (aside / "config.yaml").read_text() == "a: 1\n"
+    assert sorted(p.name for p in run.path.iterdir() if not p.name.startswith(("replaced-", "."))) == [
+        "classes.json",
+        "config.yaml",
+        "preprocessing.json",
+    ]
+
+
+def test_preprocessing_and_weights_metadata_round_trip(tmp_path):
+    assert Preprocessing.from_json(PRE.to_json(), "p") == PRE
+    older = json.dumps({"mean": PRE.mean, "std": PRE.std, "image_size": 16, "crop_pct": 0.875})
+    assert Preprocessing.from_json(older, "p").train_image_size == 16  # runs from before train_image_size
+    for damaged in (
+        '{"mean": [NaN, 0, 0], "std": [1, 1, 1], "image_size": 16, "crop_pct": 1}',
+        "[]",
+        "{",
+        '{"mean": 1}',
+    ):
+        with pytest.raises(RunDirError, match=r"^p (is damaged|holds no usable preprocessing)"):
+            Preprocessing.from_json(damaged, "p")
+    info = WeightsInfo({"model": {"depth": 40}}, ["x", "y"], "abc", PRE, {"epoch": 1, "top1": 0.5})
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(weights_bytes({"w": torch.ones(2)}, info))
+    tensors, read = read_weights_file(path)
+    assert read == info and tensors["w"].equal(torch.ones(2))
