@@ -23,6 +23,7 @@ from PIL import Image
 from launch.parallel import Workers
 from shards.format import IMAGE_EXTS, KEEP_FORMATS, SOURCE_EXTS, shape_problem, to_rgb
 from toolbox.errors import UserError, first_line
+from toolbox.walk import walk
 
 SPLITS = ("train", "val")
 TRANSCODE = len(IMAGE_EXTS)  # field code of images that are re-encoded as png
@@ -128,15 +129,8 @@ def _class_dirs(path: Path) -> list[str]:
 
 
 def _list_class(listing: Listing, class_dir: Path, label: int, split: int) -> None:
-    seen = set()
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop, or two links to one folder: list it once
-            dirnames.clear()
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+    for dirpath, filenames in walk(class_dir, given=listing.root):  # never up out of SRC through a link
+        for name in filenames:
             if "." not in name or name.rsplit(".", 1)[1].lower() not in SOURCE_EXTS:
                 listing.ignored += 1
                 continue

@@ -13,6 +13,7 @@ that speaks for the job (the main process) prints.
 from __future__ import annotations
 
 import errno
+import io
 import signal
 import sys
 import threading
@@ -56,6 +57,9 @@ def run_command(
     was ("OUT was left as it was"). explain: the command's own errors, asked first. cleanup: runs
     however the body ended. stop_on_sigterm: SIGTERM ends the command as Ctrl-C does (the trainer
     passes False: its StopFlag answers SIGTERM with a checkpoint)."""
+    for stream in (sys.stdout, sys.stderr):  # a C or Latin-1 locale: a class name in any script still prints
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     handles_sigterm = stop_on_sigterm and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
     try:

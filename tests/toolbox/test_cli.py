@@ -3,6 +3,8 @@
 import errno
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +82,10 @@ def test_console_speaks_once_per_job(capsys):
     Console(speaks=True).say("from the main process")
     Console(speaks=False).say("from another rank")
     assert capsys.readouterr().out == "from the main process\n"
+
+
+def test_a_locale_without_the_characters_still_prints_them(tmp_path):
+    code = "from toolbox.cli import run_command; run_command(lambda: print('\\u7c7b\\u522b caf\\xe9') or 0)"
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C", "PYTHONUTF8": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout
+    assert out == b"\\u7c7b\\u522b caf\\xe9\n"

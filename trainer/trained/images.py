@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from shards.format import SOURCE_EXTS, decode_rgb
 from toolbox.errors import DataError, UserError, first_line
+from toolbox.walk import walk
 from trainer.training.samples import Sample
 
 MAX_FILE_BYTES = 256 * 10**6  # an image larger than this is refused unread (predict: --max-file-size)
@@ -65,21 +66,11 @@ def special(mode: int) -> str | None:
 
 
 def image_files(root: Path) -> list[Path]:
-    """Image files under `root` by extension (any case), symlinks followed (each folder once, so
-    a link to a parent is no endless walk), in a stable order."""
-    found, seen = [], set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        try:
-            info = os.stat(folder)
-        except OSError:  # gone since it was listed: as os.walk skips what it cannot list
-            continue
-        if (info.st_dev, info.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(folder) / f for f in sorted(files) if f.rsplit(".", 1)[-1].lower() in SOURCE_EXTS]
-    return found
+    """Image files under `root` by extension (any case), in a stable order (toolbox.walk: links
+    followed, each folder once, never up out of `root`)."""
+    return [
+        Path(folder) / f for folder, files in walk(root) for f in files if f.rsplit(".", 1)[-1].lower() in SOURCE_EXTS
+    ]
 
 
 def labelled_images(root: Path, classes: list[str], split: str) -> list[tuple[Path, int]]:

@@ -142,11 +142,17 @@ def table_rows(record: dict) -> list[tuple[str, float, float, float, float, int]
 
 def format_table(record: dict) -> str:
     """The eval record as a readable text table (per class, then macro and totals)."""
-    width = max([len(name) for name in record["per_class"]] + [5])
+    rows = [(one_line(name), *scores) for name, *scores in table_rows(record)]
+    width = max([len(row[0]) for row in rows] + [5])
     lines = [f"{'class':<{width}}  precision  recall  specificity     f1  support"]
-    for name, p, r, s, f1, n in table_rows(record):
+    for name, p, r, s, f1, n in rows:
         lines.append(f"{name:<{width}}  {p:9.4f}  {r:6.4f}  {s:11.4f}  {f1:5.4f}  {n:7d}")
     lines.append(
         f"top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  samples {record['num_samples']}"
     )
     return "\n".join(lines)
+
+
+def one_line(name: str) -> str:
+    """A class name as one line of a table: a folder name may hold a newline or a tab."""
+    return name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")

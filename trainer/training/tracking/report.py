@@ -5,7 +5,7 @@ from __future__ import annotations
 from toolbox.redact import redact
 from trainer.rundir import CONFUSION, CURVES, REPORT, RunDir
 from trainer.training.config import Config
-from trainer.training.metrics import table_rows
+from trainer.training.metrics import one_line, table_rows
 
 
 def write_report(run: RunDir, config: Config, classes: list[str], summary: dict) -> None:
@@ -13,7 +13,7 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
     evals = [r for r in run.records() if r["kind"] == "eval"]
     m, t = config.model, config.train
     lines = [
-        f"# Run report: {config.run.name or run_dir.name}",
+        f"# Run report: {one_line(config.run.name or run_dir.name)}",
         "",
         "## Setup",
         "",
@@ -48,7 +48,7 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
         ]
         rows = table_rows(last)
         for i, (name, *scores, support) in enumerate(rows):
-            name = f"**{name}**" if i == len(rows) - 1 else name  # the macro row
+            name = "**macro**" if i == len(rows) - 1 else markdown_cell(name)
             lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in scores) + f" | {support} |")
     lines += ["", "## Plots", "", f"![curves]({CURVES})", "", f"![confusion matrix]({CONFUSION})", ""]
     run.file(REPORT).write_text("\n".join(lines))
@@ -56,3 +56,8 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def markdown_cell(text: str) -> str:
+    """Text as one cell of a Markdown table: its pipes and line breaks would end the cell or the row."""
+    return one_line(text).replace("|", "\\|")
