@@ -212,3 +212,23 @@ def test_bad_input_is_one_line_and_exit_code_2(sweep, tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), result.stderr
         assert " — " in lines[0]
     assert not (sweep / compare.CSV_NAME).exists()
+
+
+def test_values_of_the_wrong_type_and_a_config_of_thousands_of_keys_are_not_believed(sweep, capsys):
+    """Each was a traceback, or minutes of plotting: files a run did not write as the trainer does."""
+    a = sweep / "lr" / "a"
+    (a / SUMMARY).write_text(json.dumps({"best_top1": "0.99", "parameters": [1], "img_per_s": {"x": 1}}))
+    with open(a / METRICS, "a") as f:
+        f.write(json.dumps({**eval_record(9, 99, 0.5, 0.5), "macro": "oops"}) + "\n")
+        f.write(json.dumps({"kind": "config_change", "epoch": 1, "step": 2, "changes": {}}) + "\n")
+    status = json.loads((sweep / "c" / STATUS).read_text())
+    (sweep / "c" / STATUS).write_text(json.dumps({**status, "time": "yesterday", "pid": "x"}))
+    config = (sweep / "lr" / "b" / CONFIG).read_text()
+    (sweep / "lr" / "b" / CONFIG).write_text(config + "extra:\n" + "".join(f"  k{i}: {i}\n" for i in range(5000)))
+    capsys.readouterr()
+    assert compare.main([str(sweep), "--metric", "eval/macro_f1"]) == 0
+    out = capsys.readouterr().out
+    assert "note: 4990 more settings differ between the runs; compare.csv lists them all" in out, out[-2000:]
+    rows = {r["run"]: r for r in read_csv(sweep / compare.CSV_NAME)}
+    assert rows["lr/a"]["best_top1"] == "0.9" and rows["lr/a"]["note"] == ""  # from the records, not the text
+    assert len(rows["lr/b"]) > 5000 and rows["lr/b"]["extra.k4999"] == "4999"

@@ -93,6 +93,10 @@ def test_overrides_read_back_as_the_same_values():
     assert config.model.growth_rate is None and config.train.ema is True
 
 
+def random_lr(distribution: str, **numbers) -> dict:
+    return {"method": "random", "parameters": {"optim.lr": {"distribution": distribution, **numbers}}}
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
@@ -118,6 +122,14 @@ def test_overrides_read_back_as_the_same_values():
         ({"name": "a b", "parameters": {"optim.lr": {"values": [1]}}}, "names the sweep's folder"),
         ({"metric": {"name": "best_top1", "goal": "up"}, "parameters": {"optim.lr": {"values": [1]}}}, "goal"),
         ({"parameters": {f"k{i}.x": {"values": list(range(10))} for i in range(5)}}, "more than 10,000"),
+        # Each of these was a traceback, a hang or a MemoryError.
+        (random_lr("q_uniform", min=0.1, max=1, q=0), "q must be above 0"),
+        (random_lr("log_uniform", min=0, max=1000), "exp(1000) is not a number — give them as natural logs"),
+        (random_lr("log_normal", mu=100, sigma=100), "exp(1100) is not a number"),
+        (random_lr("uniform", min="1e-5", max=0.1), "min is '1e-5', not a finite number (YAML reads 1e-5 as text"),
+        (random_lr("uniform", min=0.1, max=float("inf")), "max is inf, not a finite number"),
+        (random_lr("int_uniform", min=0.5, max=3), "int_uniform needs whole numbers"),
+        ({"parameters": {"train.seed": {"distribution": "int_uniform", "min": 0, "max": 10**12}}}, "more than 10,000"),
     ],
 )
 def test_a_bad_sweep_is_one_line_naming_the_field(tmp_path, spec, message):
@@ -233,3 +245,8 @@ def test_an_offline_run_under_the_agent_is_refused_before_anything_starts(tmp_pa
         "under `wandb agent`, or run the sweep without a server as a Slurm array (slurm/sweep.sh)"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_count_of_tasks_below_one_is_refused_in_one_line():
+    result = run_sweep_cli("--tasks", "-5", str(DEMO), "configs/demo.yaml")
+    assert result.returncode == 2 and "'-5' is not a whole number of tasks, at least 1" in result.stderr

@@ -33,6 +33,7 @@ from toolbox.fonts import setup_fonts
 from trainer.rundir import CONFIG, METRICS, STATUS, SUMMARIES, SUMMARY, best_eval, mean_throughput
 from trainer.runs.sweep import GOALS, read_metric
 
+MAX_SHOWN_KEYS = 12  # differing settings in the printed table and the plot (the CSV has every one)
 CSV_NAME = "compare.csv"  # written into --out, by default the first folder given
 PLOT_NAME = "compare.png"
 # Keys that name a run rather than say how it trained: they differ between any two runs.
@@ -87,12 +88,15 @@ def run(args: argparse.Namespace) -> int:
     metric = resolve_metric(args.metric, args.goal, args.sweep, runs)
     runs = ranked(runs, metric)
     keys = differing(runs)
+    shown = keys[:MAX_SHOWN_KEYS]  # a tampered config.yaml of thousands of keys: a table and plot one can read
     header, rows = table(runs, keys, metric)
     out = args.out or args.folders[0]
     write_atomically(out / CSV_NAME, lambda tmp: tmp.write_text(csv_text(header, rows), encoding="utf-8"))
-    write_atomically(out / PLOT_NAME, lambda tmp: plot(runs, keys, metric, tmp))
+    write_atomically(out / PLOT_NAME, lambda tmp: plot(runs, shown, metric, tmp))
     try:
-        print(format_table(header, rows))
+        print(format_table(*table(runs, shown, metric)))
+        if len(keys) > len(shown):
+            print(f"note: {len(keys) - len(shown)} more settings differ between the runs; {CSV_NAME} lists them all")
         print(f"wrote {out / CSV_NAME} and {out / PLOT_NAME}", flush=True)
     except BrokenPipeError:  # `| head`: the reader has what it wanted; the files are written
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
@@ -213,8 +217,8 @@ def run_values(summary: dict | None, records: list[dict]) -> dict:
         "parameters": None,
         "img_per_s": mean_throughput(records),
     }
-    if summary:
-        values.update({k: summary[k] for k in values if summary.get(k) is not None})
+    if summary:  # a number where the trainer writes one; anything else in the file is not believed
+        values.update({k: summary[k] for k in values if _number(summary.get(k))})
     return values
 
 
@@ -226,7 +230,7 @@ def run_state(status: dict | None, path: Path, finished: bool, notes: list[str])
         return "unknown"
     state = status["state"]
     if state == "failed" and status.get("reason"):
-        notes.append(status["reason"])
+        notes.append(str(status["reason"])[:300])
     if state != "running":
         return state
     host, pid = status.get("host"), status.get("pid")
@@ -245,7 +249,7 @@ def _last_activity(path: Path, status: dict) -> float:
         written = (path / METRICS).stat().st_mtime
     except OSError:
         written = 0.0
-    return max(written, float(status.get("time") or 0.0))
+    return max(written, status["time"] if _number(status.get("time")) else 0.0)
 
 
 def resolve_metric(name: str | None, goal: str | None, sweep: Path | None, runs: list[Run]) -> Metric:
@@ -267,7 +271,8 @@ def scalars(record: dict) -> dict:
     """A record's numbers as wandb names them: eval/top1, eval/macro_f1, train/loss, ..."""
     kind = record["kind"]
     flat = {f"{kind}/{k}": v for k, v in record.items() if _number(v) and k != "step"}
-    flat.update({f"{kind}/macro_{k}": v for k, v in record.get("macro", {}).items() if _number(v)})
+    macro = record.get("macro")
+    flat.update({f"{kind}/macro_{k}": v for k, v in (macro if isinstance(macro, dict) else {}).items() if _number(v)})
     return flat
 
 

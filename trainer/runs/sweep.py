@@ -29,6 +29,7 @@ import random
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,14 +64,15 @@ class Parameter:
     spec: dict  # wandb's: value | values (+ probabilities) | distribution + its keys
 
     @property
-    def choices(self) -> list | None:
-        """The values a grid enumerates; None for a continuous distribution."""
+    def choices(self) -> Sequence | None:
+        """The values a grid enumerates; None for a continuous distribution. int_uniform's is a range,
+        never a list: its size is checked before anything is enumerated."""
         if "value" in self.spec:
             return [self.spec["value"]]
         if "values" in self.spec:
             return list(self.spec["values"])
         if self.spec.get("distribution") == "int_uniform":
-            return list(range(int(self.spec["min"]), int(self.spec["max"]) + 1))
+            return range(self.spec["min"], self.spec["max"] + 1)
         return None
 
 
@@ -203,6 +205,7 @@ def _parameter(key: str, spec, path, method: str) -> Parameter:
         missing = [k for k in SAMPLERS[distribution] if k not in spec]
         if missing:
             raise UserError(f"{where}: distribution {distribution} needs {' and '.join(missing)}")
+        _check_numbers(spec, distribution, where)
         if "min" in spec and not spec["min"] < spec["max"]:
             raise UserError(f"{where}: min ({spec['min']}) must be below max ({spec['max']})")
         if distribution in ("log_uniform_values", "q_log_uniform_values") and spec["min"] <= 0:
@@ -211,6 +214,28 @@ def _parameter(key: str, spec, path, method: str) -> Parameter:
     if method == "grid" and parameter.choices is None:
         raise UserError(f"{where}: a grid needs values (or int_uniform) — list the values, or use method random")
     return parameter
+
+
+MAX_EXPONENT = 700  # exp() of more overflows a float
+
+
+def _check_numbers(spec: dict, distribution: str, where: str) -> None:
+    """A distribution's numbers: finite, of the right kind, and such that every draw is a number."""
+    for key in ("min", "max", "mu", "sigma", "q"):
+        value = spec.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            hint = " (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(value, str) else ""
+            raise UserError(f"{where}: {key} is {value!r}, not a finite number{hint}")
+    if spec.get("q", 1) <= 0 or spec.get("sigma", 1) < 0:
+        raise UserError(f"{where}: q must be above 0 and sigma not below 0")
+    if distribution == "int_uniform" and not all(isinstance(spec[k], int) for k in ("min", "max")):
+        raise UserError(f"{where}: int_uniform needs whole numbers for min and max")
+    top = spec.get("max", 0) if distribution == "log_uniform" else spec.get("mu", 0) + 10 * spec.get("sigma", 0)
+    if distribution in ("log_uniform", "log_normal") and top > MAX_EXPONENT:
+        raise UserError(
+            f"{where}: {distribution} draws exp() of its numbers, and exp({top:g}) is not a number — give them as "
+            "natural logs (e.g. min -9.2, max -2.3 for 1e-4..0.1), or use log_uniform_values with the values themselves"
+        )
 
 
 def _check_probabilities(spec: dict, where: str) -> None:
@@ -328,10 +353,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="the training config the sweep's points override")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="section.key=value for every task")
     parser.add_argument("--task", type=int, help="print only this task's overrides, one per line (slurm/sweep.sh)")
-    parser.add_argument("--tasks", type=int, help="random sweeps without run_cap: how many draws to list (default 10)")
+    parser.add_argument(
+        "--tasks", type=positive, help="random sweeps without run_cap: how many draws to list (default 10)"
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     return run_command(lambda: show_task(args) if args.task is not None else show_plan(args), args.debug)
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tasks, at least 1")
+    return value
 
 
 def show_task(args) -> int:
