@@ -189,17 +189,30 @@ class SplitFiles:
         return self.entries[shard].shown
 
     def check(self) -> None:
-        """Fail before training, not an epoch in, when a local shard listed in the manifest is gone."""
+        """Fail before training, not an epoch in, when a local shard listed in the manifest is gone or
+        is not the size the manifest says (truncated, or replaced by another file)."""
         if self.cache is None:
             for shard, rel in enumerate(self.rels):
-                if not (self.store.local / rel).is_file():
+                path, expected = self.store.local / rel, self.entries[shard].size
+                if not path.is_file():
                     raise DataError(
                         f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file"
+                    )
+                if expected and path.stat().st_size != expected:
+                    raise DataError(
+                        f"shard {self.shown(shard)} is {path.stat().st_size:,} bytes but the manifest says {expected:,} "
+                        "(truncated or replaced) — re-run make_shards or restore the file"
                     )
 
     # -- bytes -------------------------------------------------------------------------------
 
     def read(self, shard: int, offset: int, length: int) -> bytes:
+        size = self.entries[shard].size  # 0: not known (shards opened without a manifest)
+        if offset < 0 or length < 0 or (size and offset + length > size):
+            raise DataError(
+                f"the sample index of shard {self.shown(shard)} places a sample at bytes {offset:,}+{length:,}, "
+                f"outside the shard's {size:,} — re-run make_shards"
+            )
         if self.cache is None:
             return os.pread(self._fd(shard), length, offset)
         return self.cache.read(self.entries[shard], offset, length, lambda: self.fetch(shard))

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shards.manifest import MAX_BYTES, Manifest
@@ -155,3 +156,24 @@ def test_a_zero_std_is_read_but_a_negative_or_nan_one_is_refused(dataset):
     for std in ([0.3, 0.3, -0.1], [0.3, 0.3, float("nan")]):
         edit(dataset, lambda m, std=std: m.update(std=std))
         assert "std is" in refused(dataset)
+
+
+def test_a_shard_of_another_size_is_refused_before_any_read(dataset):
+    shard = sorted((dataset / "val").glob("*.tar"))[0]
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 512)  # a tar still, one block longer: not the file the manifest describes
+    with pytest.raises(
+        DataError, match=rf"shard .*{shard.name} is [\d,]+ bytes but the manifest says [\d,]+ \(truncated or replaced\)"
+    ):
+        split_reader(open_shards(str(dataset)), "val")
+
+
+def test_an_index_record_outside_its_shard_is_refused_not_allocated(dataset):
+    index = np.load(dataset / "val" / "index.npy")
+    index[0]["length"] = 4_000_000_000  # would have read (and allocated) 4 GB
+    np.save(dataset / "val" / "index.npy", index)
+    edit(dataset, lambda m: None)  # the manifest records the index's size, not its bytes: still valid
+    reader = split_reader(open_shards(str(dataset)), "val")
+    with pytest.raises(DataError, match=r"places a sample at bytes 0\+4,000,000,000, outside the shard's"):
+        reader.read(0)
+    assert reader.read(1)["__key__"]
