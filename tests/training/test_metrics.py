@@ -59,3 +59,20 @@ def test_flip_tta_averages_the_softmax_of_an_image_and_its_mirror():
         expected = (model(images).softmax(1) + model(images.flip(-1)).softmax(1)) / 2
         assert torch.allclose(flip.softmax(1), expected, atol=1e-6) and torch.allclose(flip.exp().sum(1), torch.ones(3))
         assert torch.allclose(predict_logits(model, images.flip(-1), "flip"), flip, atol=1e-6)  # mirror-invariant
+
+
+def test_evaluation_counts_skipped_samples_and_passes_over_a_batch_of_none():
+    from accelerate import Accelerator
+
+    from trainer.training.evaluation import evaluate
+    from trainer.training.samples import Batch
+
+    long = torch.long
+    batches = [
+        Batch(torch.randn(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]), 1),
+        Batch(torch.empty(0), torch.empty(0, dtype=long), torch.empty(0, dtype=long), 3),  # all unreadable
+    ]
+    sums, _ = evaluate(torch.nn.Linear(4, 3), batches, 3, Accelerator(cpu=True))
+    record = summarize(sums, ["a", "b", "c"])
+    assert record["num_samples"] == 2 and record["skipped_bad_samples"] == 4
+    assert "skipped_bad_samples" not in summarize(EvalSums.zeros(3, "cpu"), ["a", "b", "c"])

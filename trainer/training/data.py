@@ -347,7 +347,7 @@ def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int,
     classes = len(source.manifest.classes)
     train_set = ShardDataset(train_reader, train_preset, config.data.skip_bad_samples, classes)
     val_preset = EvalPreset(eval_size(config.data), config.data.crop_pct, mean, std)
-    val_set = ShardDataset(val_reader, val_preset, num_classes=classes)
+    val_set = ShardDataset(val_reader, val_preset, config.data.skip_bad_samples, classes)
     val_order = EvalOrder(len(val_reader), config.train.batch_size, rank, world)
     workers = config.data.workers
     return Loaders(make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin), order)

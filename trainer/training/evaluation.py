@@ -14,12 +14,16 @@ from trainer.training.runtime import sum_across
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes: int, accelerator: Accelerator, sample_rows: int = 0, tta: str = "none"):
-    """Sums over this rank's share of the split, all-reduced: every sample counted exactly once.
-    tta=flip: each image's softmax averaged with its mirror's."""
+    """Sums over this rank's share of the split, all-reduced: every sample counted exactly once, or
+    counted as skipped when it cannot be read and data.skip_bad_samples is on. tta=flip: each
+    image's softmax averaged with its mirror's."""
     model.eval()
     sums = EvalSums.zeros(num_classes, accelerator.device)
     shown = ShownSamples(sample_rows)
-    for images, labels, _, _ in progress_bar(loader, len(loader), "eval", accelerator.is_main_process):
+    for images, labels, _, bad in progress_bar(loader, len(loader), "eval", accelerator.is_main_process):
+        sums.skipped += bad
+        if not len(labels):  # every sample of the batch was unreadable and skipped
+            continue
         images = images.to(accelerator.device, non_blocking=True)
         labels = labels.to(accelerator.device, non_blocking=True)
         with accelerator.autocast():

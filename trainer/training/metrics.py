@@ -30,6 +30,7 @@ class EvalSums:
     confusion: torch.Tensor  # [true, predicted] counts, int64
     top5: torch.Tensor  # samples whose label is among the top-5 (top-k for k = min(5, classes))
     loss: torch.Tensor  # summed per-sample loss, float64
+    skipped: torch.Tensor  # unreadable samples left out (data.skip_bad_samples), int64
 
     @classmethod
     def zeros(cls, num_classes: int, device: torch.device | str) -> EvalSums:
@@ -37,6 +38,7 @@ class EvalSums:
             torch.zeros(num_classes, num_classes, dtype=torch.long, device=device),
             torch.zeros((), dtype=torch.long, device=device),
             torch.zeros((), dtype=torch.float64, device=device),
+            torch.zeros((), dtype=torch.long, device=device),
         )
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -51,7 +53,7 @@ class EvalSums:
         self.loss += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none").double().sum()
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.confusion, self.top5, self.loss]
+        return [self.confusion, self.top5, self.loss, self.skipped]
 
 
 def summarize(sums: EvalSums, classes: list[str]) -> dict:
@@ -78,8 +80,10 @@ def summarize(sums: EvalSums, classes: list[str]) -> dict:
         }
         for i, name in enumerate(classes)
     }
+    skipped = {"skipped_bad_samples": int(sums.skipped.item())} if sums.skipped.item() else {}
     return {
         "num_samples": n,
+        **skipped,
         "top1": true_pos.sum().item() / max(n, 1),
         "top5": sums.top5.item() / max(n, 1),
         "loss": sums.loss.item() / max(n, 1),
