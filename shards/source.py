@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import multiprocessing
 import os
 import shutil
@@ -188,9 +189,11 @@ class SplitFiles:
     def shown(self, shard: int) -> str:
         return self.entries[shard].shown
 
-    def check(self) -> None:
+    def check(self, checksum: bool = False) -> None:
         """Fail before training, not an epoch in, when a local shard listed in the manifest is gone or
-        is not the size the manifest says (truncated, or replaced by another file)."""
+        is not the size the manifest says (truncated, or replaced by another file); with ``checksum``
+        also when its bytes do not hash to the manifest's sha256 (another shard of the same size).
+        Shards from a store are checked whole against their sha256 as they are fetched."""
         if self.cache is None:
             for shard, rel in enumerate(self.rels):
                 path, expected = self.store.local / rel, self.entries[shard].size
@@ -202,6 +205,11 @@ class SplitFiles:
                     raise DataError(
                         f"shard {self.shown(shard)} is {path.stat().st_size:,} bytes but the manifest says {expected:,} "
                         "(truncated or replaced) — re-run make_shards or restore the file"
+                    )
+                if checksum and sha256_of(path) != self.entries[shard].sha256:
+                    raise DataError(
+                        f"shard {self.shown(shard)} does not match the manifest's sha256 (replaced by another file "
+                        "of the same size, or damaged) — re-run make_shards or restore the file"
                     )
 
     # -- bytes -------------------------------------------------------------------------------
@@ -335,3 +343,8 @@ class Prefetcher:
                     if wish == self._wish:
                         self._todo.appendleft(shard)
                     self._wake.wait(self.RETRY_S)
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -177,3 +177,13 @@ def test_an_index_record_outside_its_shard_is_refused_not_allocated(dataset):
     with pytest.raises(DataError, match=r"places a sample at bytes 0\+4,000,000,000, outside the shard's"):
         reader.read(0)
     assert reader.read(1)["__key__"]
+
+
+def test_a_shard_replaced_by_another_of_the_same_size_is_found_by_data_verify_sha256(dataset):
+    first = sorted((dataset / "val").glob("*.tar"))[0]
+    data = bytearray(first.read_bytes())
+    data[-600] ^= 1  # one flipped bit in the tar's padding: the same size, and every sample still reads
+    first.write_bytes(bytes(data))
+    split_reader(open_shards(str(dataset)), "val")  # the size check (the default) cannot tell
+    with pytest.raises(DataError, match=rf"shard .*{first.name} does not match the manifest's sha256"):
+        split_reader(open_shards(str(dataset)), "val", verify="sha256")

@@ -124,7 +124,8 @@ def eval_dataset(
             )
         folder = redact(source).rstrip("/").rsplit("/", 1)[-1]
         name = split if data is None else f"{folder}-{split}"
-        return ShardDataset(split_reader(dataset, split), preset, num_classes=len(trained.classes)), name
+        reader = split_reader(dataset, split, trained.config.data.verify)
+        return ShardDataset(reader, preset, num_classes=len(trained.classes)), name
     if data is None:
         raise UserError(f"the run's shards {source} are not there — pass --data SHARDS_OR_IMAGE_FOLDER")
     return LabelledImages(labelled_images(Path(source), trained.classes, split), preset), Path(source).name

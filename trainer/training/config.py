@@ -81,6 +81,7 @@ class DataConfig:
     cutmix_alpha: float = 0.0
     balance: str = "none"  # none | sampler (class-balanced draws) | loss (class-weighted loss)
     skip_bad_samples: bool = False  # count and skip undecodable samples instead of stopping
+    verify: str = "size"  # size | sha256: local shards against the manifest before training (BENCHMARKS.md: cost)
 
 
 @dataclass
@@ -165,6 +166,7 @@ class Config:
 CHOICES = {
     "data.normalize": ("manifest", "imagenet"),
     "data.decode": ("workers", "device"),
+    "data.verify": ("size", "sha256"),
     "data.auto_augment": ("none", "randaugment", "trivialaugment"),
     "data.balance": ("none", "sampler", "loss"),
     "optim.name": ("adamw", "adam", "sgd"),

@@ -45,10 +45,11 @@ def open_shards(location: str, data=None) -> ShardSource:
     return ShardSource(location, options)
 
 
-def split_reader(source: ShardSource, split: str) -> SplitReader:
-    """Random access to ``split``'s samples, once its local shards are known to be there."""
+def split_reader(source: ShardSource, split: str, verify: str = "size") -> SplitReader:
+    """Random access to ``split``'s samples, once its local shards are known to be there and of the
+    manifest's sizes (verify=sha256: and bytes)."""
     files = source.split(split)
-    files.check()
+    files.check(checksum=verify == "sha256")
     return SplitReader(files)
 
 
@@ -332,7 +333,8 @@ class Loaders:
 
 def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int, world: int, pin: bool) -> Loaders:
     """config: a trainer.training.config.Config. data.decode=device hands the train batches over encoded."""
-    train_reader, val_reader = split_reader(source, "train"), split_reader(source, "val")
+    verify = config.data.verify
+    train_reader, val_reader = split_reader(source, "train", verify), split_reader(source, "val", verify)
     labels = train_reader.labels() if config.data.balance == "sampler" else None
     files = train_reader.files
     # A cache smaller than the data: read the epoch block by block (ShardBlocks)
