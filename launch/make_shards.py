@@ -301,9 +301,15 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
     written = _progress("writing", "samples", lambda done: done[0].samples)(results, total)
     records = {name: [] for name in SPLITS}
     pause = failpoints.value("make-shards-pause")
-    for k, ((path, _), (info, index)) in enumerate(zip(jobs, written)):
-        splits[Path(path).parent.name].shards.append(info)
+    gone = []
+    for k, ((path, _), (info, index, vanished)) in enumerate(zip(jobs, written)):
+        split = splits[Path(path).parent.name]
+        split.shards.append(info)
         records[Path(path).parent.name].append(index)
+        for entry in vanished:  # deleted or moved since the scan: left out and said, as any skipped file
+            split.num_samples -= 1
+            split.class_counts[entry.label_name] -= 1
+            gone.append({"path": printable(entry.relpath), "reason": "gone since the scan (deleted or moved)"})
         if k == 0 and pause:  # a test interrupts the run here: staging holds a shard, the pool is busy
             Path(pause).touch()
             time.sleep(failpoints.WAIT_S)
@@ -318,7 +324,7 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
         mean=mean,
         std=std,
         options=recorded_options(args, plan.listing.layout),
-        skipped=plan.skipped,
+        skipped=sorted(plan.skipped + gone, key=lambda s: s["path"]),
         duplicates=plan.duplicates,
         source=source,
         created=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -48,14 +48,19 @@ class ShardJob:
     max_bytes: int = DEFAULT_MAX_FILE_BYTES  # --max-file-size, again: a file swapped since the scan
 
 
-def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray]:
-    """-> the shard's manifest entry and its sample index records."""
+def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray, list[Entry]]:
+    """-> the shard's manifest entry, its sample index records, and the entries whose file was
+    gone by the time it was read (deleted or moved since the scan: left out, not the end of the run)."""
     Image.MAX_IMAGE_PIXELS = None  # every file here passed the user's pixel limit in the scan
+    gone = []
     with warnings.catch_warnings(), ShardWriter(Path(job.path)) as writer:
         warnings.simplefilter("ignore")
         for e in job.entries:
             try:
                 data = read_source(e.path, job.max_bytes)
+            except FileNotFoundError:
+                gone.append(e)
+                continue
             except NotRead as why:  # a FIFO or /dev/zero put in its place since the scan
                 raise DataError(f"{e.relpath} changed while it was being sharded ({why}) — {RERUN}") from why
             if hashlib.sha256(data).digest() != e.sha256:  # its shard would not match the manifest
@@ -63,7 +68,7 @@ def write_shard(job: ShardJob) -> tuple[ShardInfo, np.ndarray]:
             ext, data = encode_image(data, e.field, job.resize_short)
             meta = encode_meta(e.label_name, e.relpath, e.width, e.height)
             writer.add(e.key, {ext: data, "cls": encode_cls(e.label), "json": meta})
-        return writer.close(), writer.index
+        return writer.close(), writer.index, gone
 
 
 def encode_image(data: bytes, field: int, resize_short: int | None) -> tuple[str, bytes]:

@@ -449,3 +449,31 @@ def test_an_older_manifests_zero_std_is_read_and_floored_by_the_trainer():
     assert normalization(data, [0.3, 0.3, 0.0], [0.37, 0.37, 0.0])[1] == [0.37, 0.37, MIN_STD]
     data.normalize = "imagenet"
     assert normalization(data, [0.3, 0.3, 0.0], [0.37, 0.37, 0.0])[1] == list(IMAGENET_STD)
+
+
+def test_a_file_deleted_while_shards_are_written_is_left_out_and_said(tmp_path, monkeypatch):
+    """Deleted after the scan, before its shard is written: skipped with the reason, counts that add
+    up, not the end of the run."""
+    from launch import make_shards, pack
+
+    src = tmp_path / "src"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(6):
+            (src / c / f"{i}.png").write_bytes(encode(noise((12, 12), seed=10 * ord(c) + i), "PNG"))
+    doomed = src / "b" / "3.png"
+    real_read = pack.read_source
+
+    def read_source(path, max_bytes):
+        if path == str(doomed):
+            doomed.unlink()  # as a user's `rm` between the scan and this shard
+        return real_read(path, max_bytes)
+
+    monkeypatch.setattr(pack, "read_source", read_source)
+    out = tmp_path / "out"
+    assert make_shards.main([str(src), str(out), "--workers", "1", "--val-fraction", "0.25"]) == 0
+    manifest = Manifest.load(out)
+    assert {"path": "b/3.png", "reason": "gone since the scan (deleted or moved)"} in manifest.skipped
+    total = sum(split.num_samples for split in manifest.splits.values())
+    assert total == 11 == sum(s.samples for split in manifest.splits.values() for s in split.shards)
+    assert sum(sum(split.class_counts.values()) for split in manifest.splits.values()) == 11
