@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -490,7 +491,7 @@ def test_weights_carry_their_preprocessing_and_a_tampered_run_is_one_line(run_di
     trained = load_trained(copy)  # no preprocessing.json: the weights file carries its own
     assert trained.preprocessing == RunDir(run_dir).preprocessing()
     (copy / "config.yaml").write_text(
-        (run_dir / "config.yaml").read_text().replace("image_size: 16", "image_size: 100000")
+        re.sub(r"\bimage_size: \d+", "image_size: 100000", (run_dir / "config.yaml").read_text(), count=1)
     )
     with pytest.raises(UserError, match=r"config\.yaml: data\.image_size=100000 is out of range .* restore the file"):
         load_trained(copy)
