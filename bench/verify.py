@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{gb:.1f} GB in {len(paths)} shards of {SHARD_MB} MB; {platform.processor() or platform.machine()}")
     print(f"{'check':<14}{'seconds':>9}{'s per 10 GB':>13}{'GB/s':>8}")
     for name, seconds in results.items():
-        print(f"{name:<14}{seconds:>9.2f}{seconds * 10 / gb:>13.1f}{gb / max(seconds, 1e-9):>8.2f}")
+        rate = f"{gb / seconds:8.2f}" if seconds > 0.01 else f"{'-':>8}"  # a stat per shard: no rate to speak of
+        print(f"{name:<14}{seconds:>9.3f}{seconds * 10 / gb:>13.2f}{rate}")
     if args.json:
         args.json.write_text(json.dumps({"gb": gb, "seconds": results}, indent=1))
     return 0
