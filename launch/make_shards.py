@@ -403,7 +403,7 @@ def run(args: argparse.Namespace) -> str:
         work = outdir.scratch(args.paths[-1])
         with outdir.claim(work / "out") as notes:  # before RemoteOut looks at what OUT holds, as below
             remote = RemoteOut(args.paths[-1], args.overwrite)
-            _say(notes)
+            _say(notes + ([remote.note] if remote.note else []))
             try:
                 return build(args, src, work / "out", remote)
             finally:

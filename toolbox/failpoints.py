@@ -25,6 +25,7 @@ POINTS = {
     "marker (writes its step to RELEASE.paused); without `release` it sleeps 600 s",
     "release": "FILE: whose existence ends a hold or a pause",
     "make-shards-pause": "FILE: make_shards touches FILE after its first shard is written, then sleeps 600 s",
+    "upload-pause": "FILE: make_shards touches FILE after its first object is uploaded to OUT, then sleeps 600 s",
     "pause-outputs": "FILE: evaluate and predict touch FILE while their output is still a .tmp file (predict: "
     "after its first batch's rows), then sleep 600 s, so a test interrupts them there",
 }

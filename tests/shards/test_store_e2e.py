@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -308,3 +310,39 @@ def test_each_way_a_location_fails_is_one_line_before_any_work(s3, monkeypatch):
         DataError, match="no credentials found — set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
     ):
         ShardSource("s3://data/digits", CacheOptions(retries=0))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_first_upload_leaves_out_as_it_found_it(s3, tmp_path, sig):
+    """Stopped after its first object: the objects it wrote are taken back, and the same command then
+    completes (before, it left them and refused "not empty"). A killed upload's leftovers are
+    recognised as such and replaced."""
+    fs, paused = s3_fs(s3), tmp_path / "paused"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launch.make_shards", "--demo", f"s3://data/first-{sig}"],
+        cwd=REPO,
+        env=cpu_env(**s3, **failpoints.env(upload_pause=paused)),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )
+    try:
+        wait_for(paused.exists, timeout=300, process=process)
+        assert fs.find(f"data/first-{sig}")  # the first object is there
+        process.send_signal(sig)
+        err = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    what = "interrupted" if sig == signal.SIGINT else "terminated"
+    assert lines == [f"error: {what} — OUT was left as it was; run the command again"], err[-2000:]
+    fs.invalidate_cache()  # the listing above is cached
+    assert fs.find(f"data/first-{sig}") == []
+    again = make_shards_to(f"s3://data/first-{sig}", s3, "--demo")
+    assert again.returncode == 0, again.stderr[-2000:]
+    fs.pipe(f"data/leftover-{sig}/train/train-000000.tar", b"half")  # what a SIGKILLed upload leaves
+    fs.pipe(f"data/leftover-{sig}/summary.txt", b"x")
+    replaced = make_shards_to(f"s3://data/leftover-{sig}", s3, "--demo")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert "holds 2 objects of an upload that did not finish (no manifest.json): they are replaced" in replaced.stderr
+    assert fs.cat(f"data/leftover-{sig}/train/train-000000.tar") != b"half"
