@@ -40,12 +40,21 @@ def write_index(path: Path, parts: list[np.ndarray]) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-def load_index(path: Path, expected: int) -> np.ndarray:
+def load_index(path: Path, counts: list[int]) -> np.ndarray:
     """Memory-mapped records, shared by every process that maps the file. ValueError if it does
-    not hold ``expected`` records."""
+    not hold one record per sample of the shards (``counts``), or if within a shard a record does
+    not begin after the one before it ends (a repeated record reads one sample twice, another never)."""
     index = np.load(path, mmap_mode="r", allow_pickle=False)
+    expected = sum(counts)
     if index.dtype != RECORD or index.shape != (expected,):
         raise ValueError(f"it holds {index.shape[0] if index.ndim else 0} records, the manifest says {expected}")
+    offsets, lengths = index["offset"].astype(np.int64), index["length"].astype(np.int64)
+    follows = offsets[1:] >= offsets[:-1] + lengths[:-1]
+    firsts = np.cumsum(counts)[:-1] - 1  # the step from a shard's last record to the next shard's first
+    follows[firsts[(firsts >= 0) & (firsts < len(follows))]] = True  # which starts a file of its own
+    if not follows.all():
+        bad = int(np.flatnonzero(~follows)[0]) + 1
+        raise ValueError(f"record {bad} overlaps the one before it (repeated or out of order)")
     return index
 
 

@@ -267,7 +267,7 @@ class SplitFiles:
             if self.cache is not None:
                 self._hold = self.cache.hold(self.index_entry)  # mapped for the whole run: never evicted under us
             try:
-                self._index = load_index(path, sum(self.counts))
+                self._index = load_index(path, self.counts)
             except (OSError, ValueError) as e:
                 raise DataError(
                     f"sample index {self.index_entry.shown} cannot be used ({e}) — re-run make_shards"

@@ -44,7 +44,7 @@ def test_make_shards_writes_the_index_readers_map(digits_shards):
         scanned = scan_tar(digits_shards / "train" / train.files.rels[shard].rsplit("/", 1)[1])[position]
         assert tuple(train._record(shard, i, position)) == tuple(scanned)
     with pytest.raises(ValueError, match="records, the manifest says"):
-        load_index(digits_shards / "train" / "index.npy", 5)
+        load_index(digits_shards / "train" / "index.npy", [5])
 
 
 @pytest.mark.parametrize(
