@@ -363,7 +363,7 @@ def csv_text(header: list[str], rows: list[list]) -> str:
 def write_atomically(path: Path, write) -> None:
     """write(tmp) fills a .tmp beside path, renamed when complete: an older file stays until then."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a second compare into the same folder writes its own
     try:
         write(tmp)
         os.replace(tmp, path)
