@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import signal
 import sys
 import threading
@@ -62,6 +63,7 @@ def run_command(
             stream.reconfigure(errors="backslashreplace")
     handles_sigterm = stop_on_sigterm and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
+    _COMMAND_PID[0] = os.getpid()
     try:
         return body()
     except BaseException as e:
@@ -86,7 +88,14 @@ class Terminated(KeyboardInterrupt):
     files removed on the way out. A KeyboardInterrupt, so every cleanup that Ctrl-C runs runs."""
 
 
+_COMMAND_PID = [0]  # the process whose command SIGTERM ends; forked children inherit the handler
+
+
 def _terminate(signum, frame):
+    if os.getpid() != _COMMAND_PID[0]:  # a worker forked from the command (a pool's): SIGTERM's default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Terminated()
 
 

@@ -89,3 +89,27 @@ def test_a_locale_without_the_characters_still_prints_them(tmp_path):
     env = {**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C", "PYTHONUTF8": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout
     assert out == b"\\u7c7b\\u522b caf\\xe9\n"
+
+
+def test_a_process_forked_from_a_command_dies_of_sigterm_quietly():
+    """A process pool's workers inherit the command's handler: Pool.terminate() SIGTERMs them, and
+    each must end as SIGTERM ends a process, not as the command does (a Terminated traceback)."""
+    code = (
+        "import os, signal, time\n"
+        "from toolbox.cli import run_command\n"
+        "def body():\n"
+        "    ready, tell = os.pipe()\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        os.write(tell, b'r')\n"  # running its own Python code now: the signal reaches it
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    os.read(ready, 1)\n"
+        "    os.kill(pid, signal.SIGTERM)\n"
+        "    status = os.waitpid(pid, 0)[1]\n"
+        "    print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)\n"
+        "    return 0\n"
+        "raise SystemExit(run_command(body))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "True\n" and result.stderr == "", result
