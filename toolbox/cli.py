@@ -2,9 +2,10 @@
 
 `run_command` runs a command's body and turns how it ended into an exit code: 0 or the body's own
 code; for an error the user can fix, one line on stderr that names the problem and the fix
-(`error: ...`); Ctrl-C is exit 130 and SIGTERM 143, each with one line and the command's unfinished
-files removed; a full disk, a quota or a read-only folder one line too. `--debug` (or SE_DENSENET_DEBUG=1, which reaches every rank of a launched job) prints the
-chained traceback behind the line first. Anything else is a bug and keeps its traceback.
+(`error: ...`); Ctrl-C is exit 130 and SIGTERM 143, each with one line and the command's
+unfinished files removed; a full disk, a quota or a read-only folder one line too. `--debug` (or
+SE_DENSENET_DEBUG=1, which reaches every rank of a launched job) prints the chained traceback
+behind the line first. Anything else is a bug and keeps its traceback.
 
 `Console` says a line once per job: every process of a launched job holds one, and only the one
 that speaks for the job (the main process) prints.
