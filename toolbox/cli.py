@@ -64,7 +64,6 @@ def run_command(
             stream.reconfigure(errors="backslashreplace")
     handles_sigterm = stop_on_sigterm and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
-    _COMMAND_PID[0] = os.getpid()
     try:
         return body()
     except BaseException as e:
@@ -89,15 +88,18 @@ class Terminated(KeyboardInterrupt):
     files removed on the way out. A KeyboardInterrupt, so every cleanup that Ctrl-C runs runs."""
 
 
-_COMMAND_PID = [0]  # the process whose command SIGTERM ends; forked children inherit the handler
-
-
 def _terminate(signum, frame):
-    if os.getpid() != _COMMAND_PID[0]:  # a worker forked from the command (a pool's): SIGTERM's default
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
     raise Terminated()
+
+
+def _default_sigterm_in_child() -> None:
+    """A process forked from a command (a pool's worker) ends on SIGTERM as any process does: with
+    the command's handler it could sit in a lock it inherited and never run it."""
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
 
 
 def standard_ending(e: BaseException, again: str, kept: str = "") -> tuple[int, str] | None:
