@@ -29,7 +29,7 @@ from toolbox.sizes import parse_size
 from trainer.rundir import PREDICTIONS
 from trainer.trained.images import image_files, read_image
 from trainer.trained.load import Trained, load_trained
-from trainer.training.data import close_loaders
+from trainer.training.data import close_loaders, worker_signals
 from trainer.training.metrics import TTA, predict_logits
 
 
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
+        worker_init_fn=worker_signals,  # a SIGTERM to the group is predict's to answer, not each worker's
     )
     out = args.out or args.run_dir / PREDICTIONS
     ranks = [f"top{i}_{field}" for i in range(2, k + 1) for field in ("class", "probability")]

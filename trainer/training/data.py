@@ -279,8 +279,9 @@ def close_loaders() -> None:
     _LOADERS_CLOSING.value = 1
 
 
-def _worker_signals(worker_id: int) -> None:
-    """Workers leave stop signals to the trainer, which checkpoints and then closes them.
+def worker_signals(worker_id: int) -> None:
+    """Workers leave stop signals to the process they serve (the trainer checkpoints first; evaluate
+    and predict remove their unfinished files), which then closes them.
 
     A job scheduler signals every process of the job: a worker killed by its SIGTERM would
     crash the trainer before it could write its checkpoint.
@@ -318,7 +319,7 @@ def make_loader(dataset: ShardDataset, order: Sampler, workers: int, pin_memory:
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
-        worker_init_fn=_worker_signals,
+        worker_init_fn=worker_signals,
     )
 
 
