@@ -201,9 +201,10 @@ class SplitFiles:
                     raise DataError(
                         f"shard {self.shown(shard)} listed in the manifest is missing — re-run make_shards or restore the file"
                     )
-                if expected and path.stat().st_size != expected:
+                size = path.stat().st_size
+                if expected and size != expected:
                     raise DataError(
-                        f"shard {self.shown(shard)} is {path.stat().st_size:,} bytes but the manifest says {expected:,} "
+                        f"shard {self.shown(shard)} is {size:,} bytes but the manifest says {expected:,} "
                         "(truncated or replaced) — re-run make_shards or restore the file"
                     )
                 if checksum and sha256_of(path) != self.entries[shard].sha256:

@@ -219,8 +219,9 @@ class RunDir:
         """Takes the lock before anything is written; returns a note when the file system has no locks.
         A folder that holds files but no run of ours (someone's own config.yaml, report.md, ...) is
         refused unless ``share``: nothing of theirs is overwritten by accident."""
-        if not share and self.foreign_files():
-            shown = ", ".join(self.foreign_files()[:4])
+        foreign = [] if share else self.foreign_files()
+        if foreign:
+            shown = ", ".join(foreign[:4])
             raise RunDirError(
                 f"run.dir {self.path} already holds files that are not a training run's ({shown}, ...) — choose "
                 "another run.dir, or pass run.share_dir=true to use it anyway (files named as a run's are overwritten)"

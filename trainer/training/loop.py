@@ -144,15 +144,15 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
             "note: resuming with changed settings: "
             + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
         )
+    preprocessing = Preprocessing(mean, std, eval_size(config.data), config.data.crop_pct, config.data.image_size)
     if accelerator.is_main_process:
-        preprocessing = Preprocessing(mean, std, eval_size(config.data), config.data.crop_pct, config.data.image_size)
         if aside := job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume):
             job.console.say(f"note: train.resume=false: the earlier run's files were moved to {aside}")
         job.run.set_status("running")
     accelerator.wait_for_everyone()
     state.prepare()
     step = state.progress.step if state.progress.step or state.progress.epoch else None
-    job.tracker = Tracker(config, job.run, job.classes, job.console, step, source)
+    job.tracker = Tracker(config, job.run, job.classes, preprocessing, job.console, step, source)
     if changes:
         job.tracker.log_config_change(state.progress.epoch, state.progress.step, changes)
     announce(job, state, source, loaders.order)
@@ -223,26 +223,26 @@ def class_weights(config: Config, manifest) -> torch.Tensor | None:
 
 def announce(job: Job, state: TrainState, source, order) -> None:
     """The start-up lines: what trains, on what, at which rate, and where the shards come from."""
-    config, tracker = job.config, job.tracker
+    config, say = job.config, job.console.say
     steps = order.steps_per_epoch // config.train.grad_accum
-    tracker.say(
+    say(
         f"training {config.run.name or Path(config.run.dir).name}: {job.accelerator.num_processes} process(es) on "
         f"{job.accelerator.device.type}, {sum(p.numel() for p in state.model.parameters()):,} parameters, "
         f"{steps} steps/epoch, global batch {state.global_batch}, {describe_lr(config.optim, state.global_batch)}"
     )
     if config.data.min_size is not None:
-        tracker.say(describe_ramp(config, compiled=config.train.compile not in (None, "none")))
+        say(describe_ramp(config, compiled=config.train.compile not in (None, "none")))
     if (repeats := config.data.aug_repeats) > 1:
         world = job.accelerator.num_processes
         spread = "each copy on another process" if repeats <= world else f"more copies than the {world} process(es)"
-        tracker.say(
+        say(
             f"aug repeats {repeats}: every sample {repeats} times per epoch, differently augmented ({spread}); "
             f"an epoch keeps its {steps} steps and so covers 1/{repeats} of the split"
         )
     if source.cache is not None:
-        tracker.say(f"shards from {source.shown} through the node cache {source.describe_cache()}")
+        say(f"shards from {source.shown} through the node cache {source.describe_cache()}")
         if order.blocks is not None and order.blocks.samples_per_block() < order.read_ahead:
-            tracker.say(
+            say(
                 f"note: a cache block holds ~{order.blocks.samples_per_block()} samples but the loaders read "
                 f"{order.read_ahead} ahead, so shards will be fetched more than once an epoch — raise data.cache_limit"
             )
@@ -373,7 +373,7 @@ def evaluate_and_log(state: TrainState, loader, job: Job) -> None:
         tracker.save_weights("best", net, record)
         if progress.epoch < config.train.epochs:  # the last evaluation's best goes with the final weights
             tracker.log_model(progress.step, ["best"], record)
-    tracker.say(
+    job.console.say(
         f"epoch {progress.epoch}/{config.train.epochs}  step {progress.step}  val top-1 {record['top1']:.4f}  "
         f"top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  ({record['num_samples']} samples)"
         + ("  best" if improved else "")
@@ -412,7 +412,7 @@ def save_checkpoint(state: TrainState, job: Job) -> None:
         job.config.train.keep_checkpoints,
     )
     if path is not None:
-        job.tracker.say(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
+        job.console.say(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
 
 
 def finish_run(state: TrainState, job: Job) -> None:
@@ -427,7 +427,7 @@ def finish_run(state: TrainState, job: Job) -> None:
     tracker.summarize(summary)
     tracker.plots()
     tracker.write_report(summary)
-    tracker.say(
+    job.console.say(
         f"done: best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch}); run dir {config.run.dir}"
     )
     tracker.finish()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from toolbox.cli import Console, progress_bar
-from trainer.rundir import CONFUSION, CURVES, SUMMARY, RunDir, WeightsInfo, best_eval
+from trainer.rundir import CONFUSION, CURVES, SUMMARY, Preprocessing, RunDir, WeightsInfo, best_eval
 from trainer.training.config import Config, to_dict
 from trainer.training.tracking.plots import plot_confusion, plot_curves
 from trainer.training.tracking.report import write_report
@@ -19,12 +19,19 @@ from trainer.training.tracking.wandb_run import WandbRun
 
 class Tracker:
     def __init__(
-        self, config: Config, run: RunDir, classes: list[str], console: Console, resume_step: int | None, dataset
+        self,
+        config: Config,
+        run: RunDir,
+        classes: list[str],
+        preprocessing: Preprocessing,  # what the weights files carry: written once, at start-up
+        console: Console,
+        resume_step: int | None,
+        dataset,
     ):
         self.enabled = console.speaks
-        self.console = console
         self.run = run
         self.classes = classes
+        self.preprocessing = preprocessing
         self.config = config
         self.wandb = None
         if not self.enabled:
@@ -35,9 +42,6 @@ class Tracker:
 
     def bar(self, iterable, total: int, desc: str):
         return progress_bar(iterable, total, desc, self.enabled)
-
-    def say(self, line: str) -> None:
-        self.console.say(line)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -76,7 +80,7 @@ class Tracker:
             config=to_dict(self.config),
             classes=self.classes,
             fingerprint=net.fingerprint(),
-            preprocessing=self.run.preprocessing(),
+            preprocessing=self.preprocessing,
             evaluation={k: evaluation[k] for k in ("epoch", "step", "top1", "top5", "num_samples")}
             if evaluation
             else None,
