@@ -317,7 +317,8 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
         size, sha = write_index(stage / name / INDEX_NAME, records[name])
         split.index = ShardInfo(INDEX_NAME, split.num_samples, size, sha)
 
-    mean, std = report.mean_std(plan.scan.stats[plan.split == TRAIN])
+    train = plan.split == TRAIN
+    mean, std = report.mean_std(plan.scan.stats[train])
     return Manifest(
         classes=plan.classes,
         splits=splits,
@@ -328,6 +329,7 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
         duplicates=plan.duplicates,
         source=source,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        image_sizes=report.image_sizes(plan.scan.width[train], plan.scan.height[train], args.resize_short),
     )
 
 

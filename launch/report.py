@@ -28,6 +28,26 @@ def mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
     return [round(m / 255, 6) for m in mean], [max(round(math.sqrt(v) / 255, 6), MIN_STD) for v in var]
 
 
+def image_sizes(width: np.ndarray, height: np.ndarray, resize_short: int | None) -> dict[str, int]:
+    """The sizes the trainer will read (``data.image_size: auto`` trains at the median shorter side):
+    the split's images as written, so --resize-short's re-encoded ones at their new size."""
+    if len(width) == 0:
+        return {}
+    width, height = width.astype(np.float64), height.astype(np.float64)
+    if resize_short is not None:
+        scale = np.minimum(resize_short / np.maximum(np.minimum(width, height), 1), 1.0)
+        width, height = np.maximum(np.round(width * scale), 1), np.maximum(np.round(height * scale), 1)
+    short = np.minimum(width, height)
+    sizes = {
+        "median_width": np.median(width),
+        "median_height": np.median(height),
+        "short_p10": np.percentile(short, 10),
+        "short_median": np.median(short),
+        "short_p90": np.percentile(short, 90),
+    }
+    return {key: max(int(round(value)), 1) for key, value in sizes.items()}
+
+
 def flat_channels_note(std: list[float]) -> str | None:
     """A note for channels without variance in the train split, whose std is set to MIN_STD."""
     flat = [name for name, s in zip(("red", "green", "blue"), std) if s <= MIN_STD]

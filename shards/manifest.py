@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shards.format import MANIFEST, TIMM_INFO
+from shards.format import MANIFEST, MAX_PIXELS, TIMM_INFO
 from shards.index import RECORD
 from toolbox.errors import DataError, first_line
 
@@ -61,6 +61,9 @@ class Manifest:
     created: str = ""  # the one field that differs between two identical runs
     version: int = FORMAT_VERSION
     prefix: str = ""  # where the splits' folders sit below OUT ("" or "build-<id>/", see launch/publish.py)
+    # The train split's images as written (after --resize-short), in pixels: median_width, median_height,
+    # and the shorter side's short_p10, short_median, short_p90. {} in shards made before it was recorded.
+    image_sizes: dict[str, int] = field(default_factory=dict)
     root: Path | None = field(default=None, compare=False, repr=False)  # OUT; set by load/write
     sha256: str = field(default="", compare=False, repr=False)  # of the manifest.json bytes read: names the dataset
 
@@ -156,6 +159,7 @@ class Manifest:
             created=_typed(d.get("created", ""), str, "created"),
             version=version,
             prefix=_prefix(d.get("prefix", "")),
+            image_sizes=_image_sizes(d.get("image_sizes", {})),
         )
 
     def verify(self, split: str | None = None, checksum: bool = False) -> None:
@@ -222,6 +226,14 @@ def _rgb(value, where: str) -> list[float]:
     if not ok or not all(math.isfinite(v) and 0 <= v <= 1 for v in values):
         raise ValueError(f"{where} is {_short(values)}, not 3 numbers from 0 to 1 (RGB)")
     return [float(v) for v in values]
+
+
+def _image_sizes(value) -> dict[str, int]:
+    sizes = _typed(value, dict, "image_sizes")
+    for key, side in sizes.items():
+        if not 0 < _count(side, f"image_sizes.{key}") <= MAX_PIXELS:
+            raise ValueError(f"image_sizes.{key} is not a side in pixels")
+    return sizes
 
 
 def _shard_info(x: dict, where: str) -> ShardInfo:

@@ -21,7 +21,15 @@ ALLOWED = {
     "trainer.trained": ("toolbox", "shards", "trainer.rundir", "trainer.training"),
     "trainer.runs": ("toolbox", "trainer.rundir", "trainer.training.config"),
 }
-ENTRIES = ("trainer.main", "trainer.evaluate", "trainer.predict", "trainer.export", "trainer.sweep", "trainer.compare")
+ENTRIES = (
+    "trainer.main",
+    "trainer.__main__",
+    "trainer.evaluate",
+    "trainer.predict",
+    "trainer.export",
+    "trainer.sweep",
+    "trainer.compare",
+)
 
 
 def module_name(path: Path) -> str:

@@ -26,24 +26,27 @@ from toolbox.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_
 from trainer.rundir import CHECKPOINTS, RunDir
 from trainer.training.checkpoint import complete_checkpoints
 from trainer.training.config import Config, join_agent_sweep, load_config
-from trainer.training.data import close_loaders
+from trainer.training.data import close_loaders, open_shards
 from trainer.training.loop import Job, fit
 from trainer.training.nonfinite import NonFiniteError
 from trainer.training.runtime import PeerFailed, StopFlag, any_rank, make_accelerator, settle_launch, stop_with_launcher
+from trainer.training.sizing import settle_sizes
 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     # Every rank reads the same command line and environment, so what they say about them before
-    # the ranks meet (the config, a sweep's run dir) the launcher's rank 0 says once for all.
+    # the ranks meet (the config, a sweep's run dir, the sizes settled from the shards) the launcher's rank 0
+    # says once for all.
     first_rank = os.environ.get("RANK", "0") == "0"
     settled: list[Config] = []
 
     def body() -> int:
         config, note = join_agent_sweep(load_config(args.config, overrides))
+        config, lines = settle_sizes(config, open_shards(config.data.shards, config.data).manifest)
         settled.append(config)
-        if note:
-            Console(first_rank).say(note)
+        for line in [note, *lines] if note else lines:
+            Console(first_rank).say(line)
         return train(config)
 
     def explain_here(e: BaseException) -> tuple[int, str] | None:

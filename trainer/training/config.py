@@ -46,7 +46,7 @@ class ModelConfig:
     efficient: bool = False  # recompute each dense layer's concat-BN-ReLU in backward (about half the memory)
     shared_bn: bool = False  # compiled training: normalise each feature map once for all later layers
     # (the same function with less memory traffic; its GPU speed-up is not measured yet)
-    small_inputs: bool = False  # CIFAR-style stem: conv3x3 stride 1, no maxpool
+    small_inputs: bool | str = False  # CIFAR-style stem: conv3x3 stride 1, no maxpool; auto: by image size
     pretrained: str | None = None  # local weights file (torchvision's or ours) to start from
     freeze_features: bool = False  # train only the classifier (with `pretrained`)
 
@@ -59,7 +59,8 @@ class DataConfig:
     cache_limit: str | None = None  # e.g. 500MB, 40GB; None: no limit (at least 4x the largest shard)
     fetch_retries: int = 5  # attempts after a transient store error, with backoff (1 s, 2 s, 4 s, ... 30 s)
     allow_pipe: bool = False  # data.shards=pipe:CMD runs a shell command per file; off unless set
-    image_size: int = 224  # train crop side (the val crop's too, unless val_size is set)
+    image_size: int | str = 224  # train crop side (the val crop's too, unless val_size is set); auto: from
+    # the shards (their images' median shorter side, rounded to data.size_step; trainer/training/sizing.py)
     val_size: int | None = None  # val crop side: evaluations, evaluate, predict, export; None: image_size
     crop_pct: float = 0.875  # val: resize to val_size / crop_pct, then centre crop
     # Progressive resizing (FFCV's ramp): the train crop grows from min_size to image_size between
@@ -178,6 +179,9 @@ CHOICES = {
     "wandb.mode": ("offline", "online", "disabled"),
 }
 LAUNCHER_DEFERRED = ("train.mixed_precision", "train.compile")  # None: `accelerate launch` decides (resolve_launch)
+AUTO = "auto"
+# Keys that may say `auto`: trainer/training/sizing.py settles them from the shards before the run starts.
+FROM_THE_DATA = {"data.image_size": "a side in pixels, e.g. 224", "model.small_inputs": "true or false"}
 
 MAX_SIDE = 4096  # pixels: a typo's 100000 would allocate gigabytes per image
 # key -> (lowest, highest, whether the lowest itself is allowed). Sizes and counts have a ceiling, so
@@ -376,9 +380,13 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"{key}={value} is not a finite number — give a number, e.g. the default in trainer/training/config.py"
             )
+    for key, expected in FROM_THE_DATA.items():
+        value = _get(config, key)
+        if isinstance(value, str) and value != AUTO:
+            raise ConfigError(f"{key}={value!r} is neither {expected} nor auto (chosen from the shards)")
     for key, (low, high, low_ok) in RANGES.items():
         value = _get(config, key)
-        if value is None:
+        if value is None or value == AUTO:
             continue
         if value < low or (value == low and not low_ok) or value > high:
             bound = f"{'>=' if low_ok else '>'} {low}" + ("" if high == math.inf else f" and <= {high}")
@@ -402,7 +410,7 @@ def validate(config: Config) -> None:
 
 def _validate_ramp(config: Config) -> None:
     data, epochs = config.data, config.train.epochs
-    if data.min_size is None:
+    if data.min_size is None or data.image_size == AUTO:  # checked again once the size is settled
         return
     if data.min_size > data.image_size:
         raise ConfigError(

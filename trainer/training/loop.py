@@ -30,7 +30,7 @@ from trainer.training.metrics import ShownSamples, summarize
 from trainer.training.nonfinite import assert_finite, update_ema
 from trainer.training.optim import describe_lr
 from trainer.training.randomness import mix_seed, rng_state
-from trainer.training.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main
+from trainer.training.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main, said_once
 from trainer.training.state import TrainState
 from trainer.training.tracking.tracker import Tracker
 from trainer.training.transforms import DeviceDecode, DeviceNormalize, TrainPreset, batch_mixer, normalization
@@ -108,19 +108,20 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
     torch.manual_seed(mix_seed(config.train.seed, rank))
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    source = open_shards(config.data.shards, config.data)
-    manifest = source.manifest
-    job.classes = manifest.classes
-    mean, std = normalization(config.data, manifest.mean, manifest.std)
-    loaders = build_loaders(config, source, mean, std, rank, world, accelerator.device.type == "cuda")
-    if note := loader_workers(config.data.workers)[1]:
-        job.console.say(note)
-    if not loaders.train.dataset.reader.has_index:
-        job.console.say(
-            f"note: the shards at {source.shown} have no sample index, so every loader process scans their tar "
-            "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one"
-        )
-    inputs = train_inputs(config, loaders, manifest, (mean, std), accelerator.device, world)
+    with said_once(accelerator):  # the same data error on every rank is one line, not one per rank
+        source = open_shards(config.data.shards, config.data)
+        manifest = source.manifest
+        job.classes = manifest.classes
+        mean, std = normalization(config.data, manifest.mean, manifest.std)
+        loaders = build_loaders(config, source, mean, std, rank, world, accelerator.device.type == "cuda")
+        if note := loader_workers(config.data.workers)[1]:
+            job.console.say(note)
+        if not loaders.train.dataset.reader.has_index:
+            job.console.say(
+                f"note: the shards at {source.shown} have no sample index, so every loader process scans their tar "
+                "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one"
+            )
+        inputs = train_inputs(config, loaders, manifest, (mean, std), accelerator.device, world)
     state = TrainState(
         config,
         build_model(config, len(job.classes), job.console),

@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
 from toolbox.cli import Console
-from toolbox.errors import EXIT_FAILURE, UserError
+from toolbox.errors import EXIT_FAILURE, UserError, first_line
 from trainer.rundir import COMPILE_CACHE
 from trainer.training.config import CHOICES, Config, ConfigError, TrainConfig, train_sizes
 
@@ -229,6 +230,26 @@ def any_rank(flag: bool, accelerator: Accelerator) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+@contextmanager
+def said_once(accelerator: Accelerator) -> Iterator[None]:
+    """A UserError on any rank inside stops every rank, and the job says it once: the main process
+    says the first failing rank's line (its own when it failed), the others leave quietly (main.py
+    turns an `agreed` error into PeerFailed on them). Every rank must enter: it ends in a collective."""
+    failure = None
+    try:
+        yield
+    except UserError as e:
+        failure = e
+    said = gather_to_main([None if failure is None else (failure.exit_code, first_line(failure))], accelerator)
+    first = share_from_main(next((s for s in said if s is not None), None), accelerator)
+    if first is None:
+        return
+    if failure is None or not accelerator.is_main_process:
+        failure = UserError(first[1], first[0])  # every rank leaves with the code the job says
+    failure.agreed = True
+    raise failure
 
 
 def agree(stop: bool, streak: torch.Tensor, accelerator: Accelerator) -> tuple[bool, int]:

@@ -1,0 +1,150 @@
+"""`python -m trainer`: training on this machine in one command.
+
+The config is checked here first (a bad key, value or shards location is one line, and no process
+starts), then `accelerate launch trainer/main.py` runs in this process with every value it would
+otherwise warn about: one process per visible GPU, or on a machine without one CPU processes with
+their threads chosen as BENCHMARKS.md ("CPU layout") measured. A rank's one-line error is the last
+line; torch's launcher block behind it (which rank, which pid) shows only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolbox.cli import Console, add_debug_flag, run_command
+from toolbox.errors import EXIT_FAILURE, UserError
+from trainer.training.config import Config, load_config
+from trainer.training.data import open_shards
+from trainer.training.sizing import settle_sizes
+
+MAIN = Path(__file__).resolve().parent.parent / "main.py"
+THREADS_PER_CPU_PROCESS = 1  # BENCHMARKS.md, "CPU layout": processes beat threads for these models
+MAX_CPU_PROCESSES = 8  # each CPU process multiplies the global batch (and with it the scaled lr)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many training processes on this machine, on what, with how many torch threads each."""
+
+    processes: int
+    device: str  # cuda | cpu
+    threads: int
+    cores: int  # the cores this process may use
+
+    def describe(self) -> str:
+        if self.device == "cuda":
+            return f"{self.processes} process(es), one per GPU"
+        return (
+            f"{self.processes} process(es) on the CPU, {self.threads} thread(s) each ({self.cores} core(s) usable here)"
+        )
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity (a Slurm allocation, taskset, a container's
+    cpuset), not the machine's count."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else max(cores, 1)
+
+
+def choose_layout(config: Config, processes: int | None, gpus: int, cores: int) -> Layout:
+    """One process per GPU (train.device permitting); on the CPU one process per core, up to
+    MAX_CPU_PROCESSES, the cores shared out as threads. --processes N wins over both counts."""
+    if config.train.device == "cuda" and gpus == 0:
+        raise UserError("train.device=cuda but no GPU is visible here — run on a GPU node or set train.device=cpu")
+    if gpus and config.train.device != "cpu":
+        return Layout(processes or gpus, "cuda", 1, cores)
+    count = processes or max(1, min(cores // THREADS_PER_CPU_PROCESS, MAX_CPU_PROCESSES))
+    return Layout(count, "cpu", max(1, cores // count), cores)
+
+
+def accelerate_args(layout: Layout, config_path: str | None, overrides: list[str], debug: bool) -> list[str]:
+    """`accelerate launch`'s command line with every value it would otherwise fill in and warn about."""
+    args = ["--num_processes", str(layout.processes), "--num_machines", "1"]
+    args += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # "no": the config decides (runtime.py)
+    args += ["--num_cpu_threads_per_process", str(layout.threads)]
+    if layout.processes > 1:  # CPU processes too: ACCELERATE_USE_CPU makes their group a gloo one (launch)
+        args += ["--multi_gpu", "--main_process_port", str(free_port())]
+    elif layout.device == "cpu":
+        args.append("--cpu")
+    script = [str(MAIN), *(["--config", config_path] if config_path else []), *overrides]
+    return args + script + (["--debug"] if debug else [])
+
+
+def free_port() -> int:
+    """A port nobody listens on now, so two runs on one machine do not both take torch's 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], cpu: bool, debug: bool) -> int:
+    """Accelerate's own launcher, in this process; -> the job's exit code, without the launcher's
+    traceback block (the ranks have said why already)."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not debug:  # "failed (exitcode: 2) local_rank: 0 (pid: ...)": the rank's own line says more
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # else each process would train alone
+    parsed = launch_command_parser().parse_args(args)
+    try:
+        launch_command(parsed)
+    except ChildFailedError as e:
+        if debug:
+            print(e.format_msg(), flush=True)
+        return exit_code(e.get_first_failure()[1].exitcode)
+    except subprocess.CalledProcessError as e:  # one process: Accelerate ran it as a plain child
+        return exit_code(e.returncode)
+    except SignalException as e:  # Ctrl-C or SIGTERM here: the ranks were told and have stopped
+        return 128 + int(e.sigval)
+    return 0
+
+
+def exit_code(code: int) -> int:
+    """A child's exit status as a shell reports it: a signal's death as 128 + its number."""
+    return 128 - code if code < 0 else code or EXIT_FAILURE
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [-h] --config YAML [--processes N] [--debug] [section.key=value ...]",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="YAML file in configs/, e.g. configs/own-images.yaml")
+    parser.add_argument(
+        "--processes", type=int, metavar="N", help="training processes (default: one per GPU; on the CPU, by its cores)"
+    )
+    add_debug_flag(parser)
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+
+    def body() -> int:
+        if args.processes is not None and args.processes < 1:
+            raise UserError(f"--processes {args.processes}: give 1 or more")
+        config = load_config(args.config, overrides)
+        settle_sizes(config, open_shards(config.data.shards, config.data).manifest)  # the shards are there
+        import torch
+
+        layout = choose_layout(config, args.processes, torch.cuda.device_count(), usable_cores())
+        Console(True).say(f"python -m trainer: {layout.describe()}")
+        return launch(accelerate_args(layout, args.config, overrides, args.debug), layout.device == "cpu", args.debug)
+
+    return run_command(body, args.debug)
