@@ -197,3 +197,27 @@ def test_a_repeated_index_record_is_refused_before_any_read(dataset):
     np.save(dataset / "val" / "index.npy", index)
     with pytest.raises(DataError, match=r"val/index\.npy cannot be used \(record 5 overlaps the one before it"):
         split_reader(open_shards(str(dataset)), "val")
+
+
+def test_the_train_images_sizes_are_recorded_for_auto_sizing(digits_shards, dataset):
+    assert Manifest.load(digits_shards).image_sizes == {
+        "median_width": 8,
+        "median_height": 8,
+        "short_p10": 8,
+        "short_median": 8,
+        "short_p90": 8,
+    }
+    edit(dataset, lambda m: m.pop("image_sizes"))  # shards made before the sizes were recorded
+    assert Manifest.load(dataset).image_sizes == {}
+    edit(dataset, lambda m: m.update(image_sizes={"short_median": -3}))
+    assert "image_sizes.short_median" in refused(dataset)
+
+
+def test_recorded_sizes_are_those_written_after_resize_short():
+    from launch.report import image_sizes
+
+    width, height = np.array([4000, 300, 200]), np.array([3000, 400, 100])
+    assert image_sizes(width, height, None)["short_median"] == 300
+    resized = image_sizes(width, height, 256)  # 4000x3000 -> 341x256, 300x400 -> 256x341, 200x100 kept
+    assert (resized["median_width"], resized["median_height"], resized["short_median"]) == (256, 256, 256)
+    assert image_sizes(np.array([]), np.array([]), None) == {}

@@ -19,9 +19,16 @@ def test_defaults_yaml_and_overrides_layer(tmp_path):
     assert config.model.block_config == [2, 3]
 
 
-@pytest.mark.parametrize("configs", ["demo", "densenet121-imagenet", "densenet121-imagenet-fast", "cifar-style"])
+@pytest.mark.parametrize(
+    "configs", ["demo", "densenet121-imagenet", "densenet121-imagenet-fast", "cifar-style", "own-images"]
+)
 def test_shipped_configs_load(configs):
-    load_config(f"configs/{configs}.yaml")
+    load_config(f"configs/{configs}.yaml", ["data.shards=somewhere"])  # own-images asks for it
+
+
+def test_own_images_asks_for_its_shards():
+    with pytest.raises(ConfigError, match="data.shards is required"):
+        load_config("configs/own-images.yaml")
 
 
 @pytest.mark.parametrize(
@@ -37,6 +44,8 @@ def test_shipped_configs_load(configs):
         (["model.compression=1.5"], "model.compression=1.5 is out of range"),
         (["lr=1"], "must look like section.key=value"),
         (["model.freeze_features=true"], "model.freeze_features needs model.pretrained"),
+        (["data.image_size=big"], "data.image_size='big' is neither a side in pixels, e.g. 224 nor auto"),
+        (["model.small_inputs=maybe"], "model.small_inputs='maybe' is neither true or false nor auto"),
     ],
 )
 def test_bad_values_are_one_line_errors(overrides, expected):

@@ -1,0 +1,53 @@
+"""`python -m trainer`'s choices: the layout, Accelerate's command line, and exit codes."""
+
+import logging
+
+import pytest
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+from toolbox.errors import UserError
+from trainer.training.config import load_config
+from trainer.training.launcher import MAX_CPU_PROCESSES, Layout, accelerate_args, choose_layout, exit_code
+
+
+def config(*overrides: str):
+    return load_config("configs/demo.yaml", list(overrides))
+
+
+@pytest.mark.parametrize(
+    "device, processes, gpus, cores, expected",
+    [
+        ("auto", None, 4, 32, Layout(4, "cuda", 1, 32)),
+        ("auto", 2, 4, 32, Layout(2, "cuda", 1, 32)),
+        ("cpu", None, 4, 2, Layout(2, "cpu", 1, 2)),
+        ("auto", None, 0, 2, Layout(2, "cpu", 1, 2)),
+        ("auto", 1, 0, 2, Layout(1, "cpu", 2, 2)),
+        ("auto", None, 0, 64, Layout(MAX_CPU_PROCESSES, "cpu", 64 // MAX_CPU_PROCESSES, 64)),
+        ("auto", 3, 0, 2, Layout(3, "cpu", 1, 2)),
+    ],
+)
+def test_one_process_per_gpu_else_cpu_processes_sharing_the_cores(device, processes, gpus, cores, expected):
+    assert choose_layout(config(f"train.device={device}"), processes, gpus, cores) == expected
+
+
+def test_cuda_asked_without_a_gpu_is_one_line_before_anything_starts():
+    with pytest.raises(UserError, match="train.device=cuda but no GPU is visible here"):
+        choose_layout(config("train.device=cuda"), None, 0, 8)
+
+
+@pytest.mark.parametrize("layout", [Layout(1, "cpu", 2, 2), Layout(2, "cpu", 1, 2), Layout(8, "cuda", 1, 64)])
+def test_accelerate_is_given_every_value_it_would_warn_about(layout, caplog, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no `accelerate config` file of this machine's
+    args = accelerate_args(layout, "configs/demo.yaml", ["optim.lr=0.1"], debug=False)
+    parsed = launch_command_parser().parse_args(args)
+    with caplog.at_level(logging.WARNING):
+        _validate_launch_command(parsed)
+    assert not [r for r in caplog.records if "were not passed" in r.getMessage()]
+    assert parsed.num_processes == layout.processes
+    assert parsed.training_script.endswith("trainer/main.py")
+    assert parsed.training_script_args == ["--config", "configs/demo.yaml", "optim.lr=0.1"]
+    assert parsed.multi_gpu == (layout.processes > 1) and parsed.cpu == (layout == Layout(1, "cpu", 2, 2))
+
+
+def test_exit_codes_read_as_a_shell_reports_them():
+    assert [exit_code(2), exit_code(75), exit_code(-9), exit_code(0)] == [2, 75, 137, 1]

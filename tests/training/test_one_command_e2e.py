@@ -1,0 +1,86 @@
+"""`python -m trainer`: the config and the shards checked before any process starts, the job's
+own error last and said once, and a real 2-process CPU run with its sizes settled from the data."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY, cpu_env, train_command
+
+pytestmark = pytest.mark.e2e
+
+
+def one_command(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    env = cpu_env(HF_HOME=str(tmp / "hf"))  # no `accelerate config` file of this machine's
+    del env["ACCELERATE_USE_CPU"], env["OMP_NUM_THREADS"]  # the launcher sets both itself
+    command = [sys.executable, "-m", "trainer", "--config", "configs/demo.yaml", *TINY, *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+
+
+def truncated_copy(shards: Path, tmp: Path) -> Path:
+    bad = tmp / "bad-shards"
+    shutil.copytree(shards, bad, ignore=shutil.ignore_patterns("images"))
+    with open(sorted((bad / "train").glob("*.tar"))[0], "r+b") as f:
+        f.truncate(1000)
+    return bad
+
+
+def test_a_config_typo_is_one_line_and_nothing_starts(digits_shards, tmp_path):
+    result = one_command(f"data.shards={digits_shards}", f"run.dir={tmp_path / 'run'}", "optim.lrr=1", tmp=tmp_path)
+    assert result.returncode == 2
+    assert lines(result) == ["error: unknown config key 'optim.lrr' — did you mean 'optim.lr'?"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_shards_are_one_line_before_any_process(tmp_path):
+    result = one_command(f"data.shards={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'run'}", tmp=tmp_path)
+    assert result.returncode == 2
+    assert lines(result) == [
+        f"error: {tmp_path / 'nowhere' / 'manifest.json'} not found — make shards first with "
+        "`python -m launch.make_shards SRC OUT`"
+    ]
+
+
+def test_a_data_error_in_the_ranks_is_said_once_and_last(digits_shards, tmp_path):
+    bad = truncated_copy(digits_shards, tmp_path)
+    result = one_command(f"data.shards={bad}", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled", tmp=tmp_path)
+    assert result.returncode == 2
+    said = [line for line in lines(result) if "is 1,000 bytes but the manifest says" in line]
+    assert len(said) == 1 and result.stderr.strip().splitlines()[-1] == said[0]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert "were not passed to `accelerate launch`" not in result.stderr
+
+
+def test_under_accelerate_launch_a_data_error_is_said_once(digits_shards, tmp_path):
+    bad = truncated_copy(digits_shards, tmp_path)
+    overrides = [*TINY, f"data.shards={bad}", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled"]
+    result = subprocess.run(
+        train_command("configs/demo.yaml", overrides, processes=2),
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert sum("is 1,000 bytes but the manifest says" in line for line in lines(result)) == 1
+
+
+def test_two_cpu_processes_train_at_the_size_settled_from_the_shards(digits_shards, tmp_path):
+    run = tmp_path / "run"
+    args = [f"data.shards={digits_shards}", f"run.dir={run}", "data.image_size=auto", "model.small_inputs=auto"]
+    result = one_command("--processes", "2", *args, "train.epochs=1", "wandb.mode=disabled", tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = lines(result)
+    assert out[0].startswith("python -m trainer: 2 process(es) on the CPU, 1 thread(s) each (")
+    assert "image size 16 train, 16 val (auto from the shards: median 8x8); small stem (auto: below 96 px)" in out
+    assert any(line.startswith("training run: 2 process(es) on cpu") for line in out)
+    assert "image_size: 16" in (run / "config.yaml").read_text()  # config.yaml holds what ran
+    assert "were not passed to `accelerate launch`" not in result.stderr
