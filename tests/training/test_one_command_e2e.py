@@ -1,14 +1,17 @@
 """`python -m trainer`: the config and the shards checked before any process starts, the job's
 own error last and said once, and a real 2-process CPU run with its sizes settled from the data."""
 
+import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, cpu_env, train_command
+from tests.conftest import REPO, TINY, cpu_env, train_command, wait_for, worker_pids
+from toolbox.errors import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.e2e
 
@@ -84,3 +87,23 @@ def test_two_cpu_processes_train_at_the_size_settled_from_the_shards(digits_shar
     assert any(line.startswith("training run: 2 process(es) on cpu") for line in out)
     assert "image_size: 16" in (run / "config.yaml").read_text()  # config.yaml holds what ran
     assert "were not passed to `accelerate launch`" not in result.stderr
+
+
+def test_sigterm_to_the_command_checkpoints_its_single_trainer_and_ends_with_it(digits_shards, tmp_path):
+    """One process runs outside torch's agent: the command passes SIGTERM on and waits for the trainer."""
+    run = tmp_path / "run"
+    env = cpu_env(HF_HOME=str(tmp_path / "hf"))
+    args = [f"data.shards={digits_shards}", f"run.dir={run}", "train.epochs=50", "train.checkpoint_every=3"]
+    command = [sys.executable, "-m", "trainer", "--processes", "1", "--config", "configs/demo.yaml", *TINY, *args]
+    command.append("wandb.mode=disabled")
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: list((run / "checkpoints").glob("ckpt-*/COMPLETE")), timeout=300, process=launcher)
+        trainers = worker_pids(launcher.pid)
+        launcher.send_signal(signal.SIGTERM)  # to the command alone, as `kill PID` does
+        out, _ = launcher.communicate(timeout=300)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == EXIT_PREEMPTED, out
+    assert json.loads((run / "status.json").read_text())["state"] == "preempted"
+    assert trainers and not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]  # ended before the command

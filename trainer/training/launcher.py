@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from toolbox.cli import Console, add_debug_flag, run_command
 from toolbox.errors import EXIT_FAILURE, UserError
 from trainer.training.config import Config, load_config
 from trainer.training.data import open_shards
+from trainer.training.runtime import LAUNCHER_PID
 from trainer.training.sizing import settle_sizes
 
 MAIN = Path(__file__).resolve().parent.parent / "main.py"
@@ -90,26 +92,51 @@ def free_port() -> int:
 def launch(args: list[str], cpu: bool, debug: bool) -> int:
     """Accelerate's own launcher, in this process; -> the job's exit code, without the launcher's
     traceback block (the ranks have said why already)."""
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    from accelerate.commands.launch import _validate_launch_command, launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    if not debug:  # "failed (exitcode: 2) local_rank: 0 (pid: ...)": the rank's own line says more
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if not debug:  # "failed (exitcode: 2) local_rank: 0 (pid: ...)": the ranks' own lines say more
+        import torch.distributed.run  # noqa: F401  (its loggers exist from here on, each with its level)
+
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed.elastic"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     if cpu:
         os.environ["ACCELERATE_USE_CPU"] = "true"  # else each process would train alone
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the trainers stop with this process (stop_with_launcher)
     parsed = launch_command_parser().parse_args(args)
+    if parsed.num_processes == 1:
+        return run_alone(_validate_launch_command(parsed)[0])
     try:
-        launch_command(parsed)
+        launch_command(parsed)  # torch's agent: SIGTERM and Ctrl-C reach the trainers through it
     except ChildFailedError as e:
         if debug:
             print(e.format_msg(), flush=True)
         return exit_code(e.get_first_failure()[1].exitcode)
-    except subprocess.CalledProcessError as e:  # one process: Accelerate ran it as a plain child
-        return exit_code(e.returncode)
-    except SignalException as e:  # Ctrl-C or SIGTERM here: the ranks were told and have stopped
+    except SignalException as e:  # the trainers were told, and given torch's 30 s to checkpoint
         return 128 + int(e.sigval)
     return 0
+
+
+def run_alone(parsed: argparse.Namespace) -> int:
+    """One trainer as Accelerate's simple launcher starts it, but waited for through SIGTERM (passed
+    on: it checkpoints and stops) and Ctrl-C (which the terminal gave it too), so this command ends
+    when the trainer has, with its exit code."""
+    from accelerate.utils import prepare_simple_launcher_cmd_env
+
+    command, env = prepare_simple_launcher_cmd_env(parsed)
+    child = subprocess.Popen(command, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        while True:
+            try:
+                code = child.wait()
+                return 0 if code == 0 else exit_code(code)
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def exit_code(code: int) -> int:
@@ -147,4 +174,4 @@ def main(argv: list[str] | None = None) -> int:
         Console(True).say(f"python -m trainer: {layout.describe()}")
         return launch(accelerate_args(layout, args.config, overrides, args.debug), layout.device == "cpu", args.debug)
 
-    return run_command(body, args.debug)
+    return run_command(body, args.debug)  # SIGTERM before the trainers start: a line, as Ctrl-C

@@ -314,14 +314,14 @@ def after_step(state: TrainState, inputs: TrainInputs, job: Job, window: TrainWi
     ends_epoch = progress.batch == inputs.batches
     if progress.step % config.train.log_every == 0 or ends_epoch:
         log_train(state, job, window, inputs.loader.dataset.fetched_bytes())
-    every = config.train.checkpoint_every
-    if every and progress.step % every == 0 and not ends_epoch:
-        save_checkpoint(state, job)
     if progress.step % STOP_CHECK_EVERY == 0 or ends_epoch:
         stopping, streak = agree(job.stop.requested, state.guard.streak, accelerator)
         state.guard.fail_if_stuck(streak, config.train.max_bad_steps, progress.step)
         if stopping and not ends_epoch:
-            return False
+            return False  # fit writes the checkpoint: one for this step, not a periodic one and then another
+    every = config.train.checkpoint_every
+    if every and progress.step % every == 0 and not ends_epoch:
+        save_checkpoint(state, job)
     return True
 
 

@@ -33,6 +33,7 @@ from trainer.training.config import CHOICES, Config, ConfigError, TrainConfig, t
 LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # no | fp16 | bf16 | fp8
 LAUNCHER_BACKEND = "ACCELERATE_DYNAMO_BACKEND"  # NO | INDUCTOR | EAGER | ...
 LAUNCHER_MODE = "ACCELERATE_DYNAMO_MODE"  # default | reduce-overhead | max-autotune
+LAUNCHER_PID = "SE_DENSENET_LAUNCHER_PID"  # set by `python -m trainer`, whose single trainer has no LOCAL_RANK
 
 
 class PeerFailed(RuntimeError):
@@ -215,7 +216,8 @@ def stop_with_launcher() -> None:
     killer): torch's launcher starts each trainer in a session of its own, so nothing else would
     stop it, and it would train on unwatched, holding the run dir's lock. SIGTERM is StopFlag's: a
     checkpoint at the next agreed step, then exit. Linux only; elsewhere a no-op."""
-    if not sys.platform.startswith("linux") or "LOCAL_RANK" not in os.environ:  # not under a launcher
+    launched = "LOCAL_RANK" in os.environ or LAUNCHER_PID in os.environ
+    if not sys.platform.startswith("linux") or not launched:
         return
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
