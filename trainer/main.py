@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return train(config)
 
     def explain_here(e: BaseException) -> tuple[int, str] | None:
-        if isinstance(e, UserError) and not settled and not first_rank:
+        if isinstance(e, UserError) and (not settled or getattr(e, "before_group", False)) and not first_rank:
             return e.exit_code, ""  # rank 0 says it
         return explain(e, Path(settled[0].run.dir) if settled else None)
 
@@ -109,8 +109,12 @@ def resume_hint(run_dir: Path | None) -> str:
 def train(config: Config) -> int:
     stop = StopFlag()  # first: a preemption warning during setup must not kill the process
     stop_with_launcher()  # a launcher that dies takes its trainers with it, each through a checkpoint
-    config, launch = settle_launch(config)  # config.yaml and wandb record what the run used
-    accelerator = make_accelerator(config, launch)
+    try:
+        config, launch = settle_launch(config)  # config.yaml and wandb record what the run used
+        accelerator = make_accelerator(config, launch)
+    except UserError as e:  # the launcher's choices against the config: the same verdict on every rank
+        e.before_group = True
+        raise
     console = Console(accelerator.is_main_process)
     run = claim_run_dir(Path(config.run.dir), config.run.share_dir, accelerator, console)
     stop.before_exit = lambda: run.set_status("failed", "killed by a second SIGTERM before its checkpoint was written")

@@ -61,9 +61,15 @@ def test_a_data_error_in_the_ranks_is_said_once_and_last(digits_shards, tmp_path
     assert "were not passed to `accelerate launch`" not in result.stderr
 
 
-def test_under_accelerate_launch_a_data_error_is_said_once(digits_shards, tmp_path):
-    bad = truncated_copy(digits_shards, tmp_path)
-    overrides = [*TINY, f"data.shards={bad}", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled"]
+@pytest.mark.parametrize(
+    "problem, said",
+    [("truncated shard", "is 1,000 bytes but the manifest says"), ("fp16 on the CPU", "fp16 needs a GPU")],
+)
+def test_under_accelerate_launch_an_error_every_rank_meets_is_said_once(problem, said, digits_shards, tmp_path):
+    shards = truncated_copy(digits_shards, tmp_path) if problem == "truncated shard" else digits_shards
+    overrides = [*TINY, f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled"]
+    if problem == "fp16 on the CPU":
+        overrides.append("train.mixed_precision=fp16")
     result = subprocess.run(
         train_command("configs/demo.yaml", overrides, processes=2),
         cwd=REPO,
@@ -73,7 +79,7 @@ def test_under_accelerate_launch_a_data_error_is_said_once(digits_shards, tmp_pa
         timeout=600,
     )
     assert result.returncode != 0
-    assert sum("is 1,000 bytes but the manifest says" in line for line in lines(result)) == 1
+    assert sum(said in line for line in lines(result)) == 1, result.stderr
 
 
 def test_two_cpu_processes_train_at_the_size_settled_from_the_shards(digits_shards, tmp_path):
