@@ -17,6 +17,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -46,7 +47,8 @@ CHECKPOINTS = "checkpoints"
 COMPILE_CACHE = "compile_cache"
 EVAL = "eval"  # evaluate's outputs
 EXPORT = "export"
-PREDICTIONS = "predictions.csv"
+PREDICTIONS = "predictions.csv"  # predict's first default CSV; then predictions-2.csv, ... (predictions_name)
+LATER_PREDICTIONS = re.compile(r"predictions-([0-9]+)\.csv")
 WANDB = "wandb"
 # How each series of metrics.jsonl is best: wandb summarizes it so, and compare ranks by it.
 SUMMARIES = {"eval/top1": "max", "eval/top5": "max", "eval/loss": "min", "train/loss": "min"}
@@ -57,7 +59,6 @@ EARLIER_RUN = (
 )  # fmt: skip
 RUN_FILES = (CONFIG, CLASSES, PREPROCESSING)  # what the after-training commands read besides weights
 LOCK = ".lock"
-STATUS_BYTES = 4096  # status.json is padded to one block, so that rewriting it in place needs no new one
 MIN_FREE_MB = 256
 DISK_ERRORS = {  # errno -> (what happened, what to do)
     errno.ENOSPC: ("no space left on the device", "free space"),
@@ -289,7 +290,7 @@ class RunDir:
     def set_aside(self) -> Path | None:
         """Starting over (train.resume=false): everything an earlier run wrote moves to
         replaced-<time>/ in the run dir, never deleted. -> that folder (None: there was nothing)."""
-        found = [name for name in EARLIER_RUN if (self.path / name).exists()]
+        found = [name for name in EARLIER_RUN if (self.path / name).exists()] + self.numbered_predictions()
         if not found:
             return None
         aside = self.path / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -297,6 +298,23 @@ class RunDir:
         for name in found:
             os.replace(self.path / name, aside / name)
         return aside
+
+    def numbered_predictions(self) -> list[str]:
+        """predict's default CSVs after the first (predictions-2.csv, ...) that are here."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if LATER_PREDICTIONS.fullmatch(p.name))
+
+    def keep_predictions(self, done: Path) -> Path:
+        """A complete CSV moved to predict's default place: predictions.csv, then predictions-2.csv, ...,
+        one past the highest there, so the newest has the highest number; an earlier one is never
+        replaced. -> where it went."""
+        taken = [1] if (self.path / PREDICTIONS).exists() else []
+        taken += [int(LATER_PREDICTIONS.fullmatch(name)[1]) for name in self.numbered_predictions()]
+        n = max(taken, default=0) + 1
+        while not move_if_free(done, self.path / predictions_name(n)):
+            n += 1
+        return self.path / predictions_name(n)
 
     def records(self) -> list[dict]:
         """metrics.jsonl: the train and eval records, in order."""
@@ -391,15 +409,16 @@ class RunDir:
         return found if isinstance(found, dict) else {}
 
     def set_status(self, state: str, reason: str | None = None) -> None:
-        """completed | preempted | failed (with the one-line reason) | running. Best effort when the
-        disk is full: the padded file is then rewritten in place, which needs no new block."""
+        """completed | preempted | failed (with the one-line reason) | running, as indented JSON that
+        `cat` shows whole. Replaced atomically; when the disk is full, rewritten in place instead: a status
+        (its reason cut at 1000 characters) fits in the block the file already has, so needs no new one."""
         if not self.owned or (state != "running" and not self.started):
             return  # a run that never started leaves the status of the one before (a finished run stays so)
         self.started = True
         status = {"state": state, "time": time.time(), **({"reason": reason[:1000]} if reason else {})}
         if state == "running":
             status.update(host=socket.gethostname(), pid=os.getpid())
-        data = (json.dumps(status, ensure_ascii=False) + "\n").encode().ljust(STATUS_BYTES)
+        data = (json.dumps(status, ensure_ascii=False, indent=1) + "\n").encode()
         path = self.path / STATUS
         try:
             tmp = path.with_suffix(".tmp")
@@ -410,8 +429,33 @@ class RunDir:
             try:
                 with open(path, "r+b") as f:
                     f.write(data)
+                    f.truncate()  # the end of a longer status written before
             except OSError:
                 pass  # nothing more can be done: the one-line error still reaches the log
+
+
+def move_if_free(done: Path, path: Path) -> bool:
+    """done renamed to path unless a file is there (False: that one stays as it was). A hard link
+    fails where the name is taken, where a rename would replace it: of two commands placing a file
+    there at the same moment, one gets the name and the other learns it did not."""
+    try:
+        os.link(done, path)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):  # EPERM: a file system without hard links
+            raise
+        if path.exists():  # there, a look before the rename is the best one can do
+            return False
+        os.replace(done, path)
+        return True
+    done.unlink()
+    return True
+
+
+def predictions_name(n: int) -> str:
+    """predict's n-th default CSV: predictions.csv, predictions-2.csv, ..."""
+    return PREDICTIONS if n == 1 else PREDICTIONS.replace(".csv", f"-{n}.csv")
 
 
 def read_records(path: Path) -> list[dict]:

@@ -1,5 +1,5 @@
 """trainer.compare over run dirs written as the trainer writes them: RunDir's own writers
-(config.yaml, metrics.jsonl, summary.json, a padded status.json), run_summary's summary and the
+(config.yaml, metrics.jsonl, summary.json, status.json), run_summary's summary and the
 loop's record shapes. No training; the errors go through the real CLI."""
 
 from __future__ import annotations
@@ -157,6 +157,30 @@ def test_plot_is_a_png_and_nothing_half_written_is_left(sweep):
     assert compare.main([str(sweep)]) == 0
     assert (sweep / compare.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in sweep.iterdir()) == sorted(["lr", "c", "deep", compare.CSV_NAME, compare.PLOT_NAME])
+
+
+def test_the_plot_names_the_best_runs_at_their_points(sweep, monkeypatch):
+    metric = compare.Metric("best_top1", "maximize")
+    runs = compare.ranked([compare.read_run(p) for p in compare.find_runs([sweep])], metric)
+    keys = compare.differing(runs)
+    growth, lr = compare.figure(runs, keys, metric).axes[:2]
+    assert [ax.get_xlabel() for ax in (growth, lr)] == keys == ["model.growth_rate", "optim.lr"]
+    assert sorted(t.get_text() for t in lr.texts) == ["c", "deep/er/d", "lr/a", "lr/b"]  # four lrs: four spots
+    assert [t.xy for t in lr.texts if t.get_text() == "lr/b"] == [(0.001, 0.95)]  # beside its own point
+    monkeypatch.setattr(compare, "MAX_NAMED", 2)  # many runs: only the best are named, and the title says so
+    fig = compare.figure(runs, keys, metric)
+    assert sorted(t.get_text() for t in fig.axes[1].texts) == ["lr/a", "lr/b"]
+    assert fig.get_suptitle().endswith("names: the best 2")
+    by_run = compare.figure(runs, [], metric)  # no setting differs: the axis itself names the runs
+    assert len(by_run.axes[0].texts) == 0 and "names" not in by_run.get_suptitle()
+
+
+def test_runs_at_one_spot_share_a_label_and_long_names_keep_their_end():
+    ax = Figure().subplots()
+    names = ["a", "b", "c", "sweeps/lr-search/run-0007"]
+    compare.draw_panel(ax, ["sgd", "sgd", "sgd", "adamw"], [0.5, 0.5, 0.5, float("nan")], ["completed"] * 4, names)
+    assert [t.get_text() for t in ax.texts] == ["a, b +1"]  # a NaN has no place to be named
+    assert compare.short_name(names[3]) == "…search/run-0007"  # NAME_CHARS (16) characters
 
 
 def test_numeric_keys_spanning_more_than_10x_are_on_a_log_axis():

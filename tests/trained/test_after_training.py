@@ -149,6 +149,8 @@ def outputs(run_dir, folders) -> dict[str, subprocess.CompletedProcess]:
                 "--letterbox",
             ),
             "export": cli("export", run_dir),
+            # Two predicts without --out finishing together: each keeps its own CSV.
+            **{f"predict_default_{n}": cli("predict", run_dir, folders["extra"], "--workers", "0") for n in (1, 2)},
         }
     )
 
@@ -178,6 +180,17 @@ def test_evaluate_two_processes_equal_one(outputs, run_dir, digits_shards):
     assert outputs["eval2"].stdout.count("macro") == 1  # the table comes from the main process only
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert one["confusion"] == [r for r in logged if r["kind"] == "eval"][-1]["confusion"]
+
+
+def test_evaluate_says_it_runs_in_full_precision_whatever_the_run_did(outputs):
+    """The run trained with precision no (default); evaluate's own choice is said as its own."""
+    for name in ("eval1", "eval2"):
+        assert (
+            ok(outputs[name])
+            .stdout.splitlines()
+            .count("precision no (evaluate always), compile none (evaluate always)")
+            == 1
+        ), outputs[name].stdout
 
 
 def test_evaluate_loss_is_exact_across_processes(outputs, run_dir):
@@ -239,6 +252,15 @@ def test_predict_csv_columns_error_row_and_letterbox(outputs, folders):
     assert all(plain_by_path[p]["probability"] == boxed_by_path[p]["probability"] for p in square)
     wide = str(folders["extra"] / "wide.png")
     assert plain_by_path[wide]["probability"] != boxed_by_path[wide]["probability"]
+
+
+def test_predict_without_out_never_replaces_an_earlier_csv(outputs, run_dir, folders):
+    wrote = sorted(ok(outputs[f"predict_default_{n}"]).stdout.split("; wrote ")[-1].strip() for n in (1, 2))
+    assert wrote == [str(run_dir / "predictions-2.csv"), str(run_dir / "predictions.csv")]
+    for path in wrote:
+        _, rows = read_csv(Path(path))
+        assert [row["path"] for row in rows] == [str(folders["extra"] / "wide.png")]
+    assert not list(run_dir.glob(".predictions*"))  # nothing of the writing is left
 
 
 def parity_batch(run_dir: Path, folders: dict) -> tuple[torch.Tensor, np.ndarray]:

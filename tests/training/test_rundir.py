@@ -1,12 +1,18 @@
 """trainer/rundir.py: a folder that is not a run is not written into; starting over sets an earlier
 run aside whole; the preprocessing and weights metadata read back as written, or one line."""
 
+import errno
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
+from trainer import rundir
 from trainer.rundir import (
+    STATUS,
     Preprocessing,
     RunDir,
     RunDirError,
@@ -71,3 +77,112 @@ def test_preprocessing_and_weights_metadata_round_trip(tmp_path):
     path.write_bytes(weights_bytes({"w": torch.ones(2)}, info))
     tensors, read = read_weights_file(path)
     assert read == info and tensors["w"].equal(torch.ones(2))
+
+
+def owned_run(path) -> RunDir:
+    run = RunDir(path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.owned = True  # RunDir writes status.json only for the lock holder; none is needed here
+    return run
+
+
+def test_status_json_reads_whole_with_cat(tmp_path):
+    run = owned_run(tmp_path / "run")
+    run.set_status("running")
+    run.set_status("failed", "NonFiniteError: loss")
+    text = (run.path / STATUS).read_text()
+    assert text == json.dumps(run.status(), ensure_ascii=False, indent=1) + "\n"  # indented, nothing after it
+    assert run.status()["state"] == "failed" and run.status()["reason"] == "NonFiniteError: loss"
+    assert sorted(p.name for p in run.path.iterdir()) == [STATUS]  # no .tmp left
+
+
+def fail_new_files(monkeypatch) -> None:
+    """Every new file's write fails as on a full disk."""
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+
+
+def test_on_a_full_disk_status_json_is_rewritten_in_place_longer_or_shorter(tmp_path, monkeypatch):
+    run = owned_run(tmp_path / "run")
+    run.set_status("running")
+    fail_new_files(monkeypatch)
+    run.set_status("failed", "cannot write x: no space left on the device — free space, " * 10)
+    assert run.status()["reason"].startswith("cannot write x") and run.status()["state"] == "failed"
+    run.set_status("completed")  # shorter than what is there: nothing of the longer one is left behind
+    assert (run.path / STATUS).read_text() == json.dumps(run.status(), indent=1) + "\n"
+    assert sorted(p.name for p in run.path.iterdir()) == [STATUS]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MB tmpfs (as root, as CI runs) whose mount point and filler are returned; unmounted after."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small file system needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path) -> None:
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_a_status_longer_than_the_last_is_written_on_a_really_full_disk(full_disk):
+    """No padding: the block status.json already has takes a longer status in place."""
+    run = owned_run(full_disk / "run")
+    run.set_status("running")
+    fill(full_disk)
+    with pytest.raises(OSError):
+        (full_disk / "run" / "probe").write_bytes(b"x" * 4096)  # the disk is full indeed
+    (full_disk / "run" / "probe").unlink()
+    reason = "cannot write runs/r1/checkpoints/ckpt-000000014.tmp/COMPLETE: no space left on the device " * 9
+    run.set_status("failed", reason)
+    assert run.status() == {"state": "failed", "time": run.status()["time"], "reason": reason[:1000]}
+
+
+def test_predict_default_csvs_are_numbered_on_and_never_replaced(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+
+    def done(text: str) -> Path:
+        path = run.path / f".done-{text}.csv"
+        path.write_text(text)
+        return path
+
+    assert run.keep_predictions(done("1")) == run.path / "predictions.csv"
+    assert run.keep_predictions(done("2")).name == "predictions-2.csv"
+    (run.path / "predictions.csv").unlink()  # removed by the user: the newest still has the highest number
+    assert run.keep_predictions(done("3")).name == "predictions-3.csv"
+    moved = rundir.move_if_free
+
+    def raced(source: Path, path: Path) -> bool:  # another predict keeps its CSV under the name first
+        if path.name == "predictions-4.csv" and not path.exists():
+            path.write_text("theirs")
+        return moved(source, path)
+
+    monkeypatch.setattr(rundir, "move_if_free", raced)
+    assert run.keep_predictions(done("4")).name == "predictions-5.csv"
+    monkeypatch.setattr(rundir, "move_if_free", moved)
+
+    def no_links(source, path):  # a file system without hard links: EPERM, as Linux says it
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert run.keep_predictions(done("6")).name == "predictions-6.csv"
+    contents = {p.name: p.read_text() for p in run.path.iterdir()}
+    assert contents == {
+        f"predictions-{n}.csv": text for n, text in ((2, "2"), (3, "3"), (4, "theirs"), (5, "4"), (6, "6"))
+    }
+    aside = run.set_aside()  # starting the run over sets them aside with the rest of the earlier run
+    assert sorted(p.name for p in aside.iterdir()) == sorted(contents) and run.numbered_predictions() == []

@@ -34,6 +34,8 @@ from trainer.rundir import CONFIG, METRICS, STATUS, SUMMARIES, SUMMARY, best_eva
 from trainer.runs.sweep import GOALS, read_metric
 
 MAX_SHOWN_KEYS = 12  # differing settings in the printed table and the plot (the CSV has every one)
+MAX_NAMED = 10  # the plot's points labelled with their run's name, the best first: more would hide the points
+NAME_CHARS = 16  # a longer run name is shown by its end, where sweeps' names differ
 CSV_NAME = "compare.csv"  # written into --out, by default the first folder given
 PLOT_NAME = "compare.png"
 # Keys that name a run rather than say how it trained: they differ between any two runs.
@@ -372,27 +374,36 @@ def write_atomically(path: Path, write) -> None:
 
 
 def plot(runs: list[Run], keys: list[str], metric: Metric, out: Path) -> None:
-    """One small panel per differing key, the metric on y; with no key differing, one by run."""
+    figure(runs, keys, metric).savefig(out, dpi=100, format="png")
+
+
+def figure(runs: list[Run], keys: list[str], metric: Metric) -> Figure:
+    """One small panel per differing key, the metric on y, the best runs' points named; with no key
+    differing, one panel by run (its axis names them)."""
     names = run_names(runs)
     panels = [(k, [run.config.get(k) for run in runs]) for k in keys] or [("run", names)]
-    setup_fonts(any(not str(v).isascii() for _, xs in panels for v in xs))
+    setup_fonts(any(not str(v).isascii() for v in names) or any(not str(v).isascii() for _, xs in panels for v in xs))
     ys = [metric_value(run, metric) for run in runs]
     states = [run.state for run in runs]
     cols = min(len(panels), 4)
     fig = Figure(figsize=(3.6 * cols, 3.0 * math.ceil(len(panels) / cols)), layout="constrained")
     axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
+    labels = [name if i < MAX_NAMED else None for i, name in enumerate(names)]  # runs come best first
     for ax, (key, xs) in zip(axes, panels):
-        draw_panel(ax, xs, ys, states)
+        draw_panel(ax, xs, ys, states, labels if keys else None)
         ax.set(xlabel=key, ylabel=metric.name)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle(f"{metric.name} ({metric.goal}), {len(runs)} runs; hollow: not completed")
-    fig.savefig(out, dpi=100, format="png")
+    named = f"; names: the best {MAX_NAMED}" if keys and len(runs) > MAX_NAMED else ""
+    fig.suptitle(f"{metric.name} ({metric.goal}), {len(runs)} runs; hollow: not completed{named}")
+    return fig
 
 
-def draw_panel(ax, xs: list, ys: list, states: list[str]) -> None:
-    """Numbers on a linear axis, or a log one when they span more than 10x; anything else as categories."""
-    shown = [(x, y, s) for x, y, s in zip(xs, ys, states) if y is not None]
+def draw_panel(ax, xs: list, ys: list, states: list[str], names: list[str | None] | None = None) -> None:
+    """Numbers on a linear axis, or a log one when they span more than 10x; anything else as categories.
+    Each point with a name gets it beside it, in small type; runs at one spot share one label."""
+    names = names or [None] * len(xs)
+    shown = [(x, y, s, n) for x, y, s, n in zip(xs, ys, states, names) if y is not None]
     numeric = all(_number(x) for x in xs)
     if numeric:
         positive = [x for x in xs if x > 0]
@@ -402,8 +413,34 @@ def draw_panel(ax, xs: list, ys: list, states: list[str]) -> None:
         labels = list(dict.fromkeys(cell(x) for x in xs))
         ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 4 else 0, fontsize=8)
         ax.set_xlim(-0.5, len(labels) - 0.5)
-    for x, y, state in shown:
+    spots: dict[tuple, list[str]] = {}
+    for x, y, state, name in shown:
         at = x if numeric else labels.index(cell(x))
         done = state == "completed"
         ax.scatter([at], [y], s=30, edgecolors="C0", facecolors="C0" if done else "none")
+        if name is not None and math.isfinite(at) and math.isfinite(y):  # no place for a NaN's name
+            spots.setdefault((at, y), []).append(short_name(name))
+    name_points(ax, spots)
     ax.grid(alpha=0.3)
+
+
+def name_points(ax, spots: dict[tuple, list[str]]) -> None:
+    """Each spot's run names beside it in small type: two, then a count; on its left near the right edge."""
+    ax.margins(y=0.12)  # room above the top point for its name
+    ax.autoscale_view()
+    for spot, here in spots.items():
+        text = ", ".join(here[:2]) + (f" +{len(here) - 2}" if len(here) > 2 else "")
+        right = ax.transAxes.inverted().transform(ax.transData.transform(spot))[0] > 0.6  # named on its left
+        ax.annotate(
+            text,
+            spot,
+            xytext=(-4 if right else 4, 3),
+            textcoords="offset points",
+            ha="right" if right else "left",
+            fontsize=7,
+            alpha=0.8,
+        )
+
+
+def short_name(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else "…" + name[1 - NAME_CHARS :]

@@ -28,6 +28,7 @@ from toolbox.redact import redact
 from trainer.rundir import RunDir
 from trainer.trained.images import LabelledImages, labelled_images
 from trainer.trained.load import Trained, load_trained
+from trainer.training.config import TrainConfig
 from trainer.training.data import (
     EvalOrder,
     ShardDataset,
@@ -39,7 +40,7 @@ from trainer.training.data import (
 )
 from trainer.training.evaluation import evaluate
 from trainer.training.metrics import TTA, format_table, summarize
-from trainer.training.runtime import close_process_group, make_accelerator
+from trainer.training.runtime import Launch, close_process_group, make_accelerator
 from trainer.training.tracking.plots import plot_confusion
 
 
@@ -77,9 +78,8 @@ def run(args: argparse.Namespace) -> int:
     trained = load_trained(args.run_dir, args.checkpoint)
     dataset, data_name = eval_dataset(trained, args.data, args.split)
     config = trained.config
-    # Full precision and no compilation: the numbers should not depend on how training ran.
     train = replace(config.train, device=args.device, mixed_precision="no", compile="none")
-    accelerator = make_accelerator(replace(config, train=train))
+    accelerator = make_accelerator(replace(config, train=train), full_precision(config.train))
     rank, world = accelerator.process_index, accelerator.num_processes
     batch_size = args.batch_size or config.train.batch_size
     workers = config.data.workers if args.workers is None else args.workers
@@ -107,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
     accelerator.wait_for_everyone()
     close_process_group()
     return 0
+
+
+def full_precision(trained_with: TrainConfig) -> Launch:
+    """Full precision and no compilation, whatever the run or `accelerate launch` chose: the numbers
+    should not depend on how training ran. The start-up line says so, and what the run trained in."""
+    ran = trained_with.mixed_precision
+    precision_from = "evaluate always" + ("" if ran in (None, "no") else f"; the run trained in {ran}")
+    return Launch("no", "none", "no", precision_from, "evaluate always")
 
 
 def eval_dataset(

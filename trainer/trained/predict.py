@@ -3,6 +3,9 @@
     python -m trainer.predict RUN_DIR IMAGES_OR_FOLDERS... [--out preds.csv] [--topk K] [--letterbox]
                               [--checkpoint best|last|final|PATH]
 
+Without --out the CSV goes to RUN_DIR/predictions.csv, or if that is taken predictions-2.csv, -3, ...:
+an earlier one is never replaced. A given --out is replaced when the new CSV is complete.
+
 Columns: path, class, probability (the top-1), top2_class, top2_probability, ... up to topK, error.
 A file that cannot be read gets a row with only its path and the error, and the run goes on: so
 does one that is not a regular file (a FIFO, a device, a socket; a symlink to one), which is never
@@ -26,7 +29,7 @@ from toolbox.cli import add_debug_flag, run_command
 from toolbox.csv_cells import SafeWriter
 from toolbox.errors import DataError, UserError
 from toolbox.sizes import parse_size
-from trainer.rundir import PREDICTIONS
+from trainer.rundir import RunDir
 from trainer.trained.images import image_files, read_image
 from trainer.trained.load import Trained, load_trained
 from trainer.training.data import close_loaders, worker_signals
@@ -37,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="the run.dir of a training run")
     parser.add_argument("images", type=Path, nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--out", type=Path, help="CSV file to write (default: RUN_DIR/predictions.csv)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="CSV file to write, replaced if there (default: RUN_DIR/predictions.csv, or the next free "
+        "predictions-N.csv: never an earlier one)",
+    )
     parser.add_argument("--topk", type=int, default=5, help="classes listed per image (default: 5)")
     parser.add_argument(
         "--letterbox", action="store_true", help="pad to square (keeps the aspect) instead of centre-cropping"
@@ -78,10 +86,13 @@ def run(args: argparse.Namespace) -> int:
         pin_memory=device.type == "cuda",
         worker_init_fn=worker_signals,  # a SIGTERM to the group is predict's to answer, not each worker's
     )
-    out = args.out or args.run_dir / PREDICTIONS
     ranks = [f"top{i}_{field}" for i in range(2, k + 1) for field in ("class", "probability")]
     predicted = rows(trained, loader, files, k, device, args.tta)
-    failed = write_csv(out, ["path", "class", "probability", *ranks, "error"], predicted)
+    header = ["path", "class", "probability", *ranks, "error"]
+    if args.out:
+        failed, out = write_csv(args.out, header, predicted), args.out
+    else:
+        failed, out = write_new(args.run_dir, header, predicted)
     print(f"{len(files) - failed} images predicted, {failed} unreadable; wrote {out}")
     return 0
 
@@ -119,6 +130,17 @@ def write_csv(out: Path, header: list[str], batches) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return failed
+
+
+def write_new(run_dir: Path, header: list[str], batches) -> tuple[int, Path]:
+    """The CSV written complete beside the run's others, then given the first free default name.
+    -> the number of error rows, and where it went."""
+    done = run_dir / f".predictions.{os.getpid()}.csv"  # hidden until it has its name
+    try:
+        failed = write_csv(done, header, batches)
+        return failed, RunDir(run_dir).keep_predictions(done)
+    finally:
+        done.unlink(missing_ok=True)
 
 
 def shown(path: Path) -> str:

@@ -31,7 +31,7 @@ from trainer.training.nonfinite import assert_finite, update_ema
 from trainer.training.optim import describe_lr
 from trainer.training.randomness import mix_seed, rng_state
 from trainer.training.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main, said_once
-from trainer.training.state import TrainState
+from trainer.training.state import Progress, TrainState
 from trainer.training.tracking.tracker import Tracker
 from trainer.training.transforms import DeviceDecode, DeviceNormalize, TrainPreset, batch_mixer, normalization
 
@@ -139,7 +139,7 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
     if resumed is not None and state.resumed_dataset not in (None, "", manifest.sha256):  # allowed by the config
         changes["data (manifest sha256)"] = (state.resumed_dataset, manifest.sha256)
     if resumed is not None:
-        job.console.say(f"resuming from {resumed} (epoch {state.progress.epoch + 1}, step {state.progress.step})")
+        job.console.say(resuming_line(resumed, state.progress, config.train.epochs))
     if changes:
         job.console.say(
             "note: resuming with changed settings: "
@@ -166,11 +166,22 @@ def completed_before(job: Job, state: TrainState) -> bool:
     if progress.epoch < config.train.epochs or job.run.status().get("state") != "completed":
         return False  # a run killed while writing its final weights goes on to write them
     job.console.say(
-        f"run {config.run.dir} is complete: {config.train.epochs} epochs, best val top-1 {progress.best_top1:.4f} "
+        f"run {config.run.dir} is complete: {progress.epoch} epochs, best val top-1 {progress.best_top1:.4f} "
         f"(epoch {progress.best_epoch}); nothing was changed — to train further raise train.epochs above "
-        f"{config.train.epochs}, to start over choose another run.dir"
+        f"{progress.epoch}, to start over choose another run.dir"
     )
     return True
+
+
+def resuming_line(resumed: Path, progress: Progress, epochs: int) -> str:
+    """Where training goes on. A checkpoint after the last epoch of a run that did not end completed
+    (stopped while writing its final weights) leaves no epoch to go on to, only the ending."""
+    if progress.epoch >= epochs:
+        return (
+            f"resuming from {resumed}: all {progress.epoch} epochs were trained, but the run stopped before it "
+            "ended — writing its final weights and report"
+        )
+    return f"resuming from {resumed} (epoch {progress.epoch + 1}, step {progress.step})"
 
 
 def config_changes(before: dict | None, now: dict) -> dict[str, tuple]:

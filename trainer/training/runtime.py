@@ -51,7 +51,7 @@ class Launch:
     mixed_precision: str  # no | bf16 | fp16
     compile: str  # none | a torch.compile mode
     backend: str  # the dynamo backend: "no" when compile is none, inductor for the config's own modes
-    precision_from: str  # config | accelerate launch | default
+    precision_from: str  # config | accelerate launch | default | evaluate always (trainer.evaluate)
     compile_from: str
     notes: tuple[str, ...] = ()  # a line per setting both chose, differently: the config's applies
 
