@@ -139,7 +139,9 @@ def eval_dataset(
         return ShardDataset(reader, preset, num_classes=len(trained.classes)), name
     if data is None:
         raise UserError(f"the run's shards {source} are not there — pass --data SHARDS_OR_IMAGE_FOLDER")
-    return LabelledImages(labelled_images(Path(source), trained.classes, split), preset), Path(source).name
+    items, read = labelled_images(Path(source), trained.classes, split)
+    name = Path(source).name if read == Path(source) else f"{Path(source).name}-{split}"  # a pre-split folder
+    return LabelledImages(items, preset), name
 
 
 def check_split(manifest: Manifest, shown: str, split: str) -> None:

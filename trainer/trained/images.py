@@ -74,9 +74,9 @@ def image_files(root: Path) -> list[Path]:
     ]
 
 
-def labelled_images(root: Path, classes: list[str], split: str) -> list[tuple[Path, int]]:
+def labelled_images(root: Path, classes: list[str], split: str) -> tuple[list[tuple[Path, int]], Path]:
     """ROOT/<class>/**/<image> (or ROOT/<split folder>/<class>/..., as make_shards reads a pre-split
-    SRC), labelled by the run's class list."""
+    SRC), labelled by the run's class list. -> (image and label pairs, the folder of class folders read)."""
     if not root.is_dir():
         raise UserError(f"image folder {root} not found — pass a make_shards output or a folder of class folders")
     folders = subfolders(root)
@@ -99,7 +99,7 @@ def labelled_images(root: Path, classes: list[str], split: str) -> list[tuple[Pa
                 f"class folder {root / name} has no images — add images of that class (every class of the run needs some)"
             )
         items += [(path, label) for path in files]
-    return items
+    return items, root
 
 
 def split_root(root: Path, folders: list[str], split: str) -> Path:
