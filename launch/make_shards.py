@@ -4,12 +4,13 @@
     python -m launch.make_shards --demo OUT          # scikit-learn's digits, then the same
     python -m launch.make_shards SRC s3://bucket/prefix   # or gs://: built locally ($TMPDIR), then uploaded
 
-Reads SRC/<class>/**/<image> (or SRC/train/<class>/... and SRC/val/<class>/...), drops and
-reports what is not a usable image, splits train/val (stratified, seeded, identical files
-kept together), and writes OUT/train/*.tar, OUT/val/*.tar, OUT/manifest.json, timm's
-_info.json, two plots and a summary. Everything is built beside OUT and only renamed into
-place when complete; any error is one line on stderr, exit code 2, and OUT untouched (--debug
-prints the error's whole chained traceback before that line).
+Reads SRC/<class>/**/<image>, or a pre-split SRC (shards/splits.py): SRC/train/<class>/... with
+SRC/val/ (or valid/, validation/) and/or SRC/test/. Drops and reports what is not a usable image,
+splits train/val (stratified, seeded, identical files kept together; as given when SRC has a val
+folder), keeps a test folder whole as a third split that training never reads, and writes
+OUT/<split>/*.tar, OUT/manifest.json, timm's _info.json, two plots and a summary. Everything is
+built beside OUT and only renamed into place when complete; any error is one line on stderr, exit
+code 2, and OUT untouched (--debug prints the error's whole chained traceback before that line).
 """
 
 from __future__ import annotations
@@ -28,11 +29,21 @@ from launch import demo, outdir, report
 from launch.pack import Entry, ShardJob, write_shard
 from launch.parallel import Workers, default_workers
 from launch.publish import RemoteOut
-from launch.scan import DEFAULT_MAX_FILE_BYTES, SPLITS, Inspection, Listing, inspect_all, list_source, printable
-from launch.split import NONE, TRAIN, VAL, assign_splits, duplicate_groups, plan_shards, same_bytes_groups, shard_count
+from launch.scan import DEFAULT_MAX_FILE_BYTES, Inspection, Listing, inspect_all, list_source, printable
+from launch.split import (
+    NONE,
+    TEST,
+    TRAIN,
+    assign_splits,
+    duplicate_groups,
+    plan_shards,
+    same_bytes_groups,
+    shard_count,
+)
 from shards.format import INDEX_NAME, MAX_PIXELS, SUMMARY, key_hash, sample_key, shard_name
 from shards.index import write_index
 from shards.manifest import Manifest, ShardInfo, SplitInfo
+from shards.splits import SPLITS, TRAINING
 from shards.store import is_url
 from shards.writer import publish, staging
 from toolbox import errors, failpoints
@@ -110,7 +121,7 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         "--max-per-class",
         type=int,
         metavar="N",
-        help="keep at most N images per class (training split for a pre-split SRC)",
+        help="keep at most N images per class (of train/ only, for a pre-split SRC)",
     )
     p.add_argument(
         "--max-pixels",
@@ -164,11 +175,12 @@ def _check_ranges(args: argparse.Namespace) -> None:
         raise UserError(f"--max-aspect {args.max_aspect} must be at least 1 — it is long side / short side")
 
 
-def recorded_options(args: argparse.Namespace, layout: str) -> dict:
+def recorded_options(args: argparse.Namespace, listing: Listing) -> dict:
     """The options that shape the output, for the manifest (not --workers or --overwrite,
     which do not change a byte of it)."""
     return {
-        "layout": layout,
+        "layout": listing.layout,
+        "split_folders": listing.folders,  # presplit: split -> its folder in SRC; no val: val carved from train
         "demo": args.demo,
         "val_fraction": args.val_fraction,
         "seed": args.seed,
@@ -206,9 +218,10 @@ class Plan:
     scan: Inspection
     classes: list[str]  # kept classes, sorted
     label: np.ndarray  # (N,) index into classes, -1 for a dropped class
-    split: np.ndarray  # (N,) TRAIN, VAL or NONE
+    split: np.ndarray  # (N,) TRAIN, VAL, TEST or NONE
     skipped: list[dict]
     duplicates: list[dict]
+    splits: tuple[str, ...]  # those written: train and val, and test when SRC has a test folder
 
 
 def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
@@ -224,7 +237,8 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
 
     labels = np.asarray(listing.labels, np.int64)
     given = np.asarray(listing.given_split, np.int64)
-    counts = np.bincount(labels[usable & (given != VAL)], minlength=len(listing.classes))
+    # A class is one the model can learn: it needs a training image, wherever else it has some.
+    counts = np.bincount(labels[usable & (given <= TRAIN)], minlength=len(listing.classes))
     empty = [c for c, n in zip(listing.classes, counts) if n == 0]
     if empty and not args.skip_empty_classes:
         where = "training folder has" if listing.layout == "presplit" else "folder has"
@@ -243,16 +257,18 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     usable &= label >= 0
 
     group = same_bytes_groups(scan.sha256.array)
+    held_out = given == TEST  # the user's test set: kept whole, never capped, never part of val
     split, capped = assign_splits(
         labels,
         group,
-        np.flatnonzero(usable),
+        np.flatnonzero(usable & ~held_out),
         listing.classes,
         args.val_fraction,
         args.seed,
         args.max_per_class,
-        None if listing.layout == "folders" else given,
+        given if "val" in listing.folders else None,  # no val folder: val is carved from train as for class folders
     )
+    split[usable & held_out] = TEST
     for i in capped.tolist():
         reasons[i] = f"over --max-per-class {args.max_per_class}"
     skipped = [
@@ -261,7 +277,8 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     ]
     kept = [c for c, n in zip(listing.classes, counts) if n > 0]
     duplicates = _duplicates(listing, scan, group, split)
-    return Plan(listing, scan, kept, label, split, skipped, duplicates)
+    splits = TRAINING + (("test",) if "test" in listing.folders else ())
+    return Plan(listing, scan, kept, label, split, skipped, duplicates, splits)
 
 
 def _filter_reason(w: int, h: int, args: argparse.Namespace) -> str | None:
@@ -299,7 +316,7 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
     results = workers.map(write_shard, (_shard_job(plan, path, shard, args) for path, shard in jobs), ahead=2)
     total = sum(split.num_samples for split in splits.values())
     written = _progress("writing", "samples", lambda done: done[0].samples)(results, total)
-    records = {name: [] for name in SPLITS}
+    records = {name: [] for name in plan.splits}
     pause = failpoints.value("make-shards-pause")
     gone = []
     for k, ((path, _), (info, index, vanished)) in enumerate(zip(jobs, written)):
@@ -324,7 +341,7 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
         splits=splits,
         mean=mean,
         std=std,
-        options=recorded_options(args, plan.listing.layout),
+        options=recorded_options(args, plan.listing),
         skipped=sorted(plan.skipped + gone, key=lambda s: s["path"]),
         duplicates=plan.duplicates,
         source=source,
@@ -345,8 +362,8 @@ def _lay_out(plan: Plan, stage: Path, args: argparse.Namespace) -> tuple[dict[st
     """Each split's folder in ``stage`` and its (still shardless) SplitInfo; -> those, and every
     shard to write as (path, the listing's indices of its samples), in shard order."""
     splits, jobs = {}, []
-    for code, name in enumerate(SPLITS):
-        members = np.flatnonzero(plan.split == code)
+    for name in plan.splits:
+        members = np.flatnonzero(plan.split == SPLITS.index(name))
         n = shard_count(
             len(members),
             int(plan.scan.size[members].sum()),
@@ -455,7 +472,7 @@ def finish(manifest: Manifest, plan: Plan, stage: Path, out: str, min_shards: in
     notes = [
         n for n in [report.write_plots(manifest, stage, width, height), report.flat_channels_note(manifest.std)] if n
     ]
-    for name in SPLITS:
+    for name in manifest.splits:
         n, k = manifest.splits[name].num_samples, len(manifest.splits[name].shards)
         if 0 < n < min_shards:
             notes.append(f"{name} has only {n} samples, so {k} shards (fewer than --min-shards {min_shards})")

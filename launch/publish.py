@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from launch.scan import SPLITS
 from shards.format import CLASS_PLOT, MANIFEST, SIZE_PLOT, SUMMARY, TIMM_INFO
 from shards.manifest import Manifest
+from shards.splits import SPLITS
 from shards.store import Store
 from toolbox import failpoints
 from toolbox.errors import UserError

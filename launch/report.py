@@ -15,6 +15,7 @@ from toolbox.fonts import setup_fonts
 
 MAX_SCATTER = 20000  # points in the size plot; more only blots it out and slows it down
 MAX_LABELLED = 60  # classes beyond this get no tick labels (ImageNet's 1000 would be a black smear)
+COLORS = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868"}
 
 
 def mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
@@ -63,16 +64,18 @@ def plot_classes(manifest: Manifest, path: Path) -> None:
     from matplotlib.figure import Figure  # not pyplot: no GUI backend machinery, half the import time
 
     names = manifest.classes
-    train = np.array([manifest.splits["train"].class_counts.get(c, 0) for c in names])
-    val = np.array([manifest.splits["val"].class_counts.get(c, 0) for c in names])
-    order = np.arange(len(names)) if len(names) <= MAX_LABELLED else np.argsort(-(train + val), kind="stable")
+    counts = {s: np.array([info.class_counts.get(c, 0) for c in names]) for s, info in manifest.splits.items()}
+    total = sum(counts.values())
+    order = np.arange(len(names)) if len(names) <= MAX_LABELLED else np.argsort(-total, kind="stable")
     x = np.arange(len(names))
     fig = Figure(figsize=(min(max(6.0, 0.35 * len(names) + 2), 24), 4.5))
     ax = fig.subplots()
     width = 0.8 if len(names) <= MAX_LABELLED else 1.0
-    ax.bar(x, train[order], width, label="train", color="#4c72b0")
-    ax.bar(x, val[order], width, bottom=train[order], label="val", color="#dd8452")
-    mean = float((train + val).mean()) if len(names) else 0.0
+    bottom = np.zeros(len(names), np.int64)
+    for split, n in counts.items():  # stacked: train, val, then test when there is one
+        ax.bar(x, n[order], width, bottom=bottom, label=split, color=COLORS.get(split))
+        bottom += n[order]
+    mean = float(total.mean()) if len(names) else 0.0
     ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.1f}")
     if len(names) <= MAX_LABELLED:
         ax.set_xticks(
@@ -128,6 +131,32 @@ def write_plots(manifest: Manifest, out: Path, width: np.ndarray, height: np.nda
     return None
 
 
+def split_sources(folders: dict[str, str], val_fraction: float | None) -> str:
+    """Where each split of a pre-split SRC came from, e.g. 'train/ -> train and val (...), test/ -> test'."""
+    parts = []
+    for split, folder in folders.items():
+        if split == "train" and "val" not in folders:
+            parts.append(
+                f"{folder}/ -> train and val (val carved from it: --val-fraction {val_fraction} of each class, "
+                "identical files kept together)"
+            )
+        else:
+            parts.append(f"{folder}/ -> {split}")
+    return ", ".join(parts)
+
+
+def leakage(duplicates: Sequence[dict]) -> str:
+    """'2 groups test with train/val, 1 group train with val' for the groups of identical files
+    written to more than one split; '' when there are none."""
+    train_val = test = 0
+    for group in duplicates:
+        written = set(group["splits"]) - {"skipped"}
+        test += "test" in written and bool(written & {"train", "val"})
+        train_val += {"train", "val"} <= written
+    parts = [(test, "test with train/val"), (train_val, "train with val")]
+    return ", ".join(f"{n} group{'s' if n > 1 else ''} {what}" for n, what in parts if n)
+
+
 def reason_kind(reason: str) -> str:
     return reason.split(" (", 1)[0]
 
@@ -141,20 +170,24 @@ def summary(
     height: np.ndarray,
     notes: Sequence[str] = (),
 ) -> str:
-    train, val = manifest.splits["train"], manifest.splits["val"]
+    splits = manifest.splits
     mb = lambda s: sum(x.bytes for x in s.shards) / 1e6  # noqa: E731
     lines = [
         f"make_shards: {manifest.source} -> {out}",
         f"  {len(manifest.classes)} classes ({manifest.options.get('layout')}); {found} image files found, "
-        f"{train.num_samples + val.num_samples} written, {len(manifest.skipped)} skipped, "
+        f"{sum(s.num_samples for s in splits.values())} written, {len(manifest.skipped)} skipped, "
         f"{ignored} other files ignored",
-        f"  train: {train.num_samples} samples in {len(train.shards)} shards ({mb(train):.1f} MB); "
-        f"val: {val.num_samples} samples in {len(val.shards)} shards ({mb(val):.1f} MB)",
+        "  "
+        + "; ".join(
+            f"{name}: {s.num_samples} samples in {len(s.shards)} shards ({mb(s):.1f} MB)" for name, s in splits.items()
+        ),
     ]
+    if folders := manifest.options.get("split_folders"):
+        lines.append(f"  splits: {split_sources(folders, manifest.options.get('val_fraction'))}")
     shown = manifest.classes[:12]
-    per_class = ", ".join(f"{c} {train.class_counts.get(c, 0)}/{val.class_counts.get(c, 0)}" for c in shown)
+    per_class = ", ".join(f"{c} " + "/".join(str(s.class_counts.get(c, 0)) for s in splits.values()) for c in shown)
     more = f", ... ({len(manifest.classes) - len(shown)} more)" if len(manifest.classes) > len(shown) else ""
-    lines.append(f"  per class train/val: {per_class}{more}")
+    lines.append(f"  per class {'/'.join(splits)}: {per_class}{more}")
     if manifest.skipped:
         kinds = Counter(reason_kind(s["reason"]) for s in manifest.skipped)
         lines.append("  skipped: " + ", ".join(f"{k}: {n}" for k, n in kinds.most_common()) + f" (paths in {MANIFEST})")
@@ -164,6 +197,11 @@ def summary(
             f"  duplicates: {len(manifest.duplicates)} groups of identical files"
             + (f", {cross} across classes (label noise: check them)" if cross else "")
         )
+        if leaks := leakage(manifest.duplicates):
+            lines.append(
+                f"  warning: identical images in two splits ({leaks}): the held-out score overstates — "
+                f"remove the copies (paths under duplicates in {MANIFEST})"
+            )
     if len(width):
         short = np.minimum(width, height)
         lines.append(

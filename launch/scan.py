@@ -22,10 +22,10 @@ from PIL import Image
 
 from launch.parallel import Workers
 from shards.format import IMAGE_EXTS, KEEP_FORMATS, SOURCE_EXTS, shape_problem, to_rgb
+from shards.splits import EXPECTED, SPLITS, LayoutError, split_folders
 from toolbox.errors import UserError, first_line
 from toolbox.walk import walk
 
-SPLITS = ("train", "val")
 TRANSCODE = len(IMAGE_EXTS)  # field code of images that are re-encoded as png
 CHUNK = 32  # files per task: big enough to hide the IPC, small enough to spread the work evenly
 # Above any image the default --max-pixels lets through even uncompressed (89.5 M pixels x 4 bytes
@@ -50,11 +50,12 @@ class Listing:
     """Every candidate image file under SRC, in a fixed order (class, then path)."""
 
     root: Path
-    layout: str  # "folders" (SRC/<class>/...) or "presplit" (SRC/train/<class>/..., SRC/val/<class>/...)
+    layout: str  # "folders" (SRC/<class>/...) or "presplit" (SRC/train/<class>/..., SRC/test/<class>/...)
     classes: list[str]
+    folders: dict[str, str] = field(default_factory=dict)  # presplit: split -> its folder in SRC (as spelt there)
     relpaths: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
-    given_split: list[int] = field(default_factory=list)  # 0 train, 1 val, -1 for "folders"
+    given_split: list[int] = field(default_factory=list)  # index into SPLITS, -1 for "folders"
     ignored: int = 0  # files that are not images by name
 
 
@@ -97,25 +98,41 @@ def list_source(src: Path) -> Listing:
         raise UserError(f"SRC {src} does not exist — pass the folder that holds one sub-folder per class")
     if not src.is_dir():
         raise UserError(f"SRC {src} is not a folder — pass the folder that holds one sub-folder per class")
-    roots = {name: src / name for name in SPLITS}
-    if all(_class_dirs(path) for path in roots.values()):
-        per_split = {name: _class_dirs(path) for name, path in roots.items()}
-        classes = sorted(set(per_split["train"]) | set(per_split["val"]))
-        listing = Listing(src, "presplit", classes)
-        for s, name in enumerate(SPLITS):
-            for label, cls in enumerate(classes):
-                if cls in per_split[name]:
-                    _list_class(listing, roots[name] / cls, label, s)
-    else:
-        classes = _class_dirs(src)
+    top = _class_dirs(src)
+    try:
+        folders = split_folders(top)
+    except LayoutError as e:
+        raise UserError(f"SRC {src} {e} — lay it out as {EXPECTED}, or as SRC/<class>/ alone") from None
+    if folders is not None:
+        return _list_presplit(src, folders)
+    if not top:
+        raise UserError(
+            f"SRC {src} has no class folders — put the images in SRC/<class name>/ "
+            "(one sub-folder per class), or SRC/train/<class>/ and SRC/val/<class>/"
+        )
+    listing = Listing(src, "folders", top)
+    for label, cls in enumerate(top):
+        _list_class(listing, src / cls, label, -1)
+    return listing
+
+
+def _list_presplit(src: Path, folders: dict[str, str]) -> Listing:
+    """SRC/<split folder>/<class>/...: the classes are every split's class folders together (a class
+    with no training image is then refused, or dropped with --skip-empty-classes, whichever split
+    holds it)."""
+    per_split = {split: _class_dirs(src / folder) for split, folder in folders.items()}
+    for split, classes in per_split.items():
         if not classes:
             raise UserError(
-                f"SRC {src} has no class folders — put the images in SRC/<class name>/ "
-                "(one sub-folder per class), or SRC/train/<class>/ and SRC/val/<class>/"
+                f"SRC {src}/{folders[split]} holds no class folders — put its images in "
+                f"{src}/{folders[split]}/<class name>/ (a pre-split SRC is {EXPECTED})"
             )
-        listing = Listing(src, "folders", classes)
+    classes = sorted(set().union(*per_split.values()))
+    listing = Listing(src, "presplit", classes, folders=folders)
+    for split, folder in folders.items():
         for label, cls in enumerate(classes):
-            _list_class(listing, src / cls, label, -1)
+            if cls in per_split[split]:
+                _list_class(listing, src / folder / cls, label, SPLITS.index(split))
     return listing
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-TRAIN, VAL, NONE = 0, 1, -1
+TRAIN, VAL, TEST, NONE = 0, 1, 2, -1  # indices into shards.splits.SPLITS; NONE: not written
 
 
 def same_bytes_groups(digests: np.ndarray) -> np.ndarray:

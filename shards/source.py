@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,15 +47,21 @@ class CacheOptions:
 class ShardSource:
     """make_shards output at a local path or URL: its manifest, checked before any work, and the
     node cache its shards go through (None: read in place). Not a torch Dataset: a split's samples
-    are read through `split(name)` and `shards.reader.SplitReader`."""
+    are read through `split(name)` and `shards.reader.SplitReader`.
 
-    def __init__(self, location: str | os.PathLike, options: CacheOptions = CacheOptions()):
+    ``reads``: the splits this process will read (None: all), so that the cache is sized for
+    them: training never fetches or makes room for a test split."""
+
+    def __init__(
+        self, location: str | os.PathLike, options: CacheOptions = CacheOptions(), reads: Sequence[str] | None = None
+    ):
         self.store = Store(str(location), options.retries, options.allow_pipe)
         if self.store.local is not None:
             self.manifest = Manifest.load(self.store.local)
         else:
             raw = self.store.check(MANIFEST, limit=MAX_BYTES)  # parse refuses one that is longer
             self.manifest = Manifest.parse(raw, self.store.show(MANIFEST))
+        self.reads = [info for name, info in self.manifest.splits.items() if reads is None or name in reads]
         self.cache = None
         if self.store.local is None or options.dir is not None:
             root = Path(options.dir) / SUBDIR if options.dir else default_dir()
@@ -75,17 +82,13 @@ class ShardSource:
 
     @functools.cached_property
     def _files_bytes(self) -> int:
-        """Bytes of every shard and index of the dataset: what a cache holding all of it needs."""
-        return sum(
-            s.bytes
-            for info in self.manifest.splits.values()
-            for s in info.shards + ([info.index] if info.index else [])
-        )
+        """Bytes of every shard and index of the splits read: what a cache holding all of them needs."""
+        return sum(s.bytes for info in self.reads for s in info.shards + ([info.index] if info.index else []))
 
     def _check_limit(self, limit: int | None) -> None:
         """Fail now, not hours in, when the cache cannot work: a limit too small to overlap
         fetching with reading, or a disk without room for what the cache will hold."""
-        largest = max((s.bytes for info in self.manifest.splits.values() for s in info.shards), default=0)
+        largest = max((s.bytes for info in self.reads for s in info.shards), default=0)
         if limit is not None and limit < MIN_LIMIT_SHARDS * largest:
             raise DataError(
                 f"data.cache_limit {limit / 1e6:.0f} MB is below {MIN_LIMIT_SHARDS}x the largest shard ({largest / 1e6:.1f} MB) — "
@@ -106,7 +109,7 @@ class ShardSource:
         (then samples can be read in any order without a file being fetched twice)."""
         if self.cache is None or self.cache.limit is None or self.cache.limit >= self._files_bytes:
             return None
-        indexes = sum(info.index.bytes for info in self.manifest.splits.values() if info.index)
+        indexes = sum(info.index.bytes for info in self.reads if info.index)
         return (self.cache.limit - indexes) // 2  # the block being read and the next one, fetched meanwhile
 
     def describe_cache(self) -> str:

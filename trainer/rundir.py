@@ -340,6 +340,25 @@ class RunDir:
     def write_json(self, name: str, value: dict) -> None:
         (self.path / name).write_text(json.dumps(value, indent=2))
 
+    def read_json(self, name: str) -> dict | None:
+        """A JSON object the run wrote (summary.json), or None when it is not there or not readable."""
+        try:
+            found = json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
+
+    def replace_text(self, name: str, text: str) -> None:
+        """A file written whole and renamed into place: two writers (training's end and an evaluate)
+        each leave a complete file, never a mix of both."""
+        path = self.path / name
+        tmp = path.with_name(f"{name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def write_weights(self, alias: str, tensors: dict, info: WeightsInfo) -> Path:
         """best/final weights, atomically: a full disk leaves the previous file, never a partial one."""
         data = weights_bytes(tensors, info)
@@ -399,6 +418,15 @@ class RunDir:
             json_tmp.unlink(missing_ok=True)
             png_tmp.unlink(missing_ok=True)
         return json_path, png_path
+
+    def evals(self) -> dict[str, dict]:
+        """evaluate's records by output name (eval/<name>.json, sorted); one unreadable is left out."""
+        found = {}
+        for path in sorted((self.path / EVAL).glob("*.json")):
+            record = self.read_json(f"{EVAL}/{path.name}")
+            if record is not None and record.get("kind") == "eval":
+                found[path.stem] = record
+        return found
 
     def status(self) -> dict:
         """status.json as the last run left it ({} when there is none or it cannot be read)."""

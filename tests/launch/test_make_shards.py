@@ -477,3 +477,140 @@ def test_a_file_deleted_while_shards_are_written_is_left_out_and_said(tmp_path, 
     total = sum(split.num_samples for split in manifest.splits.values())
     assert total == 11 == sum(s.samples for split in manifest.splits.values() for s in split.shards)
     assert sum(sum(split.class_counts.values()) for split in manifest.splits.values()) == 11
+
+
+# ---------------------------------------------------------------- split folders
+
+
+def image_tree(src: Path, layout: dict[str, dict[str, int]], size=(12, 10)) -> Path:
+    """src/<folder>/<class>/<i>.png|jpg for ``layout``: folder -> class -> image count (every file distinct)."""
+    for f, (folder, classes) in enumerate(layout.items()):
+        for c, (cls, n) in enumerate(classes.items()):
+            (src / folder / cls).mkdir(parents=True)
+            for i in range(n):
+                fmt, ext = ("PNG", "png") if i % 2 else ("JPEG", "jpg")
+                image = noise(size, seed=10_000 * f + 100 * c + i)
+                (src / folder / cls / f"{i}.{ext}").write_bytes(
+                    encode(image, fmt, **({"quality": 95} if ext == "jpg" else {}))
+                )
+    return src
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["cat", "dog"], None),
+        (["bus", "car", "train"], None),  # a class called train: vehicles have trains
+        (["cat", "test"], None),
+        (["train"], {"train": "train"}),
+        (["train", "test"], {"train": "train", "test": "test"}),
+        (["test", "train", "val"], {"train": "train", "val": "val", "test": "test"}),
+        (["Train", "Valid"], {"train": "Train", "val": "Valid"}),
+        (["TRAIN", "validation", "Test"], {"train": "TRAIN", "val": "validation", "test": "Test"}),
+    ],
+)
+def test_split_folders_are_read_without_regard_to_case(names, expected):
+    from shards.splits import split_folders
+
+    assert split_folders(names) == expected
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (["val", "test"], "has test/, val/ but no train/"),
+        (["test"], "has test/ but no train/"),
+        (["training", "testing"], "has testing/, training/, but testing/, training/ are not split names"),
+        (["train", "testing"], "has testing/, train/, but testing/ is not a split name"),
+        (["train", "val", "valid"], "has 2 val folders (val/, valid/), not one"),
+        (["train", "test", "cat"], "has split folders (test/, train/) beside other folders (cat/)"),
+    ],
+)
+def test_split_like_folders_in_another_mix_are_refused_saying_what_was_found(names, message):
+    from shards.splits import LayoutError, split_folders
+
+    with pytest.raises(LayoutError) as e:
+        split_folders(names)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "folders, message",
+    [
+        (("val", "test"), "has test/, val/ but no train/"),
+        (("training", "testing"), "are not split names"),
+        (("train", "val", "validation"), "has 2 val folders"),
+        (("train", "val", "cat"), "beside other folders (cat/)"),
+    ],
+)
+def test_make_shards_refuses_a_split_mix_in_one_line_and_writes_nothing(tmp_path, capsys, folders, message):
+    from launch import make_shards
+
+    src = image_tree(tmp_path / "src", {f: {"a": 2, "b": 2} for f in folders})
+    code = make_shards.main([str(src), str(tmp_path / "out"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert "lay it out as SRC/train/<class>/ with SRC/val/<class>/ (or valid/, validation/)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_split_folder_without_class_folders_is_one_line(tmp_path, capsys):
+    from launch import make_shards
+
+    src = image_tree(tmp_path / "src", {"train": {"a": 2, "b": 2}})
+    (src / "test").mkdir()
+    (src / "test" / "0.png").write_bytes((src / "train" / "a" / "1.png").read_bytes())
+    assert make_shards.main([str(src), str(tmp_path / "out"), "--workers", "1"]) == 2
+    assert (
+        f"SRC {src}/test holds no class folders — put its images in {src}/test/<class name>/" in capsys.readouterr().err
+    )
+
+
+def test_a_test_folder_is_a_third_split_and_val_is_carved_from_train(tmp_path):
+    from launch import make_shards
+
+    src = image_tree(tmp_path / "src", {"train": {"a": 10, "b": 10}, "Test": {"a": 3, "b": 2}})
+    out = tmp_path / "out"
+    assert make_shards.main([str(src), str(out), "--workers", "1", "--min-shards", "2", "--val-fraction", "0.2"]) == 0
+    m = Manifest.load(out)
+    assert list(m.splits) == ["train", "val", "test"] and m.options["split_folders"] == {
+        "train": "train",
+        "test": "Test",
+    }
+    assert m.splits["val"].class_counts == {"a": 2, "b": 2} and m.splits["train"].class_counts == {"a": 8, "b": 8}
+    assert m.splits["test"].class_counts == {"a": 3, "b": 2} and len(m.splits["test"].shards) == 2
+    summary = (out / "summary.txt").read_text()
+    assert "test: 5 samples in 2 shards" in summary and "per class train/val/test: a 8/2/3, b 8/2/2" in summary
+    assert "splits: train/ -> train and val (val carved from it: --val-fraction 0.2" in summary
+    assert "Test/ -> test" in summary
+
+
+def test_the_cap_spares_test_and_a_class_only_in_test_is_refused_as_one_only_in_val(tmp_path, capsys):
+    from launch import make_shards
+
+    src = image_tree(tmp_path / "src", {"train": {"a": 6, "b": 6}, "test": {"a": 4, "b": 4}})
+    out = tmp_path / "out"
+    assert make_shards.main([str(src), str(out), "--workers", "1", "--max-per-class", "3"]) == 0
+    m = Manifest.load(out)
+    assert m.splits["test"].class_counts == {"a": 4, "b": 4}
+    assert sum(m.splits[s].class_counts["a"] for s in ("train", "val")) == 3
+    image_tree(src / "test", {"c": {"x": 1}})  # test/c/x/0.jpg: a class the training folder lacks
+    assert make_shards.main([str(src), str(tmp_path / "out2"), "--workers", "1"]) == 2
+    assert "class 'c': training folder has no valid image" in capsys.readouterr().err
+    args = [str(src), str(tmp_path / "out3"), "--workers", "1", "--skip-empty-classes"]
+    assert make_shards.main(args) == 0 and Manifest.load(tmp_path / "out3").classes == ["a", "b"]
+
+
+def test_identical_files_in_test_and_train_are_a_leakage_warning(tmp_path):
+    from launch import make_shards
+
+    src = image_tree(tmp_path / "src", {"train": {"a": 6, "b": 6}, "val": {"a": 2, "b": 2}, "test": {"a": 2, "b": 2}})
+    (src / "test" / "b" / "copy.png").write_bytes((src / "train" / "b" / "1.png").read_bytes())
+    (src / "val" / "a" / "copy.png").write_bytes((src / "train" / "a" / "3.png").read_bytes())
+    out = tmp_path / "out"
+    assert make_shards.main([str(src), str(out), "--workers", "1"]) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "warning: identical images in two splits (1 group test with train/val, 1 group train with val)" in summary
+    assert "splits: train/ -> train, val/ -> val, test/ -> test" in summary
+    groups = {tuple(d["splits"]) for d in Manifest.load(out).duplicates}
+    assert groups == {("train", "test"), ("train", "val")}

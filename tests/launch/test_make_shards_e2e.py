@@ -23,7 +23,7 @@ from PIL import Image
 from shards.format import decode_rgb
 from shards.manifest import Manifest
 from tests.conftest import wait_for
-from tests.launch.test_make_shards import bomb_png, encode, noise, read_only_folder, with_orientation
+from tests.launch.test_make_shards import bomb_png, encode, image_tree, noise, read_only_folder, with_orientation
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -293,6 +293,31 @@ def test_presplit_layout_is_kept(tmp_path):
     assert m.splits["train"].class_counts == {"a": 6, "b": 6} and m.splits["val"].class_counts == {"a": 2, "b": 2}
     paths = {json.loads(s["json"])["path"] for s in read_samples(out)["val"]}
     assert all(p.startswith("val/") for p in paths) and len(paths) == 4
+
+
+def test_a_train_and_test_folder_gives_three_splits_that_the_shard_reader_reads(tmp_path):
+    """What a user with their own photos has: train/ and test/ of JPEG and PNG files, no val."""
+    from trainer.training.data import open_shards, split_reader
+
+    src = image_tree(tmp_path / "src", {"train": {"coat": 12, "shoe": 9}, "test": {"coat": 4, "shoe": 3}})
+    out = tmp_path / "out"
+    res = make_shards(src, out, "--min-shards", "2", "--val-fraction", "0.25")
+    assert "2 classes (presplit); 28 image files found, 28 written" in res.stdout
+    assert "splits: train/ -> train and val (val carved from it: --val-fraction 0.25 of each class" in res.stdout
+    m = Manifest.load(out)
+    counts = {name: (info.num_samples, info.class_counts) for name, info in m.splits.items()}
+    assert counts == {
+        "train": (16, {"coat": 9, "shoe": 7}),
+        "val": (5, {"coat": 3, "shoe": 2}),
+        "test": (7, {"coat": 4, "shoe": 3}),
+    }
+    timm = json.loads((out / "_info.json").read_text())["splits"]["test"]
+    assert timm["num_samples"] == 7 and all(f.startswith("test/test-") for f in timm["filenames"])
+    reader = split_reader(open_shards(str(out), reads=("test",)), "test")
+    paths = sorted(json.loads(reader.read(i)["json"])["path"] for i in range(len(reader)))
+    assert paths == sorted(str(p.relative_to(src)) for p in (src / "test").rglob("*.*"))
+    assert all(p.startswith("test/") for p in paths) and reader.labels().tolist().count(0) == 4
+    assert "summary.txt" in os.listdir(out) and "test: 7 samples in 2 shards" in (out / "summary.txt").read_text()
 
 
 def test_demo(tmp_path):

@@ -373,3 +373,22 @@ def test_fetching_ahead_never_waits_for_room_with_the_file_locked(tmp_path):
     assert not cache.path(entry(c)).exists() and cache.path(entry(a)).exists()
     assert cache.get(entry(c), writer_of(c)).read_bytes() == c  # needed now: the least recently used goes
     assert cache.used() <= 2000
+
+
+def test_training_sizes_the_cache_for_train_and_val_never_for_test(tmp_path):
+    """A cache that holds train and val holds all that training reads, whatever the test split weighs."""
+    from launch import make_shards
+    from shards.manifest import Manifest
+    from shards.source import CacheOptions
+    from tests.launch.test_make_shards import image_tree
+
+    src = image_tree(tmp_path / "src", {"train": {"a": 8, "b": 8}, "test": {"a": 8, "b": 8}}, size=(48, 40))
+    out = tmp_path / "out"
+    assert make_shards.main([str(src), str(out), "--workers", "1", "--min-shards", "4"]) == 0
+    splits = Manifest.load(out).splits
+    weight = {name: sum(s.bytes for s in info.shards) + info.index.bytes for name, info in splits.items()}
+    limit = weight["train"] + weight["val"] + weight["test"] // 2
+    options = CacheOptions(dir=str(tmp_path / "cache"), limit=limit)
+    assert ShardSource(str(out), options, reads=("train", "val")).block_budget is None  # holds every shard it reads
+    assert ShardSource(str(out), options).block_budget is not None  # all three splits do not fit
+    assert open_shards(str(out)).reads == [splits["train"], splits["val"]]  # the trainer's default

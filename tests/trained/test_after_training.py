@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from launch import demo
 from shards.format import image_field
 from shards.manifest import Manifest
 from tests.conftest import REPO, cpu_env, run_training, wait_for
@@ -67,21 +68,42 @@ def run_together(commands: dict[str, list[str]]) -> dict[str, subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def run_dir(digits_shards, tmp_path_factory) -> Path:
+def split_shards(tmp_path_factory) -> Path:
+    """The digits as a user's own folder often comes: SRC/train/<class>/ and SRC/test/<class>/ (every
+    5th image), sharded by the real make_shards: train, val carved from train, and test."""
+    root = tmp_path_factory.mktemp("split")
+    digits = demo.write_digits(root / "digits")
+    for k, path in enumerate(sorted(digits.rglob("*.png"))):
+        to = root / "src" / ("test" if k % 5 == 0 else "train") / path.parent.name / path.name
+        to.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(to)
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.make_shards", root / "src", root / "shards", "--min-shards", "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "test/ -> test" in result.stdout, result.stderr
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def run_dir(split_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("after") / "run"
     result = run_training(
-        [f"data.shards={digits_shards}", f"run.dir={run_dir}", "train.epochs=1", "wandb.mode=disabled"]
+        [f"data.shards={split_shards}", f"run.dir={run_dir}", "train.epochs=1", "wandb.mode=disabled"]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def folders(digits_shards, tmp_path_factory) -> dict[str, Path]:
+def folders(split_shards, tmp_path_factory) -> dict[str, Path]:
     """`classes`: val images copied out as ROOT/<class>/<file> in several modes; `extra`: a wide image;
     `bad`: a file that is not an image."""
     root = tmp_path_factory.mktemp("images")
-    index = split_reader(open_shards(str(digits_shards)), "val")
+    index = split_reader(open_shards(str(split_shards)), "val")
     counts = {}
     for i in range(len(index)):
         sample = index.read(i)
@@ -155,6 +177,57 @@ def outputs(run_dir, folders) -> dict[str, subprocess.CompletedProcess]:
     )
 
 
+@pytest.fixture(scope="module")
+def test_split(outputs, run_dir, split_shards) -> dict[str, subprocess.CompletedProcess]:
+    """The held-out split evaluated after the others, so that the report it writes is the last one
+    (evaluations that finish together each list what was there when they wrote)."""
+    src = split_shards.parent / "src"
+    return {
+        "shards": subprocess.run(
+            cli("evaluate", run_dir, "--split", "test"),
+            cwd=REPO,
+            env=cpu_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        ),
+        "folder": subprocess.run(
+            cli("evaluate", run_dir, "--data", src, "--split", "test", "--workers", "0"),
+            cwd=REPO,
+            env=cpu_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        ),
+    }
+
+
+def test_evaluate_reads_the_test_split_and_the_report_shows_it(test_split, run_dir, split_shards):
+    stdout = ok(test_split["shards"]).stdout
+    record = json.loads((run_dir / "eval" / "best-test.json").read_text())
+    test = Manifest.load(split_shards).splits["test"]
+    assert record["data"] == "test" and record["num_samples"] == test.num_samples == 360
+    assert [sum(row) for row in record["confusion"]] == [test.class_counts[str(d)] for d in range(10)]
+    assert f"listed in {run_dir / 'report.md'}" in stdout
+    report = (run_dir / "report.md").read_text()
+    row = f"| [best-test](eval/best-test.png) | test | best.safetensors | 360 | {record['top1']:.4f} |"
+    assert row in report and "## Per class (final evaluation)" in report  # the training's sections stay
+
+
+def test_evaluate_reads_the_test_folder_of_a_pre_split_image_folder_as_its_shards(test_split, run_dir):
+    ok(test_split["folder"])
+    folder = json.loads((run_dir / "eval" / "best-src-test.json").read_text())
+    shards = json.loads((run_dir / "eval" / "best-test.json").read_text())
+    assert folder["confusion"] == shards["confusion"] and folder["num_samples"] == 360
+
+
+def test_a_test_split_the_shards_lack_is_one_line_naming_the_fix(run_dir, digits_shards, capsys):
+    from trainer.trained import evaluate
+
+    code = evaluate.main([str(run_dir), "--data", str(digits_shards), "--split", "test"])
+    assert_one_line(code, capsys.readouterr().err, "have no 'test' split (they have train, val)")
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -166,12 +239,12 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
         return reader.fieldnames, list(reader)
 
 
-def test_evaluate_two_processes_equal_one(outputs, run_dir, digits_shards):
+def test_evaluate_two_processes_equal_one(outputs, run_dir, split_shards):
     ok(outputs["eval1"]), ok(outputs["eval2"])
     one = json.loads((run_dir / "eval" / "one.json").read_text())
     two = json.loads((run_dir / "eval" / "two.json").read_text())
     assert (
-        one["num_samples"] == Manifest.load(digits_shards).splits["val"].num_samples == sum(map(sum, one["confusion"]))
+        one["num_samples"] == Manifest.load(split_shards).splits["val"].num_samples == sum(map(sum, one["confusion"]))
     )
     for key in ["top1", "top5", "per_class", "macro", "confusion", "num_samples"]:
         assert one[key] == two[key], key

@@ -186,3 +186,41 @@ def test_predict_default_csvs_are_numbered_on_and_never_replaced(tmp_path, monke
     }
     aside = run.set_aside()  # starting the run over sets them aside with the rest of the earlier run
     assert sorted(p.name for p in aside.iterdir()) == sorted(contents) and run.numbered_predictions() == []
+
+
+def eval_record(top1: float, data: str) -> dict:
+    return {
+        "kind": "eval",
+        "checkpoint": "/runs/x/best.safetensors",
+        "data": data,
+        "tta": "none",
+        "num_samples": 40,
+        "top1": top1,
+        "top5": 1.0,
+        "macro": {"f1": 0.5},
+    }
+
+
+def test_evaluate_lists_its_output_in_the_report_of_a_finished_run_only(tmp_path):
+    from trainer.training.config import load_config
+    from trainer.training.tracking.report import refresh_report
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    config = load_config(None, ["data.shards=s", f"run.dir={run.path}"])
+    (run.path / "eval").mkdir()
+    (run.path / "eval" / "best-test.json").write_text(json.dumps(eval_record(0.875, "test")))
+    (run.path / "eval" / "best-test.json.123.tmp").write_text("{")  # another evaluate, still writing
+    assert not refresh_report(run, config, ["a", "b"])  # still training: its end writes the report
+    assert not (run.path / "report.md").exists()
+    summary = {"parameters": 1000, "world_size": 1, "best_top1": 0.9, "best_epoch": 2, "final_top1": 0.9}
+    run.write_json("summary.json", {**summary, "final_top5": 1.0, "num_val_samples": 10})
+    (run.path / "eval" / "final-val.json").write_text(json.dumps(eval_record(0.9, "val")))
+    assert refresh_report(run, config, ["a", "b"])
+    report = (run.path / "report.md").read_text()
+    assert "## Evaluations (`python -m trainer.evaluate`)" in report
+    assert (
+        "| [best-test](eval/best-test.png) | test | best.safetensors | 40 | 0.8750 | 1.0000 | 0.5000 | none |" in report
+    )
+    assert report.index("best-test") < report.index("final-val")
+    assert sorted(p.name for p in run.path.iterdir()) == ["eval", "report.md", "summary.json"]  # no .tmp left

@@ -1,11 +1,12 @@
 """Evaluate a trained run on a shard split or an image folder.
 
-    python -m trainer.evaluate RUN_DIR [--checkpoint best|last|final|PATH] [--split val|train]
+    python -m trainer.evaluate RUN_DIR [--checkpoint best|last|final|PATH] [--split val|test|train]
                                [--data SHARDS_OR_IMAGE_FOLDER] [--name NAME] [--tta none|flip]
     accelerate launch [--multi_gpu --num_processes N] -m trainer.evaluate RUN_DIR ...
 
 Writes RUN_DIR/eval/<name>.json (the fields of metrics.jsonl's eval records) and <name>.png (the
-confusion matrix) and prints the per-class table. Under `accelerate launch` rank r evaluates
+confusion matrix; <name> is e.g. best-test), prints the per-class table, and lists the result in
+report.md's evaluations once training has written the report. Under `accelerate launch` rank r evaluates
 samples r, r + N, ... and the sums are all-reduced, so N processes give exactly one's numbers.
 """
 
@@ -20,12 +21,14 @@ from pathlib import Path
 import torch
 
 from shards.format import MANIFEST
+from shards.manifest import Manifest
+from shards.splits import TEST
 from shards.store import is_url
 from toolbox import failpoints
 from toolbox.cli import add_debug_flag, run_command
 from toolbox.errors import UserError
 from toolbox.redact import redact
-from trainer.rundir import RunDir
+from trainer.rundir import REPORT, RunDir
 from trainer.trained.images import LabelledImages, labelled_images
 from trainer.trained.load import Trained, load_trained
 from trainer.training.config import TrainConfig
@@ -42,6 +45,7 @@ from trainer.training.evaluation import evaluate
 from trainer.training.metrics import TTA, format_table, summarize
 from trainer.training.runtime import Launch, close_process_group, make_accelerator
 from trainer.training.tracking.plots import plot_confusion
+from trainer.training.tracking.report import refresh_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="the run.dir of a training run")
     parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
     parser.add_argument(
-        "--split", default="val", help="shard split, or sub-folder of a pre-split image folder (default: val)"
+        "--split",
+        default="val",
+        help="val, test (the held-out split make_shards keeps from SRC/test/) or train; for a pre-split image "
+        "folder, its sub-folder of that split (default: val)",
     )
     parser.add_argument(
         "--data",
@@ -101,9 +108,12 @@ def run(args: argparse.Namespace) -> int:
             **summarize(sums, trained.classes),
         }
         name = args.name or f"{trained.name}-{data_name}"
-        json_path, png_path = RunDir(args.run_dir).write_eval(name, record, confusion_plot(record, trained.classes))
+        run = RunDir(args.run_dir)
+        json_path, png_path = run.write_eval(name, record, confusion_plot(record, trained.classes))
         print(format_table(record))
         print(f"wrote {json_path} and {png_path}")
+        if refresh_report(run, config, trained.classes):
+            print(f"listed in {run.file(REPORT)}")
     accelerator.wait_for_everyone()
     close_process_group()
     return 0
@@ -124,7 +134,8 @@ def eval_dataset(
     source = str(trained.config.data.shards if data is None else data)
     preset = trained.preset(letterbox)
     if is_url(source) or (Path(source) / MANIFEST).is_file():
-        dataset = open_shards(source, trained.config.data)
+        dataset = open_shards(source, trained.config.data, reads=(split,))
+        check_split(dataset.manifest, dataset.shown, split)
         if dataset.manifest.classes != trained.classes:
             raise UserError(
                 f"the shards {dataset.shown} have other classes than the run ({len(dataset.manifest.classes)} vs "
@@ -136,7 +147,22 @@ def eval_dataset(
         return ShardDataset(reader, preset, num_classes=len(trained.classes)), name
     if data is None:
         raise UserError(f"the run's shards {source} are not there — pass --data SHARDS_OR_IMAGE_FOLDER")
-    return LabelledImages(labelled_images(Path(source), trained.classes, split), preset), Path(source).name
+    items, read = labelled_images(Path(source), trained.classes, split)
+    name = Path(source).name if read == Path(source) else f"{Path(source).name}-{split}"  # a pre-split folder
+    return LabelledImages(items, preset), name
+
+
+def check_split(manifest: Manifest, shown: str, split: str) -> None:
+    """A split the shards lack is one line naming the fix (a test split comes from SRC/test/)."""
+    if split in manifest.splits:
+        return
+    fix = (
+        "make the shards from a SRC with a test/ folder beside train/ (`python -m launch.make_shards SRC OUT`), "
+        "or evaluate an image folder with --data FOLDER"
+        if split == TEST
+        else f"pick one of {', '.join(manifest.splits)}"
+    )
+    raise UserError(f"the shards {shown} have no {split!r} split (they have {', '.join(manifest.splits)}) — {fix}")
 
 
 def confusion_plot(record: dict, classes: list[str]) -> Callable[[Path], None]:

@@ -11,6 +11,7 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from shards.format import SOURCE_EXTS, decode_rgb
+from shards.splits import EXPECTED, LayoutError, split_folders
 from toolbox.errors import DataError, UserError, first_line
 from toolbox.walk import walk
 from trainer.training.samples import Sample
@@ -73,13 +74,14 @@ def image_files(root: Path) -> list[Path]:
     ]
 
 
-def labelled_images(root: Path, classes: list[str], split: str) -> list[tuple[Path, int]]:
-    """ROOT/<class>/**/<image> (or ROOT/<split>/<class>/...), labelled by the run's class list."""
+def labelled_images(root: Path, classes: list[str], split: str) -> tuple[list[tuple[Path, int]], Path]:
+    """ROOT/<class>/**/<image> (or ROOT/<split folder>/<class>/..., as make_shards reads a pre-split
+    SRC), labelled by the run's class list. -> (image and label pairs, the folder of class folders read)."""
     if not root.is_dir():
         raise UserError(f"image folder {root} not found — pass a make_shards output or a folder of class folders")
     folders = subfolders(root)
-    if {"train", "val"} <= set(folders) and not {"train", "val"} <= set(classes):  # a pre-split SRC
-        root = root / split
+    if sorted(classes) != folders:  # a run whose classes are called train and val reads them as classes
+        root = split_root(root, folders, split)
         folders = subfolders(root)
     if not folders:
         raise UserError(f"{root} has no class folders — lay it out as {root}/<class>/<image>")
@@ -97,7 +99,23 @@ def labelled_images(root: Path, classes: list[str], split: str) -> list[tuple[Pa
                 f"class folder {root / name} has no images — add images of that class (every class of the run needs some)"
             )
         items += [(path, label) for path in files]
-    return items
+    return items, root
+
+
+def split_root(root: Path, folders: list[str], split: str) -> Path:
+    """The folder of ``split`` in a pre-split image folder; ``root`` itself when it holds class folders."""
+    try:
+        named = split_folders(folders)
+    except LayoutError as e:
+        raise UserError(f"{root} {e} — pass a folder of class folders, or one laid out as {EXPECTED}") from None
+    if named is None:
+        return root
+    if split not in named:
+        raise UserError(
+            f"{root} has no {split} folder (it has {', '.join(f + '/' for f in named.values())}) — "
+            f"pass --split {' or --split '.join(named)}"
+        )
+    return root / named[split]
 
 
 def subfolders(root: Path) -> list[str]:

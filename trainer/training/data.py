@@ -28,6 +28,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from shards.format import finish_rgb, image_field, open_image, plain_jpeg
 from shards.reader import SplitReader
 from shards.source import CacheOptions, Prefetcher, ShardSource
+from shards.splits import TRAINING
 from toolbox.errors import DataError
 from toolbox.sizes import parse_size
 from trainer.training.config import eval_size, train_sizes
@@ -36,13 +37,14 @@ from trainer.training.samples import EncodedSample, Sample, collate
 from trainer.training.transforms import EvalPreset, TrainPreset
 
 
-def open_shards(location: str, data=None) -> ShardSource:
-    """make_shards output at a path or URL, with the cache settings of ``data`` (a DataConfig)."""
+def open_shards(location: str, data=None, reads: Sequence[str] = TRAINING) -> ShardSource:
+    """make_shards output at a path or URL, with the cache settings of ``data`` (a DataConfig), to
+    read the splits ``reads`` (training's train and val by default: never a test split)."""
     options = CacheOptions()
     if data is not None:
         limit = parse_size(data.cache_limit) if data.cache_limit is not None else None
         options = CacheOptions(data.cache_dir, limit, data.fetch_retries, data.allow_pipe)
-    return ShardSource(location, options)
+    return ShardSource(location, options, reads)
 
 
 def split_reader(source: ShardSource, split: str, verify: str = "size") -> SplitReader:

@@ -1,9 +1,13 @@
-"""report.md: one page a user without wandb access can open or attach."""
+"""report.md: one page a user without wandb access can open or attach.
+
+Written from the run dir's files alone (config, classes, metrics.jsonl, summary.json, eval/), so
+training writes it at its end and `trainer.evaluate` writes it again to list a new evaluation.
+"""
 
 from __future__ import annotations
 
 from toolbox.redact import redact
-from trainer.rundir import CONFUSION, CURVES, REPORT, RunDir
+from trainer.rundir import CONFUSION, CURVES, EVAL, REPORT, SUMMARY, RunDir
 from trainer.training.config import Config
 from trainer.training.metrics import one_line, table_rows
 
@@ -50,8 +54,40 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
         for i, (name, *scores, support) in enumerate(rows):
             name = "**macro**" if i == len(rows) - 1 else markdown_cell(name)
             lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in scores) + f" | {support} |")
+    lines += evaluations(run.evals())
     lines += ["", "## Plots", "", f"![curves]({CURVES})", "", f"![confusion matrix]({CONFUSION})", ""]
-    run.file(REPORT).write_text("\n".join(lines))
+    run.replace_text(REPORT, "\n".join(lines))
+
+
+def refresh_report(run: RunDir, config: Config, classes: list[str]) -> bool:
+    """report.md again, after `trainer.evaluate` wrote an evaluation, for a run that has finished
+    (summary.json is there). A run still training lists every evaluation in the report it writes at
+    its end. -> whether it was written."""
+    summary = run.read_json(SUMMARY)
+    if summary is None:
+        return False
+    write_report(run, config, classes, summary)
+    return True
+
+
+def evaluations(records: dict[str, dict]) -> list[str]:
+    """The report's lines for evaluate's outputs (eval/<name>.json): one table row each."""
+    if not records:
+        return []
+    lines = [
+        "",
+        "## Evaluations (`python -m trainer.evaluate`)",
+        "",
+        "| output | data | weights | samples | top-1 | top-5 | macro F1 | TTA |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in records.items():
+        weights = markdown_cell(r.get("checkpoint", "").rsplit("/", 1)[-1])
+        lines.append(
+            f"| [{markdown_cell(name)}]({EVAL}/{name}.png) | {markdown_cell(str(r.get('data', '')))} | {weights} "
+            f"| {r['num_samples']} | {r['top1']:.4f} | {r['top5']:.4f} | {r['macro']['f1']:.4f} | {r.get('tta', 'none')} |"
+        )
+    return lines
 
 
 def _fmt(value: float | None) -> str:
