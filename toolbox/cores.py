@@ -48,7 +48,7 @@ def torch_threads(
     cores = usable_cores(env) if cores is None else cores
     share = cores // max(processes, 1)
     threads = max(1, share - workers)
-    parts = [f"{cores} usable cores"]
+    parts = [f"{cores} usable core{'s' if cores != 1 else ''}"]
     if processes > 1:
         parts.append(f"{processes} processes")
     if workers:
