@@ -2,9 +2,9 @@
 
 torch's default (one intra-op thread per core of the machine) is right only when the process has
 the machine to itself: OpenMP threads spin-wait at every barrier, so a thread that shares its core
-with a loader worker or another job stalls all the others. Measured on the 2-core VM with two
-other processes burning the cores: the demo model's forward ran 8x slower with 2 threads than with
-1 (BENCHMARKS.md, "torch threads on a busy CPU"). No torch here: a launcher can use it before any
+with a loader worker or another job stalls all the others. Measured on the shared 2-core VM: the
+demo model's forward ran 13-16x slower with 2 threads than with 1, its training step 8x
+(BENCHMARKS.md, "torch threads on a busy CPU"). No torch here: a launcher can use it before any
 process imports torch.
 """
 
