@@ -32,7 +32,8 @@ def evaluate(
     sums = EvalSums.zeros(num_classes, accelerator.device)
     shown = ShownSamples(sample_rows)
     main = accelerator.is_main_process
-    lines = CountLines("eval", len(loader.dataset), Console(main).say, main and lines_wanted(), clock)
+    total = len(getattr(loader, "dataset", ()))  # 0 (no lines) for a plain list of batches
+    lines = CountLines("eval", total, Console(main).say, main and lines_wanted(), clock)
     done = 0
     for images, labels, _, bad in progress_bar(loader, len(loader), "eval", main):
         lines.update(done * accelerator.num_processes)  # the batches before this one; the ranks read equal shares
