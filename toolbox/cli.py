@@ -136,5 +136,6 @@ class Console:
 
 
 def progress_bar(iterable, total: int, desc: str, enabled: bool):
-    """A tqdm bar on the main process; none elsewhere, nor when stderr is not a terminal (log files)."""
+    """A tqdm bar on the main process; none elsewhere, nor when stderr is not a terminal (log files:
+    toolbox.progress's lines show the progress there)."""
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None if enabled else True)

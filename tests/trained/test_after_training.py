@@ -251,6 +251,8 @@ def test_evaluate_two_processes_equal_one(outputs, run_dir, split_shards):
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)
     assert (run_dir / "eval" / "one.png").stat().st_size > 0
     assert outputs["eval2"].stdout.count("macro") == 1  # the table comes from the main process only
+    assert "threads 1 (OMP_NUM_THREADS)" in outputs["eval1"].stdout.splitlines()  # the tests' environment sets it
+    assert outputs["eval2"].stdout.count("threads 1 (OMP_NUM_THREADS)") == 1
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert one["confusion"] == [r for r in logged if r["kind"] == "eval"][-1]["confusion"]
 
@@ -306,6 +308,7 @@ def test_evaluate_image_folder_and_predict_agree(outputs, run_dir, folders):
 
 def test_predict_csv_columns_error_row_and_letterbox(outputs, folders):
     assert "31 images predicted, 0 unreadable" in ok(outputs["predict"]).stdout
+    assert "threads 1 (OMP_NUM_THREADS)" in outputs["predict"].stdout.splitlines()
     assert "31 images predicted, 1 unreadable" in ok(outputs["predict_letterbox"]).stdout
     header, plain = read_csv(folders["root"] / "pred.csv")
     ranks = [f"top{i}_{field}" for i in range(2, 6) for field in ("class", "probability")]
@@ -459,6 +462,7 @@ def test_bad_input_is_one_clear_line(errors, case, message):
         ("predict", ["RUN", "BAD/nowhere"], "not found"),
         ("predict", ["RUN", "BAD/no-images"], "holds no image files"),
         ("predict", ["BAD/nowhere", "BAD/broken-image"], "run directory"),
+        ("predict", ["RUN", "BAD/broken-image", "--threads", "0"], "--threads 0: must be at least 1"),
     ],
 )
 def test_bad_input_in_process(run_dir, bad, capsys, command, args, message):

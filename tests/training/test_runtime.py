@@ -174,3 +174,19 @@ def test_a_ramped_run_compiles_one_static_graph_per_size(monkeypatch):
     assert runtime.compile_dynamic(ramped) is False
     # 96 -> 224 in steps of 16 over 10 epochs: 9 train sizes; they and the eval shapes fit the limit
     assert torch._dynamo.config.recompile_limit >= 2 * (9 + 2)
+
+
+def test_after_training_commands_take_the_usable_cores_less_their_loader_workers(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # whatever this machine has: Slurm gave the task one core
+    before = torch.get_num_threads()
+    try:
+        assert runtime.use_threads(None, 0) == "threads 1 (1 usable core)"
+        assert torch.get_num_threads() == 1
+        assert runtime.use_threads(2, 0) == "threads 2 (--threads)"
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert runtime.use_threads(None, 5) == "threads 3 (OMP_NUM_THREADS)"
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,24 @@ def test_both_ranks_trained_and_metrics_fields(trained_run):
     for field in ["num_samples", "top1", "top5", "loss", "per_class", "macro", "confusion"]:
         assert field in evals[-1]
     assert set(evals[-1]["per_class"]["3"]) >= {"precision", "recall", "specificity", "f1"}
+
+
+def test_a_log_file_shows_progress_and_each_epochs_train_loss_and_time(trained_run):
+    run_dir, result = trained_run  # stdout captured: not a terminal, as in a Slurm log
+    lines = result.stdout.splitlines()
+    progress = re.compile(
+        r"epoch (\d)/2  step (\d+)/25  loss \d+\.\d{4}  \d+ img/s  elapsed \S+  ETA epoch \S+, run \S+"
+    )
+    shown = [tuple(map(int, m.groups())) for m in map(progress.fullmatch, lines) if m]
+    assert (1, 5) in shown and (2, 5) in shown, lines  # each epoch's first record (train.log_every=5) at once
+    summary = re.compile(
+        r"epoch (\d)/2  step \d+  train loss (\d+\.\d{4})  val top-1 .*\(179 samples\)  time \S+(  best)?"
+    )
+    losses = {int(m[1]): float(m[2]) for m in map(summary.fullmatch, lines) if m}
+    assert sorted(losses) == [1, 2], lines
+    for epoch, loss in losses.items():  # equal windows of 5 full steps: the epoch's mean is the records' mean
+        expected = statistics.mean(r["loss"] for r in records(run_dir, "train") if r["epoch"] == epoch)
+        assert loss == pytest.approx(expected, abs=1e-4)
 
 
 def test_validation_counts_every_sample_exactly_once(trained_run, digits_shards):

@@ -25,7 +25,7 @@ from shards.manifest import Manifest
 from shards.splits import TEST
 from shards.store import is_url
 from toolbox import failpoints
-from toolbox.cli import add_debug_flag, run_command
+from toolbox.cli import Console, add_debug_flag, run_command
 from toolbox.errors import UserError
 from toolbox.redact import redact
 from trainer.rundir import REPORT, RunDir
@@ -43,7 +43,7 @@ from trainer.training.data import (
 )
 from trainer.training.evaluation import evaluate
 from trainer.training.metrics import TTA, format_table, summarize
-from trainer.training.runtime import Launch, close_process_group, make_accelerator
+from trainer.training.runtime import THREADS_HELP, Launch, close_process_group, make_accelerator, use_threads
 from trainer.training.tracking.plots import plot_confusion
 from trainer.training.tracking.report import refresh_report
 
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="output name in RUN_DIR/eval/ (default: <checkpoint>-<data>)")
     parser.add_argument("--batch-size", type=int, help="per process (default: the run's train.batch_size)")
     parser.add_argument("--workers", type=int, help="loader processes per process (default: the run's data.workers)")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--tta",
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     workers = config.data.workers if args.workers is None else args.workers
     if accelerator.is_main_process and (note := loader_workers(workers)[1]):
         print(note, file=sys.stderr)
+    Console(accelerator.is_main_process).say(use_threads(args.threads, loader_workers(workers)[0]))
     loader = make_loader(
         dataset, EvalOrder(len(dataset), batch_size, rank, world), workers, accelerator.device.type == "cuda"
     )

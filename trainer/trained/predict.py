@@ -25,15 +25,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from toolbox import failpoints
-from toolbox.cli import add_debug_flag, run_command
+from toolbox.cli import Console, add_debug_flag, progress_bar, run_command
 from toolbox.csv_cells import SafeWriter
 from toolbox.errors import DataError, UserError
+from toolbox.progress import CountLines, lines_wanted
 from toolbox.sizes import parse_size
 from trainer.rundir import RunDir
 from trainer.trained.images import image_files, read_image
 from trainer.trained.load import Trained, load_trained
 from trainer.training.data import close_loaders, worker_signals
 from trainer.training.metrics import TTA, predict_logits
+from trainer.training.runtime import THREADS_HELP, use_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (default: best)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--tta", choices=TTA, default="none", help="flip: average each image's softmax with its mirror's"
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(f"--max-file-size: {e}") from e
     device = pick_device(args.device)
+    Console().say(use_threads(args.threads, args.workers))
     trained = load_trained(args.run_dir, args.checkpoint)
     files = list_inputs(args.images)
     k = min(args.topk, len(trained.classes))
@@ -100,8 +104,12 @@ def run(args: argparse.Namespace) -> int:
 def rows(trained: Trained, loader: DataLoader, files: list[Path], k: int, device: torch.device, tta: str = "none"):
     """Each batch's rows, in file order (errors in place), with how many of them are errors."""
     model = trained.model.to(device)
+    lines = CountLines("predict", len(files), Console().say, lines_wanted())
+    done = 0
     with torch.no_grad():
-        for images, indices, errors in loader:
+        for images, indices, errors in progress_bar(loader, len(loader), "predict", True):
+            lines.update(done)  # the batches before this one
+            done += len(indices) + len(errors)
             batch = {i: [shown(files[i])] + [""] * (2 * k) + [error] for i, error in errors}
             if len(images):
                 top = predict_logits(model, images.to(device, non_blocking=True), tta).softmax(1).topk(k, dim=1)

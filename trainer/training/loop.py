@@ -19,13 +19,14 @@ from accelerate import Accelerator
 from toolbox import failpoints
 from toolbox.cli import Console
 from toolbox.errors import UserError
+from toolbox.progress import duration, lines_wanted
 from trainer.rundir import CHECKPOINTS, Preprocessing, RunDir, best_eval, mean_throughput
 from trainer.training import checkpoint
 from trainer.training.build import build_model
 from trainer.training.config import Config, eval_size, to_dict, to_yaml, train_size, train_sizes
 from trainer.training.data import Loaders, build_loaders, loader_workers, open_shards
 from trainer.training.evaluation import evaluate
-from trainer.training.meters import STARTUP, TrainWindow, images_per_second
+from trainer.training.meters import STARTUP, EpochLines, TrainWindow, images_per_second
 from trainer.training.metrics import ShownSamples, summarize
 from trainer.training.nonfinite import assert_finite, update_ema
 from trainer.training.optim import describe_lr
@@ -87,13 +88,15 @@ def fit(job: Job) -> str:
     progress = state.progress
     while progress.epoch < config.train.epochs:
         loaders.order.set_epoch(progress.epoch, progress.batch)
-        finished = train_one_epoch(state, inputs, job)
-        if finished:
+        trained = train_one_epoch(state, inputs, job)
+        if trained is not None:
             progress.epoch, progress.batch = progress.epoch + 1, 0
             if progress.epoch % config.train.eval_every == 0 or progress.epoch == config.train.epochs:
-                evaluate_and_log(state, loaders.val, job)
+                evaluate_and_log(state, loaders.val, job, trained)
+            else:
+                job.console.say(f"{epoch_head(job, state, trained)}  time {duration(trained.epoch_seconds())}")
         save_checkpoint(state, job)
-        if not finished or (progress.epoch < config.train.epochs and any_rank(job.stop.requested, accelerator)):
+        if trained is None or (progress.epoch < config.train.epochs and any_rank(job.stop.requested, accelerator)):
             job.tracker.finish(preempted=True)
             return "preempted"
     finish_run(state, job)
@@ -273,14 +276,24 @@ def describe_ramp(config: Config, compiled: bool) -> str:
     return line
 
 
-def train_one_epoch(state: TrainState, inputs: TrainInputs, job: Job) -> bool:
-    """Runs the epoch from progress.batch on; False when stopped by a signal (after a whole step)."""
+def train_one_epoch(state: TrainState, inputs: TrainInputs, job: Job) -> TrainWindow | None:
+    """Runs the epoch from progress.batch on -> its window (the epoch's train loss and time); None when
+    stopped by a signal (after a whole step)."""
     config, accelerator, progress = job.config, job.accelerator, state.progress
     state.model.train()
     if config.model.freeze_features:  # frozen features keep their BN statistics too
         state.net.features.eval()
     accum = config.train.grad_accum
     window = TrainWindow(accelerator.device, inputs.loader.dataset.fetched_bytes())
+    lines = EpochLines(
+        job.console.say,
+        progress.epoch + 1,
+        config.train.epochs,
+        inputs.batches // accum,
+        progress.batch // accum,
+        state.global_batch,
+        job.console.speaks and lines_wanted(),  # a log file's progress; a terminal has the bar
+    )
     bar = job.tracker.bar(inputs.loader, total=inputs.batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
     for images, labels, _, bad in bar:
         micro = progress.batch % accum
@@ -302,9 +315,9 @@ def train_one_epoch(state: TrainState, inputs: TrainInputs, job: Job) -> bool:
         if not sync:
             continue
         optimizer_step(state, state.guard.check(loss))  # clips; a non-finite step is skipped on the device
-        if not after_step(state, inputs, job, window):
-            return False
-    return True
+        if not after_step(state, inputs, job, window, lines):
+            return None
+    return window
 
 
 def optimizer_step(state: TrainState, good: torch.Tensor) -> None:
@@ -316,14 +329,17 @@ def optimizer_step(state: TrainState, good: torch.Tensor) -> None:
     state.progress.step += 1
 
 
-def after_step(state: TrainState, inputs: TrainInputs, job: Job, window: TrainWindow) -> bool:
-    """Records, mid-epoch checkpoints and the ranks' stop agreement; False when the epoch stops here."""
+def after_step(state: TrainState, inputs: TrainInputs, job: Job, window: TrainWindow, lines: EpochLines) -> bool:
+    """Progress lines, records, mid-epoch checkpoints and the ranks' stop agreement; False when the
+    epoch stops here."""
     config, accelerator, progress = job.config, job.accelerator, state.progress
     STARTUP.step_done(accelerator.device)
     if progress.step == HOLD_STEP and accelerator.is_main_process:
         failpoints.wait_for_release("held", lambda: job.stop.requested)
     ends_epoch = progress.batch == inputs.batches
-    if progress.step % config.train.log_every == 0 or ends_epoch:
+    records = progress.step % config.train.log_every == 0 or ends_epoch
+    lines.step_done(progress.batch // config.train.grad_accum, records, window.local_loss)  # before the window restarts
+    if records:
         log_train(state, job, window, inputs.loader.dataset.fetched_bytes())
     if progress.step % STOP_CHECK_EVERY == 0 or ends_epoch:
         stopping, streak = agree(job.stop.requested, state.guard.streak, accelerator)
@@ -341,6 +357,7 @@ def log_train(state: TrainState, job: Job, window: TrainWindow, fetched: int) ->
     skipped = state.guard.take_skipped().double().reshape(1) / accelerator.num_processes  # the same on every rank
     totals = accelerator.reduce(torch.cat([window.counts(fetched), skipped]), "sum").tolist()
     loss, correct, seen, bad, fetched_now, skipped_steps = totals
+    window.recorded(loss, seen)
     record = {
         "kind": "train",
         "epoch": progress.epoch + 1,
@@ -367,7 +384,7 @@ def log_train(state: TrainState, job: Job, window: TrainWindow, fetched: int) ->
     window.restart(fetched)
 
 
-def evaluate_and_log(state: TrainState, loader, job: Job) -> None:
+def evaluate_and_log(state: TrainState, loader, job: Job, trained: TrainWindow) -> None:
     config, accelerator, progress, tracker = job.config, job.accelerator, state.progress, job.tracker
     net = state.eval_net
     assert_finite(net.state_dict(), "weights", progress.step)  # on every rank alike, before any is written
@@ -386,11 +403,19 @@ def evaluate_and_log(state: TrainState, loader, job: Job) -> None:
         if progress.epoch < config.train.epochs:  # the last evaluation's best goes with the final weights
             tracker.log_model(progress.step, ["best"], record)
     job.console.say(
-        f"epoch {progress.epoch}/{config.train.epochs}  step {progress.step}  val top-1 {record['top1']:.4f}  "
-        f"top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  ({record['num_samples']} samples)"
+        f"{epoch_head(job, state, trained)}  val top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}  "
+        f"loss {record['loss']:.4f}  ({record['num_samples']} samples)  time {duration(trained.epoch_seconds())}"
         + ("  best" if improved else "")
     )
     tracker.plots()
+
+
+def epoch_head(job: Job, state: TrainState, trained: TrainWindow) -> str:
+    """The epoch's summary line up to its evaluation: which epoch, the step, its mean train loss."""
+    progress = state.progress
+    return (
+        f"epoch {progress.epoch}/{job.config.train.epochs}  step {progress.step}  train loss {trained.epoch_loss():.4f}"
+    )
 
 
 def prediction_rows(shown: ShownSamples, classes, transform, accelerator: Accelerator) -> list[tuple]:

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
 from toolbox.cli import Console
+from toolbox.cores import torch_threads
 from toolbox.errors import EXIT_FAILURE, UserError, first_line
 from trainer.rundir import COMPILE_CACHE
 from trainer.training.config import CHOICES, Config, ConfigError, TrainConfig, train_sizes
@@ -299,3 +300,20 @@ def share_from_main(value, accelerator: Accelerator):
 def close_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+THREADS_HELP = (
+    "torch threads for the model (default: OMP_NUM_THREADS if set, else the cores this process may use "
+    "less its loader workers)"
+)
+
+
+def use_threads(asked: int | None, workers: int) -> str:
+    """torch's intra-op threads for this process (toolbox.cores.torch_threads: --threads, else
+    OMP_NUM_THREADS, else the usable cores less the loader workers) -> what the start-up says."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes sharing this node's cores
+    if asked is not None and asked < 1:
+        raise UserError(f"--threads {asked}: must be at least 1 — pass a count of threads, or leave it out")
+    threads, source = torch_threads(asked, workers, processes)
+    torch.set_num_threads(threads)
+    return f"threads {threads} ({source})"
