@@ -29,6 +29,7 @@ from shards.format import finish_rgb, image_field, open_image, plain_jpeg
 from shards.reader import SplitReader
 from shards.source import CacheOptions, Prefetcher, ShardSource
 from shards.splits import TRAINING
+from toolbox.cores import usable_cores
 from toolbox.errors import DataError
 from toolbox.sizes import parse_size
 from trainer.training.config import eval_size, train_sizes
@@ -303,7 +304,7 @@ PREFETCH_FACTOR = 4
 def loader_workers(asked: int) -> tuple[int, str | None]:
     """data.workers, at most the cores this process may run on: more cannot decode faster, and a slip
     like 1000 would fork hundreds of processes. -> (workers, a note when it was lowered)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if asked <= cores:
         return asked, None
     return cores, f"note: {asked} loader workers asked for, but this process can use {cores} cores — starting {cores}"

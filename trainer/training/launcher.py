@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolbox.cli import Console, add_debug_flag, run_command
+from toolbox.cores import torch_threads, usable_cores
 from toolbox.errors import EXIT_FAILURE, UserError
 from trainer.training.config import Config, load_config
 from trainer.training.data import open_shards
@@ -47,26 +48,17 @@ class Layout:
         )
 
 
-def usable_cores() -> int:
-    """The cores this process may run on: its affinity (a Slurm allocation, taskset, a container's
-    cpuset), not the machine's count."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return min(cores, int(slurm)) if slurm.isdigit() and int(slurm) > 0 else max(cores, 1)
-
-
-def choose_layout(config: Config, processes: int | None, gpus: int, cores: int) -> Layout:
+def choose_layout(config: Config, processes: int | None, gpus: int, cores: int, env=os.environ) -> Layout:
     """One process per GPU (train.device permitting); on the CPU one process per core, up to
-    MAX_CPU_PROCESSES, the cores shared out as threads. --processes N wins over both counts."""
+    MAX_CPU_PROCESSES, each with its share of the cores less its loader workers as threads
+    (OMP_NUM_THREADS wins). --processes N wins over both counts."""
     if config.train.device == "cuda" and gpus == 0:
         raise UserError("train.device=cuda but no GPU is visible here — run on a GPU node or set train.device=cpu")
     if gpus and config.train.device != "cpu":
-        return Layout(processes or gpus, "cuda", 1, cores)
+        return Layout(processes or gpus, "cuda", 1, "one per GPU")
     count = processes or max(1, min(cores // THREADS_PER_CPU_PROCESS, MAX_CPU_PROCESSES))
-    return Layout(count, "cpu", max(1, cores // count), cores)
+    threads, where = torch_threads(workers=config.data.workers, processes=count, env=env, cores=cores)
+    return Layout(count, "cpu", threads, where)
 
 
 def accelerate_args(layout: Layout, config_path: str | None, overrides: list[str], debug: bool) -> list[str]:
