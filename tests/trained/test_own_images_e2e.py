@@ -4,6 +4,7 @@ configs/own-images.yaml, its output redirected to a log file -> `evaluate --spli
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,13 @@ def test_own_jpegs_train_at_their_size_log_progress_and_evaluate_on_test(photos,
     assert "image size 48 train, 48 val (auto from the shards: median " in text  # 40-56 px: median 48
     assert "small stem (auto: below 96 px)" in text
     assert "image_size: 48" in (run / "config.yaml").read_text()
+    # the log shows each epoch from inside (3 steps, a line every 2 steps of the run) and its summary with train loss and time
+    for epoch in (1, 2, 3):
+        assert re.search(
+            rf"^epoch {epoch}/3  step [12]/3  loss \d+\.\d+  [\d,.]+ img/s  elapsed \S+  ETA epoch", text, re.M
+        )
+        assert re.search(rf"^epoch {epoch}/3  step {3 * epoch}  train loss \d+\.\d+  val top-1 .* time \S+", text, re.M)
+    assert "\r" not in text  # no bar redrawn into the file
 
     evaluated = command("-m", "trainer.evaluate", str(run), "--split", "test")
     assert evaluated.returncode == 0, evaluated.stderr

@@ -38,14 +38,12 @@ class Layout:
     processes: int
     device: str  # cuda | cpu
     threads: int
-    cores: int  # the cores this process may use
+    threads_from: str  # what the count was derived from (toolbox.cores.torch_threads)
 
     def describe(self) -> str:
         if self.device == "cuda":
             return f"{self.processes} process(es), one per GPU"
-        return (
-            f"{self.processes} process(es) on the CPU, {self.threads} thread(s) each ({self.cores} core(s) usable here)"
-        )
+        return f"{self.processes} process(es) on the CPU, {self.threads} thread(s) each ({self.threads_from})"
 
 
 def choose_layout(config: Config, processes: int | None, gpus: int, cores: int, env=os.environ) -> Layout:
