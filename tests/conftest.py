@@ -178,3 +178,19 @@ def make_shards_to(out: str, env: dict, *args: str) -> subprocess.CompletedProce
         text=True,
         timeout=300,
     )
+
+
+@contextmanager
+def tmpfs(where: Path, size: str):
+    """A file system of `size` (e.g. 1m, 300m) mounted at `where` by the test (as root, as CI runs);
+    unmounted after. Skips the test where mounting is not allowed."""
+    where.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]).returncode
+    ):
+        pytest.skip("mounting a small file system needs root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)

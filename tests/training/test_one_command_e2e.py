@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, cpu_env, train_command, wait_for, worker_pids
+from tests.conftest import REPO, TINY, cpu_env, run_training, wait_for, worker_pids
 from toolbox.errors import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.e2e
@@ -67,17 +67,10 @@ def test_a_data_error_in_the_ranks_is_said_once_and_last(digits_shards, tmp_path
 )
 def test_under_accelerate_launch_an_error_every_rank_meets_is_said_once(problem, said, digits_shards, tmp_path):
     shards = truncated_copy(digits_shards, tmp_path) if problem == "truncated shard" else digits_shards
-    overrides = [*TINY, f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled"]
+    overrides = [f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled"]
     if problem == "fp16 on the CPU":
         overrides.append("train.mixed_precision=fp16")
-    result = subprocess.run(
-        train_command("configs/demo.yaml", overrides, processes=2),
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_training(overrides, processes=2)  # accelerate launch, 2 CPU processes
     assert result.returncode != 0
     assert sum(said in line for line in lines(result)) == 1, result.stderr
 

@@ -6,14 +6,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import EXACT, REPO, kill_group, run_training, start_training, wait_for, worker_pids
+from tests.conftest import EXACT, REPO, kill_group, run_training, start_training, tmpfs, wait_for, worker_pids
 from toolbox import failpoints
 from trainer.training import checkpoint
 
@@ -144,15 +143,9 @@ def test_a_second_trainer_on_the_same_run_dir_exits_2_and_touches_nothing(digits
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 300 MB tmpfs mounted by the test (as root, as CI runs); unmounted after."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("mounting a small file system needs root")
-    try:
+    """A 300 MB tmpfs, unmounted after."""
+    with tmpfs(tmp_path / "disk", "300m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_full_disk_mid_run_is_one_line_and_the_restart_resumes_exactly(

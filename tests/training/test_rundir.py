@@ -4,12 +4,12 @@ run aside whole; the preprocessing and weights metadata read back as written, or
 import errno
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import tmpfs
 from trainer import rundir
 from trainer.rundir import (
     STATUS,
@@ -118,15 +118,9 @@ def test_on_a_full_disk_status_json_is_rewritten_in_place_longer_or_shorter(tmp_
 
 @pytest.fixture
 def full_disk(tmp_path):
-    """A 1 MB tmpfs (as root, as CI runs) whose mount point and filler are returned; unmounted after."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("mounting a small file system needs root")
-    try:
+    """A 1 MB tmpfs, unmounted after."""
+    with tmpfs(tmp_path / "disk", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def fill(disk: Path) -> None:
