@@ -107,6 +107,10 @@ def help_texts(entries: list[Entry]) -> dict[Entry, tuple[int, str]]:
 # --- reading the pages ------------------------------------------------------------------------
 
 
+# A command's own output that names it ("python -m trainer: 2 process(es) ..."): no module ends in ":".
+OUTPUT_LINE = re.compile(r"(\.venv/bin/)?python -m \S+:( |$)")
+
+
 def lines_of(page: Path, name: str | None = None) -> list[Line]:
     """Commands in indented (4+ spaces) and fenced code, continuation lines joined; then the inline
     spans of the prose (a span may wrap onto the next line)."""
@@ -126,7 +130,7 @@ def lines_of(page: Path, name: str | None = None) -> list[Line]:
             continue
         if fenced or raw.startswith("    "):
             text = raw.strip()
-            if without_env(text).startswith(PREFIXES):
+            if without_env(text).startswith(PREFIXES) and not OUTPUT_LINE.match(text):
                 if text.endswith("\\"):
                     pending = (number, text.removesuffix("\\").rstrip())
                 else:
