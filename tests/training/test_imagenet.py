@@ -264,3 +264,12 @@ def test_fetch_weights_prints_where_a_good_cached_file_is(cached, monkeypatch, c
     assert imagenet.main(["121"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"densenet121: {named} (") and out[0].endswith(" MiB, sha256 checked)")
+
+
+def test_fetch_weights_for_a_config_of_another_depth_is_one_line(downloads, capsys):
+    assert imagenet.main(["--config", "configs/demo.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        "error: configs/demo.yaml has model.depth=40, for which torchvision has no ImageNet weights — pass "
+        "model.depth=121 (or 161, 169, 201), or name the model: `python -m trainer.fetch_weights densenet121`\n"
+    )
+    assert not downloads

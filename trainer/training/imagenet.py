@@ -238,7 +238,12 @@ def _depths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[i
     config = load_config(args.config, ["data.shards=unused", "run.dir=unused", *args.models])
     if config.model.pretrained != IMAGENET:
         print(f"note: {args.config} does not set model.pretrained=imagenet; these weights are for when it does")
-    return [parse_depth(str(config.model.depth))]
+    if config.model.depth not in TORCHVISION_DENSENETS:
+        raise UserError(
+            f"{args.config} has model.depth={config.model.depth}, for which torchvision has no ImageNet weights — "
+            f"pass model.depth=121 (or 161, 169, 201), or name the model: `{FETCH} densenet121`"
+        )
+    return [config.model.depth]
 
 
 def main(argv: list[str] | None = None) -> int:
