@@ -1,6 +1,7 @@
-"""The configured model: config -> SE-DenseNet, initialised from model.pretrained when given, the
-features frozen and the memory format set as the config says. Training and the after-training
-commands both build their model here."""
+"""The configured model: config -> SE-DenseNet, initialised from model.pretrained when given (a
+weights file, or torchvision's ImageNet weights: trainer/training/imagenet.py), the features frozen
+and the memory format set as the config says. Training and the after-training commands both build
+their model here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from toolbox.cli import Console
 from toolbox.errors import UserError, first_line
-from trainer.training.config import Config
+from trainer.training.config import IMAGENET, Config
+from trainer.training.imagenet import imagenet_state_dict
 from trainer.training.model import load_weights, se_densenet
 
 
@@ -32,7 +34,9 @@ def build_model(config: Config, num_classes: int, console: Console | None = None
         block_config=tuple(m.block_config) if m.block_config else None,
         shared_bn=m.shared_bn,
     )
-    if m.pretrained:
+    if m.pretrained == IMAGENET:
+        _load_imagenet(model, config, console or Console())
+    elif m.pretrained:
         _load_pretrained(model, m.pretrained, console or Console())
     if m.freeze_features:
         model.features.requires_grad_(False)
@@ -41,9 +45,32 @@ def build_model(config: Config, num_classes: int, console: Console | None = None
     return model
 
 
-def _load_pretrained(model: torch.nn.Module, path: str, console: Console) -> None:
+def _load_imagenet(model: torch.nn.Module, config: Config, console: Console) -> None:
+    """torchvision's ImageNet weights for model.depth (config validation checked that their shapes
+    fit). The head starts fresh even for 1000 classes (they are the user's, not ImageNet's), and
+    so does the small stem's 3x3 conv0, which has no ImageNet counterpart."""
+    depth, small = config.model.depth, bool(model.arch["small_inputs"])
+    fresh = ("classifier.",) + (("features.conv0.", "features.norm0.") if small else ())
+    state = {k: v for k, v in imagenet_state_dict(depth, console).items() if not k.startswith(fresh)}
+    what = "new head" + (", SE" if config.model.se else "") + (", small stem" if small else "")
+    _load_pretrained(model, f"torchvision's densenet{depth} ImageNet weights", console, state, what)
+    if config.data.normalize != "imagenet":
+        console.say(
+            "note: the ImageNet weights saw inputs normalised with ImageNet's mean and std; "
+            f"data.normalize={config.data.normalize} uses your train split's — data.normalize=imagenet matches them"
+        )
+
+
+def _load_pretrained(
+    model: torch.nn.Module,
+    path: str,
+    console: Console,
+    state: dict[str, torch.Tensor] | None = None,
+    fresh: str = "new head or SE",
+) -> None:
+    """Loads `path` (or `state`, read from what `path` names) where it fits; `fresh`: what stays at init."""
     try:
-        report = load_weights(model, path, strict=False)
+        report = load_weights(model, path if state is None else state, strict=False)
     except Exception as e:  # missing, torn, another format, or a pickle holding more than tensors
         unpickling = isinstance(e, pickle.UnpicklingError)  # torch's advice is to trust the file: no
         reason = "not a weights file, or one holding more than tensors" if unpickling else first_line(e)
@@ -56,5 +83,5 @@ def _load_pretrained(model: torch.nn.Module, path: str, console: Console) -> Non
         raise UserError(f"model.pretrained {path} shares no weights with this model — give a DenseNet weights file")
     console.say(
         f"initialised from {path}: {loaded} tensors loaded, {len(report.missing)} left at init "
-        f"(new head or SE), {len(report.unexpected)} ignored"
+        f"({fresh}), {len(report.unexpected)} ignored"
     )

@@ -32,6 +32,17 @@ class ConfigError(UserError):
     """A config problem, phrased for the user in one line."""
 
 
+IMAGENET = "imagenet"  # model.pretrained's reserved value: torchvision's ImageNet weights for model.depth
+# The DenseNets torchvision has ImageNet weights for: depth -> (block_config, growth_rate,
+# num_init_features), all with bn_size 4 and compression 0.5 (model.IMAGENET_DEPTHS, a test checks).
+TORCHVISION_DENSENETS = {
+    121: ([6, 12, 24, 16], 32, 64),
+    161: ([6, 12, 36, 24], 48, 96),
+    169: ([6, 12, 32, 32], 32, 64),
+    201: ([6, 12, 48, 32], 32, 64),
+}
+
+
 @dataclass
 class ModelConfig:
     depth: int = 121
@@ -47,7 +58,8 @@ class ModelConfig:
     shared_bn: bool = False  # compiled training: normalise each feature map once for all later layers
     # (the same function with less memory traffic; its GPU speed-up is not measured yet)
     small_inputs: bool | str = False  # CIFAR-style stem: conv3x3 stride 1, no maxpool; auto: by image size
-    pretrained: str | None = None  # local weights file (torchvision's or ours) to start from
+    pretrained: str | None = None  # local weights file (torchvision's or ours) to start from, or imagenet:
+    # torchvision's ImageNet weights for model.depth (trainer/training/imagenet.py; the head and SE start fresh)
     freeze_features: bool = False  # train only the classifier (with `pretrained`)
 
 
@@ -402,10 +414,44 @@ def validate(config: Config) -> None:
             parse_size(config.data.cache_limit)
         except ValueError as e:
             raise ConfigError(f"data.cache_limit: {e}") from None
-    if config.model.freeze_features and not config.model.pretrained:
-        raise ConfigError("model.freeze_features needs model.pretrained=PATH (a weights file to start from)")
-    if config.model.pretrained and not Path(config.model.pretrained).is_file():
-        raise ConfigError(f"model.pretrained file {config.model.pretrained} not found — give a local weights file")
+    _validate_pretrained(config.model)
+
+
+def _validate_pretrained(model: ModelConfig) -> None:
+    if model.freeze_features and not model.pretrained:
+        raise ConfigError("model.freeze_features needs model.pretrained=imagenet or =PATH (weights to start from)")
+    if model.pretrained == IMAGENET:
+        _validate_imagenet(model)
+    elif model.pretrained and not Path(model.pretrained).is_file():
+        raise ConfigError(
+            f"model.pretrained file {model.pretrained} not found — give a local weights file, or imagenet "
+            "(torchvision's ImageNet weights)"
+        )
+
+
+def _validate_imagenet(model: ModelConfig) -> None:
+    """torchvision ships the depth, and every setting that shapes the loaded tensors is torchvision's
+    (the small stem is allowed: its conv0 starts fresh, as the head and SE do)."""
+    shipped = TORCHVISION_DENSENETS.get(model.depth)
+    if shipped is None:
+        depths = ", ".join(map(str, TORCHVISION_DENSENETS))
+        raise ConfigError(
+            f"model.pretrained=imagenet: torchvision has ImageNet weights for model.depth {depths}, not "
+            f"{model.depth} — set one of those depths, or give model.pretrained a weights file for this model"
+        )
+    blocks, growth, init = shipped
+    for key, theirs, ours in (
+        ("block_config", blocks, model.block_config),
+        ("growth_rate", growth, model.growth_rate),
+        ("num_init_features", init, model.num_init_features),
+        ("bn_size", 4, model.bn_size),
+        ("compression", 0.5, model.compression),
+    ):
+        if ours is not None and ours != theirs:
+            raise ConfigError(
+                f"model.pretrained=imagenet loads torchvision's densenet{model.depth}, whose model.{key} is {theirs}, "
+                f"not {ours} — leave model.{key} at its default, or drop model.pretrained"
+            )
 
 
 def _validate_ramp(config: Config) -> None:

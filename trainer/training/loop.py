@@ -125,9 +125,10 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
                 "headers (slow and memory-hungry for big datasets) — re-run make_shards to add one"
             )
         inputs = train_inputs(config, loaders, manifest, (mean, std), accelerator.device, world)
+        model = build_model(config, len(job.classes), job.console)  # model.pretrained's errors: one line too
     state = TrainState(
         config,
-        build_model(config, len(job.classes), job.console),
+        model,
         accelerator,
         inputs.batches // config.train.grad_accum,
         job.console,
