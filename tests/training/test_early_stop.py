@@ -48,7 +48,7 @@ def test_the_run_stops_after_patience_evaluations_without_improvement():
     assert plateau.waited == 2 and not early.stops(plateau)
     early.update(plateau, 0.91, 5)
     assert plateau.waited == 3 and early.stops(plateau)
-    assert early.verdict(plateau) == "val loss has not improved for 3 evaluations (best 0.9000 at epoch 2)"
+    assert early.verdict(plateau) == "val loss has not improved for 3 evaluations (last improvement 0.9000 at epoch 2)"
     assert early.reason(plateau, 5, 20) == f"stopped early at epoch 5 of 20: {early.verdict(plateau)}"
     assert early.reason(plateau, 20, 20) is None  # a stop at the last epoch is no early one
 
@@ -124,7 +124,7 @@ def test_a_run_that_stopped_early_started_again_is_said_complete(tmp_path, capsy
     job, state = stopped_run(tmp_path, "completed", "train.early_stop_min_delta=0.001")
     reason = (
         "stopped early at epoch 7 of 20: val top-1 has not improved by more than 0.001 for 3 evaluations "
-        "(best 0.9812 at epoch 4)"
+        "(last improvement 0.9812 at epoch 4)"
     )
     assert job.run.status()["reason"] == reason
     assert not training_left(job.config, state.progress)
@@ -145,7 +145,7 @@ def test_a_run_that_stopped_early_but_did_not_end_writes_its_ending(tmp_path, ca
     line = resuming_line(ckpt, state.progress, 20, stopped_early(job.config, state.progress))
     assert line == (
         f"resuming from {ckpt}: training had ended (stopped early at epoch 7 of 20: val top-1 has not improved "
-        "for 3 evaluations (best 0.9812 at epoch 4)), but the run stopped before it ended — writing its final "
+        "for 3 evaluations (last improvement 0.9812 at epoch 4)), but the run stopped before it ended — writing its final "
         "weights and report"
     )
 

@@ -72,12 +72,17 @@ class EarlyStop:
         return f"stopped early at epoch {epoch} of {epochs}: {self.verdict(plateau)}"
 
     def verdict(self, plateau: Plateau) -> str:
-        """Why a run stopped: the metric, the margin, the evaluations and the best it stays at."""
+        """Why a run stopped: the metric, the margin, the evaluations, and the last value that counted as
+        an improvement (the best, unless later gains were all within min_delta)."""
         margin = f" by more than {self.min_delta:g}" if self.min_delta else ""
-        best = "none finite" if plateau.best is None else f"{plateau.best:.4f} at epoch {plateau.best_epoch}"
+        last = (
+            "no finite value"
+            if plateau.best is None
+            else f"last improvement {plateau.best:.4f} at epoch {plateau.best_epoch}"
+        )
         return (
             f"{NAMES[self.metric]} has not improved{margin} for {plateau.waited} evaluation"
-            f"{'s' if plateau.waited != 1 else ''} (best {best})"
+            f"{'s' if plateau.waited != 1 else ''} ({last})"
         )
 
     def describe(self, eval_every: int) -> str:
