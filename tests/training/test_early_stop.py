@@ -53,6 +53,16 @@ def test_the_run_stops_after_patience_evaluations_without_improvement():
     assert early.reason(plateau, 20, 20) is None  # a stop at the last epoch is no early one
 
 
+def test_the_start_up_line_says_what_is_watched():
+    assert EarlyStop("top1", 3, 0.0).describe(1) == (
+        "early stopping: the run ends once val top-1 has not improved for 3 evaluations (evaluated every epoch)"
+    )
+    assert EarlyStop("loss", 1, 0.05).describe(2) == (
+        "early stopping: the run ends once val loss has not improved by more than 0.05 for 1 evaluation "
+        "(evaluated every 2 epochs); best.safetensors stays the best val top-1"
+    )
+
+
 def test_patience_zero_never_stops():
     early = EarlyStop("top1", 0, 0.0)
     plateau, _ = count(early, [0.5] * 10)

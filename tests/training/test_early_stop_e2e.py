@@ -28,7 +28,7 @@ def test_a_plateau_stops_the_run_early_with_the_reason_recorded(digits_shards, t
     out = result.stdout
     assert (
         "early stopping: the run ends once val top-1 has not improved by more than 1 for 2 evaluations "
-        "(evaluated every epoch); best.safetensors stays the best val top-1"
+        "(evaluated every epoch)\n"
     ) in out
     assert "early stop after epoch 3 of 6: val top-1 has not improved by more than 1 for 2 evaluations" in out
     assert "epoch 4/6" not in out
@@ -73,6 +73,10 @@ def stopped_straight(digits_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("early") / "run"
     result = run_training([f"data.shards={digits_shards}", f"run.dir={run_dir}", *EARLY])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "early stopping: the run ends once val loss has not improved by more than 10 for 2 evaluations "
+        "(evaluated every 2 epochs); best.safetensors stays the best val top-1"
+    ) in result.stdout
     assert "early stop after epoch 6 of 8: val loss has not improved by more than 10 for 2 evaluations" in result.stdout
     return run_dir
 

@@ -89,8 +89,9 @@ class EarlyStop:
         """The start-up line."""
         margin = f" by more than {self.min_delta:g}" if self.min_delta else ""
         every = "every epoch" if eval_every == 1 else f"every {eval_every} epochs"
-        return (
+        line = (
             f"early stopping: the run ends once {NAMES[self.metric]} has not improved{margin} for "
-            f"{self.patience} evaluation{'s' if self.patience != 1 else ''} (evaluated {every}); "
-            "best.safetensors stays the best val top-1"
+            f"{self.patience} evaluation{'s' if self.patience != 1 else ''} (evaluated {every})"
         )
+        # best.safetensors is chosen by val top-1 in every run, so a sweep's "best" means one thing
+        return line + ("; best.safetensors stays the best val top-1" if self.metric != "top1" else "")
