@@ -119,7 +119,7 @@ def train(config: Config) -> int:
     run = claim_run_dir(Path(config.run.dir), config.run.share_dir, accelerator, console)
     stop.before_exit = lambda: run.set_status("failed", "killed by a second SIGTERM before its checkpoint was written")
     try:
-        state = fit(Job(config, accelerator, run, stop, console))
+        ending = fit(Job(config, accelerator, run, stop, console))
     except BaseException as e:
         explained = explain(e, run.path)
         line = explained[1] if explained and explained[1] else first_line(e)
@@ -131,10 +131,10 @@ def train(config: Config) -> int:
             if not accelerator.is_main_process:
                 raise PeerFailed(explained[0] if explained else EXIT_FAILURE) from None
         raise
-    if state != "finished":  # a run that had completed keeps its status.json as it was
-        run.set_status(state)
+    if ending.state != "finished":  # a run that had completed keeps its status.json as it was
+        run.set_status(ending.state, ending.reason)
     accelerator.wait_for_everyone()  # no rank leaves while the main one still writes
-    return EXIT_PREEMPTED if state == "preempted" else 0
+    return EXIT_PREEMPTED if ending.state == "preempted" else 0
 
 
 def claim_run_dir(run_dir: Path, share: bool, accelerator, console: Console) -> RunDir:

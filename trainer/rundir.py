@@ -437,9 +437,10 @@ class RunDir:
         return found if isinstance(found, dict) else {}
 
     def set_status(self, state: str, reason: str | None = None) -> None:
-        """completed | preempted | failed (with the one-line reason) | running, as indented JSON that
-        `cat` shows whole. Replaced atomically; when the disk is full, rewritten in place instead: a status
-        (its reason cut at 1000 characters) fits in the block the file already has, so needs no new one."""
+        """completed (with the reason when it stopped early) | preempted | failed (with the one-line
+        reason) | running, as indented JSON that `cat` shows whole. Replaced atomically; when the disk is
+        full, rewritten in place instead: a status (its reason cut at 1000 characters) fits in the block
+        the file already has, so needs no new one."""
         if not self.owned or (state != "running" and not self.started):
             return  # a run that never started leaves the status of the one before (a finished run stays so)
         self.started = True

@@ -87,6 +87,11 @@ def make_run(path: Path, overrides: list[str], evals: list[tuple[float, float]],
     return run
 
 
+STOPPED = (
+    "stopped early at epoch 2 of 12: val top-1 has not improved for 1 evaluation (last improvement 0.9500 at epoch 1)"
+)
+
+
 @pytest.fixture
 def sweep(tmp_path) -> Path:
     """Four runs at different depths: two completed, one running (no summary), one failed."""
@@ -191,6 +196,13 @@ def test_numeric_keys_spanning_more_than_10x_are_on_a_log_axis():
     compare.draw_panel(axes[2], ["sgd", "adamw", None], ys, states)
     assert [ax.get_xscale() for ax in axes] == ["log", "linear", "linear"]
     assert [t.get_text() for t in axes[2].get_xticklabels()] == ["sgd", "adamw", "-"]
+
+
+def test_a_run_that_stopped_early_says_why_in_its_note(tmp_path, capsys):
+    make_run(tmp_path / "runs" / "e", [], [(0.95, 0.6), (0.93, 0.3)], "completed", reason=STOPPED)
+    assert compare.main([str(tmp_path / "runs")]) == 0
+    (row,) = read_csv(tmp_path / "runs" / compare.CSV_NAME)
+    assert (row["state"], row["note"]) == ("completed", STOPPED)
 
 
 def test_a_damaged_metrics_line_is_noted_in_its_row_only(sweep):

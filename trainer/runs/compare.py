@@ -231,7 +231,7 @@ def run_state(status: dict | None, path: Path, finished: bool, notes: list[str])
             notes.append(f"no {STATUS}" + (f" ({SUMMARY} says training finished)" if finished else ""))
         return "unknown"
     state = status["state"]
-    if state == "failed" and status.get("reason"):
+    if state in ("failed", "completed") and status.get("reason"):  # a completed one's: it stopped early
         notes.append(str(status["reason"])[:300])
     if state != "running":
         return state

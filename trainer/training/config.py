@@ -136,6 +136,11 @@ class TrainConfig:
     compile: str | None = None  # none | default | reduce-overhead | max-autotune (inductor); None: as above
     eval_every: int = 1  # epochs
     eval_tta: str = "none"  # none | flip (each val image and its mirror, softmax averaged)
+    # Early stopping (trainer/training/early_stop.py): end the run once early_stop_metric has not
+    # improved by more than early_stop_min_delta for early_stop_patience evaluations; 0 = off.
+    early_stop_patience: int = 0  # evaluations (one every eval_every epochs), not epochs
+    early_stop_metric: str = "top1"  # top1 (val top-1, higher is better) | loss (val loss, lower is better)
+    early_stop_min_delta: float = 0.0  # an improvement must exceed this (top-1 as a fraction: 0.001 = 0.1%)
     log_every: int = 50  # optimizer steps between train records
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch end only
     keep_checkpoints: int = 3
@@ -188,6 +193,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.compile": ("none", "default", "reduce-overhead", "max-autotune"),
     "train.eval_tta": ("none", "flip"),
+    "train.early_stop_metric": ("top1", "loss"),
     "wandb.mode": ("offline", "online", "disabled"),
 }
 LAUNCHER_DEFERRED = ("train.mixed_precision", "train.compile")  # None: `accelerate launch` decides (resolve_launch)
@@ -234,6 +240,8 @@ RANGES = {
     "train.grad_accum": (1, 2**12, True),
     "train.ema_decay": (0.0, 1.0, False),
     "train.eval_every": (1, 100_000, True),
+    "train.early_stop_patience": (0, 100_000, True),
+    "train.early_stop_min_delta": (0.0, math.inf, True),
     "train.log_every": (1, math.inf, True),
     "train.checkpoint_every": (0, math.inf, True),
     "train.keep_checkpoints": (1, 1000, True),

@@ -25,13 +25,22 @@ from trainer.training import checkpoint
 from trainer.training.build import build_model
 from trainer.training.config import Config, eval_size, to_dict, to_yaml, train_size, train_sizes
 from trainer.training.data import Loaders, build_loaders, loader_workers, open_shards
+from trainer.training.early_stop import EarlyStop
 from trainer.training.evaluation import evaluate
 from trainer.training.meters import STARTUP, EpochLines, TrainWindow, images_per_second
 from trainer.training.metrics import ShownSamples, summarize
 from trainer.training.nonfinite import assert_finite, update_ema
 from trainer.training.optim import describe_lr
 from trainer.training.randomness import mix_seed, rng_state
-from trainer.training.runtime import StopFlag, agree, any_rank, average_buffers, gather_to_main, said_once
+from trainer.training.runtime import (
+    StopFlag,
+    agree,
+    any_rank,
+    average_buffers,
+    gather_to_main,
+    said_once,
+    share_from_main,
+)
 from trainer.training.state import Progress, TrainState
 from trainer.training.tracking.tracker import Tracker
 from trainer.training.transforms import DeviceDecode, DeviceNormalize, TrainPreset, batch_mixer, normalization
@@ -52,6 +61,18 @@ class Job:
     console: Console  # says a line once, from the main process
     tracker: Tracker | None = None
     classes: list[str] | None = None
+
+    @property
+    def early_stop(self) -> EarlyStop:
+        return EarlyStop.of(self.config.train)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How fit left the run: the state for status.json, and for a run stopped early, why."""
+
+    state: str  # completed | preempted | finished (it had completed before: nothing was done)
+    reason: str | None = None
 
 
 @dataclass
@@ -77,16 +98,16 @@ class TrainInputs:
         return images, labels
 
 
-def fit(job: Job) -> str:
-    """The whole run: 'completed', 'preempted' when stopped by a signal after a checkpoint, or
-    'finished' when the run had completed before and nothing was done."""
+def fit(job: Job) -> Ending:
+    """The whole run: 'completed' (with the reason when it stopped early), 'preempted' when stopped
+    by a signal after a checkpoint, or 'finished' when the run had completed before and nothing was done."""
     config, accelerator = job.config, job.accelerator
     started = setup(job)
     if started is None:
-        return "finished"
+        return Ending("finished")
     state, inputs, loaders = started
     progress = state.progress
-    while progress.epoch < config.train.epochs:
+    while training_left(config, progress):
         loaders.order.set_epoch(progress.epoch, progress.batch)
         trained = train_one_epoch(state, inputs, job)
         if trained is not None:
@@ -96,11 +117,20 @@ def fit(job: Job) -> str:
             else:
                 job.console.say(f"{epoch_head(job, state, trained)}  time {duration(trained.epoch_seconds())}")
         save_checkpoint(state, job)
-        if trained is None or (progress.epoch < config.train.epochs and any_rank(job.stop.requested, accelerator)):
+        if trained is None or (training_left(config, progress) and any_rank(job.stop.requested, accelerator)):
             job.tracker.finish(preempted=True)
-            return "preempted"
-    finish_run(state, job)
-    return "completed"
+            return Ending("preempted")
+    return Ending("completed", finish_run(state, job))
+
+
+def stopped_early(config: Config, progress: Progress) -> str | None:
+    """Why training ended before train.epochs: the early stop's reason (None: it did not stop early).
+    A function of the checkpointed progress, so every rank, and a resumed run, reach the same answer."""
+    return EarlyStop.of(config.train).reason(progress.plateau, progress.epoch, config.train.epochs)
+
+
+def training_left(config: Config, progress: Progress) -> bool:
+    return progress.epoch < config.train.epochs and stopped_early(config, progress) is None
 
 
 def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
@@ -143,7 +173,9 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
     if resumed is not None and state.resumed_dataset not in (None, "", manifest.sha256):  # allowed by the config
         changes["data (manifest sha256)"] = (state.resumed_dataset, manifest.sha256)
     if resumed is not None:
-        job.console.say(resuming_line(resumed, state.progress, config.train.epochs))
+        job.console.say(
+            resuming_line(resumed, state.progress, config.train.epochs, stopped_early(config, state.progress))
+        )
     if changes:
         job.console.say(
             "note: resuming with changed settings: "
@@ -165,21 +197,37 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
 
 
 def completed_before(job: Job, state: TrainState) -> bool:
-    """The checkpoint holds every epoch and the run ended completed: nothing to do, said in a line."""
+    """The checkpoint holds every epoch (or an early stop) and the run ended completed: nothing to do,
+    said in a line."""
     config, progress = job.config, state.progress
-    if progress.epoch < config.train.epochs or job.run.status().get("state") != "completed":
+    if training_left(config, progress) or job.run.status().get("state") != "completed":
         return False  # a run killed while writing its final weights goes on to write them
+    best = f"best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch})"
+    if (stopped := stopped_early(config, progress)) is not None:
+        further = (
+            f"raise train.early_stop_patience above {config.train.early_stop_patience} (0 turns early stopping off)"
+        )
+        job.console.say(
+            f"run {config.run.dir} is complete: {stopped}; {best}; nothing was changed — to train further "
+            f"{further}, to start over choose another run.dir"
+        )
+        return True
     job.console.say(
-        f"run {config.run.dir} is complete: {progress.epoch} epochs, best val top-1 {progress.best_top1:.4f} "
-        f"(epoch {progress.best_epoch}); nothing was changed — to train further raise train.epochs above "
-        f"{progress.epoch}, to start over choose another run.dir"
+        f"run {config.run.dir} is complete: {progress.epoch} epochs, {best}; nothing was changed — to train "
+        f"further raise train.epochs above {progress.epoch}, to start over choose another run.dir"
     )
     return True
 
 
-def resuming_line(resumed: Path, progress: Progress, epochs: int) -> str:
-    """Where training goes on. A checkpoint after the last epoch of a run that did not end completed
-    (stopped while writing its final weights) leaves no epoch to go on to, only the ending."""
+def resuming_line(resumed: Path, progress: Progress, epochs: int, stopped: str | None = None) -> str:
+    """Where training goes on. A checkpoint after the last epoch, or after an early stop (`stopped`:
+    its reason), of a run that did not end completed (stopped while writing its final weights) leaves
+    no epoch to go on to, only the ending."""
+    if stopped is not None:
+        return (
+            f"resuming from {resumed}: training had ended ({stopped}), but the run stopped before it ended — "
+            "writing its final weights and report"
+        )
     if progress.epoch >= epochs:
         return (
             f"resuming from {resumed}: all {progress.epoch} epochs were trained, but the run stopped before it "
@@ -246,6 +294,8 @@ def announce(job: Job, state: TrainState, source, order) -> None:
         f"{job.accelerator.device.type}, {sum(p.numel() for p in state.model.parameters()):,} parameters, "
         f"{steps} steps/epoch, global batch {state.global_batch}, {describe_lr(config.optim, state.global_batch)}"
     )
+    if job.early_stop.on:
+        say(job.early_stop.describe(config.train.eval_every))
     if config.data.min_size is not None:
         say(describe_ramp(config, compiled=config.train.compile not in (None, "none")))
     if (repeats := config.data.aug_repeats) > 1:
@@ -397,11 +447,17 @@ def evaluate_and_log(state: TrainState, loader, job: Job, trained: TrainWindow) 
     if config.train.ema:
         record["weights"] = "ema"
     improved = progress.record_eval(record)
+    if job.early_stop.on:
+        # The main process's value on every rank: ranks that judged numbers differing in the last bit
+        # could stop at different steps and leave the others waiting in a collective for ever.
+        job.early_stop.update(
+            progress.plateau, share_from_main(record[job.early_stop.metric], accelerator), progress.epoch
+        )
     tracker.log(record)
     tracker.log_predictions(prediction_rows(shown, job.classes, loader.dataset.transform, accelerator), progress.step)
     if improved:
         tracker.save_weights("best", net, record)
-        if progress.epoch < config.train.epochs:  # the last evaluation's best goes with the final weights
+        if training_left(config, progress):  # the last evaluation's best goes with the final weights
             tracker.log_model(progress.step, ["best"], record)
     job.console.say(
         f"{epoch_head(job, state, trained)}  val top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}  "
@@ -453,8 +509,15 @@ def save_checkpoint(state: TrainState, job: Job) -> None:
         job.console.say(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
 
 
-def finish_run(state: TrainState, job: Job) -> None:
+def finish_run(state: TrainState, job: Job) -> str | None:
+    """Final weights, summary, plots, report, wandb's end -> why training stopped early (None: it did not)."""
     config, progress, tracker = job.config, state.progress, job.tracker
+    stopped = stopped_early(config, progress)
+    if stopped is not None:
+        job.console.say(
+            f"early stop after epoch {progress.epoch} of {config.train.epochs}: "
+            f"{job.early_stop.verdict(progress.plateau)}"
+        )
     net = state.eval_net
     assert_finite(net.state_dict(), "final weights", progress.step)
     tracker.save_weights("final", net, progress.last_eval)
@@ -465,16 +528,19 @@ def finish_run(state: TrainState, job: Job) -> None:
     tracker.summarize(summary)
     tracker.plots()
     tracker.write_report(summary)
+    early = f"; stopped early at epoch {progress.epoch} of {config.train.epochs}" if stopped else ""
     job.console.say(
-        f"done: best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch}); run dir {config.run.dir}"
+        f"done: best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch}){early}; run dir {config.run.dir}"
     )
     tracker.finish()
+    return stopped
 
 
 def run_summary(state: TrainState, job: Job, records: list[dict]) -> dict:
     """summary.json and wandb's summary: the columns of a runs table."""
     progress, accelerator = state.progress, job.accelerator
     best, cuda = best_eval(records), accelerator.device.type == "cuda"
+    stopped = stopped_early(job.config, progress)
     startup = [r["startup_s"] for r in records if r["kind"] == "train" and "startup_s" in r]  # per process start
     return {
         "best_top1": progress.best_top1,
@@ -485,6 +551,9 @@ def run_summary(state: TrainState, job: Job, records: list[dict]) -> dict:
         "num_val_samples": progress.last_eval.get("num_samples"),
         "parameters": sum(p.numel() for p in state.eval_net.parameters()),
         "epochs": job.config.train.epochs,
+        "stopped_early": stopped is not None,
+        "stopped_epoch": progress.epoch if stopped else None,  # epochs trained, when fewer than train.epochs
+        "stop_reason": stopped,
         "steps": progress.step,
         "world_size": accelerator.num_processes,
         "gpu_type": torch.cuda.get_device_name(accelerator.device) if cuda else None,

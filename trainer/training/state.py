@@ -14,6 +14,7 @@ from toolbox.cli import Console
 from trainer.training import checkpoint
 from trainer.training.checkpoint import CheckpointError
 from trainer.training.config import Config, to_dict
+from trainer.training.early_stop import Plateau
 from trainer.training.nonfinite import StepGuard
 from trainer.training.optim import make_ema, make_optimizer, make_scheduler, param_groups, scaled_lr
 from trainer.training.randomness import set_rng_state
@@ -31,6 +32,14 @@ class Progress:
     best_epoch: int = -1
     last_eval: dict = field(default_factory=dict)
     bad_streak: int = 0  # non-finite steps in a row (train.max_bad_steps)
+    plateau: Plateau = field(default_factory=Plateau)  # early stopping's count
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Progress:
+        """A checkpoint's progress; one from before early stopping has no plateau and starts a count."""
+        values = dict(values)
+        plateau = Plateau(**values.pop("plateau", {}))
+        return cls(**values, plateau=plateau)
 
     def record_eval(self, record: dict) -> bool:
         """Keeps the evaluation's headline; True when it is the best top-1 so far (the first of equals)."""
@@ -120,7 +129,7 @@ class TrainState:
             self.ema.load_state_dict(state["ema"])
         if self.accelerator.scaler is not None and state.get("scaler") is not None:  # fp16 loss scale
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(**state["progress"])
+        self.progress = Progress.from_dict(state["progress"])
         self.resumed_config, self.resumed_dataset = state.get("config"), state.get("dataset")
         world, batch_size = self.accelerator.num_processes, self.config.train.batch_size
         if state["world"] != world:

@@ -31,6 +31,7 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
         "## Results",
         "",
         f"- best val top-1: {summary['best_top1']:.4f} (epoch {summary['best_epoch']})",
+        *([f"- {summary['stop_reason']}"] if summary.get("stop_reason") else []),
         f"- final val top-1: {_fmt(summary['final_top1'])}, top-5: {_fmt(summary['final_top5'])} "
         f"on {summary['num_val_samples']} samples",
     ]
