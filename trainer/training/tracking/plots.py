@@ -1,7 +1,9 @@
-"""Training curves and confusion matrix as PNG (class names in any script render)."""
+"""Training curves, confusion matrix and contact sheets as PNG (class names in any script render)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure  # not pyplot: no GUI backend or global figure state
@@ -55,5 +57,30 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out: Path) ->
                     color="white" if value > peak / 2 else "black",
                     fontsize=8,
                 )
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+SHEET_COLUMNS = 8
+THUMB_INCHES = 1.6  # per image, caption included: three short lines stay legible at dpi 100
+
+
+def contact_sheet(images: Sequence, captions: Sequence[str], out: Path, title: str = "") -> None:
+    """Images in a grid, each over its caption (a few short lines: true -> predicted, probability, a
+    name), as one PNG: the shape of every "look at these images" output (top losses, label issues).
+    images: PIL images or HxW(x3) arrays, any sizes (each is drawn in its own square cell)."""
+    setup_fonts(any(not c.isascii() for c in captions))
+    n = len(images)
+    columns = max(1, min(SHEET_COLUMNS, n))
+    rows = max(1, math.ceil(n / columns))
+    fig = Figure(figsize=(columns * THUMB_INCHES, rows * THUMB_INCHES * 1.25 + (0.4 if title else 0)))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], cmap="gray" if getattr(images[i], "mode", "RGB") == "L" else None)
+            ax.set_title(captions[i], fontsize=7, loc="center", wrap=True)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
