@@ -29,6 +29,7 @@ ENTRIES = (
     "trainer.export",
     "trainer.sweep",
     "trainer.compare",
+    "trainer.find_lr",
 )
 
 
