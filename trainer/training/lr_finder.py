@@ -101,12 +101,12 @@ def valley(smoothed: list[float]) -> int:
     return max(0, start + int(third) + int(third / 2))
 
 
-def suggestions(curve: Curve, steps: int) -> dict[str, int] | None:
+def suggestions(curve: Curve, steps: int) -> dict[str, int]:
     """valley (the suggestion) and steepest, as indices of the curve, chosen past its first tenth
-    (the steps planned) and before its last SKIP_END points; None when too little is left."""
+    (the steps planned) and before its last SKIP_END points; none when too little is left."""
     first, last = steps // 10, len(curve.lrs) - SKIP_END
     if last - first < 3:
-        return None
+        return {}
     window = curve.smoothed[first:last]
     return {
         "valley": first + valley(window),
@@ -224,20 +224,23 @@ def find_lr(config: Config, plan: Plan, out: Path) -> int:
     )
     curve = run_test(state, inputs, order, plan, console)
     found = suggestions(curve, plan.steps)
+    settings = {name: config_setting(config, state.global_batch, curve.lrs[i]) for name, i in found.items()}
     if accelerator.is_main_process:
-        written = write_outputs(curve, found, out)
+        written = write_outputs(curve, {f"{name}: {settings[name]}": i for name, i in found.items()}, out)
         console.say(f"wrote {written[0]} and {written[1]}")
     accelerator.wait_for_everyone()
     close_process_group()
-    if found is None and not accelerator.is_main_process:
+    if not found and not accelerator.is_main_process:
         return UserError.exit_code  # the main process says why
-    if found is None:
+    if not found:
         raise UserError(
             f"the loss diverged after {len(curve.lrs)} steps, at lr {curve.lrs[-1]:.2g}: no curve to read — lower "
             "--start-lr (or the model's rate of learning is unusual: see the plot)"
         )
-    for line in suggestion_lines(curve, found, config, state.global_batch):
-        console.say(line)
+    console.say(f"steepest descent: {settings['steepest']} (for comparison)")
+    console.say(
+        f"suggested (valley): {settings['valley']}  — {how_scaled(config, state.global_batch, curve.lrs[found['valley']])}"
+    )
     return 0
 
 
@@ -314,39 +317,34 @@ def one_step(state: TrainState, inputs: TrainInputs, batches: Iterator[tuple]) -
     return total / state.config.train.grad_accum
 
 
-def suggestion_lines(curve: Curve, found: dict[str, int], config: Config, global_batch: int) -> list[str]:
-    """The suggestion as it goes into the config (un-scaled by optim.lr_base_size's rule), and how it was read."""
+def config_setting(config: Config, global_batch: int, rate: float) -> str:
+    """The override that gives `rate` at this global batch, as the config is written (optim.lr_base_size's rule)."""
+    return f"optim.lr={config_lr(config.optim, global_batch, rate):.2g}"
+
+
+def how_scaled(config: Config, global_batch: int, rate: float) -> str:
+    """What the suggested optim.lr means for the config as written."""
     optim = config.optim
-
-    def setting(index: int) -> str:
-        return f"optim.lr={config_lr(optim, global_batch, curve.lrs[index]):.2g}"
-
-    rate = curve.lrs[found["valley"]]
     if optim.lr_base_size is None:
-        how = (
+        return (
             f"the rate at global batch {global_batch}; for another batch size or process count add "
             f"optim.lr_base_size={global_batch} to keep it scaled"
         )
-    else:
-        how = (
-            f"{rate:.2g} at global batch {global_batch}, written per optim.lr_base_size={optim.lr_base_size} "
-            f"images ({resolved_scale(optim)} rule)"
-        )
-    return [
-        f"steepest descent: {setting(found['steepest'])} (for comparison)",
-        f"suggested (valley): {setting(found['valley'])}  — {how}",
-    ]
+    return (
+        f"{rate:.2g} at global batch {global_batch}, written per optim.lr_base_size={optim.lr_base_size} images "
+        f"({resolved_scale(optim)} rule)"
+    )
 
 
-def write_outputs(curve: Curve, found: dict[str, int] | None, out: Path) -> tuple[Path, Path]:
-    """find_lr.csv (step, lr, loss, smoothed_loss) and find_lr.png, each written whole and renamed."""
+def write_outputs(curve: Curve, marks: dict[str, int], out: Path) -> tuple[Path, Path]:
+    """find_lr.csv (step, lr, loss, smoothed_loss) and find_lr.png (marks: a label -> a point of the
+    curve), each written whole and renamed."""
     out.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
     rows = csv.writer(text, lineterminator="\n")
     rows.writerow(["step", "lr", "loss", "smoothed_loss"])
     for step, row in enumerate(zip(curve.lrs, curve.losses, curve.smoothed), 1):
         rows.writerow([step, *(f"{value:.6g}" for value in row)])
-    marks = {f"{name} {curve.lrs[i]:.2g}": i for name, i in (found or {}).items()}
     csv_path, plot_path = out / CSV_NAME, out / PLOT_NAME
     own = f"{os.getpid()}.tmp"
     csv_tmp, plot_tmp = out / f"{CSV_NAME}.{own}", out / f"find_lr.{own}.png"  # savefig goes by the suffix
