@@ -121,3 +121,15 @@ def test_bad_input_is_one_line(args, words, digits_shards, tmp_path):
     assert result.returncode == 2
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not run_dir.exists()
+
+
+def test_a_test_that_diverges_at_once_says_so_in_one_line_and_keeps_its_curve(digits_shards, tmp_path):
+    out = tmp_path / "lr"
+    result = find_lr(
+        "--start-lr", 1e4, "--end-lr", 1e8, "--steps", 20, "--out", out, *TINY, f"data.shards={digits_shards}"
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: the loss diverged after only"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "stopped at lr" in result.stdout and (out / "find_lr.png").exists()
+    assert len((out / "find_lr.csv").read_text().splitlines()) < 21

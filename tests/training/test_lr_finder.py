@@ -147,3 +147,11 @@ def test_the_curve_is_written_whole(tmp_path):
     )
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in Path(tmp_path / "out").iterdir()) == sorted([CSV_NAME, PLOT_NAME])
+
+
+def test_a_curve_that_diverged_at_once_is_still_written(tmp_path):
+    curve = curve_of([2.3, float("nan")])
+    assert curve.diverged() and suggestions(curve, 100) == {}
+    csv_path, plot_path = write_outputs(curve, {}, tmp_path)
+    assert csv_path.read_text().splitlines()[1:] == ["1,1e-07,2.3,2.3", "2,1.2045e-07,nan,nan"]
+    assert plot_path.stat().st_size > 0

@@ -164,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             Console(first_rank).say(line)
         return find_lr(config, plan, out)
 
-    return run_command(body, args.debug, cleanup=close_loaders)
+    def explain(e: BaseException) -> tuple[int, str] | None:
+        if isinstance(e, UserError) and getattr(e, "agreed", False) and not first_rank:
+            return e.exit_code, ""  # every rank failed alike (said_once): rank 0 says it
+        return None
+
+    return run_command(body, args.debug, explain=explain, cleanup=close_loaders)
 
 
 def check_plan(args: argparse.Namespace) -> Plan:
@@ -230,18 +235,11 @@ def find_lr(config: Config, plan: Plan, out: Path) -> int:
         console.say(f"wrote {written[0]} and {written[1]}")
     accelerator.wait_for_everyone()
     close_process_group()
-    if not found and not accelerator.is_main_process:
-        return UserError.exit_code  # the main process says why
-    if not found:
-        raise UserError(
-            f"the loss diverged after {len(curve.lrs)} steps, at lr {curve.lrs[-1]:.2g}: no curve to read — lower "
-            "--start-lr (or the model's rate of learning is unusual: see the plot)"
+    if accelerator.is_main_process:  # the others leave with the same code, quietly
+        say_suggestion(
+            curve, found, settings, how_scaled(config, state.global_batch, curve.lrs[found.get("valley", 0)])
         )
-    console.say(f"steepest descent: {settings['steepest']} (for comparison)")
-    console.say(
-        f"suggested (valley): {settings['valley']}  — {how_scaled(config, state.global_batch, curve.lrs[found['valley']])}"
-    )
-    return 0
+    return 0 if found else UserError.exit_code
 
 
 def prepare(config: Config, accelerator, console: Console, plan: Plan) -> tuple[TrainState, TrainInputs, object]:
@@ -315,6 +313,17 @@ def one_step(state: TrainState, inputs: TrainInputs, batches: Iterator[tuple]) -
         total += loss.detach().float()
     optimizer_step(state, state.guard.check(loss))
     return total / state.config.train.grad_accum
+
+
+def say_suggestion(curve: Curve, found: dict[str, int], settings: dict[str, str], how: str) -> None:
+    if not found:
+        raise UserError(
+            f"the loss diverged after only {len(curve.lrs)} steps (at lr {curve.lrs[-1]:.2g}), too few to read a "
+            "suggestion from — lower --start-lr, or look at the curve in the output folder"
+        )
+    console = Console(True)
+    console.say(f"steepest descent: {settings['steepest']} (for comparison)")
+    console.say(f"suggested (valley): {settings['valley']}  — {how}")
 
 
 def config_setting(config: Config, global_batch: int, rate: float) -> str:

@@ -71,8 +71,9 @@ def plot_lr_finder(lrs: list[float], losses: list[float], smoothed: list[float],
         ax.plot(lrs[index], smoothed[index], "o" if n == 0 else "x", color=f"C{n + 1}", markersize=8, label=label)
     ax.set_xscale("log")
     finite = [v for v in losses + smoothed if math.isfinite(v)]
-    top = max(v for v in smoothed if math.isfinite(v))  # the raw loss's last spike would flatten the rest
-    ax.set_ylim(min(finite) * 0.95, top * 1.05)
+    top = [v for v in smoothed if math.isfinite(v)]  # the raw loss's last spike would flatten the rest
+    if finite and top:
+        ax.set_ylim(min(finite) * 0.95, max(top) * 1.05)
     ax.set(xlabel="learning rate (at this run's global batch)", ylabel="train loss", title="learning-rate range test")
     ax.legend()
     fig.tight_layout()
