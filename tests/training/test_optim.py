@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from trainer.training.config import OptimConfig, ScheduleConfig, load_config
-from trainer.training.optim import describe_lr, lr_factor, make_optimizer, make_scheduler, param_groups, scaled_lr
+from trainer.training.optim import (
+    config_lr,
+    describe_lr,
+    lr_factor,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+    scaled_lr,
+)
 
 
 def test_warmup_then_cosine_to_final_factor():
@@ -82,6 +90,17 @@ def test_lr_is_used_as_given_without_a_base_size():
 def test_lr_scales_from_the_base_size_to_the_global_batch(name, scale, global_batch, expected):
     optim = OptimConfig(name=name, lr=0.1, lr_base_size=256, lr_base_scale=scale)
     assert scaled_lr(optim, global_batch) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("base", [None, 64, 256])
+@pytest.mark.parametrize("scale", ["linear", "sqrt"])
+def test_config_lr_is_the_setting_that_scales_back_to_the_rate(base, scale):
+    """find_lr's rate at the actual global batch, written as the config's optim.lr."""
+    for global_batch in (32, 256, 1024):
+        written = config_lr(OptimConfig(name="adamw", lr_base_size=base, lr_base_scale=scale), global_batch, 0.003)
+        optim = OptimConfig(name="adamw", lr=written, lr_base_size=base, lr_base_scale=scale)
+        assert scaled_lr(optim, global_batch) == pytest.approx(0.003)
+    assert config_lr(OptimConfig(name="adamw", lr_base_size=64), 32, 0.001) == pytest.approx(0.001 * 2**0.5)
 
 
 def test_scaled_lr_reaches_every_group_with_the_head_multiplier():

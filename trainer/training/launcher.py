@@ -59,8 +59,11 @@ def choose_layout(config: Config, processes: int | None, gpus: int, cores: int, 
     return Layout(count, "cpu", threads, where)
 
 
-def accelerate_args(layout: Layout, config_path: str | None, overrides: list[str], debug: bool) -> list[str]:
-    """`accelerate launch`'s command line with every value it would otherwise fill in and warn about."""
+def accelerate_args(
+    layout: Layout, config_path: str | None, overrides: list[str], debug: bool, script: Path = MAIN
+) -> list[str]:
+    """`accelerate launch`'s command line with every value it would otherwise fill in and warn about;
+    script: what each process runs (the trainer, or trainer/find_lr.py)."""
     args = ["--num_processes", str(layout.processes), "--num_machines", "1"]
     args += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # "no": the config decides (runtime.py)
     args += ["--num_cpu_threads_per_process", str(layout.threads)]
@@ -68,8 +71,8 @@ def accelerate_args(layout: Layout, config_path: str | None, overrides: list[str
         args += ["--multi_gpu", "--main_process_port", str(free_port())]
     elif layout.device == "cpu":
         args.append("--cpu")
-    script = [str(MAIN), *(["--config", config_path] if config_path else []), *overrides]
-    return args + script + (["--debug"] if debug else [])
+    command = [str(script), *(["--config", config_path] if config_path else []), *overrides]
+    return args + command + (["--debug"] if debug else [])
 
 
 def free_port() -> int:

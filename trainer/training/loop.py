@@ -331,9 +331,7 @@ def train_one_epoch(state: TrainState, inputs: TrainInputs, job: Job) -> TrainWi
     """Runs the epoch from progress.batch on -> its window (the epoch's train loss and time); None when
     stopped by a signal (after a whole step)."""
     config, accelerator, progress = job.config, job.accelerator, state.progress
-    state.model.train()
-    if config.model.freeze_features:  # frozen features keep their BN statistics too
-        state.net.features.eval()
+    train_mode(state)
     accum = config.train.grad_accum
     window = TrainWindow(accelerator.device, inputs.loader.dataset.fetched_bytes())
     lines = EpochLines(
@@ -347,28 +345,43 @@ def train_one_epoch(state: TrainState, inputs: TrainInputs, job: Job) -> TrainWi
     )
     bar = job.tracker.bar(inputs.loader, total=inputs.batches - progress.batch, desc=f"epoch {progress.epoch + 1}")
     for images, labels, _, bad in bar:
-        micro = progress.batch % accum
-        if micro == 0:
+        if progress.batch % accum == 0:
             state.guard.start()
-        images, labels, bad = inputs.load(images, labels, bad, accelerator.device)
-        # Model-side randomness (dropout, mixup) is a function of the step too, like the data's.
-        torch.manual_seed(mix_seed(config.train.seed, progress.epoch, progress.batch, accelerator.process_index))
-        images, targets = inputs.mix(images, labels)
-        sync = micro == accum - 1
-        with nullcontext() if sync else accelerator.no_sync(state.model):
-            logits = state.model(images)
-            loss = inputs.criterion(logits, targets)
-            if progress.step + 1 in NAN_STEPS and accelerator.is_main_process:
-                loss = loss * float("nan")
-            accelerator.backward(loss / accum)
+        loss, logits, labels, bad = forward_backward(state, inputs, images, labels, bad)
         window.add(loss, logits, labels, bad)
         progress.batch += 1
-        if not sync:
+        if progress.batch % accum:
             continue
         optimizer_step(state, state.guard.check(loss))  # clips; a non-finite step is skipped on the device
         if not after_step(state, inputs, job, window, lines):
             return None
     return window
+
+
+def train_mode(state: TrainState) -> None:
+    state.model.train()
+    if state.config.model.freeze_features:  # frozen features keep their BN statistics too
+        state.net.features.eval()
+
+
+def forward_backward(state: TrainState, inputs: TrainInputs, images, labels: torch.Tensor, bad: int):
+    """One micro-batch at progress.batch: onto the device, mixed, forward, loss, backward (the ranks'
+    gradients meet on the step's last micro-batch only) -> (loss, logits, labels, bad samples).
+    Training and the learning-rate finder both step through here."""
+    config, accelerator, progress = state.config, state.accelerator, state.progress
+    images, labels, bad = inputs.load(images, labels, bad, accelerator.device)
+    # Model-side randomness (dropout, mixup) is a function of the step too, like the data's.
+    torch.manual_seed(mix_seed(config.train.seed, progress.epoch, progress.batch, accelerator.process_index))
+    images, targets = inputs.mix(images, labels)
+    accum = config.train.grad_accum
+    sync = progress.batch % accum == accum - 1
+    with nullcontext() if sync else accelerator.no_sync(state.model):
+        logits = state.model(images)
+        loss = inputs.criterion(logits, targets)
+        if progress.step + 1 in NAN_STEPS and accelerator.is_main_process:
+            loss = loss * float("nan")
+        accelerator.backward(loss / accum)
+    return loss, logits, labels, bad
 
 
 def optimizer_step(state: TrainState, good: torch.Tensor) -> None:

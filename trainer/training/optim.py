@@ -18,15 +18,24 @@ def resolved_scale(optim: OptimConfig) -> str:
     return "linear" if optim.name == "sgd" else "sqrt"
 
 
-def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
-    """The lr for `global_batch` images per optimizer step (batch_size x processes x grad_accum).
-
-    optim.lr_base_size None: optim.lr as given. N: optim.lr is the rate for N images per step,
-    scaled by global_batch / N (linear) or its square root (sqrt)."""
+def lr_scale(optim: OptimConfig, global_batch: int) -> float:
+    """What optim.lr is multiplied by for `global_batch` images per optimizer step (batch_size x
+    processes x grad_accum): 1 with optim.lr_base_size None; with N, global_batch / N (linear) or
+    its square root (sqrt)."""
     if optim.lr_base_size is None or global_batch == optim.lr_base_size:
-        return optim.lr
+        return 1.0
     ratio = global_batch / optim.lr_base_size
-    return optim.lr * (math.sqrt(ratio) if resolved_scale(optim) == "sqrt" else ratio)
+    return math.sqrt(ratio) if resolved_scale(optim) == "sqrt" else ratio
+
+
+def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The lr for `global_batch` images per optimizer step: optim.lr per optim.lr_base_size images, if set."""
+    return optim.lr * lr_scale(optim, global_batch)
+
+
+def config_lr(optim: OptimConfig, global_batch: int, rate: float) -> float:
+    """The optim.lr that gives `rate` at `global_batch` under the config's scaling rule (scaled_lr's inverse)."""
+    return rate / lr_scale(optim, global_batch)
 
 
 def describe_lr(optim: OptimConfig, global_batch: int) -> str:

@@ -1,4 +1,5 @@
-"""Training curves, confusion matrix and contact sheets as PNG (class names in any script render)."""
+"""Training curves, the confusion matrix, the learning-rate range test and contact sheets as PNG (class
+names in any script render)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,23 @@ def contact_sheet(images: Sequence, captions: Sequence[str], out: Path, title: s
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
+
+
+def plot_lr_finder(lrs: list[float], losses: list[float], smoothed: list[float], marks: dict, out: Path) -> None:
+    """The learning-rate range test: loss against lr (log axis), raw and smoothed; marks: a label ->
+    index of the curve, the first drawn as the suggestion."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="0.75", linewidth=0.8, label="loss")
+    ax.plot(lrs, smoothed, color="C0", label="smoothed loss")
+    for n, (label, index) in enumerate(marks.items()):
+        ax.plot(lrs[index], smoothed[index], "o" if n == 0 else "x", color=f"C{n + 1}", markersize=8, label=label)
+    ax.set_xscale("log")
+    finite = [v for v in losses + smoothed if math.isfinite(v)]
+    top = [v for v in smoothed if math.isfinite(v)]  # the raw loss's last spike would flatten the rest
+    if finite and top:
+        ax.set_ylim(min(finite) * 0.95, max(top) * 1.05)
+    ax.set(xlabel="learning rate (at this run's global batch)", ylabel="train loss", title="learning-rate range test")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
