@@ -20,7 +20,8 @@ def test_defaults_yaml_and_overrides_layer(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "configs", ["demo", "densenet121-imagenet", "densenet121-imagenet-fast", "cifar-style", "own-images"]
+    "configs",
+    ["demo", "densenet121-imagenet", "densenet121-imagenet-fast", "cifar-style", "own-images", "own-images-imagenet"],
 )
 def test_shipped_configs_load(configs):
     load_config(f"configs/{configs}.yaml", ["data.shards=somewhere"])  # own-images asks for it
