@@ -350,15 +350,9 @@ def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int,
     # A cache smaller than the data: read the epoch block by block (ShardBlocks)
     budget = source.block_budget
     blocks = ShardBlocks(train_reader.counts, train_reader.files.sizes, budget) if budget is not None else None
+    prefetch = train_reader.prefetcher()
     order = TrainOrder(
-        len(train_reader),
-        config.train.batch_size,
-        rank,
-        world,
-        config.train.seed,
-        labels,
-        blocks,
-        train_reader.prefetcher(),
+        len(train_reader), config.train.batch_size, rank, world, config.train.seed, labels, blocks, prefetch
     )
     order.sizes = train_sizes(config)
     order.repeats = config.data.aug_repeats
