@@ -77,15 +77,14 @@ def parse_sample(data: bytes) -> tuple[str, dict[str, bytes]]:
     key, fields, pos, end = None, {}, 0, len(data)
     while pos < end:
         header = data[pos : pos + BLOCK]
-        if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0"):
+        path = member_path(header)
+        if path is None:
             return _parse_with_tarfile(data)  # not a plain ustar file member: other writers' shards
         try:
             size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         except ValueError:
             raise tarfile.HeaderError("unreadable member size") from None
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        folder = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # ustar's name prefix
-        stem, ext = sample_member(f"{folder}/{name}" if folder else name)
+        stem, ext = sample_member(path)
         if key is not None and stem != key:
             raise tarfile.HeaderError(f"members of two samples ({key}, {stem}) in one index record")
         key = stem
@@ -97,6 +96,16 @@ def parse_sample(data: bytes) -> tuple[str, dict[str, bytes]]:
     if key is None:
         raise tarfile.HeaderError("empty index record")
     return key, fields
+
+
+def member_path(header: bytes) -> str | None:
+    """A tar header block -> its member's path, when it is a plain ustar file member (as make_shards
+    writes them); None for anything else (pax or GNU extensions: tarfile must parse those)."""
+    if header[257:262] != b"ustar" or header[156:157] not in (b"0", b"\0"):
+        return None
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    folder = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # ustar's name prefix
+    return f"{folder}/{name}" if folder else name
 
 
 def _parse_with_tarfile(data: bytes) -> tuple[str, dict[str, bytes]]:

@@ -15,7 +15,7 @@ import tarfile
 
 import numpy as np
 
-from shards.index import parse_sample, scan_tar
+from shards.index import BLOCK, member_path, parse_sample, sample_member, scan_tar
 from shards.source import SplitFiles
 from toolbox.errors import DataError
 
@@ -69,6 +69,25 @@ class SplitReader:
         if index is not None:
             return np.array(index["label"], dtype=np.int32)
         return np.array([int(self.read(i)["cls"]) for i in range(len(self))], dtype=np.int32)
+
+    def prefetcher(self):
+        """What fetches the shards the coming samples need into the cache (None for local shards)."""
+        return self.files.prefetcher()
+
+    def keys(self) -> list[str]:
+        """Every sample's key, in split order, from the first tar header of each (512 bytes a
+        sample, not the image): what k-fold needs to find the manifest's duplicate groups."""
+        keys = []
+        for shard, (start, end) in enumerate(zip(self.starts, self.starts[1:])):
+            index = self.files.index()
+            if index is not None:  # whole columns at once: a record at a time costs microseconds in numpy
+                records = zip(index["offset"][start:end].tolist(), index["length"][start:end].tolist())
+            else:
+                records = [self._record(shard, i, i - start)[:2] for i in range(start, end)]
+            for i, (offset, length) in enumerate(records, start):
+                path = member_path(self.files.read(shard, int(offset), min(BLOCK, int(length))))
+                keys.append(sample_member(path)[0] if path is not None else self.read(i)["__key__"])
+        return keys  # a header of another writer (pax, GNU long names) is parsed in full, with its sample
 
     def _record(self, shard: int, i: int, position: int):
         index = self.files.index()

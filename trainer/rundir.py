@@ -47,6 +47,7 @@ CHECKPOINTS = "checkpoints"
 COMPILE_CACHE = "compile_cache"
 EVAL = "eval"  # evaluate's outputs
 EXPORT = "export"
+HELDOUT = "heldout.npz"  # the best weights' probabilities on each val (held-out) sample: trainer/training/heldout.py
 PREDICTIONS = "predictions.csv"  # predict's first default CSV; then predictions-2.csv, ... (predictions_name)
 LATER_PREDICTIONS = re.compile(r"predictions-([0-9]+)\.csv")
 WANDB = "wandb"
@@ -55,7 +56,7 @@ SUMMARIES = {"eval/top1": "max", "eval/top5": "max", "eval/loss": "min", "train/
 # What train.resume=false sets aside: an earlier run's files (wandb's folder and the compile cache stay).
 EARLIER_RUN = (
     CHECKPOINTS, CONFIG, CLASSES, PREPROCESSING, METRICS, SUMMARY, REPORT, STATUS, CURVES, CONFUSION,
-    *WEIGHTS.values(), EVAL, EXPORT, PREDICTIONS,
+    *WEIGHTS.values(), EVAL, EXPORT, PREDICTIONS, HELDOUT,
 )  # fmt: skip
 RUN_FILES = (CONFIG, CLASSES, PREPROCESSING)  # what the after-training commands read besides weights
 LOCK = ".lock"
@@ -351,10 +352,15 @@ class RunDir:
     def replace_text(self, name: str, text: str) -> None:
         """A file written whole and renamed into place: two writers (training's end and an evaluate)
         each leave a complete file, never a mix of both."""
+        self.replace_bytes(name, text.encode("utf-8"))
+
+    def replace_bytes(self, name: str, data: bytes) -> None:
+        """A file written whole and renamed into place (see replace_text)."""
         path = self.path / name
         tmp = path.with_name(f"{name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(text, encoding="utf-8")
+            with writing(path):
+                tmp.write_bytes(data)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -95,6 +95,12 @@ class DataConfig:
     balance: str = "none"  # none | sampler (class-balanced draws) | loss (class-weighted loss)
     skip_bad_samples: bool = False  # count and skip undecodable samples instead of stopping
     verify: str = "size"  # size | sha256: local shards against the manifest before training (BENCHMARKS.md: cost)
+    # k-fold (trainer/training/folds.py): folds=K >= 2 trains on the train split minus fold `fold`
+    # (0..K-1) and validates on that fold, not on the val split; 0: off. fold_seed shuffles the
+    # folds: keep it the same for the K runs of one set (train.seed may differ between them).
+    folds: int = 0
+    fold: int = 0
+    fold_seed: int = 0
 
 
 @dataclass
@@ -417,12 +423,28 @@ def validate(config: Config) -> None:
     if len(config.optim.betas) != 2 or not all(0 <= b < 1 for b in config.optim.betas):
         raise ConfigError("optim.betas must be two numbers in [0, 1), e.g. [0.9,0.999]")
     _validate_ramp(config)
+    _validate_folds(config.data)
     if config.data.cache_limit is not None:
         try:
             parse_size(config.data.cache_limit)
         except ValueError as e:
             raise ConfigError(f"data.cache_limit: {e}") from None
     _validate_pretrained(config.model)
+
+
+def _validate_folds(data: DataConfig) -> None:
+    if data.folds == 0:
+        if data.fold != 0:
+            raise ConfigError(f"data.fold={data.fold} needs data.folds=K (the number of folds, at least 2)")
+        return
+    if data.folds < 2:
+        raise ConfigError(
+            f"data.folds={data.folds}: k-fold needs at least 2 folds — set data.folds=K >= 2, or 0 for off"
+        )
+    if not 0 <= data.fold < data.folds:
+        raise ConfigError(
+            f"data.fold={data.fold} is not a fold of data.folds={data.folds} — pick 0 to {data.folds - 1}"
+        )
 
 
 def _validate_pretrained(model: ModelConfig) -> None:

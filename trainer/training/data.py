@@ -33,6 +33,7 @@ from toolbox.cores import usable_cores
 from toolbox.errors import DataError
 from toolbox.sizes import parse_size
 from trainer.training.config import eval_size, train_sizes
+from trainer.training.folds import Fold, fold_readers
 from trainer.training.randomness import mix_seed
 from trainer.training.samples import EncodedSample, Sample, collate
 from trainer.training.transforms import EvalPreset, TrainPreset
@@ -333,19 +334,25 @@ class Loaders:
     train: DataLoader
     val: DataLoader
     order: TrainOrder
+    fold: Fold | None = None  # data.folds: which fold val is, and the sizes
 
 
 def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int, world: int, pin: bool) -> Loaders:
-    """config: a trainer.training.config.Config. data.decode=device hands the train batches over encoded."""
+    """config: a trainer.training.config.Config. data.decode=device hands the train batches over encoded.
+    With data.folds the two loaders read the train split outside and inside fold data.fold."""
     verify = config.data.verify
-    train_reader, val_reader = split_reader(source, "train", verify), split_reader(source, "val", verify)
+    train_reader, fold = split_reader(source, "train", verify), None
+    if config.data.folds:
+        train_reader, val_reader, fold = fold_readers(train_reader, source.manifest.duplicates, config.data)
+    else:
+        val_reader = split_reader(source, "val", verify)
     labels = train_reader.labels() if config.data.balance == "sampler" else None
-    files = train_reader.files
     # A cache smaller than the data: read the epoch block by block (ShardBlocks)
     budget = source.block_budget
-    blocks = ShardBlocks(files.counts, files.sizes, budget) if budget is not None else None
+    blocks = ShardBlocks(train_reader.counts, train_reader.files.sizes, budget) if budget is not None else None
+    prefetch = train_reader.prefetcher()
     order = TrainOrder(
-        len(train_reader), config.train.batch_size, rank, world, config.train.seed, labels, blocks, files.prefetcher()
+        len(train_reader), config.train.batch_size, rank, world, config.train.seed, labels, blocks, prefetch
     )
     order.sizes = train_sizes(config)
     order.repeats = config.data.aug_repeats
@@ -356,4 +363,5 @@ def build_loaders(config, source: ShardSource, mean: list, std: list, rank: int,
     val_set = ShardDataset(val_reader, val_preset, config.data.skip_bad_samples, classes)
     val_order = EvalOrder(len(val_reader), config.train.batch_size, rank, world)
     workers = config.data.workers
-    return Loaders(make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin), order)
+    train, val = make_loader(train_set, order, workers, pin), make_loader(val_set, val_order, workers, pin)
+    return Loaders(train, val, order, fold)

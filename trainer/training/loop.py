@@ -27,6 +27,8 @@ from trainer.training.config import Config, eval_size, to_dict, to_yaml, train_s
 from trainer.training.data import Loaders, build_loaders, loader_workers, open_shards
 from trainer.training.early_stop import EarlyStop
 from trainer.training.evaluation import evaluate
+from trainer.training.folds import check_same_folds
+from trainer.training.heldout import write_heldout
 from trainer.training.meters import STARTUP, EpochLines, TrainWindow, images_per_second
 from trainer.training.metrics import ShownSamples, summarize
 from trainer.training.nonfinite import assert_finite, update_ema
@@ -120,7 +122,7 @@ def fit(job: Job) -> Ending:
         if trained is None or (training_left(config, progress) and any_rank(job.stop.requested, accelerator)):
             job.tracker.finish(preempted=True)
             return Ending("preempted")
-    return Ending("completed", finish_run(state, job))
+    return Ending("completed", finish_run(state, job, loaders))
 
 
 def stopped_early(config: Config, progress: Progress) -> str | None:
@@ -170,6 +172,7 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
     if resumed is not None and completed_before(job, state):
         return None
     changes = config_changes(state.resumed_config, to_dict(config)) if resumed is not None else {}
+    check_same_folds(changes)
     if resumed is not None and state.resumed_dataset not in (None, "", manifest.sha256):  # allowed by the config
         changes["data (manifest sha256)"] = (state.resumed_dataset, manifest.sha256)
     if resumed is not None:
@@ -193,6 +196,8 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
     if changes:
         job.tracker.log_config_change(state.progress.epoch, state.progress.step, changes)
     announce(job, state, source, loaders.order)
+    if loaders.fold is not None:
+        job.console.say(loaders.fold.describe())
     return state, inputs, loaders
 
 
@@ -522,8 +527,9 @@ def save_checkpoint(state: TrainState, job: Job) -> None:
         job.console.say(f"checkpoint {path} (epoch {progress.epoch + (progress.batch > 0)}, step {progress.step})")
 
 
-def finish_run(state: TrainState, job: Job) -> str | None:
-    """Final weights, summary, plots, report, wandb's end -> why training stopped early (None: it did not)."""
+def finish_run(state: TrainState, job: Job, loaders: Loaders) -> str | None:
+    """Final weights, summary, plots, report, the held-out predictions, wandb's end -> why training
+    stopped early (None: it did not)."""
     config, progress, tracker = job.config, state.progress, job.tracker
     stopped = stopped_early(config, progress)
     if stopped is not None:
@@ -538,9 +544,12 @@ def finish_run(state: TrainState, job: Job) -> str | None:
     aliases = ["final", "best"] if progress.best_epoch == progress.last_eval.get("epoch") else ["final"]
     tracker.log_model(progress.step, aliases, progress.last_eval)
     summary = run_summary(state, job, job.run.records())
+    if loaders.fold is not None:
+        summary.update(loaders.fold.summary())
     tracker.summarize(summary)
     tracker.plots()
     tracker.write_report(summary)
+    job.console.say(write_heldout(net, loaders.val.dataset, job.run, job.accelerator, config))
     early = f"; stopped early at epoch {progress.epoch} of {config.train.epochs}" if stopped else ""
     job.console.say(
         f"done: best val top-1 {progress.best_top1:.4f} (epoch {progress.best_epoch}){early}; run dir {config.run.dir}"

@@ -27,6 +27,7 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
         f"- data: {redact(config.data.shards)}, image size {config.data.image_size}",
         f"- training: {t.epochs} epochs, batch {t.batch_size} x {summary['world_size']} processes x {t.grad_accum} accumulation, "
         f"{config.optim.name} lr {config.optim.lr}, precision {t.mixed_precision}, seed {t.seed}",
+        *([_fold_line(summary)] if summary.get("folds") else []),
         "",
         "## Results",
         "",
@@ -58,6 +59,14 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
     lines += evaluations(run.evals())
     lines += ["", "## Plots", "", f"![curves]({CURVES})", "", f"![confusion matrix]({CONFUSION})", ""]
     run.replace_text(REPORT, "\n".join(lines))
+
+
+def _fold_line(summary: dict) -> str:
+    return (
+        f"- k-fold: fold {summary['fold']} of {summary['folds']}: trained on {summary['num_train_samples']} train "
+        f"samples, validated on the {summary['num_val_samples']} held out (the val split is not used); "
+        "their predictions: heldout.npz"
+    )
 
 
 def refresh_report(run: RunDir, config: Config, classes: list[str]) -> bool:
