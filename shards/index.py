@@ -66,6 +66,13 @@ def sample_member(path: str) -> tuple[str, str]:
     return path[: len(path) - len(base)] + stem, ext
 
 
+def member_name(header: bytes) -> str:
+    """A ustar header's member path (its name prefix field joined in front)."""
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    folder = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    return f"{folder}/{name}" if folder else name
+
+
 def parse_sample(data: bytes) -> tuple[str, dict[str, bytes]]:
     """A sample's tar members (headers and data, as the index delimits them) -> (key, {ext: bytes}).
 
@@ -83,9 +90,7 @@ def parse_sample(data: bytes) -> tuple[str, dict[str, bytes]]:
             size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         except ValueError:
             raise tarfile.HeaderError("unreadable member size") from None
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        folder = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # ustar's name prefix
-        stem, ext = sample_member(f"{folder}/{name}" if folder else name)
+        stem, ext = sample_member(member_name(header))
         if key is not None and stem != key:
             raise tarfile.HeaderError(f"members of two samples ({key}, {stem}) in one index record")
         key = stem

@@ -15,7 +15,7 @@ import tarfile
 
 import numpy as np
 
-from shards.index import parse_sample, scan_tar
+from shards.index import BLOCK, member_name, parse_sample, sample_member, scan_tar
 from shards.source import SplitFiles
 from toolbox.errors import DataError
 
@@ -62,6 +62,16 @@ class SplitReader:
                 f"shard {self.files.shown(shard)} is corrupted at sample {position} ({e}) — re-run make_shards"
             ) from e
         return {"__key__": key, "__shard__": self.files.name(shard), **fields}
+
+    def key(self, i: int) -> str:
+        """Sample ``i``'s key from its first tar header alone (512 bytes, not the image): finding a
+        few samples by key in a large split reads a sliver of it."""
+        shard, position = self.locate(i)
+        offset, _, _ = self._record(shard, i, position)
+        header = self.files.read(shard, int(offset), BLOCK)
+        if len(header) != BLOCK or header[257:262] != b"ustar":
+            return str(self.read(i)["__key__"])  # another writer's tar: parsed whole
+        return sample_member(member_name(header))[0]
 
     def labels(self) -> np.ndarray:
         """Every sample's class index (for the balanced sampler): from the sample index, or read."""

@@ -30,6 +30,7 @@ ENTRIES = (
     "trainer.sweep",
     "trainer.compare",
     "trainer.fetch_weights",
+    "trainer.audit",
 )
 
 
