@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from launch import demo, outdir, report
+from launch.edits import Edit, add_options, apply_edits, read_edits
 from launch.pack import Entry, ShardJob, write_shard
 from launch.parallel import Workers, default_workers
 from launch.publish import RemoteOut
@@ -98,6 +99,7 @@ def _parser() -> _Parser:
         help=f"at least this many shards per split (default {DEFAULT_MIN_SHARDS}, demo {DEMO_MIN_SHARDS})",
     )
     _add_filters(p)
+    add_options(p)  # --exclude, --relabel (launch/edits.py)
     p.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty OUT (only once the new output is complete)"
     )
@@ -194,6 +196,8 @@ def recorded_options(args: argparse.Namespace, listing: Listing) -> dict:
         "max_file_size": args.max_file_size,
         "skip_empty_classes": args.skip_empty_classes,
         "resize_short": args.resize_short,
+        "exclude": args.exclude,
+        "relabel": args.relabel,
     }
 
 
@@ -222,10 +226,12 @@ class Plan:
     skipped: list[dict]
     duplicates: list[dict]
     splits: tuple[str, ...]  # those written: train and val, and test when SRC has a test folder
+    edits: list[Edit]  # --exclude, --relabel as applied
 
 
 def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     listing = list_source(src)
+    edits = read_edits(args, listing)  # a bad CSV stops here, before the scan
     scan = inspect_all(listing, args.max_pixels, args.max_file_size, workers, _progress("scanning", "files", len))
     reasons = dict(scan.reasons)
     for i in np.flatnonzero(scan.field >= 0).tolist():
@@ -271,14 +277,15 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     split[usable & held_out] = TEST
     for i in capped.tolist():
         reasons[i] = f"over --max-per-class {args.max_per_class}"
+    kept = [c for c, n in zip(listing.classes, counts) if n > 0]
+    apply_edits(edits, listing, kept, label, split, reasons)  # after the split: the other files keep theirs
     skipped = [
         {"path": printable(listing.relpaths[i]), "reason": reasons[i]}
         for i in sorted(reasons, key=lambda i: listing.relpaths[i])
     ]
-    kept = [c for c, n in zip(listing.classes, counts) if n > 0]
     duplicates = _duplicates(listing, scan, group, split)
     splits = TRAINING + (("test",) if "test" in listing.folders else ())
-    return Plan(listing, scan, kept, label, split, skipped, duplicates, splits)
+    return Plan(listing, scan, kept, label, split, skipped, duplicates, splits, edits)
 
 
 def _filter_reason(w: int, h: int, args: argparse.Namespace) -> str | None:
@@ -344,6 +351,7 @@ def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, worker
         options=recorded_options(args, plan.listing),
         skipped=sorted(plan.skipped + gone, key=lambda s: s["path"]),
         duplicates=plan.duplicates,
+        edits=[edit.record() for edit in plan.edits],
         source=source,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         image_sizes=report.image_sizes(plan.scan.width[train], plan.scan.height[train], args.resize_short),
@@ -471,7 +479,7 @@ def finish(manifest: Manifest, plan: Plan, stage: Path, out: str, min_shards: in
     width, height = plan.scan.width[sel], plan.scan.height[sel]
     notes = [
         n for n in [report.write_plots(manifest, stage, width, height), report.flat_channels_note(manifest.std)] if n
-    ]
+    ] + [edit.note() for edit in plan.edits]
     for name in manifest.splits:
         n, k = manifest.splits[name].num_samples, len(manifest.splits[name].shards)
         if 0 < n < min_shards:

@@ -57,6 +57,8 @@ class Manifest:
     options: dict = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
+    # make_shards --exclude/--relabel FILE, one record each: option, file, sha256, rows, matched, unmatched, applied
+    edits: list[dict] = field(default_factory=list)
     source: str = ""
     created: str = ""  # the one field that differs between two identical runs
     version: int = FORMAT_VERSION
@@ -155,6 +157,7 @@ class Manifest:
             options=_typed(d.get("options", {}), dict, "options"),
             skipped=_typed(d.get("skipped", []), list, "skipped"),
             duplicates=_typed(d.get("duplicates", []), list, "duplicates"),
+            edits=_typed(d.get("edits", []), list, "edits"),
             source=_typed(d.get("source", ""), str, "source"),
             created=_typed(d.get("created", ""), str, "created"),
             version=version,

@@ -63,6 +63,13 @@ class SplitReader:
             ) from e
         return {"__key__": key, "__shard__": self.files.name(shard), **fields}
 
+    def key(self, i: int) -> str:
+        """Sample ``i``'s key from its first tar header alone (512 bytes, not the image): finding a
+        few samples by key in a large split reads a sliver of it."""
+        shard, position = self.locate(i)
+        offset, length, _ = self._record(shard, i, position)
+        return self._key_at(shard, i, offset, length)
+
     def labels(self) -> np.ndarray:
         """Every sample's class index (for the balanced sampler): from the sample index, or read."""
         index = self.files.index()
@@ -84,10 +91,13 @@ class SplitReader:
                 records = zip(index["offset"][start:end].tolist(), index["length"][start:end].tolist())
             else:
                 records = [self._record(shard, i, i - start)[:2] for i in range(start, end)]
-            for i, (offset, length) in enumerate(records, start):
-                path = member_path(self.files.read(shard, int(offset), min(BLOCK, int(length))))
-                keys.append(sample_member(path)[0] if path is not None else self.read(i)["__key__"])
-        return keys  # a header of another writer (pax, GNU long names) is parsed in full, with its sample
+            keys += [self._key_at(shard, i, offset, length) for i, (offset, length) in enumerate(records, start)]
+        return keys
+
+    def _key_at(self, shard: int, i: int, offset: int, length: int) -> str:
+        path = member_path(self.files.read(shard, int(offset), min(BLOCK, int(length))))
+        # a header of another writer (pax, GNU long names) is parsed in full, with its sample
+        return sample_member(path)[0] if path is not None else str(self.read(i)["__key__"])
 
     def _record(self, shard: int, i: int, position: int):
         index = self.files.index()

@@ -31,6 +31,7 @@ ENTRIES = (
     "trainer.compare",
     "trainer.fetch_weights",
     "trainer.find_lr",
+    "trainer.audit",
 )
 
 

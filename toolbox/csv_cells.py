@@ -31,3 +31,10 @@ class SafeWriter:
 
     def writerows(self, rows: Iterable[Iterable]) -> None:
         self.writer.writerows(safe_row(row) for row in rows)
+
+
+def read_cell(text: str) -> str:
+    """The value a SafeWriter cell was written from: its guarding `'` taken off again."""
+    if text.startswith("'") and text[1:].startswith(FORMULA_STARTS):
+        return text[1:]
+    return text

@@ -48,6 +48,7 @@ COMPILE_CACHE = "compile_cache"
 EVAL = "eval"  # evaluate's outputs
 EXPORT = "export"
 HELDOUT = "heldout.npz"  # the best weights' probabilities on each val (held-out) sample: trainer/training/heldout.py
+AUDIT = "audit"  # trainer.audit's outputs
 PREDICTIONS = "predictions.csv"  # predict's first default CSV; then predictions-2.csv, ... (predictions_name)
 LATER_PREDICTIONS = re.compile(r"predictions-([0-9]+)\.csv")
 WANDB = "wandb"
