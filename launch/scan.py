@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-from launch.neardup import MIN_SIDE, perceptual_hash
+from launch import neardup
 from launch.parallel import Workers
 from shards.format import IMAGE_EXTS, KEEP_FORMATS, SOURCE_EXTS, shape_problem, to_rgb
 from shards.splits import EXPECTED, SPLITS, LayoutError, split_folders
@@ -92,8 +92,7 @@ class Inspection:
     field: np.ndarray  # (N,) int8: index into IMAGE_EXTS, TRANSCODE, or -1 if invalid
     stats: np.ndarray  # (N, 7) int64: per-channel sum, per-channel sum of squares, pixel count
     reasons: dict[int, str]  # index -> why the file is not a usable image
-    phash: np.ndarray  # (N,) uint64 perceptual hash (launch/neardup.py); 0 if not hashed
-    hashed: bool = False  # whether the scan computed phash (--near-duplicates not off)
+    phash: np.ndarray  # (N,) uint64 perceptual hash (launch/neardup.py); 0 if not hashed (off, or small)
 
 
 class Facts(NamedTuple):
@@ -197,7 +196,6 @@ def inspect_all(
         stats=np.zeros((n, 7), np.int64),
         reasons={},
         phash=np.zeros(n, np.uint64),
-        hashed=near,
     )
     root = str(listing.root)
     chunks = ((root, listing.relpaths[i : i + CHUNK], max_pixels, max_bytes, near) for i in range(0, n, CHUNK))
@@ -265,7 +263,7 @@ def inspect_file(path: str, max_pixels: int, max_bytes: int = DEFAULT_MAX_FILE_B
             img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img)
         stats = _pixel_stats(rgb)
-        phash = perceptual_hash(rgb) if near and min(w, h) >= MIN_SIDE else 0  # see MIN_SIDE
+        phash = neardup.perceptual_hash(rgb) if near and neardup.hashable(w, h) else 0  # see MIN_SIDE
     except Exception as e:
         detail = first_line(e)[:80]
         return _unusable(sha, len(data), f"truncated or corrupt ({detail})")
