@@ -361,6 +361,8 @@ def _group_entry(listing: Listing, members: np.ndarray, split: np.ndarray) -> di
 def _near_groups(scan: Inspection, same: np.ndarray, args: argparse.Namespace, workers: Workers) -> np.ndarray:
     """Group ids that join near-duplicate images (hashes within --near-threshold) and identical files."""
     compared = np.flatnonzero((scan.field >= 0) & neardup.hashable(scan.width, scan.height))
+    if len(compared) < 2:  # nothing to compare (the --demo digits are 8x8): no graph to build
+        return same
     return neardup.near_groups(scan.phash, compared, same, args.near_threshold, workers.map)
 
 
