@@ -4,6 +4,7 @@ image to validate it), side by side on one synthetic corpus, in one run.
 
     python -m bench.make_shards                         # 5,000 files; RSS also at 50,000
     python -m bench.make_shards --files 2000 --rss-files 0 --workdir /tmp/b
+    python -m bench.make_shards --near-duplicates --files 5000   # the scan with and without phash
 
 The corpus: ImageNet-like JPEGs, about 500x375 (400..640 x 300..500), textures from smooth
 to grainy and quality 75..95, so files run from tens of KB to a few hundred KB; 100 classes.
@@ -192,6 +193,28 @@ def run_all(root: Path, n: int, workers: int, repeat: int) -> dict[str, dict]:
     return results
 
 
+def near_duplicates_cost(root: Path, n: int, workers: int, repeat: int) -> dict[str, float]:
+    """make_shards with near-duplicates grouped (the default) and off, interleaved, on the same
+    corpus: median seconds per 10,000 images each (the difference is the phash in the scan
+    plus the pair search)."""
+    src = make_corpus(root, n, n)
+    seconds: dict[str, list[float]] = {"group": [], "off": []}
+    for _ in range(repeat):
+        for mode in seconds:
+            out = root / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "launch.make_shards", str(src), str(out), "--workers", str(workers)]
+            seconds[mode].append(measure([*cmd, "--near-duplicates", mode])["seconds"])
+    shutil.rmtree(root / "out", ignore_errors=True)
+    per_10k = {mode: float(np.median(s)) * 10_000 / n for mode, s in seconds.items()}
+    for mode, s in seconds.items():
+        print(
+            f"  --near-duplicates {mode:5s}: {per_10k[mode]:6.1f} s per 10,000 images (runs: {', '.join(f'{x:.1f}' for x in s)} s)"
+        )
+    print(f"  cost of the near-duplicate search: {per_10k['group'] / per_10k['off'] - 1:+.0%}")
+    return per_10k
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--files", type=int, default=5000)
@@ -205,6 +228,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_make_shards"))
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--near-duplicates", action="store_true", help="only time make_shards with --near-duplicates group and off"
+    )
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(
@@ -212,6 +238,14 @@ def main() -> None:
         f"{os.cpu_count()} cores; workers={args.workers}",
         flush=True,
     )
+    if args.near_duplicates:
+        results = {
+            "files": args.files,
+            "seconds_per_10k": near_duplicates_cost(args.workdir, args.files, args.workers, args.repeat),
+        }
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        return
     results = {
         "files": args.files,
         "workers": args.workers,

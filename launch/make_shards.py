@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch import demo, outdir, report
+from launch import demo, neardup, outdir, report
 from launch.edits import Edit, add_options, apply_edits, read_edits
 from launch.pack import Entry, ShardJob, write_shard
 from launch.parallel import Workers, default_workers
@@ -35,6 +35,7 @@ from launch.split import (
     NONE,
     TEST,
     TRAIN,
+    VAL,
     assign_splits,
     duplicate_groups,
     plan_shards,
@@ -100,6 +101,7 @@ def _parser() -> _Parser:
     )
     _add_filters(p)
     add_options(p)  # --exclude, --relabel (launch/edits.py)
+    _add_near_duplicates(p)
     p.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty OUT (only once the new output is complete)"
     )
@@ -142,6 +144,36 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-empty-classes", action="store_true", help="drop classes with no valid image instead of stopping"
     )
+
+
+def _add_near_duplicates(p: argparse.ArgumentParser) -> None:
+    """The options of the near-duplicate search (launch/neardup.py)."""
+    p.add_argument(
+        "--near-duplicates",
+        choices=neardup.MODES,
+        default=neardup.DEFAULT_MODE,
+        help="find resized/re-encoded/recoloured copies by perceptual hash: off, report them, "
+        f"or group them (also keep each group on one side of train/val; default {neardup.DEFAULT_MODE})",
+    )
+    p.add_argument(
+        "--near-threshold",
+        type=hash_bits,
+        default=neardup.DEFAULT_THRESHOLD,
+        metavar="BITS",
+        help=f"largest Hamming distance of two near-duplicates' 64-bit hashes (default {neardup.DEFAULT_THRESHOLD})",
+    )
+
+
+def hash_bits(text: str) -> int:
+    try:
+        bits = int(text)
+    except ValueError:
+        bits = -1
+    if not 0 <= bits <= 32:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of bits from 0 to 32, e.g. {neardup.DEFAULT_THRESHOLD}"
+        )
+    return bits
 
 
 def file_size(text: str) -> int:
@@ -198,6 +230,8 @@ def recorded_options(args: argparse.Namespace, listing: Listing) -> dict:
         "resize_short": args.resize_short,
         "exclude": args.exclude,
         "relabel": args.relabel,
+        "near_duplicates": args.near_duplicates,
+        "near_threshold": args.near_threshold,
     }
 
 
@@ -227,12 +261,16 @@ class Plan:
     duplicates: list[dict]
     splits: tuple[str, ...]  # those written: train and val, and test when SRC has a test folder
     edits: list[Edit]  # --exclude, --relabel as applied
+    near_kept: int = 0  # near-duplicate groups kept on one side that a split by identical files would cut
 
 
 def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
     listing = list_source(src)
     edits = read_edits(args, listing)  # a bad CSV stops here, before the scan
-    scan = inspect_all(listing, args.max_pixels, args.max_file_size, workers, _progress("scanning", "files", len))
+    near = args.near_duplicates != "off"
+    scan = inspect_all(
+        listing, args.max_pixels, args.max_file_size, workers, _progress("scanning", "files", len), near=near
+    )
     reasons = dict(scan.reasons)
     for i in np.flatnonzero(scan.field >= 0).tolist():
         reason = _filter_reason(int(scan.width[i]), int(scan.height[i]), args)
@@ -262,9 +300,10 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
         reasons[i] = "class dropped (no valid training image, --skip-empty-classes)"
     usable &= label >= 0
 
-    group = same_bytes_groups(scan.sha256.array)
+    same = same_bytes_groups(scan.sha256.array)
+    similar = _near_groups(scan, same, args, workers) if near else same
     held_out = given == TEST  # the user's test set: kept whole, never capped, never part of val
-    split, capped = assign_splits(
+    split_by = lambda group: assign_splits(  # noqa: E731
         labels,
         group,
         np.flatnonzero(usable & ~held_out),
@@ -274,6 +313,7 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
         args.max_per_class,
         given if "val" in listing.folders else None,  # no val folder: val is carved from train as for class folders
     )
+    split, capped = split_by(similar if args.near_duplicates == "group" else same)
     split[usable & held_out] = TEST
     for i in capped.tolist():
         reasons[i] = f"over --max-per-class {args.max_per_class}"
@@ -283,9 +323,16 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
         {"path": printable(listing.relpaths[i]), "reason": reasons[i]}
         for i in sorted(reasons, key=lambda i: listing.relpaths[i])
     ]
-    duplicates = _duplicates(listing, scan, group, split)
+    duplicates = _duplicates(listing, scan, same, split)
+    near_kept = 0
+    if near:
+        # Where a split by identical files alone would have put each file: the groups it cuts are
+        # the leaks that grouping prevented (in report mode, the split itself).
+        alone = split if args.near_duplicates == "report" else split_by(same)[0]
+        found, near_kept = _near_duplicates(listing, scan, same, similar, split, alone)
+        duplicates += found
     splits = TRAINING + (("test",) if "test" in listing.folders else ())
-    return Plan(listing, scan, kept, label, split, skipped, duplicates, splits, edits)
+    return Plan(listing, scan, kept, label, split, skipped, duplicates, splits, edits, near_kept)
 
 
 def _filter_reason(w: int, h: int, args: argparse.Namespace) -> str | None:
@@ -298,22 +345,54 @@ def _filter_reason(w: int, h: int, args: argparse.Namespace) -> str | None:
 
 def _duplicates(listing: Listing, scan: Inspection, group: np.ndarray, split: np.ndarray) -> list[dict]:
     """Groups of identical valid images (filtered or capped ones too: they are still copies)."""
-    out = []
-    for members in duplicate_groups(group, np.flatnonzero(scan.field >= 0)):
-        members = members.tolist()
-        classes = sorted({listing.classes[listing.labels[i]] for i in members})
-        where = [SPLITS[split[i]] if split[i] != NONE else "skipped" for i in members]
-        out.append(
-            {
-                "sha256": scan.sha256[members[0]].hex(),
-                "paths": [listing.relpaths[i] for i in members],
-                "splits": where,
-                "classes": classes,
-                "cross_class": len(classes) > 1,
-                "crosses_splits": len(set(where) - {"skipped"}) > 1,
-            }
-        )
-    return out
+    return [
+        {"kind": "identical", "sha256": scan.sha256[members[0]].hex(), **_group_entry(listing, members, split)}
+        for members in duplicate_groups(group, np.flatnonzero(scan.field >= 0))
+    ]
+
+
+def _group_entry(listing: Listing, members: np.ndarray, split: np.ndarray) -> dict:
+    """The manifest's fields of a group of copies: paths, where each went, its classes."""
+    members = members.tolist()
+    classes = sorted({listing.classes[listing.labels[i]] for i in members})
+    where = [SPLITS[split[i]] if split[i] != NONE else "skipped" for i in members]
+    return {
+        "paths": [listing.relpaths[i] for i in members],
+        "splits": where,
+        "classes": classes,
+        "cross_class": len(classes) > 1,
+        "crosses_splits": len(set(where) - {"skipped"}) > 1,
+    }
+
+
+def _near_groups(scan: Inspection, same: np.ndarray, args: argparse.Namespace, workers: Workers) -> np.ndarray:
+    """Group ids that join near-duplicate images (hashes within --near-threshold) and identical files."""
+    compared = np.flatnonzero((scan.field >= 0) & neardup.hashable(scan.width, scan.height))
+    if len(compared) < 2:  # nothing to compare (the --demo digits are 8x8): no graph to build
+        return same
+    return neardup.near_groups(scan.phash, compared, same, args.near_threshold, workers.map)
+
+
+def _near_duplicates(
+    listing: Listing, scan: Inspection, same: np.ndarray, similar: np.ndarray, split: np.ndarray, alone: np.ndarray
+) -> tuple[list[dict], int]:
+    """-> (the manifest entries of near-duplicate groups: label conflicts first, then the groups a
+    split by identical files alone (``alone``) cuts between train and val, then the rest; how many
+    of those the split kept whole)."""
+    entries, kept = [], 0
+    for members in duplicate_groups(similar, np.flatnonzero(scan.field >= 0)):
+        if len(np.unique(same[members])) < 2:
+            continue  # identical files only: already an "identical" entry
+        entry = {
+            "kind": "near",
+            "distance": neardup.max_distance(scan.phash[members]),
+            **_group_entry(listing, members, split),
+        }
+        cut = {TRAIN, VAL} <= set(alone[members].tolist())
+        kept += cut and not entry["crosses_splits"]
+        entries.append((not entry["cross_class"], not (cut or entry["crosses_splits"]), entry))
+    entries.sort(key=lambda e: e[:2])  # stable: by first member within each kind
+    return [e[2] for e in entries], kept
 
 
 def write(plan: Plan, stage: Path, args: argparse.Namespace, source: str, workers: Workers) -> Manifest:
@@ -484,7 +563,9 @@ def finish(manifest: Manifest, plan: Plan, stage: Path, out: str, min_shards: in
         n, k = manifest.splits[name].num_samples, len(manifest.splits[name].shards)
         if 0 < n < min_shards:
             notes.append(f"{name} has only {n} samples, so {k} shards (fewer than --min-shards {min_shards})")
-    text = report.summary(manifest, out, len(plan.listing.relpaths), plan.listing.ignored, width, height, notes)
+    text = report.summary(
+        manifest, out, len(plan.listing.relpaths), plan.listing.ignored, width, height, notes, plan.near_kept
+    )
     (stage / SUMMARY).write_text(text + "\n", encoding="utf-8")
     return text
 

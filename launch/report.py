@@ -16,6 +16,7 @@ from toolbox.fonts import setup_fonts
 MAX_SCATTER = 20000  # points in the size plot; more only blots it out and slows it down
 MAX_LABELLED = 60  # classes beyond this get no tick labels (ImageNet's 1000 would be a black smear)
 COLORS = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868"}
+MAX_NAMED = 5  # near-duplicate groups named in the summary; the manifest lists them all
 
 
 def mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
@@ -157,6 +158,38 @@ def leakage(duplicates: Sequence[dict]) -> str:
     return ", ".join(f"{n} group{'s' if n > 1 else ''} {what}" for n, what in parts if n)
 
 
+def is_near(group: dict) -> bool:
+    """A manifest duplicates entry of near-duplicates (an entry without "kind" is of identical files)."""
+    return group.get("kind", "identical") == "near"
+
+
+def near_lines(near: Sequence[dict], options: dict, kept: int) -> list[str]:
+    """The summary's near-duplicate lines: the count, then the label conflicts and the groups
+    that cross splits by name (a few; all are in the manifest), then the leakage warning."""
+    conflicts = [g for g in near if g["cross_class"]]
+    crossing = [g for g in near if g["crosses_splits"]]
+    lines = [
+        f"  near-duplicates: {len(near)} groups of resized/re-encoded/recoloured copies "
+        f"({sum(len(g['paths']) for g in near)} images, hashes within {options.get('near_threshold')} bits)"
+        + (f", {len(conflicts)} across classes (label conflict: check them)" if conflicts else "")
+        + (f", {kept} kept on one side of train/val that would have straddled it" if kept else "")
+    ]
+    shown = (conflicts + [g for g in crossing if not g["cross_class"]])[:MAX_NAMED]
+    for g in shown:
+        what = "label conflict" if g["cross_class"] else "in " + " and ".join(sorted(set(g["splits"]) - {"skipped"}))
+        more = f" and {len(g['paths']) - 3} more" if len(g["paths"]) > 3 else ""
+        lines.append(f"    {what}: {', '.join(g['paths'][:3])}{more} (distance {g['distance']})")
+    if len(conflicts) + len(crossing) > len(shown):
+        lines.append(f"    ... and more: every group is under duplicates in {MANIFEST}")
+    if leaks := leakage(near):
+        fix = "remove the copies" if options.get("near_duplicates") == "group" else "pass --near-duplicates group"
+        lines.append(
+            f"  warning: near-duplicate images in two splits ({leaks}): the held-out score overstates — "
+            f"{fix} (paths under duplicates in {MANIFEST})"
+        )
+    return lines
+
+
 def reason_kind(reason: str) -> str:
     return reason.split(" (", 1)[0]
 
@@ -169,6 +202,7 @@ def summary(
     width: np.ndarray,
     height: np.ndarray,
     notes: Sequence[str] = (),
+    near_kept: int = 0,
 ) -> str:
     splits = manifest.splits
     mb = lambda s: sum(x.bytes for x in s.shards) / 1e6  # noqa: E731
@@ -191,17 +225,22 @@ def summary(
     if manifest.skipped:
         kinds = Counter(reason_kind(s["reason"]) for s in manifest.skipped)
         lines.append("  skipped: " + ", ".join(f"{k}: {n}" for k, n in kinds.most_common()) + f" (paths in {MANIFEST})")
-    if manifest.duplicates:
-        cross = sum(d["cross_class"] for d in manifest.duplicates)
+    identical = [d for d in manifest.duplicates if not is_near(d)]
+    if identical:
+        cross = sum(d["cross_class"] for d in identical)
         lines.append(
-            f"  duplicates: {len(manifest.duplicates)} groups of identical files"
+            f"  duplicates: {len(identical)} groups of identical files"
             + (f", {cross} across classes (label noise: check them)" if cross else "")
         )
-        if leaks := leakage(manifest.duplicates):
+        if leaks := leakage(identical):
             lines.append(
                 f"  warning: identical images in two splits ({leaks}): the held-out score overstates — "
                 f"remove the copies (paths under duplicates in {MANIFEST})"
             )
+    if near := [d for d in manifest.duplicates if is_near(d)]:
+        lines.extend(near_lines(near, manifest.options, near_kept))
+    elif manifest.options.get("near_duplicates", "off") != "off":
+        lines.append(f"  near-duplicates: none (hashes within {manifest.options['near_threshold']} bits)")
     if len(width):
         short = np.minimum(width, height)
         lines.append(

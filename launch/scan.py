@@ -1,7 +1,7 @@
 """Walk SRC: the class folders, the candidate image files, and what each file really is.
 
 Listing is cheap and happens in the main process; inspecting (read, hash, full decode, pixel
-statistics) is the expensive part and runs on every core. The per-file results live in flat
+statistics, the perceptual hash for near-duplicates) is the expensive part and runs on every core. The per-file results live in flat
 numpy arrays, about 100 bytes a file, never the image data, so memory stays bounded by the
 file count whatever the images weigh.
 """
@@ -16,10 +16,12 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from launch import neardup
 from launch.parallel import Workers
 from shards.format import IMAGE_EXTS, KEEP_FORMATS, SOURCE_EXTS, shape_problem, to_rgb
 from shards.splits import EXPECTED, SPLITS, LayoutError, split_folders
@@ -90,6 +92,24 @@ class Inspection:
     field: np.ndarray  # (N,) int8: index into IMAGE_EXTS, TRANSCODE, or -1 if invalid
     stats: np.ndarray  # (N, 7) int64: per-channel sum, per-channel sum of squares, pixel count
     reasons: dict[int, str]  # index -> why the file is not a usable image
+    phash: np.ndarray  # (N,) uint64 perceptual hash (launch/neardup.py); 0 if not hashed (off, or small)
+
+
+class Facts(NamedTuple):
+    """What inspect_file found in one file; reason is None for a usable image."""
+
+    sha256: bytes
+    size: int
+    width: int
+    height: int
+    field: int
+    stats: list[int] | None
+    reason: str | None
+    phash: int = 0
+
+
+def _unusable(sha: bytes, size: int, reason: str) -> Facts:
+    return Facts(sha, size, 0, 0, -1, None, reason)
 
 
 def list_source(src: Path) -> Listing:
@@ -163,7 +183,9 @@ def inspect_all(
     max_bytes: int,
     workers: Workers,
     progress: Callable[[Iterable, int], Iterable] | None = None,
+    near: bool = False,
 ) -> Inspection:
+    """Every file of ``listing``, on every core; ``near``: also its perceptual hash."""
     n = len(listing.relpaths)
     out = Inspection(
         sha256=Digests(n),
@@ -173,58 +195,59 @@ def inspect_all(
         field=np.full(n, -1, np.int8),
         stats=np.zeros((n, 7), np.int64),
         reasons={},
+        phash=np.zeros(n, np.uint64),
     )
     root = str(listing.root)
-    chunks = ((root, listing.relpaths[i : i + CHUNK], max_pixels, max_bytes) for i in range(0, n, CHUNK))
+    chunks = ((root, listing.relpaths[i : i + CHUNK], max_pixels, max_bytes, near) for i in range(0, n, CHUNK))
     results = workers.map(inspect_chunk, chunks)
     if progress is not None:
         results = progress(results, n)
     i = 0
     for chunk in results:
-        for sha, size, w, h, fld, stats, reason in chunk:
-            out.sha256[i], out.size[i] = sha, size
-            if reason is None:
-                out.width[i], out.height[i], out.field[i] = w, h, fld
-                out.stats[i] = stats
+        for facts in chunk:
+            out.sha256[i], out.size[i] = facts.sha256, facts.size
+            if facts.reason is None:
+                out.width[i], out.height[i], out.field[i] = facts.width, facts.height, facts.field
+                out.stats[i], out.phash[i] = facts.stats, facts.phash
             else:
-                out.reasons[i] = reason
+                out.reasons[i] = facts.reason
             i += 1
     return out
 
 
-def inspect_chunk(task: tuple[str, list[str], int, int]) -> list[tuple]:
-    root, relpaths, max_pixels, max_bytes = task
+def inspect_chunk(task: tuple[str, list[str], int, int, bool]) -> list[Facts]:
+    root, relpaths, max_pixels, max_bytes, near = task
     Image.MAX_IMAGE_PIXELS = None  # the limit is checked below, with the user's value and a clear reason
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # odd-but-valid files (bad EXIF, palette notes) are not news
         return [
-            inspect_file(os.path.join(root, rel), max_pixels, max_bytes)
+            inspect_file(os.path.join(root, rel), max_pixels, max_bytes, near)
             if is_utf8(rel)
-            else (b"", 0, 0, 0, -1, None, NOT_UTF8)
+            else _unusable(b"", 0, NOT_UTF8)
             for rel in relpaths
         ]
 
 
-def inspect_file(path: str, max_pixels: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple:
-    """(sha256, size, width, height, field, stats, reason): reason is None for a usable image."""
+def inspect_file(path: str, max_pixels: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES, near: bool = False) -> Facts:
+    """What the file at ``path`` is; ``near``: with its perceptual hash, as the image is shown."""
     try:
         data = read_source(path, max_bytes)
     except NotRead as e:
-        return b"", 0, 0, 0, -1, None, str(e)
+        return _unusable(b"", 0, str(e))
     except OSError as e:
-        return b"", 0, 0, 0, -1, None, f"unreadable ({e.strerror or e})"
+        return _unusable(b"", 0, f"unreadable ({e.strerror or e})")
     sha = hashlib.sha256(data).digest()
     if not data:
-        return sha, 0, 0, 0, -1, None, "empty file"
+        return _unusable(sha, 0, "empty file")
     try:
         img = Image.open(io.BytesIO(data))
     except Exception:
         if data.startswith(SIGNATURES) or data[8:12] == b"WEBP":
-            return sha, len(data), 0, 0, -1, None, "truncated or corrupt (unreadable header)"
-        return sha, len(data), 0, 0, -1, None, "not an image (no known image format)"
+            return _unusable(sha, len(data), "truncated or corrupt (unreadable header)")
+        return _unusable(sha, len(data), "not an image (no known image format)")
     w, h = img.size
     if problem := shape_problem(w, h, max_pixels):
-        return sha, len(data), 0, 0, -1, None, problem
+        return _unusable(sha, len(data), problem)
     try:
         if img.format in ("JPEG", "MPO") and min(w, h) >= 64:
             # Decode at half size by DCT scaling: every byte of the entropy-coded data is still
@@ -233,13 +256,18 @@ def inspect_file(path: str, max_pixels: int, max_bytes: int = DEFAULT_MAX_FILE_B
             img.draft(img.mode, (w // 2, h // 2))
         img.load()
         fld = IMAGE_EXTS.index(KEEP_FORMATS[img.format]) if img.format in KEEP_FORMATS else TRANSCODE
-        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated a quarter turn: shown as h x w
+        orientation = img.getexif().get(0x0112, 1)
+        if orientation in (5, 6, 7, 8):  # rotated a quarter turn: shown as h x w
             w, h = h, w
-        stats = _pixel_stats(to_rgb(img))
+        if near and orientation != 1:  # hashed as shown: a copy saved upright is still a copy
+            img = ImageOps.exif_transpose(img)
+        rgb = to_rgb(img)
+        stats = _pixel_stats(rgb)
+        phash = neardup.perceptual_hash(rgb) if near and neardup.hashable(w, h) else 0  # see MIN_SIDE
     except Exception as e:
         detail = first_line(e)[:80]
-        return sha, len(data), 0, 0, -1, None, f"truncated or corrupt ({detail})"
-    return sha, len(data), w, h, fld, stats, None
+        return _unusable(sha, len(data), f"truncated or corrupt ({detail})")
+    return Facts(sha, len(data), w, h, fld, stats, None, phash)
 
 
 class NotRead(Exception):

@@ -97,7 +97,7 @@ def test_a_name_that_is_not_utf8_is_skipped_with_a_reason(tmp_path):
     name = os.fsdecode(b"caf\xe9.png")  # as os.walk hands it over: the byte as a lone surrogate
     (tmp_path / name).write_bytes(encode(noise((8, 8)), "PNG"))
     (tmp_path / "ok.png").write_bytes(encode(noise((8, 8)), "PNG"))
-    bad, good = inspect_chunk((str(tmp_path), [name, "ok.png"], PIXELS, 10**6))
+    bad, good = inspect_chunk((str(tmp_path), [name, "ok.png"], PIXELS, 10**6, False))
     assert bad[6] == NOT_UTF8 and good[6] is None
     assert printable(name) == "caf\\xe9.png" and printable("狗.png") == "狗.png"
     printable(name).encode("utf-8")  # what the manifest and summary hold can be written
