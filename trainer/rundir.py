@@ -42,10 +42,12 @@ REPORT = "report.md"
 STATUS = "status.json"
 CURVES = "curves.png"
 CONFUSION = "confusion.png"
+TOP_LOSSES = "top_losses.png"  # the final evaluation's highest-loss wrong predictions
 WEIGHTS = {"best": "best.safetensors", "final": "final.safetensors"}  # by wandb alias and --checkpoint name
 CHECKPOINTS = "checkpoints"
 COMPILE_CACHE = "compile_cache"
-EVAL = "eval"  # evaluate's outputs
+EVAL = "eval"  # evaluate's outputs: <name>.json, <name>.png and these beside them
+EVAL_FIGURES = {"top_losses": "-top-losses.png", "reliability": "-reliability.png"}  # <name> + suffix
 EXPORT = "export"
 HELDOUT = "heldout.npz"  # the best weights' probabilities on each val (held-out) sample: trainer/training/heldout.py
 AUDIT = "audit"  # trainer.audit's outputs
@@ -57,7 +59,7 @@ SUMMARIES = {"eval/top1": "max", "eval/top5": "max", "eval/loss": "min", "train/
 # What train.resume=false sets aside: an earlier run's files (wandb's folder and the compile cache stay).
 EARLIER_RUN = (
     CHECKPOINTS, CONFIG, CLASSES, PREPROCESSING, METRICS, SUMMARY, REPORT, STATUS, CURVES, CONFUSION,
-    *WEIGHTS.values(), EVAL, EXPORT, PREDICTIONS, HELDOUT,
+    TOP_LOSSES, *WEIGHTS.values(), EVAL, EXPORT, PREDICTIONS, HELDOUT,
 )  # fmt: skip
 RUN_FILES = (CONFIG, CLASSES, PREPROCESSING)  # what the after-training commands read besides weights
 LOCK = ".lock"
@@ -141,6 +143,8 @@ class WeightsInfo:
     fingerprint: str | None = None
     preprocessing: Preprocessing | None = None
     evaluation: dict | None = None  # epoch, step, top1, top5, num_samples
+    # Calibration fitted on the val logits of these very weights: probabilities = softmax(logits / T).
+    temperature: float | None = None
 
     def metadata(self) -> dict[str, str]:
         parts = {
@@ -148,6 +152,7 @@ class WeightsInfo:
             "classes": self.classes,
             "fingerprint": self.fingerprint,
             "eval": self.evaluation,
+            "temperature": self.temperature,
         }
         found = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in parts.items() if v}
         if self.preprocessing is not None:
@@ -168,7 +173,16 @@ class WeightsInfo:
             if preprocessing
             else None,
             evaluation=part("eval"),
+            temperature=read_temperature(part("temperature"), where),
         )
+
+
+def read_temperature(value, where: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise RunDirError(f"{where} records a temperature of {value!r}, not a positive number — restore it from a copy")
+    return float(value)
 
 
 def weights_bytes(tensors: dict, info: WeightsInfo) -> bytes:
@@ -408,22 +422,34 @@ class RunDir:
             raise RunDirError(f"{path} is missing or unreadable — is {self.path} a training run directory?") from e
         return Preprocessing.from_json(text, str(path))
 
-    def write_eval(self, name: str, record: dict, draw: Callable[[Path], None]) -> tuple[Path, Path]:
-        """eval/<name>.json and <name>.png (drawn by ``draw``), each written as a .tmp and renamed, the
-        record last: an interrupted evaluation leaves neither a .tmp nor a half file behind."""
+    def write_eval(
+        self,
+        name: str,
+        record: dict,
+        draw: Callable[[Path], None],
+        figures: dict[str, Callable[[Path], None]] | None = None,
+    ) -> tuple[Path, Path]:
+        """eval/<name>.json and <name>.png (drawn by ``draw``), and <name><EVAL_FIGURES[key]> drawn by
+        figures[key], each written as a .tmp and renamed, the record last: an interrupted evaluation
+        leaves neither a .tmp nor a half file behind."""
         out = self.path / EVAL
         out.mkdir(parents=True, exist_ok=True)
         json_path, png_path = out / f"{name}.json", out / f"{name}.png"
         own = f"{os.getpid()}.tmp"  # a second evaluate of the same name writes its own
-        json_tmp, png_tmp = out / f"{name}.json.{own}", out / f"{name}.{own}.png"  # savefig goes by the suffix
+        json_tmp = out / f"{name}.json.{own}"
+        pngs = {png_path: draw} | {out / f"{name}{EVAL_FIGURES[key]}": f for key, f in (figures or {}).items()}
+        tmps = {path: path.with_name(f"{path.stem}.{own}.png") for path in pngs}  # savefig goes by the suffix
         try:
             json_tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-            draw(png_tmp)
-            os.replace(png_tmp, png_path)
+            for path, drawing in pngs.items():
+                drawing(tmps[path])
+            for path, tmp in tmps.items():
+                os.replace(tmp, path)
             os.replace(json_tmp, json_path)
         finally:
             json_tmp.unlink(missing_ok=True)
-            png_tmp.unlink(missing_ok=True)
+            for tmp in tmps.values():
+                tmp.unlink(missing_ok=True)
         return json_path, png_path
 
     def evals(self) -> dict[str, dict]:

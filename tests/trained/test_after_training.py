@@ -29,7 +29,7 @@ from tests.conftest import REPO, cpu_env, run_training, wait_for
 from toolbox import failpoints
 from toolbox.errors import UserError
 from toolbox.testing import accelerate_launch
-from trainer.rundir import RunDir, WeightsInfo, weights_bytes
+from trainer.rundir import RunDir, WeightsInfo, read_weights_file, weights_bytes
 from trainer.trained import export
 from trainer.trained.images import read_image
 from trainer.trained.load import load_trained
@@ -171,6 +171,8 @@ def outputs(run_dir, folders) -> dict[str, subprocess.CompletedProcess]:
                 "--letterbox",
             ),
             "export": cli("export", run_dir),
+            "predict_best": cli("predict", run_dir, folders["classes"], "--out", out / "best.csv"),
+            "predict_raw": cli("predict", run_dir, folders["classes"], "--out", out / "raw.csv", "--no-calibration"),
             # Two predicts without --out finishing together: each keeps its own CSV.
             **{f"predict_default_{n}": cli("predict", run_dir, folders["extra"], "--workers", "0") for n in (1, 2)},
         }
@@ -246,10 +248,16 @@ def test_evaluate_two_processes_equal_one(outputs, run_dir, split_shards):
     assert (
         one["num_samples"] == Manifest.load(split_shards).splits["val"].num_samples == sum(map(sum, one["confusion"]))
     )
-    for key in ["top1", "top5", "per_class", "macro", "confusion", "num_samples"]:
+    for key in ["top1", "top5", "per_class", "macro", "confusion", "num_samples", "temperature"]:
         assert one[key] == two[key], key
-    assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)
-    assert (run_dir / "eval" / "one.png").stat().st_size > 0
+    # The same rows in the split's order; a sample's logits may differ in the last bits with its batch.
+    for key in ("loss", "ece", "ece_calibrated"):
+        assert one[key] == pytest.approx(two[key], rel=1e-6), key
+    for name in ("one.png", "one-top-losses.png", "one-reliability.png", "two-top-losses.png"):
+        assert (run_dir / "eval" / name).stat().st_size > 0, name
+    assert f"ECE {one['ece']:.4f} -> {one['ece_calibrated']:.4f}" in outputs["eval1"].stdout
+    _, info = read_weights_file(run_dir / "best.safetensors")
+    assert one["temperature"] == info.temperature  # the run's, fitted in training: evaluate fits none
     assert outputs["eval2"].stdout.count("macro") == 1  # the table comes from the main process only
     assert "threads 1 (OMP_NUM_THREADS)" in outputs["eval1"].stdout.splitlines()  # the tests' environment sets it
     assert outputs["eval2"].stdout.count("threads 1 (OMP_NUM_THREADS)") == 1
@@ -362,6 +370,25 @@ def test_export_onnx_dynamic_batch_parity(outputs, run_dir, folders):
     props = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
     assert props["classes"] == [str(d) for d in range(10)]
     assert props["preprocessing"]["image_size"] == 8 and len(props["preprocessing"]["mean"]) == 3
+
+
+def test_predict_probabilities_are_the_onnx_logits_scaled_by_the_recorded_temperature(outputs, run_dir, folders):
+    import onnxruntime
+
+    ok(outputs["export"]), ok(outputs["predict_best"]), ok(outputs["predict_raw"])
+    temperature = json.loads((run_dir / "export" / "model.json").read_text())["temperature"]
+    assert temperature == load_trained(run_dir).temperature and temperature != 1
+    assert "probabilities: softmax(logits / " in outputs["predict_best"].stdout
+    session = onnxruntime.InferenceSession(str(run_dir / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    preset = load_trained(run_dir).preset()
+    for csv_name, scale in (("best.csv", temperature), ("raw.csv", 1.0)):
+        _, rows = read_csv(folders["root"] / csv_name)
+        images = np.stack([preset(read_image(Path(row["path"]))).numpy() for row in rows])
+        logits = session.run(["logits"], {"image": images})[0] / scale
+        probs = torch.from_numpy(logits).softmax(1).numpy()
+        predicted = [float(row["probability"]) for row in rows]
+        np.testing.assert_allclose(probs.max(1), predicted, atol=2e-6)
+        assert [str(c) for c in probs.argmax(1)] == [row["class"] for row in rows]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -4,9 +4,11 @@
                                [--data SHARDS_OR_IMAGE_FOLDER] [--name NAME] [--tta none|flip]
     accelerate launch [--multi_gpu --num_processes N] -m trainer.evaluate RUN_DIR ...
 
-Writes RUN_DIR/eval/<name>.json (the fields of metrics.jsonl's eval records) and <name>.png (the
-confusion matrix; <name> is e.g. best-test), prints the per-class table, and lists the result in
-report.md's evaluations once training has written the report. Under `accelerate launch` rank r evaluates
+Writes RUN_DIR/eval/<name>.json (the fields of metrics.jsonl's eval records, and the expected
+calibration error before and after the weights' temperature), <name>.png (the confusion matrix;
+<name> is e.g. best-test), <name>-top-losses.png (the highest-loss wrong predictions) and
+<name>-reliability.png (the reliability diagram), prints the per-class table and the calibration,
+and lists the result in report.md's evaluations once training has written the report. Under `accelerate launch` rank r evaluates
 samples r, r + N, ... and the sums are all-reduced, so N processes give exactly one's numbers.
 """
 
@@ -28,9 +30,10 @@ from toolbox import failpoints
 from toolbox.cli import Console, add_debug_flag, run_command
 from toolbox.errors import UserError
 from toolbox.redact import redact
-from trainer.rundir import REPORT, RunDir
+from trainer.rundir import EVAL_FIGURES, REPORT, RunDir
 from trainer.trained.images import LabelledImages, labelled_images
 from trainer.trained.load import Trained, load_trained
+from trainer.training.calibration import BINS, calibration, reliability
 from trainer.training.config import TrainConfig
 from trainer.training.data import (
     EvalOrder,
@@ -41,10 +44,10 @@ from trainer.training.data import (
     open_shards,
     split_reader,
 )
-from trainer.training.evaluation import evaluate
-from trainer.training.metrics import TTA, format_table, summarize
+from trainer.training.evaluation import SplitLogits, evaluate, shown_rows
+from trainer.training.metrics import TTA, TopLosses, format_table, summarize
 from trainer.training.runtime import THREADS_HELP, Launch, close_process_group, make_accelerator, use_threads
-from trainer.training.tracking.plots import plot_confusion
+from trainer.training.tracking.plots import plot_confusion, plot_reliability, plot_top_losses
 from trainer.training.tracking.report import refresh_report
 
 
@@ -99,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
     )
     model = trained.model.to(accelerator.device)
     tta = args.tta or config.train.eval_tta
-    sums, _ = evaluate(model, loader, len(trained.classes), accelerator, tta=tta)
+    logits, worst = SplitLogits(), TopLosses()
+    sums, _ = evaluate(model, loader, len(trained.classes), accelerator, tta=tta, logits_out=logits, worst=worst)
+    p = trained.preprocessing
+    worst_rows = shown_rows(worst, trained.classes, p.mean, p.std, accelerator)
+    gathered = logits.gathered(accelerator)
     if accelerator.is_main_process:
         record = {
             "kind": "eval",
@@ -108,17 +115,51 @@ def run(args: argparse.Namespace) -> int:
             "image_size": trained.preprocessing.image_size,
             "tta": tta,
             **summarize(sums, trained.classes),
+            **calibrated(*gathered, trained.temperature),
         }
         name = args.name or f"{trained.name}-{data_name}"
         run = RunDir(args.run_dir)
-        json_path, png_path = run.write_eval(name, record, confusion_plot(record, trained.classes))
+        figures = {
+            "top_losses": lambda path: plot_top_losses(worst_rows, path, f"{name}: highest-loss wrong predictions"),
+            "reliability": lambda path: plot_reliability(reliabilities(*gathered, trained.temperature), path, name),
+        }
+        json_path, png_path = run.write_eval(name, record, confusion_plot(record, trained.classes), figures)
         print(format_table(record))
-        print(f"wrote {json_path} and {png_path}")
+        print(calibration_line(record, trained))
+        shown = ", ".join(str(json_path.with_name(f"{name}{suffix}")) for suffix in EVAL_FIGURES.values())
+        print(f"wrote {json_path}, {png_path}, {shown}")
         if refresh_report(run, config, trained.classes):
             print(f"listed in {run.file(REPORT)}")
     accelerator.wait_for_everyone()
     close_process_group()
     return 0
+
+
+def calibrated(logits: torch.Tensor, labels: torch.Tensor, temperature: float | None) -> dict:
+    """The record's ece, and with the weights' temperature (training fitted it on val) temperature
+    and ece_calibrated: this data's calibration before and after it."""
+    if temperature is None:
+        return {"ece": reliability(logits, labels).ece} if len(labels) else {}
+    return calibration(logits, labels, temperature)
+
+
+def reliabilities(logits: torch.Tensor, labels: torch.Tensor, temperature: float | None) -> dict:
+    """The reliability diagram's panels: the plain softmax, and softmax(logits / T) when there is a T."""
+    found = {"softmax": reliability(logits, labels)}
+    if temperature is not None:
+        found[f"softmax(logits / {temperature:.3f})"] = reliability(logits / temperature, labels)
+    return found
+
+
+def calibration_line(record: dict, trained: Trained) -> str:
+    if "ece" not in record:
+        return "calibration: no samples"
+    line = f"calibration ({BINS} bins): ECE {record['ece']:.4f}"
+    if "temperature" not in record:
+        return f"{line}; {trained.weights.name} records no temperature, so predict and export use the plain softmax"
+    return (
+        f"{line} -> {record['ece_calibrated']:.4f} with the temperature {record['temperature']:.3f} fitted in training"
+    )
 
 
 def full_precision(trained_with: TrainConfig) -> Launch:

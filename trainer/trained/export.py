@@ -4,7 +4,9 @@
                              [--data SHARDS_OR_IMAGE_FOLDER] [--letterbox] [--tolerance 1e-3] [--no-wandb]
 
 Writes RUN_DIR/export/model.onnx (batch dimension dynamic), model.torchscript.pt and model.json:
-classes, mean/std, input size, the resize/crop (or letterbox) steps, and the parity results.
+classes, mean/std, input size, the resize/crop (or letterbox) steps, the temperature, and the
+parity results. The models output logits; calibrated probabilities are softmax(logits / temperature),
+as `trainer.predict` gives them (temperature 1 for weights that record none, or with --no-calibration).
 The same metadata is inside each model file (ONNX metadata_props; TorchScript extra file
 model.json). Parity: real validation images through the exported model and through PyTorch;
 the largest absolute logit difference is reported, and above --tolerance the export fails and
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--letterbox", action="store_true", help="record letterbox (pad to square) preprocessing")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed absolute logit difference")
     parser.add_argument("--no-wandb", action="store_true", help="do not attach the files to the run's wandb run")
+    parser.add_argument(
+        "--no-calibration", action="store_true", help="record temperature 1: plain softmax probabilities"
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     return run_command(lambda: run(args), args.debug, cleanup=close_loaders)
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         expected = trained.model(inputs).numpy()
     out_dir = args.out_dir or args.run_dir / EXPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = describe(trained, inputs, args.letterbox)
+    metadata = describe(trained, inputs, args.letterbox, args.no_calibration)
     checked, parity = {}, {}
     try:
         for fmt in dict.fromkeys(args.format):
@@ -115,11 +120,18 @@ def parity_inputs(trained: Trained, data: Path | None, split: str, samples: int,
     return torch.stack([dataset[(i, 0, None)][0] for i in range(count)])
 
 
-def describe(trained: Trained, inputs: torch.Tensor, letterbox: bool) -> dict:
+def describe(trained: Trained, inputs: torch.Tensor, letterbox: bool, no_calibration: bool = False) -> dict:
+    temperature = 1.0 if no_calibration or trained.temperature is None else trained.temperature
     return {
         "classes": trained.classes,
         "input": {"name": "image", "shape": ["batch", *inputs.shape[1:]], "dtype": "float32"},
-        "output": {"name": "logits", "shape": ["batch", len(trained.classes)], "note": "softmax gives probabilities"},
+        "output": {
+            "name": "logits",
+            "shape": ["batch", len(trained.classes)],
+            "note": "probabilities = softmax(logits / temperature)",
+        },
+        # Fitted on the val split for these weights (1: none fitted, or --no-calibration).
+        "temperature": temperature,
         "preprocessing": trained.preprocessing.deployment(letterbox),
         "fingerprint": trained.model.fingerprint(),
         "weights": str(trained.weights),

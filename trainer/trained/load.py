@@ -35,6 +35,7 @@ class Trained:
     weights: Path  # the file the weights came from
     name: str  # best | final | last | the file's stem: names the outputs
     preprocessing: Preprocessing
+    temperature: float | None = None  # fitted on val for these weights; None: the file records none
 
     def preset(self, letterbox: bool = False) -> EvalPreset:
         p = self.preprocessing
@@ -63,7 +64,7 @@ def load_trained(run_dir: str | Path, which: str = "best") -> Trained:
             f"{path} does not fit the model of {run.path} ({first_line(e)}) — pass weights of this run"
         ) from e
     preprocessing = info.preprocessing or run.preprocessing()
-    return Trained(model.eval(), config, classes, path, name, preprocessing)
+    return Trained(model.eval(), config, classes, path, name, preprocessing, info.temperature)
 
 
 def read_run(run: RunDir) -> tuple[Config, list[str]]:

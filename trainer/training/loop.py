@@ -23,14 +23,15 @@ from toolbox.progress import duration, lines_wanted
 from trainer.rundir import CHECKPOINTS, Preprocessing, RunDir, best_eval, mean_throughput
 from trainer.training import checkpoint
 from trainer.training.build import build_model
+from trainer.training.calibration import calibration
 from trainer.training.config import Config, eval_size, to_dict, to_yaml, train_size, train_sizes
 from trainer.training.data import Loaders, build_loaders, loader_workers, open_shards
 from trainer.training.early_stop import EarlyStop
-from trainer.training.evaluation import evaluate
+from trainer.training.evaluation import SplitLogits, evaluate, shown_rows
 from trainer.training.folds import check_same_folds
 from trainer.training.heldout import write_heldout
 from trainer.training.meters import STARTUP, EpochLines, TrainWindow, images_per_second
-from trainer.training.metrics import ShownSamples, summarize
+from trainer.training.metrics import TopLosses, summarize
 from trainer.training.nonfinite import assert_finite, update_ema
 from trainer.training.optim import describe_lr
 from trainer.training.randomness import mix_seed, rng_state
@@ -39,7 +40,6 @@ from trainer.training.runtime import (
     agree,
     any_rank,
     average_buffers,
-    gather_to_main,
     said_once,
     share_from_main,
 )
@@ -459,9 +459,13 @@ def evaluate_and_log(state: TrainState, loader, job: Job, trained: TrainWindow) 
     assert_finite(net.state_dict(), "weights", progress.step)  # on every rank alike, before any is written
     average_buffers(net, accelerator)
     rows = config.wandb.sample_predictions if config.wandb.mode != "disabled" else 0
-    sums, shown = evaluate(net, loader, len(job.classes), accelerator, rows, config.train.eval_tta)
+    logits, worst = SplitLogits(), TopLosses()
+    sums, shown = evaluate(
+        net, loader, len(job.classes), accelerator, rows, config.train.eval_tta, logits_out=logits, worst=worst
+    )
     record = {"kind": "eval", "epoch": progress.epoch, "step": progress.step, **summarize(sums, job.classes)}
     record["image_size"], record["tta"] = eval_size(config.data), config.train.eval_tta
+    record.update(calibrate(logits, accelerator))  # the temperature goes with these weights
     if config.train.ema:
         record["weights"] = "ema"
     improved = progress.record_eval(record)
@@ -472,7 +476,10 @@ def evaluate_and_log(state: TrainState, loader, job: Job, trained: TrainWindow) 
             progress.plateau, share_from_main(record[job.early_stop.metric], accelerator), progress.epoch
         )
     tracker.log(record)
-    tracker.log_predictions(prediction_rows(shown, job.classes, loader.dataset.transform, accelerator), progress.step)
+    norm = (tracker.preprocessing.mean, tracker.preprocessing.std)
+    tracker.log_predictions(shown_rows(shown, job.classes, *norm, accelerator), progress.step)
+    if not training_left(config, progress):  # the final evaluation: report.md shows its worst predictions
+        tracker.top_losses(shown_rows(worst, job.classes, *norm, accelerator))
     if improved:
         tracker.save_weights("best", net, record)
         if training_left(config, progress):  # the last evaluation's best goes with the final weights
@@ -493,21 +500,11 @@ def epoch_head(job: Job, state: TrainState, trained: TrainWindow) -> str:
     )
 
 
-def prediction_rows(shown: ShownSamples, classes, transform, accelerator: Accelerator) -> list[tuple]:
-    """Every rank's shown samples, ranked together on the main process (the others get []):
-    (picture, true class, predicted class, probability), the most confidently wrong first."""
-    if shown.limit == 0:
-        return []
-    rows = []
-    if shown.keys is not None:
-        mean = torch.tensor(transform.transform.transforms[-1].mean)[:, None, None]
-        std = torch.tensor(transform.transform.transforms[-1].std)[:, None, None]
-        pictures = ((shown.images.cpu() * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
-        for key, picture, p, label in zip(shown.keys.tolist(), pictures, shown.probs.cpu(), shown.labels.tolist()):
-            rows.append((key, picture, classes[label], classes[int(p.argmax())], float(p.max())))
-    rows = gather_to_main(rows, accelerator)  # a few small pictures per rank
-    rows.sort(key=lambda row: -row[0])
-    return [row[1:] for row in rows[: shown.limit]]
+def calibrate(logits: SplitLogits, accelerator: Accelerator) -> dict:
+    """The eval record's calibration fields (trainer/training/calibration.py), temperature fitted on
+    the whole split's logits on the main process and shared: every rank records the same."""
+    found = logits.gathered(accelerator)
+    return share_from_main(calibration(*found) if found is not None else None, accelerator)
 
 
 def save_checkpoint(state: TrainState, job: Job) -> None:

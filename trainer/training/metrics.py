@@ -126,6 +126,30 @@ class ShownSamples:
         return torch.where(predicted != labels, 1 + confidence, 1 - confidence)
 
 
+class TopLosses(ShownSamples):
+    """The `limit` wrong predictions with the highest loss (the least probability for the true class),
+    highest first: the images a user should look at first (mislabelled, ambiguous, or hard)."""
+
+    SHOWN = 24  # three rows of a contact sheet: top_losses.png and evaluate's <name>-top-losses.png
+
+    def __init__(self, limit: int = SHOWN):
+        super().__init__(limit)
+
+    def add(self, images: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        wrong = probs.argmax(dim=1) != labels
+        super().add(images[wrong], probs[wrong], labels[wrong])
+
+    @staticmethod
+    def rank(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return -probs.gather(1, labels[:, None]).squeeze(1).log()
+
+
+def pictures(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Normalised NCHW images back to what a person sees: NHWC uint8 on the CPU."""
+    mean_, std_ = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    return ((images.cpu().float() * std_ + mean_).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1)
+
+
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     # A class never predicted (or absent) scores 0, as scikit-learn's zero_division=0 does.
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))

@@ -44,6 +44,8 @@ class Progress:
     def record_eval(self, record: dict) -> bool:
         """Keeps the evaluation's headline; True when it is the best top-1 so far (the first of equals)."""
         self.last_eval = {k: record[k] for k in ("epoch", "step", "top1", "top5", "loss", "num_samples")}
+        if "temperature" in record:  # the final weights' calibration, through a resume too
+            self.last_eval["temperature"] = record["temperature"]
         improved = record["top1"] > self.best_top1
         if improved:
             self.best_top1, self.best_epoch = record["top1"], record["epoch"]

@@ -105,3 +105,39 @@ def plot_lr_finder(lrs: list[float], losses: list[float], smoothed: list[float],
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=80)
+
+
+def plot_top_losses(rows: Sequence[tuple], out: Path, title: str) -> None:
+    """rows: (picture, true class, predicted class, its probability), as a contact sheet captioned
+    "true -> predicted" and the probability; an empty sheet says there was nothing wrong."""
+    if not rows:
+        title += ": none, every prediction was right"
+    captions = [
+        f"{_short(true)} -> {_short(predicted)}\np {probability:.3f}" for _, true, predicted, probability in rows
+    ]
+    contact_sheet([row[0] for row in rows], captions, out, title)
+
+
+def _short(name: str, width: int = 12) -> str:
+    """A class name that fits under a thumbnail."""
+    name = name.replace("\n", " ")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def plot_reliability(curves: dict, out: Path, title: str) -> None:
+    """Reliability diagrams side by side (label -> trainer.training.calibration.Reliability): each
+    bin's accuracy against its mean confidence, the diagonal being perfect calibration."""
+    fig = Figure(figsize=(4.5 * len(curves), 4.5))
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (label, found) in zip(axes, curves.items()):
+        bins = len(found.counts)
+        edges = [i / bins for i in range(bins)]
+        ax.bar(edges, found.accuracy, width=1 / bins, align="edge", edgecolor="black", label="accuracy")
+        gaps = [c - a if n else 0 for c, a, n in zip(found.confidence, found.accuracy, found.counts)]
+        ax.bar(edges, gaps, bottom=found.accuracy, width=1 / bins, align="edge", color="red", alpha=0.3, label="gap")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{label}: ECE {found.ece:.4f}")
+        ax.legend(loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)

@@ -7,7 +7,7 @@ training writes it at its end and `trainer.evaluate` writes it again to list a n
 from __future__ import annotations
 
 from toolbox.redact import redact
-from trainer.rundir import CONFUSION, CURVES, EVAL, REPORT, SUMMARY, RunDir
+from trainer.rundir import CONFUSION, CURVES, EVAL, REPORT, SUMMARY, TOP_LOSSES, RunDir, best_eval
 from trainer.training.config import Config
 from trainer.training.metrics import one_line, table_rows
 
@@ -43,6 +43,7 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
     if summary.get("startup_s"):
         starts = ", ".join(f"{s:.0f} s" for s in summary["startup_s"])
         lines.append(f"- time to first step (start-up and compilation), per process start: {starts}")
+    lines += calibration_lines(evals)
     if evals:
         last = evals[-1]
         lines += [
@@ -58,6 +59,9 @@ def write_report(run: RunDir, config: Config, classes: list[str], summary: dict)
             lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in scores) + f" | {support} |")
     lines += evaluations(run.evals())
     lines += ["", "## Plots", "", f"![curves]({CURVES})", "", f"![confusion matrix]({CONFUSION})", ""]
+    if run.file(TOP_LOSSES).is_file():
+        lines += ["The final evaluation's highest-loss wrong predictions (true -> predicted, probability):", ""]
+        lines += [f"![top losses]({TOP_LOSSES})", ""]
     run.replace_text(REPORT, "\n".join(lines))
 
 
@@ -67,6 +71,18 @@ def _fold_line(summary: dict) -> str:
         f"samples, validated on the {summary['num_val_samples']} held out (the val split is not used); "
         "their predictions: heldout.npz"
     )
+
+
+def calibration_lines(evals: list[dict]) -> list[str]:
+    """The temperatures fitted for best.safetensors and final.safetensors, and what they did to the ECE."""
+    lines = []
+    for weights, record in (("best", best_eval(evals)), ("final", evals[-1] if evals else {})):
+        if "temperature" in record:
+            lines.append(
+                f"- calibration of {weights}.safetensors: temperature {record['temperature']:.3f} (fitted on val, "
+                f"epoch {record['epoch']}), ECE {record['ece']:.4f} -> {record['ece_calibrated']:.4f}"
+            )
+    return lines
 
 
 def refresh_report(run: RunDir, config: Config, classes: list[str]) -> bool:

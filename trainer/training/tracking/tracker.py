@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from toolbox.cli import Console, progress_bar
-from trainer.rundir import CONFUSION, CURVES, SUMMARY, Preprocessing, RunDir, WeightsInfo, best_eval
+from trainer.rundir import CONFUSION, CURVES, SUMMARY, TOP_LOSSES, Preprocessing, RunDir, WeightsInfo, best_eval
 from trainer.training.config import Config, to_dict
-from trainer.training.tracking.plots import plot_confusion, plot_curves
+from trainer.training.tracking.plots import plot_confusion, plot_curves, plot_top_losses
 from trainer.training.tracking.report import write_report
 from trainer.training.tracking.wandb_run import WandbRun
 
@@ -84,8 +84,14 @@ class Tracker:
             evaluation={k: evaluation[k] for k in ("epoch", "step", "top1", "top5", "num_samples")}
             if evaluation
             else None,
+            temperature=evaluation.get("temperature") if evaluation else None,
         )
         self.run.write_weights(alias, tensors, info)
+
+    def top_losses(self, rows: list[tuple]) -> None:
+        """top_losses.png: rows as log_predictions takes them, the highest loss first."""
+        if self.enabled:
+            plot_top_losses(rows, self.run.file(TOP_LOSSES), "highest-loss wrong predictions (final evaluation)")
 
     def summarize(self, summary: dict) -> None:
         if not self.enabled:
