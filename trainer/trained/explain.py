@@ -32,6 +32,7 @@ from trainer.rundir import Preprocessing
 DISPLAY = 224  # px: smaller inputs (32 px, 8 px) are upscaled so that the heatmap can be seen
 IMAGE_OPACITY = 0.5  # of the image under the heatmap
 UNSAFE = re.compile(r"[^\w.-]+")  # \w is any script's letters and digits: class names stay readable
+PNG_LEVEL = 1  # zlib level: PIL's default 6 made writing the PNGs 4x slower, for files only 13% smaller
 NAME_PART = 60  # characters of an image stem or class name in a file name
 
 
@@ -78,7 +79,7 @@ class Overlays:
             label, probability = self.classes[predicted[n]], probabilities[n]
             picture = overlay(images[n].cpu() * self.std + self.mean, maps[n], f"{label}  {probability:.3f}", self.font)
             names[i] = file_name(i, len(files), files[i], label)
-            picture.save(self.folder / names[i])
+            picture.save(self.folder / names[i], compress_level=PNG_LEVEL)
         return names
 
     def keep(self, csv: Path) -> Path:
