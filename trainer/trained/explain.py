@@ -71,13 +71,15 @@ class Overlays:
         only_the_head_records(model)
 
     def __call__(self, images: torch.Tensor, indices: list[int], files: list[Path], top: torch.return_types.topk):
-        """-> {file index: overlay file name} for the batch's images (predict's rows, its top-k)."""
+        """-> {file index: overlay file name} for the batch's images (predict's rows, its top-k).
+        With --tta flip the class is the averaged prediction's; the map is of the image as given."""
         predicted, probabilities = top.indices[:, 0].tolist(), top.values[:, 0].tolist()
         maps = heatmaps(self.model, images, predicted).cpu()
+        seen = images.cpu() * self.std + self.mean  # what the model saw, its normalisation undone
         names = {}
         for n, i in enumerate(indices):
             label, probability = self.classes[predicted[n]], probabilities[n]
-            picture = overlay(images[n].cpu() * self.std + self.mean, maps[n], f"{label}  {probability:.3f}", self.font)
+            picture = overlay(seen[n], maps[n], f"{label}  {probability:.3f}", self.font)
             names[i] = file_name(i, len(files), files[i], label)
             picture.save(self.folder / names[i], compress_level=PNG_LEVEL)
         return names
