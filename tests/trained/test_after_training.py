@@ -170,6 +170,20 @@ def outputs(run_dir, folders) -> dict[str, subprocess.CompletedProcess]:
                 "3",
                 "--letterbox",
             ),
+            "predict_explain": cli(
+                "predict",
+                run_dir,
+                folders["bad"],
+                folders["classes"],
+                folders["extra"],
+                "--checkpoint",
+                "final",
+                "--out",
+                out / "seen.csv",
+                "--explain",
+                "--batch-size",
+                "8",
+            ),
             "export": cli("export", run_dir),
             "predict_best": cli("predict", run_dir, folders["classes"], "--out", out / "best.csv"),
             "predict_raw": cli("predict", run_dir, folders["classes"], "--out", out / "raw.csv", "--no-calibration"),
@@ -336,6 +350,47 @@ def test_predict_csv_columns_error_row_and_letterbox(outputs, folders):
     assert all(plain_by_path[p]["probability"] == boxed_by_path[p]["probability"] for p in square)
     wide = str(folders["extra"] / "wide.png")
     assert plain_by_path[wide]["probability"] != boxed_by_path[wide]["probability"]
+
+
+def test_predict_explain_writes_one_overlay_per_readable_image_and_the_csv_names_it(outputs, folders):
+    result = ok(outputs["predict_explain"])
+    root = folders["root"]
+    assert f"31 images predicted, 1 unreadable; wrote {root / 'seen.csv'}; overlays in {root / 'seen-explain'}" in (
+        result.stdout
+    )
+    header, rows = read_csv(root / "seen.csv")
+    _, plain = read_csv(root / "pred.csv")
+    assert header[-2:] == ["error", "explain"]
+    bad = [row for row in rows if row["error"]]
+    assert [(row["path"], row["explain"]) for row in bad] == [(str(folders["bad"]), "")]
+    good = [row for row in rows if not row["error"]]
+    assert sorted(p.name for p in (root / "seen-explain").iterdir()) == sorted(row["explain"] for row in good)
+    by_path = {row["path"]: row for row in plain}
+    for row in good:  # the same predictions as without --explain, and a file named after each
+        assert (row["class"], row["probability"]) == (
+            by_path[row["path"]]["class"],
+            by_path[row["path"]]["probability"],
+        )
+        assert row["explain"].endswith(f"-{Path(row['path']).stem}-{row['class']}.png")
+        with Image.open(root / "seen-explain" / row["explain"]) as overlay:
+            assert overlay.format == "PNG" and overlay.size == (448, 252)
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no hidden folder left
+
+
+def test_predict_explain_without_out_names_the_folder_after_its_csv(run_dir, folders, tmp_path, capsys):
+    from trainer.trained import predict
+
+    for name in ("config.yaml", "classes.json", "final.safetensors"):
+        shutil.copy(run_dir / name, tmp_path / name)
+    args = [str(tmp_path), str(folders["extra"]), "--checkpoint", "final", "--workers", "0", "--explain"]
+    assert predict.main(args) == 0 and predict.main(args) == 0
+    for csv_name, folder in (
+        ("predictions.csv", "predictions-explain"),
+        ("predictions-2.csv", "predictions-2-explain"),
+    ):
+        _, rows = read_csv(tmp_path / csv_name)
+        assert [p.name for p in (tmp_path / folder).iterdir()] == [rows[0]["explain"]]
+    assert "overlays in" in capsys.readouterr().out
 
 
 def test_predict_without_out_never_replaces_an_earlier_csv(outputs, run_dir, folders):
@@ -599,6 +654,18 @@ def test_ctrl_c_or_sigterm_in_predict_is_one_line_and_keeps_the_old_csv(run_dir,
     assert_interrupted(interrupt(cli("predict", *args), tmp_path / "paused", sig), sig)
     assert out.read_text() == "the old predictions\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["paused", "pred.csv"]
+
+
+def test_ctrl_c_in_predict_explain_keeps_the_old_csv_and_overlays(run_dir, folders, tmp_path):
+    out = tmp_path / "pred.csv"
+    out.write_text("the old predictions\n")
+    (tmp_path / "pred-explain").mkdir()
+    (tmp_path / "pred-explain" / "old.png").write_text("an old overlay")
+    args = [run_dir, folders["classes"], "--out", out, "--batch-size", "4", "--workers", "1", "--checkpoint", "final"]
+    assert_interrupted(interrupt(cli("predict", *args, "--explain"), tmp_path / "paused"))
+    assert out.read_text() == "the old predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paused", "pred-explain", "pred.csv"]
+    assert [p.name for p in (tmp_path / "pred-explain").iterdir()] == ["old.png"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -1,7 +1,7 @@
 """Predict the classes of image files and folders with a trained run; one CSV row per image.
 
     python -m trainer.predict RUN_DIR IMAGES_OR_FOLDERS... [--out preds.csv] [--topk K] [--letterbox]
-                              [--checkpoint best|last|final|PATH]
+                              [--checkpoint best|last|final|PATH] [--explain]
 
 Without --out the CSV goes to RUN_DIR/predictions.csv, or if that is taken predictions-2.csv, -3, ...:
 an earlier one is never replaced. A given --out is replaced when the new CSV is complete.
@@ -15,11 +15,14 @@ Images are resized and centre-cropped as in validation, or with --letterbox padd
 first so that nothing is cropped away. Needs only the run's config, classes and weights.
 Probabilities are softmax(logits / T), T the temperature training fitted on val for these weights
 (calibrated: 0.9 means right about 9 times in 10); --no-calibration gives the plain softmax.
+--explain adds a Grad-CAM heatmap of the predicted class per image in <csv stem>-explain/ beside
+the CSV, named in its last column, explain (trainer.trained.explain).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from toolbox.errors import DataError, UserError
 from toolbox.progress import CountLines, lines_wanted
 from toolbox.sizes import parse_size
 from trainer.rundir import RunDir
+from trainer.trained.explain import Overlays, writing_overlays
 from trainer.trained.images import image_files, read_image
 from trainer.trained.load import Trained, load_trained
 from trainer.training.data import close_loaders, worker_signals
@@ -72,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="plain softmax probabilities, without the temperature fitted in training",
     )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write a heatmap of where the model looked (Grad-CAM of the predicted class) per image into "
+        "<csv stem>-explain/ beside the CSV; its explain column names each file",
+    )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     return run_command(lambda: run(args), args.debug, cleanup=close_loaders)
@@ -100,13 +110,15 @@ def run(args: argparse.Namespace) -> int:
     ranks = [f"top{i}_{field}" for i in range(2, k + 1) for field in ("class", "probability")]
     temperature = 1.0 if args.no_calibration or trained.temperature is None else trained.temperature
     print(probabilities_line(trained, args.no_calibration))
-    predicted = rows(trained, loader, files, k, device, args.tta, temperature)
-    header = ["path", "class", "probability", *ranks, "error"]
-    if args.out:
-        failed, out = write_csv(args.out, header, predicted), args.out
-    else:
-        failed, out = write_new(args.run_dir, header, predicted)
-    print(f"{len(files) - failed} images predicted, {failed} unreadable; wrote {out}")
+    header = ["path", "class", "probability", *ranks, "error"] + (["explain"] if args.explain else [])
+    with explaining(args, trained, device) as explain:
+        predicted = rows(trained, loader, files, k, device, args.tta, temperature, explain)
+        if args.out:
+            failed, out = write_csv(args.out, header, predicted), args.out
+        else:
+            failed, out = write_new(args.run_dir, header, predicted)
+        overlays = f"; overlays in {explain.keep(out)}" if explain else ""
+    print(f"{len(files) - failed} images predicted, {failed} unreadable; wrote {out}{overlays}")
     return 0
 
 
@@ -118,6 +130,14 @@ def probabilities_line(trained: Trained, no_calibration: bool) -> str:
     return f"probabilities: softmax(logits / {trained.temperature:.4f}), calibrated on val in training"
 
 
+def explaining(args: argparse.Namespace, trained: Trained, device: torch.device):
+    """--explain's overlays, written beside where the CSV goes (a context: None without --explain)."""
+    if not args.explain:
+        return contextlib.nullcontext()
+    beside = args.out.parent if args.out else args.run_dir
+    return writing_overlays(trained.model.to(device), trained.classes, trained.preprocessing, beside)
+
+
 def rows(
     trained: Trained,
     loader: DataLoader,
@@ -126,8 +146,10 @@ def rows(
     device: torch.device,
     tta: str = "none",
     temperature: float = 1.0,
+    explain: Overlays | None = None,
 ):
-    """Each batch's rows, in file order (errors in place), with how many of them are errors."""
+    """Each batch's rows, in file order (errors in place), with how many of them are errors; with
+    `explain`, each row ends with its overlay's file name (empty for an error row)."""
     model = trained.model.to(device)
     lines = CountLines("predict", len(files), Console().say, lines_wanted())
     done = 0
@@ -137,11 +159,15 @@ def rows(
             done += len(indices) + len(errors)
             batch = {i: [shown(files[i])] + [""] * (2 * k) + [error] for i, error in errors}
             if len(images):
-                logits = predict_logits(model, images.to(device, non_blocking=True), tta) / temperature
-                top = logits.softmax(1).topk(k, dim=1)
+                images = images.to(device, non_blocking=True)
+                top = (predict_logits(model, images, tta) / temperature).softmax(1).topk(k, dim=1)
                 for i, p, c in zip(indices, top.values.tolist(), top.indices.tolist()):
                     labels = [v for j in range(k) for v in (trained.classes[c[j]], f"{p[j]:.6f}")]
                     batch[i] = [shown(files[i]), *labels, ""]
+            if explain:
+                named = explain(images, indices, files, top) if len(images) else {}
+                for i, row in batch.items():
+                    row.append(named.get(i, ""))
             yield [batch[i] for i in sorted(batch)], len(errors)
 
 
