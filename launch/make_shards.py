@@ -281,21 +281,7 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
 
     labels = np.asarray(listing.labels, np.int64)
     given = np.asarray(listing.given_split, np.int64)
-    # A class is one the model can learn: it needs a training image, wherever else it has some.
-    counts = np.bincount(labels[usable & (given <= TRAIN)], minlength=len(listing.classes))
-    empty = [c for c, n in zip(listing.classes, counts) if n == 0]
-    if empty and not args.skip_empty_classes:
-        where = "training folder has" if listing.layout == "presplit" else "folder has"
-        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
-        names = ", ".join(f"'{printable(c)}'" for c in empty[:5]) + more
-        raise UserError(
-            f"class {names}: {where} no valid image — add images, remove the folder, or pass --skip-empty-classes"
-        )
-    if len(empty) == len(listing.classes):
-        raise UserError(f"SRC {src} has no valid image — check the files (see why with a few of them in a test folder)")
-    new_label = np.cumsum(counts > 0) - 1
-    new_label[counts == 0] = -1
-    label = new_label[labels] if len(labels) else labels
+    counts, label = _learnable_classes(src, listing, labels, usable & (given <= TRAIN), args)
     for i in np.flatnonzero(usable & (label < 0)).tolist():
         reasons[i] = "class dropped (no valid training image, --skip-empty-classes)"
     usable &= label >= 0
@@ -333,6 +319,27 @@ def prepare(src: Path, args: argparse.Namespace, workers: Workers) -> Plan:
         duplicates += found
     splits = TRAINING + (("test",) if "test" in listing.folders else ())
     return Plan(listing, scan, kept, label, split, skipped, duplicates, splits, edits, near_kept)
+
+
+def _learnable_classes(
+    src: Path, listing: Listing, labels: np.ndarray, training: np.ndarray, args: argparse.Namespace
+) -> tuple[np.ndarray, np.ndarray]:
+    """A class is one the model can learn: it needs a training image, wherever else it has some.
+    -> (training images per class, each file's index into the kept classes, -1 for a dropped one)."""
+    counts = np.bincount(labels[training], minlength=len(listing.classes))
+    empty = [c for c, n in zip(listing.classes, counts) if n == 0]
+    if empty and not args.skip_empty_classes:
+        where = "training folder has" if listing.layout == "presplit" else "folder has"
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        names = ", ".join(f"'{printable(c)}'" for c in empty[:5]) + more
+        raise UserError(
+            f"class {names}: {where} no valid image — add images, remove the folder, or pass --skip-empty-classes"
+        )
+    if len(empty) == len(listing.classes):
+        raise UserError(f"SRC {src} has no valid image — check the files (see why with a few of them in a test folder)")
+    new_label = np.cumsum(counts > 0) - 1
+    new_label[counts == 0] = -1
+    return counts, new_label[labels] if len(labels) else labels
 
 
 def _filter_reason(w: int, h: int, args: argparse.Namespace) -> str | None:

@@ -126,6 +126,12 @@ def folders(split_shards, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def outputs(run_dir, folders) -> dict[str, subprocess.CompletedProcess]:
     out = folders["root"]
+
+    def predict_all_final(csv: Path, *flags: str) -> list[str]:
+        """predict of the bad file, the class folders and the extra image with the final weights."""
+        files = (folders["bad"], folders["classes"], folders["extra"])
+        return cli("predict", run_dir, *files, "--checkpoint", "final", "--out", csv, *flags)
+
     return run_together(
         {
             "eval1": cli("evaluate", run_dir, "--name", "one"),
@@ -156,34 +162,8 @@ def outputs(run_dir, folders) -> dict[str, subprocess.CompletedProcess]:
                 "--workers",
                 "1",
             ),
-            "predict_letterbox": cli(
-                "predict",
-                run_dir,
-                folders["bad"],
-                folders["classes"],
-                folders["extra"],
-                "--checkpoint",
-                "final",
-                "--out",
-                out / "letterbox.csv",
-                "--topk",
-                "3",
-                "--letterbox",
-            ),
-            "predict_explain": cli(
-                "predict",
-                run_dir,
-                folders["bad"],
-                folders["classes"],
-                folders["extra"],
-                "--checkpoint",
-                "final",
-                "--out",
-                out / "seen.csv",
-                "--explain",
-                "--batch-size",
-                "8",
-            ),
+            "predict_letterbox": predict_all_final(out / "letterbox.csv", "--topk", "3", "--letterbox"),
+            "predict_explain": predict_all_final(out / "seen.csv", "--explain", "--batch-size", "8"),
             "export": cli("export", run_dir),
             "predict_best": cli("predict", run_dir, folders["classes"], "--out", out / "best.csv"),
             "predict_raw": cli("predict", run_dir, folders["classes"], "--out", out / "raw.csv", "--no-calibration"),

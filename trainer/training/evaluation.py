@@ -4,13 +4,11 @@ counted exactly once and N processes give exactly one process's numbers."""
 
 from __future__ import annotations
 
-import time
-
 import torch
 from accelerate import Accelerator
 
 from toolbox.cli import Console, progress_bar
-from toolbox.progress import Clock, CountLines, lines_wanted
+from toolbox.progress import CountLines, lines_wanted
 from trainer.training.metrics import EvalSums, ShownSamples, TopLosses, pictures, predict_logits
 from trainer.training.runtime import gather_to_main, sum_across
 
@@ -46,7 +44,6 @@ def evaluate(
     accelerator: Accelerator,
     sample_rows: int = 0,
     tta: str = "none",
-    clock: Clock = time.monotonic,
     logits_out: SplitLogits | None = None,
     worst: TopLosses | None = None,
 ):
@@ -59,7 +56,7 @@ def evaluate(
     shown = ShownSamples(sample_rows)
     main = accelerator.is_main_process
     total = len(getattr(loader, "dataset", ()))  # 0 (no lines) for a plain list of batches
-    lines = CountLines("eval", total, Console(main).say, main and lines_wanted(), clock)
+    lines = CountLines("eval", total, Console(main).say, main and lines_wanted())
     done = 0
     for images, labels, indices, bad in progress_bar(loader, len(loader), "eval", main):
         lines.update(done * accelerator.num_processes)  # the batches before this one; the ranks read equal shares

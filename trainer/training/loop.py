@@ -171,19 +171,7 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
     # the same command on a completed run, leaves its config.yaml and status.json as they were.
     if resumed is not None and completed_before(job, state):
         return None
-    changes = config_changes(state.resumed_config, to_dict(config)) if resumed is not None else {}
-    check_same_folds(changes)
-    if resumed is not None and state.resumed_dataset not in (None, "", manifest.sha256):  # allowed by the config
-        changes["data (manifest sha256)"] = (state.resumed_dataset, manifest.sha256)
-    if resumed is not None:
-        job.console.say(
-            resuming_line(resumed, state.progress, config.train.epochs, stopped_early(config, state.progress))
-        )
-    if changes:
-        job.console.say(
-            "note: resuming with changed settings: "
-            + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
-        )
+    changes = resumed_changes(job, state, resumed, manifest.sha256) if resumed is not None else {}
     preprocessing = Preprocessing(mean, std, eval_size(config.data), config.data.crop_pct, config.data.image_size)
     if accelerator.is_main_process:
         if aside := job.run.prepare(to_yaml(config), job.classes, preprocessing, config.train.resume):
@@ -199,6 +187,22 @@ def setup(job: Job) -> tuple[TrainState, TrainInputs, Loaders] | None:
     if loaders.fold is not None:
         job.console.say(loaders.fold.describe())
     return state, inputs, loaders
+
+
+def resumed_changes(job: Job, state: TrainState, resumed: Path, dataset: str) -> dict[str, tuple]:
+    """Where a resume goes on and what changed since its checkpoint, said; a change of folds refused."""
+    config = job.config
+    changes = config_changes(state.resumed_config, to_dict(config))
+    check_same_folds(changes)
+    if state.resumed_dataset not in (None, "", dataset):  # allowed by the config
+        changes["data (manifest sha256)"] = (state.resumed_dataset, dataset)
+    job.console.say(resuming_line(resumed, state.progress, config.train.epochs, stopped_early(config, state.progress)))
+    if changes:
+        job.console.say(
+            "note: resuming with changed settings: "
+            + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        )
+    return changes
 
 
 def completed_before(job: Job, state: TrainState) -> bool:
