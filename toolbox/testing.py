@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from toolbox.ports import free_port
+
 # The launcher chooses no precision and no compile: the config's train.mixed_precision and
 # train.compile (or their no / none defaults) are what runs.
 LAUNCHER_CHOOSES_NOTHING = ("--mixed_precision", "no", "--dynamo_backend", "no")
@@ -21,8 +23,9 @@ def accelerate_launch(
     launcher_args: Sequence[str] = LAUNCHER_CHOOSES_NOTHING,
 ) -> list[str]:
     """`accelerate launch` of ``script`` with ``args`` in ``processes`` processes on this machine
-    (--multi_gpu from 2 on), as a command line for subprocess."""
-    multi = ["--multi_gpu"] if processes > 1 else []
+    (--multi_gpu and a free rendezvous port from 2 on, so launches started together never meet on
+    torch's 29500), as a command line for subprocess."""
+    multi = ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else []
     return [
         sys.executable,
         "-m",

@@ -26,10 +26,18 @@ from toolbox.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_
 from trainer.rundir import CHECKPOINTS, RunDir
 from trainer.training.checkpoint import complete_checkpoints
 from trainer.training.config import Config, join_agent_sweep, load_config
-from trainer.training.data import close_loaders, open_shards
+from trainer.training.data import open_shards
 from trainer.training.loop import Job, fit
 from trainer.training.nonfinite import NonFiniteError
-from trainer.training.runtime import PeerFailed, StopFlag, any_rank, make_accelerator, settle_launch, stop_with_launcher
+from trainer.training.runtime import (
+    PeerFailed,
+    StopFlag,
+    any_rank,
+    close_job,
+    make_accelerator,
+    settle_launch,
+    stop_with_launcher,
+)
 from trainer.training.sizing import settle_sizes
 
 
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code, ""  # rank 0 says it
         return explain(e, Path(settled[0].run.dir) if settled else None)
 
-    return run_command(body, args.debug, explain=explain_here, cleanup=close_loaders, stop_on_sigterm=False)
+    return run_command(body, args.debug, explain=explain_here, cleanup=close_job, stop_on_sigterm=False)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

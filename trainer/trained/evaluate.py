@@ -38,7 +38,6 @@ from trainer.training.config import TrainConfig
 from trainer.training.data import (
     EvalOrder,
     ShardDataset,
-    close_loaders,
     loader_workers,
     make_loader,
     open_shards,
@@ -46,7 +45,7 @@ from trainer.training.data import (
 )
 from trainer.training.evaluation import SplitLogits, evaluate, shown_rows
 from trainer.training.metrics import TTA, TopLosses, format_table, summarize
-from trainer.training.runtime import THREADS_HELP, Launch, close_process_group, make_accelerator, use_threads
+from trainer.training.runtime import THREADS_HELP, Launch, close_job, make_accelerator, use_threads
 from trainer.training.tracking.plots import plot_confusion, plot_reliability, plot_top_losses
 from trainer.training.tracking.report import refresh_report
 
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    return run_command(lambda: run(args), args.debug, cleanup=close_loaders)
+    return run_command(lambda: run(args), args.debug, cleanup=close_job)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
         if refresh_report(run, config, trained.classes):
             print(f"listed in {run.file(REPORT)}")
     accelerator.wait_for_everyone()
-    close_process_group()
     return 0
 
 

@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from toolbox.cli import Console, add_debug_flag, run_command
 from toolbox.cores import torch_threads, usable_cores
 from toolbox.errors import EXIT_FAILURE, UserError
+from toolbox.ports import free_port
 from trainer.training.config import Config, load_config
 from trainer.training.data import open_shards
 from trainer.training.runtime import LAUNCHER_PID
@@ -73,13 +73,6 @@ def accelerate_args(
         args.append("--cpu")
     command = [str(script), *(["--config", config_path] if config_path else []), *overrides]
     return args + command + (["--debug"] if debug else [])
-
-
-def free_port() -> int:
-    """A port nobody listens on now, so two runs on one machine do not both take torch's 29500."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], cpu: bool, debug: bool) -> int:

@@ -29,13 +29,13 @@ from toolbox.cores import usable_cores
 from toolbox.errors import UserError
 from trainer.training.build import build_model
 from trainer.training.config import Config, load_config
-from trainer.training.data import build_loaders, close_loaders, loader_workers, open_shards
+from trainer.training.data import build_loaders, loader_workers, open_shards
 from trainer.training.launcher import accelerate_args, choose_layout, launch
 from trainer.training.loop import TrainInputs, forward_backward, optimizer_step, train_inputs, train_mode
 from trainer.training.optim import config_lr, resolved_scale
 from trainer.training.randomness import mix_seed
 from trainer.training.runtime import (
-    close_process_group,
+    close_job,
     make_accelerator,
     said_once,
     settle_launch,
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code, ""  # every rank failed alike (said_once): rank 0 says it
         return None
 
-    return run_command(body, args.debug, explain=explain, cleanup=close_loaders)
+    return run_command(body, args.debug, explain=explain, cleanup=close_job)
 
 
 def check_plan(args: argparse.Namespace) -> Plan:
@@ -234,7 +234,6 @@ def find_lr(config: Config, plan: Plan, out: Path) -> int:
         written = write_outputs(curve, {f"{name}: {settings[name]}": i for name, i in found.items()}, out)
         console.say(f"wrote {written[0]} and {written[1]}")
     accelerator.wait_for_everyone()
-    close_process_group()
     if accelerator.is_main_process:  # the others leave with the same code, quietly
         say_suggestion(
             curve, found, settings, how_scaled(config, state.global_batch, curve.lrs[found.get("valley", 0)])

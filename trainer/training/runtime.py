@@ -28,6 +28,7 @@ from toolbox.cores import torch_threads
 from toolbox.errors import EXIT_FAILURE, UserError, first_line
 from trainer.rundir import COMPILE_CACHE
 from trainer.training.config import CHOICES, Config, ConfigError, TrainConfig, train_sizes
+from trainer.training.data import close_loaders
 
 # `accelerate launch` hands its choices (its flags, else the `accelerate config` file) to every
 # process in these variables. It fills in "no" for what nobody chose, so "no" reads as "not chosen".
@@ -300,6 +301,15 @@ def share_from_main(value, accelerator: Accelerator):
 def close_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def close_job() -> None:
+    """What a command that may have formed a process group runs however it ends: its loader workers
+    told they close, then the group destroyed while the interpreter is whole. Left to the
+    interpreter's exit, gloo's worker threads can abort the process (SIGABRT, "terminate called
+    without an active exception": pytorch#190489), turning a clean exit 2 into a crash."""
+    close_loaders()
+    close_process_group()
 
 
 THREADS_HELP = (
