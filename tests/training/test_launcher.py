@@ -6,6 +6,7 @@ import pytest
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
 from toolbox.errors import UserError
+from toolbox.testing import accelerate_launch
 from trainer.training.config import load_config
 from trainer.training.launcher import MAX_CPU_PROCESSES, Layout, accelerate_args, choose_layout, exit_code
 
@@ -60,3 +61,14 @@ def test_accelerate_is_given_every_value_it_would_warn_about(layout, caplog, tmp
 
 def test_exit_codes_read_as_a_shell_reports_them():
     assert [exit_code(2), exit_code(75), exit_code(-9), exit_code(0)] == [2, 75, 137, 1]
+
+
+def test_launches_started_together_rendezvous_on_ports_of_their_own():
+    """Two 2-process launches at once (the after-training tests start several) never share torch's 29500."""
+    ports = [
+        launch_command_parser().parse_args(accelerate_launch("trainer/main.py", processes=2)[3:]).main_process_port
+        for _ in range(2)
+    ] + [
+        launch_command_parser().parse_args(accelerate_args(Layout(2, "cpu", 1, "x"), None, [], False)).main_process_port
+    ]
+    assert len(set(ports)) == 3 and 29500 not in ports

@@ -2,11 +2,14 @@
 the accelerator it makes, and the ranks' collectives on one process."""
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import REPO
 from toolbox.errors import UserError
 from trainer.training import runtime
 from trainer.training.config import ConfigError, load_config
@@ -190,3 +193,31 @@ def test_after_training_commands_take_the_usable_cores_less_their_loader_workers
         assert runtime.use_threads(None, 5) == "threads 3 (OMP_NUM_THREADS)"
     finally:
         torch.set_num_threads(before)
+
+
+# A command that formed a gloo group and failed: run_command's cleanup must destroy the group while
+# the interpreter is whole (left to its exit, gloo's threads can SIGABRT a clean exit 2).
+FAILS_IN_A_GROUP = """
+import torch.distributed as dist
+from toolbox.cli import run_command
+from tests.conftest import REPO
+from toolbox.errors import UserError
+from trainer.training.runtime import close_job
+
+def body():
+    dist.init_process_group("gloo", store=dist.FileStore(STORE, 1), rank=0, world_size=1)
+    dist.all_reduce(__import__("torch").ones(1))
+    raise UserError("the run dir is someone else's")
+
+code = run_command(body, cleanup=close_job)
+print("group left:", dist.is_initialized())
+raise SystemExit(code)
+"""
+
+
+def test_a_command_failing_in_a_process_group_destroys_it_and_exits_with_its_code(tmp_path):
+    script = FAILS_IN_A_GROUP.replace("STORE", repr(str(tmp_path / "store")))
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["group left: False"]
+    assert result.stderr.strip().splitlines()[-1] == "error: the run dir is someone else's"
