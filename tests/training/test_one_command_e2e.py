@@ -88,12 +88,14 @@ def test_two_cpu_processes_train_at_the_size_settled_from_the_shards(digits_shar
     assert "were not passed to `accelerate launch`" not in result.stderr
 
 
-def test_sigterm_to_the_command_checkpoints_its_single_trainer_and_ends_with_it(digits_shards, tmp_path):
-    """One process runs outside torch's agent: the command passes SIGTERM on and waits for the trainer."""
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sigterm_to_the_command_checkpoints_its_trainers_and_ends_with_them(processes, digits_shards, tmp_path):
+    """The command passes SIGTERM on and waits for the trainers, however long their checkpoint takes
+    (one runs outside torch's agent; several under it, which would kill them 30 s on and exit 143)."""
     run = tmp_path / "run"
     env = cpu_env(HF_HOME=str(tmp_path / "hf"))
     args = [f"data.shards={digits_shards}", f"run.dir={run}", "train.epochs=50", "train.checkpoint_every=3"]
-    command = [sys.executable, "-m", "trainer", "--processes", "1", "--config", "configs/demo.yaml", *TINY, *args]
+    command = [sys.executable, "-m", "trainer", "--processes", processes, "--config", "configs/demo.yaml", *TINY, *args]
     command.append("wandb.mode=disabled")
     launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -105,4 +107,5 @@ def test_sigterm_to_the_command_checkpoints_its_single_trainer_and_ends_with_it(
         launcher.kill()
     assert launcher.returncode == EXIT_PREEMPTED, out
     assert json.loads((run / "status.json").read_text())["state"] == "preempted"
-    assert trainers and not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]  # ended before the command
+    assert len(trainers) == int(processes)
+    assert not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]  # ended before the command

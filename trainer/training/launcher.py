@@ -94,15 +94,39 @@ def launch(args: list[str], cpu: bool, debug: bool) -> int:
     parsed = launch_command_parser().parse_args(args)
     if parsed.num_processes == 1:
         return run_alone(_validate_launch_command(parsed)[0])
+    # torch's agent would answer SIGTERM by passing it on, killing the trainers 30 s later whether their
+    # checkpoint is written or not, and exiting 143: this process passes it on itself, and the agent
+    # reports how the trainers ended (75: checkpointed, preempted). Ctrl-C stays the agent's.
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's --signals-to-handle
+    previous = signal.signal(signal.SIGTERM, pass_on_to_trainers)
     try:
-        launch_command(parsed)  # torch's agent: SIGTERM and Ctrl-C reach the trainers through it
+        launch_command(parsed)
     except ChildFailedError as e:
         if debug:
             print(e.format_msg(), flush=True)
         return exit_code(e.get_first_failure()[1].exitcode)
-    except SignalException as e:  # the trainers were told, and given torch's 30 s to checkpoint
+    except SignalException as e:  # Ctrl-C: the agent told the trainers, and gave them 30 s to checkpoint
         return 128 + int(e.sigval)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def pass_on_to_trainers(signum: int, frame) -> None:
+    """SIGTERM to the trainers torch's agent started (its children: they run in sessions of their own,
+    so a signal to this process's group misses them). Before they exist, the agent stops as on its
+    own signals, taking whatever it started with it."""
+    import psutil
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    trainers = psutil.Process().children()
+    if not trainers:
+        raise SignalException(f"process {os.getpid()} got signal {signum}", sigval=signal.Signals(signum))
+    for trainer in trainers:
+        try:
+            trainer.send_signal(signum)
+        except psutil.NoSuchProcess:  # it has just ended
+            pass
 
 
 def run_alone(parsed: argparse.Namespace) -> int:
