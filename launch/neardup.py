@@ -8,16 +8,19 @@ Images below MIN_SIDE are neither hashed nor compared: smaller than the hash's o
 different pictures of one kind (digits, icons) hash alike and would all be called copies.
 
 Pairs are searched among the distinct hash values (identical files and exact-hash copies
-collapse into one), all against all, in cache-sized blocks of numpy XOR + popcount, the row
-ranges spread over the scan's workers: O(M^2) time for M distinct hashes at a few ns a pair,
-O(M) memory. 100,000 images are 5e9 pairs, about a minute on a busy 2-core machine (BENCHMARKS.md),
-against the scan's ~10 minutes; at ImageNet's 1.28 M it would be hours: a multi-index search
-(pigeonhole over hash chunks) is the step up when that matters.
+collapse into one) by multi-index hashing (Norouzi et al., 2012): cut into 4 chunks of 16 bits, two
+hashes within t bits are within t // 4 bits in at least one chunk (pigeonhole), so each hash is
+looked up only in the buckets of the chunk values that close to its own (137 of 65,536 at t = 10),
+and the candidates are checked on all 64 bits. Exact, and about M^2 / 120 candidates for M
+distinct hashes against all-pairs' M^2 / 2: 100,000 hashes take seconds, ImageNet's 1.28 M minutes
+(BENCHMARKS.md). The chunk-and-mask tasks are spread over the scan's workers. Thresholds from 16
+bits (a chunk radius of 4: 2,517 masks a chunk) compare all pairs, in cache-sized blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from itertools import combinations
 
 import numpy as np
 from PIL import Image
@@ -27,6 +30,9 @@ DEFAULT_MODE = "group"
 DEFAULT_THRESHOLD = 10  # bits of 64; measured by bench/near_duplicates.py (BENCHMARKS.md "near-duplicate scan")
 MIN_SIDE = 32  # px: the hash's 32x32 DCT input; below it look-alikes hash alike
 BLOCK = 1 << 16  # hash pairs compared at once: 512 KB of XORs, which stay in cache (faster than larger)
+CHUNKS, CHUNK_BITS = 4, 16  # the multi-index: 4 tables of 16-bit chunk values (65,536 buckets each)
+MAX_CHUNK_RADIUS = 3  # above it (thresholds from 16 bits) the masks outnumber what they save: all pairs
+CANDIDATES = 1 << 21  # candidate pairs checked at once (48 MB of indices and hashes)
 
 Mapper = Callable[[Callable, Iterable], Iterator]
 
@@ -51,17 +57,88 @@ def pair_distances(hashes: np.ndarray) -> np.ndarray:
 
 def near_pairs(values: np.ndarray, threshold: int, mapper: Mapper = map) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (M,) uint64 hashes -> (i, j) index arrays, i < j, of every pair within ``threshold``
-    bits. ``mapper`` (the scan's Workers.map) spreads the row ranges over processes."""
+    bits. ``mapper`` (the scan's Workers.map) spreads the work over processes."""
     values = np.ascontiguousarray(values, np.uint64)
+    if threshold // CHUNKS > MAX_CHUNK_RADIUS:
+        return all_pairs_within(values, threshold, mapper)
+    masks = chunk_masks(threshold // CHUNKS)
+    parts = np.array_split(masks, max(1, min(len(masks), 8)))  # a few tasks a chunk, for the workers
+    tasks = ((values, chunk, part, threshold) for chunk in range(CHUNKS) for part in parts)
+    return _joined(mapper(_chunk_pairs, tasks))
+
+
+def chunk_masks(radius: int) -> np.ndarray:
+    """Every 16-bit mask of at most ``radius`` set bits: the chunk values within ``radius`` of a
+    value v are v ^ mask."""
+    masks = [sum(1 << b for b in bits) for r in range(radius + 1) for bits in combinations(range(CHUNK_BITS), r)]
+    return np.array(masks, np.int64)
+
+
+def chunk_values(values: np.ndarray, chunk: int) -> np.ndarray:
+    """(M,) uint64 -> (M,) int64: each hash's 16-bit chunk ``chunk`` (0: the highest bits)."""
+    shift = np.uint64(CHUNK_BITS * (CHUNKS - 1 - chunk))
+    return ((values >> shift) & np.uint64((1 << CHUNK_BITS) - 1)).astype(np.int64)
+
+
+def _chunk_pairs(task: tuple[np.ndarray, int, np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs within ``threshold`` bits whose chunk ``chunk`` differs by one of ``masks``, and no
+    earlier chunk is within the radius (that chunk's task finds them): each pair once, i < j."""
+    values, chunk, masks, threshold = task
+    radius = threshold // CHUNKS
+    keys = chunk_values(values, chunk)
+    order = np.argsort(keys, kind="stable")  # the bucket of value v: order[start[v]:start[v + 1]]
+    start = np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=1 << CHUNK_BITS))])
+    earlier = [chunk_values(values, c) for c in range(chunk)]
+    found = []
+    for mask in masks.tolist():
+        # A pair in two buckets is looked up from the lower one only (from the higher, the same mask
+        # leads back): half the candidates. Within one bucket (mask 0) both orders come, j > i stays.
+        rows = np.arange(len(keys)) if mask == 0 else np.flatnonzero(keys < keys ^ mask)
+        wanted = keys[rows] ^ mask
+        lo, counts = start[wanted], start[wanted + 1] - start[wanted]
+        for a, b in _runs(counts):
+            i, j = np.repeat(rows[a:b], counts[a:b]), _members(lo[a:b], counts[a:b], order)
+            i, j = (i[j > i], j[j > i]) if mask == 0 else (np.minimum(i, j), np.maximum(i, j))
+            near = np.bitwise_count(values[i] ^ values[j]) <= threshold
+            i, j = i[near], j[near]
+            for keys_before in earlier:  # found already where an earlier chunk was within the radius
+                later = np.bitwise_count(keys_before[i] ^ keys_before[j]) > radius
+                i, j = i[later], j[later]
+            found.append((i, j))
+    return _joined(found)
+
+
+def _runs(counts: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Ranges of lookups finding about CANDIDATES candidates each: a crowded bucket never builds one
+    huge array."""
+    ends = np.cumsum(counts)
+    cuts = np.searchsorted(ends, np.arange(CANDIDATES, int(ends[-1]) if len(ends) else 0, CANDIDATES))
+    bounds = [0, *cuts.tolist(), len(counts)]
+    return zip(bounds[:-1], bounds[1:])
+
+
+def _members(lo: np.ndarray, counts: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The buckets order[lo:lo + count] the lookups found, one after the other."""
+    ends = np.cumsum(counts)
+    offsets = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts, counts)
+    return order[np.repeat(lo, counts) + offsets]
+
+
+def _joined(found: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several tasks' pairs as one (i, j) of int64 arrays."""
+    found = list(found) or [(np.zeros(0), np.zeros(0))]
+    i, j = (np.concatenate(side).astype(np.int64) for side in zip(*found))
+    return i, j
+
+
+def all_pairs_within(values: np.ndarray, threshold: int, mapper: Mapper = map) -> tuple[np.ndarray, np.ndarray]:
+    """near_pairs by comparing every pair, for thresholds the multi-index does not pay for."""
     m = len(values)
     # Row ranges of about equal work (row r compares with the m - r - 1 rows after it), a few per
     # worker; each task carries the whole array (8 bytes a hash), so not too many either.
     bounds = np.unique(np.round(m - np.sqrt(np.linspace(1, 0, 33)) * m).astype(np.int64))
     tasks = ((values, int(a), int(b), threshold) for a, b in zip(bounds[:-1], bounds[1:]))
-    found = list(mapper(_rows_pairs, tasks))
-    if not found:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+    return _joined(mapper(_rows_pairs, tasks))
 
 
 def _rows_pairs(task: tuple[np.ndarray, int, int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -77,19 +77,42 @@ def brute_force(values: np.ndarray, t: int) -> set[tuple[int, int]]:
     }
 
 
+def planted(n: int, max_flips: int, seed: int = 0) -> np.ndarray:
+    """n random hashes and a copy of each with up to max_flips bits flipped: pairs at every distance."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 2**63, n, dtype=np.uint64)
+    flips = [
+        np.uint64(sum(1 << int(b) for b in rng.choice(64, k, replace=False))) for k in rng.integers(0, max_flips, n)
+    ]
+    return np.unique(np.concatenate([base, base ^ np.array(flips, np.uint64)]))
+
+
 @pytest.mark.parametrize("block", [1, 7, 1 << 16])
-def test_near_pairs_equal_brute_force_whatever_the_block(monkeypatch, block):
+def test_all_pairs_equal_brute_force_whatever_the_block(monkeypatch, block):
     monkeypatch.setattr(neardup, "BLOCK", block)
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 2**63, 40, dtype=np.uint64)
-    flips = [np.uint64(sum(1 << int(b) for b in rng.choice(64, k, replace=False))) for k in rng.integers(0, 14, 40)]
-    values = np.unique(np.concatenate([base, base ^ np.array(flips, np.uint64)]))
+    values = planted(40, 14)
     want = brute_force(values, 8)
     assert 0 < len(want) < len(values) ** 2 // 4  # planted pairs, not everything
     with Workers(2) as workers:
         for mapper in (map, workers.map):
-            i, j = near_pairs(values, 8, mapper)
+            i, j = neardup.all_pairs_within(values, 8, mapper)
             assert set(zip(i.tolist(), j.tolist())) == want
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 8, 10, 15, 16, 20])
+@pytest.mark.parametrize("candidates", [1, 5, 1 << 21])
+def test_the_multi_index_finds_every_pair_once(monkeypatch, threshold, candidates):
+    """Exact at every chunk radius (0..3; from 16 bits it compares all pairs), each pair once, i < j,
+    however the candidates are cut into runs. Crowded buckets: 30 hashes share their top 48 bits."""
+    monkeypatch.setattr(neardup, "CANDIDATES", candidates)
+    crowded = (np.uint64(0xABCDEF012345) << np.uint64(16)) | np.arange(30, dtype=np.uint64)
+    values = np.unique(np.concatenate([planted(60, 24, seed=threshold), crowded]))
+    want = brute_force(values, threshold)
+    with Workers(2) as workers:
+        for mapper in (map, workers.map):
+            i, j = near_pairs(values, threshold, mapper)
+            found = list(zip(i.tolist(), j.tolist()))
+            assert len(found) == len(set(found)) and set(found) == want
 
 
 def test_groups_join_chains_and_identical_files_and_leave_the_rest():
