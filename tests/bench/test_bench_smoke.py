@@ -91,3 +91,16 @@ def test_gpu_bench_smoke_writes_every_row(tmp_path):
         assert heading in md
     for variant in ("ours-se-sharedbn", "cand-se-sumfc", "ours-se-eff"):
         assert f"| {variant} |" in md
+
+
+def test_near_search_bench_compares_both_searches_and_rates_pictures(tmp_path):
+    out = tmp_path / "ns.json"
+    command = [sys.executable, "-m", "bench.near_search", "--sizes", "300,3000", "--all-pairs-up-to", "300"]
+    proc = subprocess.run(
+        [*command, "--pictures", "12", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    small, large = report["sizes"]
+    assert small["hashes"] == 300 and "ratio" in small and "all_pairs_s" not in large
+    assert 0 < report["candidate_rate"]["uniform"] < 0.05 and report["candidate_rate"]["pictures"] > 0
