@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     def explain_here(e: BaseException) -> tuple[int, str] | None:
         if isinstance(e, UserError) and (not settled or getattr(e, "before_group", False)) and not first_rank:
             return e.exit_code, ""  # rank 0 says it
+        if isinstance(e, KeyboardInterrupt) and not first_rank:
+            return EXIT_INTERRUPTED, ""  # Ctrl-C reaches every rank through the launcher: rank 0 says it
         return explain(e, Path(settled[0].run.dir) if settled else None)
 
     return run_command(body, args.debug, explain=explain_here, cleanup=close_job, stop_on_sigterm=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TINY, cpu_env, run_training, wait_for, worker_pids
-from toolbox.errors import EXIT_PREEMPTED
+from toolbox.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.e2e
 
@@ -88,24 +88,39 @@ def test_two_cpu_processes_train_at_the_size_settled_from_the_shards(digits_shar
     assert "were not passed to `accelerate launch`" not in result.stderr
 
 
-@pytest.mark.parametrize("processes", ["1", "2"])
-def test_sigterm_to_the_command_checkpoints_its_trainers_and_ends_with_them(processes, digits_shards, tmp_path):
-    """The command passes SIGTERM on and waits for the trainers, however long their checkpoint takes
-    (one runs outside torch's agent; several under it, which would kill them 30 s on and exit 143)."""
-    run = tmp_path / "run"
-    env = cpu_env(HF_HOME=str(tmp_path / "hf"))
-    args = [f"data.shards={digits_shards}", f"run.dir={run}", "train.epochs=50", "train.checkpoint_every=3"]
+def signal_the_command(sig: int, processes: str, shards: Path, tmp: Path) -> tuple[subprocess.Popen, str, list[int]]:
+    """`python -m trainer` until its first complete checkpoint, then ``sig`` to the command alone (as
+    `kill PID` or Ctrl-C's SIGINT to a foreground launcher) -> it ended, its output, its trainers."""
+    run = tmp / "run"
+    env = cpu_env(HF_HOME=str(tmp / "hf"))
+    args = [f"data.shards={shards}", f"run.dir={run}", "train.epochs=50", "train.checkpoint_every=3"]
     command = [sys.executable, "-m", "trainer", "--processes", processes, "--config", "configs/demo.yaml", *TINY, *args]
     command.append("wandb.mode=disabled")
     launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: list((run / "checkpoints").glob("ckpt-*/COMPLETE")), timeout=300, process=launcher)
         trainers = worker_pids(launcher.pid)
-        launcher.send_signal(signal.SIGTERM)  # to the command alone, as `kill PID` does
+        launcher.send_signal(sig)
         out, _ = launcher.communicate(timeout=300)
     finally:
         launcher.kill()
+    return launcher, out, trainers
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sigterm_to_the_command_checkpoints_its_trainers_and_ends_with_them(processes, digits_shards, tmp_path):
+    """The command passes SIGTERM on and waits for the trainers, however long their checkpoint takes
+    (one runs outside torch's agent; several under it, which would kill them 30 s on and exit 143)."""
+    launcher, out, trainers = signal_the_command(signal.SIGTERM, processes, digits_shards, tmp_path)
     assert launcher.returncode == EXIT_PREEMPTED, out
-    assert json.loads((run / "status.json").read_text())["state"] == "preempted"
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "preempted"
     assert len(trainers) == int(processes)
     assert not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]  # ended before the command
+
+
+def test_ctrl_c_stops_every_trainer_and_is_said_once(digits_shards, tmp_path):
+    launcher, out, trainers = signal_the_command(signal.SIGINT, "2", digits_shards, tmp_path)
+    assert launcher.returncode == EXIT_INTERRUPTED, out
+    said = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and said[0].startswith("error: interrupted — start the same command again: it resumes from")
+    assert len(trainers) == 2 and not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]
