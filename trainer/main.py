@@ -143,6 +143,10 @@ def train(config: Config) -> int:
         raise
     if ending.state != "finished":  # a run that had completed keeps its status.json as it was
         run.set_status(ending.state, ending.reason)
+    if ending.state == "preempted":
+        console.say(
+            f"preempted: stopped at a complete checkpoint; {resume_hint(run.path)} when the same command starts again"
+        )
     accelerator.wait_for_everyone()  # no rank leaves while the main one still writes
     return EXIT_PREEMPTED if ending.state == "preempted" else 0
 

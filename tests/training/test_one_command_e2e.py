@@ -114,6 +114,9 @@ def test_sigterm_to_the_command_checkpoints_its_trainers_and_ends_with_them(proc
     launcher, out, trainers = signal_the_command(signal.SIGTERM, processes, digits_shards, tmp_path)
     assert launcher.returncode == EXIT_PREEMPTED, out
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "preempted"
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("preempted: stopped at a complete checkpoint; it resumes from ckpt-"), out
+    assert last.endswith(" when the same command starts again")
     assert len(trainers) == int(processes)
     assert not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]  # ended before the command
 
