@@ -23,13 +23,14 @@ import torch
 
 from toolbox.cli import Console, add_debug_flag, disk_error_line, is_disk_error, run_command
 from toolbox.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, UserError, first_line
-from trainer.rundir import CHECKPOINTS, RunDir
-from trainer.training.checkpoint import complete_checkpoints
+from trainer.rundir import RunDir
+from trainer.training.checkpoint import interrupted_line, resume_hint
 from trainer.training.config import Config, join_agent_sweep, load_config
 from trainer.training.data import open_shards
 from trainer.training.loop import Job, fit
 from trainer.training.nonfinite import NonFiniteError
 from trainer.training.runtime import (
+    LAUNCHER_PID,
     PeerFailed,
     StopFlag,
     any_rank,
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     def explain_here(e: BaseException) -> tuple[int, str] | None:
         if isinstance(e, UserError) and (not settled or getattr(e, "before_group", False)) and not first_rank:
             return e.exit_code, ""  # rank 0 says it
-        if isinstance(e, KeyboardInterrupt) and not first_rank:
-            return EXIT_INTERRUPTED, ""  # Ctrl-C reaches every rank through the launcher: rank 0 says it
+        if isinstance(e, KeyboardInterrupt) and LAUNCHER_PID in os.environ:
+            return EXIT_INTERRUPTED, ""  # python -m trainer says it once, when every trainer has ended
         return explain(e, Path(settled[0].run.dir) if settled else None)
 
     return run_command(body, args.debug, explain=explain_here, cleanup=close_job, stop_on_sigterm=False)
@@ -95,7 +96,7 @@ def explain(e: BaseException, run_dir: Path | None) -> tuple[int, str] | None:
     if is_disk_error(e):
         return EXIT_FAILURE, disk_error_line(e, f"start the same command: {then}", run_dir)
     if isinstance(e, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, f"interrupted — start the same command again: {then}"
+        return EXIT_INTERRUPTED, interrupted_line(run_dir)
     if isinstance(e, RuntimeError) and torch.distributed.is_initialized():  # a collective failed
         text = str(e).lower()
         if "timed out" in text:
@@ -109,11 +110,6 @@ def explain(e: BaseException, run_dir: Path | None) -> tuple[int, str] | None:
                 f"another process of the job went away (see its own error) — start the same command: {then}",
             )
     return None
-
-
-def resume_hint(run_dir: Path | None) -> str:
-    done = complete_checkpoints(run_dir / CHECKPOINTS) if run_dir else []
-    return f"it resumes from {done[-1].name}" if done else "it starts again (no checkpoint was complete yet)"
 
 
 def train(config: Config) -> int:

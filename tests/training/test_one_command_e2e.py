@@ -2,6 +2,7 @@
 own error last and said once, and a real 2-process CPU run with its sizes settled from the data."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -89,18 +90,24 @@ def test_two_cpu_processes_train_at_the_size_settled_from_the_shards(digits_shar
 
 
 def signal_the_command(sig: int, processes: str, shards: Path, tmp: Path) -> tuple[subprocess.Popen, str, list[int]]:
-    """`python -m trainer` until its first complete checkpoint, then ``sig`` to the command alone (as
-    `kill PID` or Ctrl-C's SIGINT to a foreground launcher) -> it ended, its output, its trainers."""
+    """`python -m trainer` until its first complete checkpoint, then ``sig``: SIGTERM to the command
+    alone (`kill PID`), SIGINT to its process group (Ctrl-C: the terminal's foreground group) -> it
+    ended, its output, its trainers."""
     run = tmp / "run"
     env = cpu_env(HF_HOME=str(tmp / "hf"))
     args = [f"data.shards={shards}", f"run.dir={run}", "train.epochs=50", "train.checkpoint_every=3"]
     command = [sys.executable, "-m", "trainer", "--processes", processes, "--config", "configs/demo.yaml", *TINY, *args]
     command.append("wandb.mode=disabled")
-    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         wait_for(lambda: list((run / "checkpoints").glob("ckpt-*/COMPLETE")), timeout=300, process=launcher)
         trainers = worker_pids(launcher.pid)
-        launcher.send_signal(sig)
+        if sig == signal.SIGINT:
+            os.killpg(launcher.pid, sig)
+        else:
+            launcher.send_signal(sig)
         out, _ = launcher.communicate(timeout=300)
     finally:
         launcher.kill()
@@ -121,9 +128,13 @@ def test_sigterm_to_the_command_checkpoints_its_trainers_and_ends_with_them(proc
     assert not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]  # ended before the command
 
 
-def test_ctrl_c_stops_every_trainer_and_is_said_once(digits_shards, tmp_path):
-    launcher, out, trainers = signal_the_command(signal.SIGINT, "2", digits_shards, tmp_path)
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_ctrl_c_stops_every_trainer_and_is_said_once_last(processes, digits_shards, tmp_path):
+    """The trainers stop where they are and leave the line to the command, which says it when all
+    have ended: one trainer may never reach its own (a peer gone mid-collective)."""
+    launcher, out, trainers = signal_the_command(signal.SIGINT, processes, digits_shards, tmp_path)
     assert launcher.returncode == EXIT_INTERRUPTED, out
     said = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert len(said) == 1 and said[0].startswith("error: interrupted — start the same command again: it resumes from")
-    assert len(trainers) == 2 and not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]
+    assert said == [out.strip().splitlines()[-1]], out
+    assert said[0].startswith("error: interrupted — start the same command again: it resumes from ckpt-"), out
+    assert len(trainers) == int(processes) and not [pid for pid in trainers if Path(f"/proc/{pid}").exists()]

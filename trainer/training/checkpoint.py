@@ -31,7 +31,7 @@ import torch
 
 from toolbox import failpoints
 from toolbox.errors import UserError, first_line
-from trainer.rundir import writing
+from trainer.rundir import CHECKPOINTS, writing
 from trainer.training.runtime import PeerFailed
 
 COMPLETE = "COMPLETE"
@@ -135,6 +135,16 @@ def complete_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if NAME.fullmatch(p.name) and p.is_dir() and (p / COMPLETE).is_file()]
     return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+
+
+def resume_hint(run_dir: Path | None) -> str:
+    """Where the same command would start again: its newest complete checkpoint, or the beginning."""
+    done = complete_checkpoints(run_dir / CHECKPOINTS) if run_dir else []
+    return f"it resumes from {done[-1].name}" if done else "it starts again (no checkpoint was complete yet)"
+
+
+def interrupted_line(run_dir: Path | None) -> str:
+    return f"interrupted — start the same command again: {resume_hint(run_dir)}"
 
 
 def prune(root: Path, keep: int) -> None:

@@ -14,12 +14,13 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from toolbox.cli import Console, add_debug_flag, run_command
 from toolbox.cores import torch_threads, usable_cores
-from toolbox.errors import EXIT_FAILURE, UserError
+from toolbox.errors import EXIT_FAILURE, EXIT_INTERRUPTED, UserError
 from toolbox.ports import free_port
 from trainer.training.config import Config, load_config
 from trainer.training.data import open_shards
@@ -182,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
 
         layout = choose_layout(config, args.processes, torch.cuda.device_count(), usable_cores())
         Console(True).say(f"python -m trainer: {layout.describe()}")
-        return launch(accelerate_args(layout, args.config, overrides, args.debug), layout.device == "cpu", args.debug)
+        code = launch(accelerate_args(layout, args.config, overrides, args.debug), layout.device == "cpu", args.debug)
+        if code == EXIT_INTERRUPTED:
+            # Ctrl-C: each trainer stops where it is, and one may never reach its line (a peer gone
+            # mid-collective); they leave it to this process, which says it once they all ended.
+            from trainer.training.checkpoint import interrupted_line
+
+            print(f"error: {interrupted_line(Path(config.run.dir))}", file=sys.stderr, flush=True)
+        return code
 
     return run_command(body, args.debug)  # SIGTERM before the trainers start: a line, as Ctrl-C
